@@ -1,0 +1,82 @@
+"""`export-model MODEL OUT_DIR`: export a decoder-only language model once, with an `inputs_embeds` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """\
+MODEL is one of:
+  a built-in name     {builtins}
+  a .gguf file        converted to float32 once and cached ($SOFTPROMPT_CACHE, else ~/.cache/softprompt-onnx)
+  a model folder      a local Hugging Face folder (config.json, weights, tokenizer); nothing is downloaded
+
+OUT_DIR receives model.onnx (weights beside it as model.onnx.data above 1 GiB), embeddings.npy,
+the tokenizer files and softprompt.json. The export is validated against PyTorch before OUT_DIR
+is written; on failure every mismatch is listed and OUT_DIR is left as it was.
+
+example:
+  export-model smollm2-135m exports/smollm2
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .sources import BUILTINS
+
+    builtins = ", ".join(f"{name} ({b.description})" for name, b in BUILTINS.items())
+    parser = argparse.ArgumentParser(
+        prog="export-model",
+        description="Export a frozen decoder-only LM to ONNX (inputs_embeds + KV cache) for soft-prompt serving.",
+        epilog=EPILOG.format(builtins=builtins),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="built-in name, .gguf file, or Hugging Face model folder")
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the export into")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version (default: 18)")
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4,
+        help="largest allowed max|onnx - torch| / max|torch| for logits and cache in validation (default: 1e-4)",
+    )
+    parser.add_argument(
+        "--attention", choices=["sdpa", "eager"], default=None,
+        help="attention implementation to trace (default: transformers' choice for the model)",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where converted GGUF models are cached")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        from .export import export_model
+        from .errors import ExportError
+    except ImportError as exc:
+        print(f"error: export needs torch and transformers ({exc.name} is missing): "
+              "pip install 'softprompt-onnx[export]'", file=sys.stderr)
+        return 1
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = export_model(
+            args.model, args.out_dir, opset=args.opset, tolerance=args.tolerance, overwrite=args.force,
+            attention=args.attention, cache_dir=args.cache_dir, log=log,
+        )
+    except (ExportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; OUT_DIR was left as it was", file=sys.stderr)
+        return 130
+    log(f"exported {config.architecture} ({config.num_layers} layers, width {config.hidden_size}, "
+        f"vocab {config.vocab_size}) to {args.out_dir}")
+    print(args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""`export_model`: one call from a model name to a validated export folder.
+
+The folder is built under a hidden temporary name beside OUT_DIR and renamed into place only
+after validation passed, so a failed or interrupted export never leaves a half-written folder
+and never destroys a previous good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from softprompt.prompt_bank import backbone_fingerprint
+from softprompt.runtime.config import CONFIG_FILE, ExportConfig
+
+from .errors import ExportError
+from .graph import CachedDecoder, export_graph, probe_cache
+from .metadata import embedding_table, special_tokens, structural
+from .sources import load_source
+from .validate import validate
+
+EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to model.onnx.data (protobuf stops at 2 GiB)
+STEPS = 6
+
+
+def _steps(log: Callable[[str], None]):
+    """Number and time the export's stages, so a two-minute export shows where it is."""
+    state = {"n": 0, "t": time.perf_counter()}
+
+    def step(label: str) -> None:
+        now = time.perf_counter()
+        if state["n"]:
+            log(f"      done in {now - state['t']:.1f} s")
+        state["n"] += 1
+        state["t"] = now
+        if label:
+            log(f"[{state['n']}/{STEPS}] {label}")
+
+    return step
+
+
+def export_model(
+    model: str,
+    out_dir: str | os.PathLike,
+    *,
+    opset: int = 18,
+    tolerance: float = 1e-4,
+    overwrite: bool = False,
+    attention: str | None = None,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportConfig:
+    """Export `model` (built-in name, .gguf file or Hugging Face folder) into `out_dir`; return its config."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    step = _steps(log)
+    try:
+        step(f"loading {model}")
+        source = load_source(model, attention=attention, cache_dir=cache_dir, log=lambda m: log(f"      {m}"))
+        torch_model = source.model
+        for parameter in torch_model.parameters():
+            parameter.requires_grad_(False)
+
+        step("writing the embedding table and tokenizer")
+        layout = probe_cache(torch_model)
+        table = embedding_table(torch_model)
+        np.save(staging / "embeddings.npy", table, allow_pickle=False)
+        source.tokenizer.save_pretrained(staging)
+        facts = structural(torch_model, layout, table)
+        fingerprint = backbone_fingerprint(table, facts)
+
+        size = sum(p.numel() * p.element_size() for p in torch_model.parameters())
+        step(f"exporting the ONNX graph ({size / 2**20:.0f} MiB of weights, opset {opset}; the longest step)")
+        wrapper = CachedDecoder(torch_model, layout)
+        export_graph(wrapper, table.shape[1], staging / "model.onnx", opset, external_data=size > EXTERNAL_DATA_BYTES)
+
+        step(f"validating against PyTorch (tolerance {tolerance:g} relative to the logits' scale)")
+        report = validate(staging / "model.onnx", wrapper, table, tolerance)
+        log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
+
+        step("writing softprompt.json")
+        import onnx
+
+        graph = onnx.load(str(staging / "model.onnx"), load_external_data=False).graph
+        config = ExportConfig(
+            kind="decoder",
+            **facts,
+            **special_tokens(torch_model, source.tokenizer),
+            input_names=[i.name for i in graph.input],
+            output_names=[o.name for o in graph.output],
+            opset=opset,
+            dtype="float32",
+            fingerprint=fingerprint,
+            files={"model": "model.onnx", "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
+            source=source.info,
+            validation=report,
+        )
+        (staging / CONFIG_FILE).write_text(config.to_json())
+
+        step(f"moving the export into {out}")
+        _replace_dir(staging, out)
+        step("")
+        return config
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Rename `staging` to `out`; an existing `out` is moved aside first and deleted only afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old)

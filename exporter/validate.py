@@ -1,0 +1,110 @@
+"""Checking an exported graph against PyTorch, in optimum's order: names, shapes, then values.
+
+Every case runs both; every mismatch is collected before anything is raised, so one report
+shows all that is wrong. Values are compared relative to the reference's scale (max |ref|),
+and only at positions the attention mask keeps: padded positions are undefined in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from .errors import ExportValidationError
+from .graph import CachedDecoder
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    embeds: np.ndarray
+    mask: np.ndarray
+    positions: np.ndarray
+    past: list[np.ndarray]
+
+
+def make_cases(wrapper: CachedDecoder, table: np.ndarray, seed: int = 0) -> list[Case]:
+    """A left-padded first step with no past, then 1 and 3 new tokens on top of its real cache."""
+    rng = np.random.default_rng(seed)
+    layout = wrapper.layout
+
+    def embeds(batch: int, seq: int) -> np.ndarray:
+        return np.asarray(table[rng.integers(0, table.shape[0], (batch, seq))], dtype=np.float32)
+
+    def positions(mask: np.ndarray, past: int) -> np.ndarray:
+        pos = np.cumsum(mask, -1) - 1
+        return np.where(mask == 0, 1, pos)[:, past:].astype(np.int64)
+
+    batch, first = 2, 6
+    mask0 = np.ones((batch, first), np.int64)
+    mask0[1, :2] = 0  # the second row is left-padded by two positions
+    empty = [np.zeros((batch, heads, 0, size), np.float32) for heads, size in layout.shapes for _ in range(2)]
+    cases = [Case("first step, no past", embeds(batch, first), mask0, positions(mask0, 0), empty)]
+    with torch.no_grad():
+        out = wrapper(*_torch_args(cases[0]))
+    past = [t.numpy() for t in out[1:]]
+    for new in (1, 3):
+        mask = np.concatenate([mask0, np.ones((batch, new), np.int64)], 1)
+        cases.append(Case(f"{new} new token(s), past of {first}", embeds(batch, new), mask, positions(mask, first), past))
+    return cases
+
+
+def _torch_args(case: Case):
+    return (
+        torch.from_numpy(case.embeds),
+        torch.from_numpy(case.mask),
+        torch.from_numpy(case.positions),
+        tuple(torch.from_numpy(p) for p in case.past),
+    )
+
+
+def validate(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, tolerance: float = 1e-4) -> dict:
+    """Run every case on onnxruntime (CPU) and PyTorch; raise with all mismatches, else return the worst diffs."""
+    layout = wrapper.layout
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    expected_out = ["logits", *layout.output_names()]
+    problems: list[str] = []
+    got_out = [o.name for o in session.get_outputs()]
+    if got_out != expected_out:
+        problems.append(f"output names {got_out[:4]}... differ from {expected_out[:4]}...")
+    graph_inputs = {i.name for i in session.get_inputs()}
+    missing = {"inputs_embeds", "attention_mask", *layout.input_names()} - graph_inputs
+    if missing:
+        problems.append(f"graph inputs are missing {sorted(missing)}")
+    if problems:
+        raise ExportValidationError("export does not match the expected interface:\n  " + "\n  ".join(problems))
+
+    worst: dict[str, float] = {}
+    for case in make_cases(wrapper, table):
+        feeds = {"inputs_embeds": case.embeds, "attention_mask": case.mask, "position_ids": case.positions}
+        feeds.update(zip(layout.input_names(), case.past))
+        feeds = {k: v for k, v in feeds.items() if k in graph_inputs}
+        got = session.run(expected_out, feeds)
+        with torch.no_grad():
+            ref = [t.numpy() for t in wrapper(*_torch_args(case))]
+        new_mask = case.mask[:, -case.embeds.shape[1]:].astype(bool)
+        key_mask = case.mask.astype(bool)
+        worst[case.name] = 0.0
+        for name, g, r in zip(expected_out, got, ref):
+            if g.shape != r.shape:
+                problems.append(f"{case.name}: {name} has shape {g.shape}, PyTorch gives {r.shape}")
+                continue
+            # Compare only kept positions: logits at real new tokens, cache entries at real keys.
+            keep_g, keep_r = (g[new_mask], r[new_mask]) if name == "logits" else (g.transpose(0, 2, 1, 3)[key_mask], r.transpose(0, 2, 1, 3)[key_mask])
+            if not np.isfinite(keep_g).all():
+                problems.append(f"{case.name}: {name} has non-finite values")
+                continue
+            scale = max(float(np.abs(keep_r).max()), 1e-6)
+            diff = float(np.abs(keep_g - keep_r).max()) / scale
+            worst[case.name] = max(worst[case.name], diff)
+            if diff > tolerance:
+                problems.append(f"{case.name}: {name} max |diff| / max |ref| = {diff:.2e} > {tolerance:.0e}")
+    if problems:
+        raise ExportValidationError(
+            f"the ONNX graph does not reproduce PyTorch ({len(problems)} mismatches):\n  " + "\n  ".join(problems)
+        )
+    return {"tolerance": tolerance, "max_relative_diff": worst}

@@ -1,0 +1,38 @@
+"""Atomic file writes: a reader (or a runtime watching the folder) never sees half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Yield a handle on a hidden temporary file beside `path`, renamed over it on success.
+
+    The temporary name starts with a dot so that folder scanners (the bank) ignore it, and it
+    lives in the same folder so that `os.replace` is a rename, not a copy.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """Call `write(handle)` on a temporary file and rename it to `path` once complete."""
+    with atomic_writer(path, mode) as handle:
+        write(handle)

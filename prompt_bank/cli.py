@@ -1,0 +1,185 @@
+"""`prompt-bank`: list, show, verify, import and make task prompts in a bank folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackboneMismatchError, PromptBankError
+from .fingerprint import short
+from .format import list_tasks, load_prompt, remove_prompt, save_prompt
+
+EPILOG = """\
+A bank is a folder; a task is NAME.npy (a [P, E] float32/float16 soft prompt) plus NAME.json.
+
+examples:
+  prompt-bank list banks/smollm2
+  prompt-bank import-peft path/to/peft_adapter banks/smollm2 --task sentiment --model exports/smollm2
+  prompt-bank from-text exports/smollm2 banks/smollm2 --task polite "Answer politely and briefly."
+  prompt-bank verify banks/smollm2 --model exports/smollm2
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prompt-bank", description="Manage banks of soft prompts for an exported backbone.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("list", help="list the tasks of a bank")
+    p.add_argument("bank", type=Path, metavar="BANK")
+
+    p = commands.add_parser("show", help="show one task's record and statistics")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("task", metavar="TASK")
+
+    p = commands.add_parser("verify", help="check every task (and, with --model, that it fits that export)")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("--model", type=Path, metavar="EXPORT_DIR", help="export folder whose width and fingerprint must match")
+
+    p = commands.add_parser("import-peft", help="import a PEFT prompt-tuning adapter as a task")
+    p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR", help="folder with adapter_config.json and adapter_model.*")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("--task", required=True, help="name of the task to create")
+    p.add_argument("--model", type=Path, required=True, metavar="EXPORT_DIR", help="export the adapter was trained for")
+    _add_write_options(p)
+
+    p = commands.add_parser("from-text", help="make a task whose prompt is the embeddings of a text")
+    p.add_argument("model", type=Path, metavar="EXPORT_DIR")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("text", metavar="TEXT", help="the text; its tokens (no special tokens) become the prompt rows")
+    p.add_argument("--task", required=True, help="name of the task to create")
+    _add_write_options(p)
+
+    p = commands.add_parser("remove", help="delete a task's files")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("task", metavar="TASK")
+    return parser
+
+
+def _add_write_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype (default: float32)")
+    p.add_argument("--force", action="store_true", help="replace the task if it exists")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from softprompt.runtime.errors import SoftpromptRuntimeError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (PromptBankError, SoftpromptRuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _list(args) -> int:
+    tasks = list_tasks(args.bank)
+    if not tasks:
+        print(f"{args.bank}: no tasks", file=sys.stderr)
+        return 0
+    failed = 0
+    print(f"{'TASK':24} {'P':>5} {'E':>6} {'DTYPE':8} {'BACKBONE':20} INIT")
+    for name in tasks:
+        try:
+            meta = load_prompt(args.bank, name).meta
+        except PromptBankError as exc:
+            failed += 1
+            print(f"{name:24} INVALID: {exc}")
+            continue
+        print(f"{name:24} {meta.length:>5} {meta.width:>6} {meta.dtype:8} {short(meta.fingerprint):20} {meta.init or '-'}")
+    return 1 if failed else 0
+
+
+def _show(args) -> int:
+    prompt = load_prompt(args.bank, args.task)
+    vectors = prompt.vectors.astype(np.float32)
+    record = prompt.meta.to_json()
+    norms = np.linalg.norm(vectors, axis=1)
+    record["stats"] = {"row_norm_mean": float(norms.mean()), "row_norm_min": float(norms.min()),
+                       "row_norm_max": float(norms.max()), "bytes": int(prompt.vectors.nbytes)}
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def _verify(args) -> int:
+    width = fingerprint = None
+    if args.model:
+        from softprompt.runtime.config import read_config
+
+        config = read_config(args.model)
+        width, fingerprint = config.hidden_size, config.fingerprint
+    tasks = list_tasks(args.bank)
+    failed = valid = 0
+    for name in tasks:
+        try:
+            meta = load_prompt(args.bank, name, width=width, fingerprint=fingerprint).meta
+            valid += 1
+            print(f"ok    {name} ({meta.length}x{meta.width} {meta.dtype})")
+        except PromptBankError as exc:
+            failed += 1
+            print(f"FAIL  {name}: {exc}")
+    for orphan in sorted(p for p in args.bank.glob("*.json") if not p.name.startswith(".") and not p.with_suffix(".npy").exists()):
+        failed += 1
+        print(f"FAIL  {orphan.stem}: {orphan} has no {orphan.stem}.npy")
+    against = f" against {args.model}" if args.model else ""
+    print(f"{valid} of {len(tasks)} tasks valid{against}")
+    return 1 if failed else 0
+
+
+def _import_peft(args) -> int:
+    from softprompt.runtime.config import read_config
+
+    from .peft import adapter_init, read_peft_adapter
+
+    config = read_config(args.model)
+    adapter = read_peft_adapter(args.adapter)
+    width = adapter.vectors.shape[1]
+    if width != config.hidden_size:
+        raise BackboneMismatchError(
+            f"{adapter.weights_file}: prompt width E={width}; the export {args.model} has width {config.hidden_size}"
+        )
+    peft_record = {k: adapter.config[k] for k in ("task_type", "base_model_name_or_path", "num_virtual_tokens") if k in adapter.config}
+    meta = save_prompt(
+        args.bank, args.task, adapter.vectors, fingerprint=config.fingerprint, dtype=args.dtype,
+        overwrite=args.force, init=adapter_init(adapter.config), source=f"peft:{args.adapter.resolve()}",
+        extra={"peft": peft_record},
+    )
+    print(f"imported {args.task}: {meta.length}x{meta.width} {meta.dtype} into {args.bank}")
+    return 0
+
+
+def _from_text(args) -> int:
+    from softprompt.runtime.backbone import open_backbone
+
+    backbone = open_backbone(args.model)
+    ids = backbone.encode(args.text, add_special_tokens=False)
+    if not ids:
+        raise PromptBankError(f"text {args.text!r} has no tokens; expected a non-empty text")
+    vectors = np.asarray(backbone.table[np.asarray(ids)], dtype=np.float32)
+    meta = save_prompt(
+        args.bank, args.task, vectors, fingerprint=backbone.config.fingerprint, dtype=args.dtype,
+        overwrite=args.force, init="text", source=f"text:{args.text}", extra={"token_ids": ids},
+    )
+    print(f"made {args.task}: {meta.length}x{meta.width} {meta.dtype} from {len(ids)} tokens into {args.bank}")
+    return 0
+
+
+def _remove(args) -> int:
+    remove_prompt(args.bank, args.task)
+    print(f"removed {args.task} from {args.bank}")
+    return 0
+
+
+COMMANDS = {
+    "list": _list, "show": _show, "verify": _verify, "import-peft": _import_peft,
+    "from-text": _from_text, "remove": _remove,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Conversion from PEFT prompt-tuning adapters (`adapter_config.json` + `adapter_model.*`).
+
+PEFT keeps a prompt-tuning adapter's prompt under the key `prompt_embeddings`, shaped
+[num_virtual_tokens * num_transformer_submodules, token_dim]: encoder-decoder models carry a
+second block that PEFT never uses, so only the first `num_virtual_tokens` rows are the prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AdapterError
+from .safetensors_np import read_safetensors
+
+PROMPT_KEY = "prompt_embeddings"
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftPrompt:
+    """The prompt read from an adapter, with the adapter's config for the task's record."""
+
+    vectors: np.ndarray
+    config: dict[str, Any]
+    weights_file: Path
+
+
+def read_peft_adapter(adapter_dir: str | Path) -> PeftPrompt:
+    """Read a PEFT prompt-tuning adapter folder; safetensors is preferred over a pickled `.bin`."""
+    folder = Path(adapter_dir)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterError(f"{folder}: no adapter_config.json; expected a PEFT adapter folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "PROMPT_TUNING":
+        raise AdapterError(
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; expected 'PROMPT_TUNING' "
+            "(prefix tuning and P-tuning adapters are not soft prompts on the input embeddings)"
+        )
+    tokens = config.get("num_virtual_tokens")
+    if not isinstance(tokens, int) or tokens <= 0:
+        raise AdapterError(f"{config_path}: num_virtual_tokens is {tokens!r}; expected a positive integer")
+    weights = _read_prompt_table(folder)
+    table = weights.vectors
+    if table.ndim != 2 or table.shape[0] < tokens:
+        raise AdapterError(
+            f"{weights.path}: {PROMPT_KEY} has shape {table.shape}; expected at least "
+            f"{tokens} rows (num_virtual_tokens) of width token_dim"
+        )
+    token_dim = config.get("token_dim")
+    if token_dim is not None and table.shape[1] != token_dim:
+        raise AdapterError(f"{weights.path}: prompt width {table.shape[1]}; adapter_config.json says token_dim={token_dim}")
+    vectors = np.ascontiguousarray(table[:tokens])
+    return PeftPrompt(vectors=vectors, config=config, weights_file=weights.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    vectors: np.ndarray
+    path: Path
+
+
+def _read_prompt_table(folder: Path) -> _Table:
+    safetensors = folder / "adapter_model.safetensors"
+    if safetensors.is_file():
+        try:
+            return _Table(read_safetensors(safetensors, [PROMPT_KEY])[PROMPT_KEY], safetensors)
+        except (KeyError, ValueError) as exc:
+            raise AdapterError(str(exc).strip('"')) from None
+    pickled = folder / "adapter_model.bin"
+    if not pickled.is_file():
+        raise AdapterError(f"{folder}: neither adapter_model.safetensors nor adapter_model.bin found")
+    try:
+        import torch  # a .bin adapter is a torch pickle: reading it needs torch
+    except ImportError:
+        raise AdapterError(
+            f"{pickled} is a PyTorch pickle and torch is not installed; re-save the adapter with "
+            "safe_serialization=True, or: pip install 'softprompt-onnx[export]'"
+        ) from None
+    try:
+        state = torch.load(pickled, map_location="cpu", weights_only=True)  # never a full unpickle
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        raise AdapterError(f"{pickled}: cannot be read safely ({exc})") from None
+    if PROMPT_KEY not in state:
+        raise AdapterError(f"{pickled}: no key {PROMPT_KEY!r}; keys there: {sorted(state)}")
+    return _Table(state[PROMPT_KEY].detach().float().numpy(), pickled)
+
+
+def adapter_init(config: dict[str, Any]) -> str:
+    """Describe how PEFT initialised the prompt, for the task's record."""
+    init = str(config.get("prompt_tuning_init", "unknown")).lower()
+    text = config.get("prompt_tuning_init_text")
+    return f"peft:{init}" + (f":{text!r}" if text and init == "text" else "")

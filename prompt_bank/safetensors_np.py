@@ -1,0 +1,53 @@
+"""Read tensors from a `.safetensors` file with numpy alone.
+
+`safetensors.numpy` refuses bfloat16, which PEFT adapters are often saved in, and would add a
+dependency to the device install; the format is simple enough (an 8-byte header size, a JSON
+header, raw little-endian data) to read here and widen bfloat16 to float32 exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+
+
+def read_safetensors(path: str | Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Return the named tensors (all when `names` is None) as numpy arrays; BF16 becomes float32."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: too short to be a safetensors file")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100 << 20:
+            raise ValueError(f"{path}: header of {size} bytes; not a safetensors file")
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: unreadable safetensors header ({exc})") from None
+        data = handle.read()
+    header.pop("__metadata__", None)
+    wanted = list(header) if names is None else names
+    out: dict[str, np.ndarray] = {}
+    for name in wanted:
+        if name not in header:
+            raise KeyError(f"{path}: no tensor {name!r}; tensors there: {sorted(header)}")
+        info = header[name]
+        start, end = info["data_offsets"]
+        if end > len(data):
+            raise ValueError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
+        chunk = data[start:end]
+        if info["dtype"] == "BF16":
+            bits = np.frombuffer(chunk, dtype="<u2").astype(np.uint32) << 16
+            array = bits.view(np.float32)
+        elif info["dtype"] in _DTYPES:
+            array = np.frombuffer(chunk, dtype=np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")).copy()
+        else:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; expected one of BF16, {', '.join(_DTYPES)}")
+        out[name] = array.reshape(info["shape"])
+    return out

@@ -1,0 +1,24 @@
+"""softprompt.runtime: run a frozen ONNX backbone with task soft prompts (numpy, onnxruntime, tokenizers only).
+
+>>> from softprompt.runtime import load                                   # doctest: +SKIP
+>>> model = load("exports/smollm2", bank="banks/demo")                   # doctest: +SKIP
+>>> model.generate("Review: a gorgeous film. Sentiment:", task="sentiment", max_new_tokens=8)  # doctest: +SKIP
+"""
+
+from .config import ExportConfig, read_config
+from .errors import ExportFormatError, InferenceError, ProviderError, RequestError, SoftpromptRuntimeError
+from .generate import Completion
+from .model import Model, load
+
+__all__ = [
+    "Completion",
+    "ExportConfig",
+    "ExportFormatError",
+    "InferenceError",
+    "Model",
+    "ProviderError",
+    "RequestError",
+    "SoftpromptRuntimeError",
+    "load",
+    "read_config",
+]

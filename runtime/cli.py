@@ -1,0 +1,89 @@
+"""`run-model EXPORT_DIR [--bank BANK --task NAME] [options] TEXT...`: generate with a task's soft prompt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+Options may stand before or after the texts. With no TEXT, one input is read per line of
+standard input. Several texts run as one batch. A single text without --json is streamed.
+
+examples:
+  run-model exports/smollm2 --bank banks/demo --task sentiment "Review: a gorgeous film. Sentiment:"
+  run-model exports/smollm2 --json "one" "two"
+  printf 'first\\nsecond\\n' | run-model exports/smollm2 --max-new-tokens 16
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run-model",
+        description="Generate text with an exported backbone, optionally under a task's soft prompt.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by export-model")
+    parser.add_argument("texts", metavar="TEXT", nargs="*", help="input texts (default: lines of standard input)")
+    parser.add_argument("--bank", help="prompt-bank folder holding the task prompts")
+    parser.add_argument("--task", help="task whose soft prompt is prepended (default: no prompt)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="tokens to generate before end-of-sequence is allowed")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); above 0 samples")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens with this mass")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when this text appears (repeatable); it is not included in the output")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per input: input, task, output, token_ids, finish_reason")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated onnxruntime providers, e.g. cpu or cuda (default: CUDA if available, else CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.task and not args.bank:
+        parser.error("--task needs --bank (the folder that holds the task's prompt)")
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        parser.error("no input: give TEXT arguments or lines on standard input")
+
+    from softprompt.prompt_bank import PromptBankError
+
+    from .errors import SoftpromptRuntimeError
+    from .model import load
+
+    settings = dict(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+    )
+    try:
+        providers = args.providers.split(",") if args.providers else None
+        model = load(args.export_dir, bank=args.bank, providers=providers, threads=args.threads)
+        if len(texts) == 1 and not args.json:
+            for piece in model.stream(texts[0], task=args.task, **settings):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+        completions = model.complete(texts, task=args.task, **settings)
+    except (SoftpromptRuntimeError, PromptBankError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for completion in completions:
+        if args.json:
+            record = completion.to_json()
+            record["output"] = record.pop("text")
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(completion.text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

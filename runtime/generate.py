@@ -1,0 +1,105 @@
+"""The decoding loop over a KV-cached ONNX decoder, and the per-row text bookkeeping around it.
+
+One graph serves every step: the first step feeds the whole (prompt + text) embeddings with an
+empty past, later steps feed one token's embedding with the past returned by the step before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .batch import position_ids
+
+# forward(inputs_embeds [B,S,E], attention_mask [B,T], position_ids [B,S], past) -> (last logits [B,V], present)
+Forward = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
+Chooser = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass
+class Completion:
+    """One row's result: the generated text and ids, and why it stopped ("eos", "stop" or "length")."""
+
+    input: str
+    task: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def decode_steps(
+    forward: Forward,
+    table: np.ndarray,
+    embeds: np.ndarray,
+    mask: np.ndarray,
+    empty_past: list[np.ndarray],
+    choose: Chooser,
+    max_new_tokens: int,
+) -> Iterator[np.ndarray]:
+    """Yield the [B] token ids chosen at each step, at most `max_new_tokens` times.
+
+    The caller stops iterating when every row is done; rows that finish early keep decoding
+    (their extra tokens are dropped) so the batch stays rectangular.
+    """
+    # Step 1: the full first input against an empty past.
+    logits, past = forward(embeds, mask, position_ids(mask), empty_past)
+    for step in range(max_new_tokens):
+        tokens = choose(logits)
+        yield tokens
+        if step + 1 == max_new_tokens:
+            return
+        # Later steps: one new token per row; its mask column is 1 and its position follows the last.
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
+        step_embeds = np.asarray(table[tokens], dtype=np.float32)[:, None, :]
+        logits, past = forward(step_embeds, mask, position_ids(mask, mask.shape[1] - 1), past)
+
+
+class RowText:
+    """Tracks one row's ids and text: end-of-sequence, stop strings, and text safe to show so far."""
+
+    def __init__(self, decode: Callable[[list[int]], str], eos_ids: set[int], stops: Sequence[str]):
+        self._decode = decode
+        self._eos = eos_ids
+        self._stops = [s for s in stops if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int) -> None:
+        if self.done:
+            return
+        self.ids.append(int(token))
+        if token in self._eos:
+            self.finish_reason = "eos"
+            return
+        self.text = self._decode(self.ids)
+        cut = min((i for i in (self.text.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+
+    def finish(self) -> None:
+        if not self.done:
+            self.finish_reason = "length"
+
+    def stable_text(self) -> str:
+        """Text that later tokens cannot change: no half-decoded character, no possible stop-string start."""
+        if self.done:
+            return self.text
+        text = self.text.rstrip("\ufffd")  # a multi-byte character whose remaining bytes are still to come
+        hold = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:size]):
+                    hold = max(hold, size)
+                    break
+        return text[: len(text) - hold]

@@ -1,0 +1,52 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p, in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import RequestError
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling values that would silently mean something else."""
+    if temperature < 0:
+        raise RequestError(f"temperature {temperature}; expected 0 (greedy) or more")
+    if top_k is not None and top_k < 1:
+        raise RequestError(f"top_k {top_k}; expected at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise RequestError(f"top_p {top_p}; expected a value in (0, 1]")
+
+
+def next_tokens(
+    logits: np.ndarray,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Pick one token id per row of `logits` [B, V]."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    # Scale by temperature; work in float64 so tiny probabilities do not underflow.
+    scores = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        # Keep the k highest scores per row; the rest can never be drawn.
+        kth = np.partition(scores, -top_k, axis=-1)[:, -top_k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if top_p is not None and top_p < 1:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (always the top one).
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, -1)
+        keep_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(-1, keepdims=True)
+    rng = rng or np.random.default_rng()
+    # Inverse-CDF draw per row: one uniform number each, vectorised over the batch.
+    draws = rng.random((probs.shape[0], 1))
+    picked = (np.cumsum(probs, -1) < draws).sum(-1)
+    return np.minimum(picked, probs.shape[-1] - 1)

@@ -1,0 +1,60 @@
+"""onnxruntime session creation with strict provider handling.
+
+Asking for a provider this build lacks is an error naming those it has; a CUDA request that
+onnxruntime quietly served on the CPU is a warning, because the user would otherwise only notice
+it as slowness.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import ProviderError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
+    """`None` picks CUDA when this onnxruntime has it, else the CPU; names are checked, CPU is added last."""
+    available = ort.get_available_providers()
+    if providers is None:
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    requested = [providers] if isinstance(providers, str) else list(providers)
+    aliases = {"cpu": CPU, "cuda": CUDA}
+    requested = [aliases.get(name.lower(), name) for name in requested]
+    missing = [name for name in requested if name not in available]
+    if missing:
+        raise ProviderError(
+            f"execution provider(s) {missing} not available in this onnxruntime; available: {available}"
+            + (" (CUDA needs the 'gpu' extra: pip install 'softprompt-onnx[gpu]')" if CUDA in missing else "")
+        )
+    if not requested:
+        raise ProviderError(f"no execution provider given; available: {available}")
+    return requested if CPU in requested else [*requested, CPU]
+
+
+def create_session(model_path: Path, providers: list[str], threads: int | None = None) -> ort.InferenceSession:
+    """Create the session with full graph optimisation; warn when CUDA was asked for but did not stick."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is None and os.environ.get("SOFTPROMPT_THREADS"):
+        threads = int(os.environ["SOFTPROMPT_THREADS"])
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
+    session = ort.InferenceSession(str(model_path), options, providers=providers)
+    if CUDA in providers and CUDA not in session.get_providers():
+        warnings.warn(
+            f"CUDAExecutionProvider was requested but the session runs on {session.get_providers()}; "
+            "check the CUDA and cuDNN libraries that onnxruntime-gpu needs",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return session

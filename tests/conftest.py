@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random decoders (Llama and GPT-2 shapes) built from configs, and their exports.
+
+Nothing is downloaded. Each model gets a small byte-level BPE tokenizer trained here on a few
+sentences; the Llama one adds a BOS token like Llama tokenizers do, the GPT-2 one adds nothing.
+Weights use a large init range so greedy decoding has no near-ties between ONNX and PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+CORPUS = [
+    "Review: a gorgeous, moving film. Sentiment: positive",
+    "Review: dull, slow and far too long. Sentiment: negative",
+    "The quick brown fox jumps over the lazy dog.",
+    "Soft prompts are learned vectors prepended to the input embeddings of a frozen model.",
+    "Tell me a story about a robot who learns to paint.",
+    "Once upon a time there was a small model that ran on every phone.",
+] * 4
+
+TEXTS = ["Review: a gorgeous film. Sentiment:", "Tell me a story", "dull", "The quick brown fox jumps over"]
+
+
+def make_tokenizer(folder: Path, add_bos: bool) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
+def make_model(folder: Path, kind: str) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(
+            vocab_size=320, n_embd=48, n_layer=2, n_head=4, n_positions=96, initializer_range=0.2,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(folder)
+    make_tokenizer(folder, add_bos=kind == "llama")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+def _export(src: Path, out: Path) -> Path:
+    from softprompt.exporter import export_model
+
+    export_model(str(src), out, log=lambda message: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_export(llama_dir, tmp_path_factory) -> Path:
+    return _export(llama_dir, tmp_path_factory.mktemp("exports") / "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_export(gpt2_dir, tmp_path_factory) -> Path:
+    return _export(gpt2_dir, tmp_path_factory.mktemp("exports") / "gpt2")
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def arch(request, llama_dir, llama_export, gpt2_dir, gpt2_export):
+    """(hf folder, export folder) for each architecture shape."""
+    return {"llama": (llama_dir, llama_export), "gpt2": (gpt2_dir, gpt2_export)}[request.param]
+
+
+def random_prompt(length: int, width: int, seed: int = 0, scale: float = 0.5) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((length, width)) * scale).astype(np.float32)
