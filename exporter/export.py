@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from softprompt.prompt_bank import backbone_fingerprint
 from softprompt.runtime.config import CONFIG_FILE, ExportConfig
@@ -75,7 +76,7 @@ def export_model(
         layout = probe_cache(torch_model)
         table = embedding_table(torch_model)
         np.save(staging / "embeddings.npy", table, allow_pickle=False)
-        source.tokenizer.save_pretrained(staging)
+        source.tokenizer.save_pretrained(staging, legacy_format=False)  # tokenizer.json only: all the runtime reads
         facts = structural(torch_model, layout, table)
         fingerprint = backbone_fingerprint(table, facts)
 
@@ -89,8 +90,6 @@ def export_model(
         log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
 
         step("writing softprompt.json")
-        import onnx
-
         graph = onnx.load(str(staging / "model.onnx"), load_external_data=False).graph
         config = ExportConfig(
             kind="decoder",

@@ -55,10 +55,11 @@ def probe_cache(model) -> CacheLayout:
     shapes = []
     for i in range(0, len(tensors), 2):
         key, value = tensors[i], tensors[i + 1]
-        if key.dim() != 4 or key.shape != value.shape or key.shape[2] != 2:
+        shapes_found = [None if t is None else tuple(t.shape) for t in (key, value)]
+        if None in shapes_found or key.dim() != 4 or key.shape != value.shape or key.shape[2] != 2:
             raise ExportError(
-                f"{type(model).__name__} layer {i // 2} caches keys {tuple(key.shape)} and values {tuple(value.shape)}; "
-                "expected [batch, heads, sequence, head size] for both"
+                f"{type(model).__name__} layer {i // 2} caches keys {shapes_found[0]} and values {shapes_found[1]}; "
+                "expected [batch, heads, sequence, head size] for both (fused key/value caches are not supported)"
             )
         shapes.append((int(key.shape[1]), int(key.shape[3])))
     return CacheLayout(shapes)

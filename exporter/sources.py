@@ -141,7 +141,7 @@ def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str,
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        tokenizer.save_pretrained(staging, legacy_format=False)
         os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -8,7 +8,8 @@ import sys
 
 EPILOG = """\
 Options may stand before or after the texts. With no TEXT, one input is read per line of
-standard input. Several texts run as one batch. A single text without --json is streamed.
+standard input. Several texts run as one batch and each output is printed under a '> input'
+line. A single text without --json is streamed.
 
 examples:
   run-model exports/smollm2 --bank banks/demo --task sentiment "Review: a gorgeous film. Sentiment:"
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             record = completion.to_json()
             record["output"] = record.pop("text")
             print(json.dumps(record, ensure_ascii=False))
-        else:
-            print(completion.text)
+        else:  # several inputs: each output under its input, so multi-line outputs stay readable
+            print(f"> {completion.input}\n{completion.text}\n")
     return 0
 
 

@@ -127,15 +127,11 @@ class Model:
         seed, stop (a string or a list of strings; the text is cut before it).
         """
         texts = _as_list(texts)
-        return self.complete_ids([self.encode(t) for t in texts], task, _inputs=texts, **settings)
+        return self._complete([self.encode(t) for t in texts], task, texts, settings)
 
-    def complete_ids(self, ids: Sequence[Sequence[int]], task: Tasks = None, *, _inputs: Sequence[str] | None = None,
-                     **settings) -> list[Completion]:
-        """`complete` for inputs that are already token ids."""
-        rows = list(self._run(ids, task, **settings))[-1]
-        inputs = _inputs if _inputs is not None else [self.decode(i) for i in ids]
-        tasks = _tasks_for(task, len(ids))
-        return [Completion(inputs[i], tasks[i], r.text, r.ids, r.finish_reason or "length") for i, r in enumerate(rows)]
+    def complete_ids(self, ids: Sequence[Sequence[int]], task: Tasks = None, **settings) -> list[Completion]:
+        """`complete` for inputs that are already token ids (each Completion's `input` is their decoded text)."""
+        return self._complete(ids, task, [self.decode(row) for row in ids], settings)
 
     def generate(self, text: str | Sequence[str], task: Tasks = None, **settings) -> str | list[str]:
         """Generated text for one text (a str) or for each of a list of texts (a list, one batch)."""
@@ -154,6 +150,11 @@ class Model:
                 shown = len(stable)
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _complete(self, ids: Sequence[Sequence[int]], task: Tasks, inputs: Sequence[str], settings: dict) -> list[Completion]:
+        rows = list(self._run(ids, task, **settings))[-1]
+        tasks = _tasks_for(task, len(ids))
+        return [Completion(inputs[i], tasks[i], r.text, r.ids, r.finish_reason or "length") for i, r in enumerate(rows)]
 
     def _rows(self, ids: Sequence[Sequence[int]], tasks: list[str | None], max_new_tokens: int) -> list[np.ndarray]:
         limit = self.config.max_positions

@@ -1,0 +1,216 @@
+"""Generation speed: this runtime against PyTorch + PEFT prompt tuning, side by side in one run.
+
+Workload (issue 2): the default model, a 20-vector soft prompt, 32 input tokens per row, exactly
+64 new tokens (end-of-sequence is held off, as `min_new_tokens` does in transformers), greedy,
+2 threads, batch 1 and batch 8. Each measurement runs in its own subprocess so peak memory
+(max RSS) belongs to one side only; the sides alternate over the repeats so that a noisy
+neighbour hurts both alike, and medians are reported with the ratio runtime / PyTorch.
+
+    python bench/generate.py --export exports/smollm2        # after: export-model smollm2-135m exports/smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SOURCE_TEXT = (
+    "The film opens on a quiet harbour town where nothing much happens, and for a while the camera is content "
+    "to watch fishermen mend their nets, children chase gulls along the pier and an old woman sell bread from "
+    "a cart. Then a stranger arrives on the evening ferry, carrying a single suitcase and a letter addressed to "
+    "someone who died years ago. What follows is a patient, often funny and finally very moving story about "
+    "grief, small lies and the people who keep a place alive long after its best days are gone."
+)
+
+
+def workload(model, batch: int, input_tokens: int) -> list[list[int]]:
+    """`batch` rows of exactly `input_tokens` ids, each starting at a different word of the text."""
+    words = SOURCE_TEXT.split()
+    rows = []
+    for i in range(batch):
+        ids = model.encode(" ".join(words[i * 3 :] + words[: i * 3]))
+        if len(ids) < input_tokens:
+            raise SystemExit(f"the source text has only {len(ids)} tokens; need {input_tokens}")
+        rows.append(ids[:input_tokens])
+    return rows
+
+
+def run_onnx(args) -> dict:
+    from softprompt.runtime import load
+
+    model = load(args.export, bank=args.bank, providers="cpu", threads=args.threads)
+    rows = workload(model, args.batch, args.input_tokens)
+    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+
+    def once():
+        start = time.perf_counter()
+        stamps = []
+        for states in model._run(rows, "bench", **settings):  # yields after every step: the timestamps we need
+            stamps.append(time.perf_counter())
+        return start, stamps, [s.ids for s in states]
+
+    once()  # warm-up: first-run allocations and onnxruntime's lazy initialisation
+    results = [once() for _ in range(args.inner)]
+    return summarise(results, args)
+
+
+def run_torch(args) -> dict:
+    import numpy as np
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    from softprompt.exporter.sources import resolve
+    from softprompt.prompt_bank import load_prompt
+    from softprompt.runtime import load
+
+    torch.set_num_threads(args.threads)
+    tokenizer_model = load(args.export)  # only for the same token ids
+    rows = workload(tokenizer_model, args.batch, args.input_tokens)
+    folder = resolve(args.model, log=lambda m: None)[0]
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = load_prompt(args.bank, "bench").vectors
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.shape[0])
+    model = peft.get_peft_model(base, config).eval()
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(np.asarray(prompt, np.float32)))
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor(rows)
+
+    def once():
+        streamer = Stamps()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=2, streamer=streamer)
+        # The first put() is the input ids; each later one is a step's new tokens.
+        return start, streamer.times[1:], out[:, ids.shape[1]:].tolist()
+
+    once()
+    results = [once() for _ in range(args.inner)]
+    return summarise(results, args)
+
+
+def summarise(results, args) -> dict:
+    first = [stamps[0] - start for start, stamps, _ in results]
+    decode = [(len(stamps) - 1) * args.batch / (stamps[-1] - stamps[0]) for _, stamps, _ in results]
+    return {
+        "first_token_ms": 1000 * statistics.median(first),
+        "decode_tokens_per_s": statistics.median(decode),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tokens": results[-1][2],
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return (f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, "
+            f"onnxruntime {onnxruntime.__version__}")
+
+
+def make_prompt(args) -> None:
+    """A 20-row prompt sampled from the vocabulary's embeddings (realistic scale), shared by both sides."""
+    import numpy as np
+
+    from softprompt.prompt_bank import save_prompt
+    from softprompt.runtime.backbone import open_backbone
+
+    backbone = open_backbone(args.export)
+    rows = np.random.default_rng(0).integers(0, backbone.config.vocab_size, args.prompt_length)
+    save_prompt(args.bank, "bench", np.asarray(backbone.table[rows], np.float32),
+                fingerprint=backbone.config.fingerprint, init="vocab", source="bench/generate.py")
+
+
+def child(side: str, args, batch: int) -> dict:
+    command = [sys.executable, __file__, "--side", side, "--batch", str(batch), "--bank", str(args.bank)]
+    for key in ("export", "model", "threads", "input_tokens", "new_tokens", "inner", "prompt_length"):
+        command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}  # threads: set in each side
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"{side} side failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export", type=Path, default=Path("exports/smollm2"), help="export folder of the model")
+    parser.add_argument("--model", default="smollm2-135m", help="the same model for PyTorch (what export-model took)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-length", type=int, default=20)
+    parser.add_argument("--input-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="subprocess runs per side and batch (alternating)")
+    parser.add_argument("--inner", type=int, default=2, help="timed generations per subprocess, after one warm-up")
+    parser.add_argument("--json-out", type=Path, help="also write the results here")
+    parser.add_argument("--side", choices=["onnx", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bank", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.side:
+        print(json.dumps((run_onnx if args.side == "onnx" else run_torch)(args)))
+        return 0
+    if not (args.export / "softprompt.json").is_file():
+        raise SystemExit(f"{args.export}: no export; run: export-model {args.model} {args.export}")
+    with tempfile.TemporaryDirectory() as bank:
+        args.bank = Path(bank)
+        make_prompt(args)
+        print(f"machine: {machine()}")
+        print(f"date: {dt.datetime.now().isoformat(timespec='minutes')}; workload: prompt {args.prompt_length} vectors, "
+              f"{args.input_tokens} input tokens, {args.new_tokens} new tokens, greedy, {args.threads} threads; "
+              f"medians of {args.repeats} alternating runs x {args.inner}")
+        report = {}
+        for batch in (int(b) for b in args.batches.split(",")):
+            runs = {"onnx": [], "torch": []}
+            for _ in range(args.repeats):
+                for side in ("torch", "onnx"):
+                    runs[side].append(child(side, args, batch))
+            medians = {side: {key: statistics.median(r[key] for r in rs) for key in ("first_token_ms", "decode_tokens_per_s", "peak_rss_mb")}
+                       for side, rs in runs.items()}
+            same = all(r["tokens"] == runs["torch"][0]["tokens"] for r in runs["onnx"] + runs["torch"])
+            o, t = medians["onnx"], medians["torch"]
+            print(f"\nbatch {batch}:            {'runtime':>10} {'torch+peft':>11} {'ratio':>7}")
+            print(f"  decode tokens/s    {o['decode_tokens_per_s']:10.1f} {t['decode_tokens_per_s']:11.1f} {o['decode_tokens_per_s'] / t['decode_tokens_per_s']:6.2f}x")
+            print(f"  first token (ms)   {o['first_token_ms']:10.1f} {t['first_token_ms']:11.1f} {o['first_token_ms'] / t['first_token_ms']:6.2f}x")
+            print(f"  peak RSS (MiB)     {o['peak_rss_mb']:10.0f} {t['peak_rss_mb']:11.0f} {o['peak_rss_mb'] / t['peak_rss_mb']:6.2f}x")
+            print(f"  greedy tokens identical: {'yes' if same else 'NO'}")
+            report[f"batch_{batch}"] = {"runtime": o, "torch_peft": t, "identical_tokens": same}
+        if args.json_out:
+            args.json_out.write_text(json.dumps({"machine": machine(), "results": report}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

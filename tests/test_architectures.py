@@ -1,0 +1,18 @@
+"""Beyond Llama and GPT-2: architectures with biases, scaled embeddings, sliding windows, MQA and ALiBi."""
+
+from __future__ import annotations
+
+import pytest
+from architectures import build, greedy_matches
+from conftest import TEXTS
+
+from softprompt.exporter import export_model
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3_text", "falcon", "bloom"])
+def test_architecture_exports_and_matches_transformers(name, tmp_path):
+    build(name, tmp_path)
+    export_model(str(tmp_path), tmp_path / "export", log=lambda m: None)
+    alone, batched = greedy_matches(tmp_path, tmp_path / "export", TEXTS)
+    assert alone, f"{name}: greedy tokens differ from transformers"
+    assert batched, f"{name}: a left-padded batch differs from single rows"

@@ -1,0 +1,115 @@
+"""The exporter: what an export folder holds, validation that catches a wrong graph, and safe overwrites."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from softprompt.exporter import ExportError, ExportValidationError, export_model
+from softprompt.exporter.graph import CachedDecoder, probe_cache
+from softprompt.exporter.metadata import embedding_table
+from softprompt.exporter.validate import validate
+from softprompt.prompt_bank import backbone_fingerprint
+from softprompt.runtime import read_config
+
+
+def test_export_folder_contents_and_config(arch):
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, export = arch
+    assert {"model.onnx", "embeddings.npy", "tokenizer.json", "softprompt.json"} <= {p.name for p in export.iterdir()}
+    config = read_config(export)
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir)
+    layers = reference.config.num_hidden_layers
+    assert config.num_layers == layers and config.kind == "decoder" and config.dtype == "float32"
+    assert config.input_names[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert config.input_names[3:] == [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    assert config.output_names == ["logits", *[f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]]
+    assert config.eos_token_ids == [2] and config.max_positions == reference.config.max_position_embeddings
+    assert config.opset == 18
+    session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == config.input_names
+    # The table is the embedding module's output, and the fingerprint is over exactly that table.
+    table = np.load(export / "embeddings.npy")
+    with torch.no_grad():
+        expected = reference.get_input_embeddings()(torch.arange(table.shape[0])).numpy()
+    np.testing.assert_array_equal(table, expected)
+    facts = {k: getattr(config, k) for k in ("architecture", "hidden_size", "vocab_size", "num_layers")}
+    assert config.fingerprint == backbone_fingerprint(table, facts)
+    assert set(config.validation["max_relative_diff"]) == {"first step, no past", "1 new token(s), past of 6", "3 new token(s), past of 6"}
+    assert max(config.validation["max_relative_diff"].values()) < 1e-4
+
+
+def test_scaled_embedding_module_is_captured():
+    """Gemma-style models scale inside the embedding module; the table must hold the scaled rows."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = Gemma3ForCausalLM(config)
+    table = embedding_table(model, chunk=10)
+    np.testing.assert_allclose(table, model.model.embed_tokens.weight.detach().numpy() * 32**0.5, rtol=1e-6)
+
+
+def test_validation_reports_every_mismatch(llama_dir, llama_export):
+    """A graph that no longer matches its model fails validation with a line per mismatching output."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)  # changes layer 1's output, so the logits
+    wrapper = CachedDecoder(model, probe_cache(model))
+    table = np.load(llama_export / "embeddings.npy")
+    with pytest.raises(ExportValidationError) as info:
+        validate(llama_export / "model.onnx", wrapper, table)
+    report = str(info.value)
+    assert report.count("logits max |diff| / max |ref|") == 3  # one per case
+    assert "first step, no past" in report and "3 new token(s), past of 6" in report
+
+
+def test_existing_output_is_refused_then_replaced_with_force(llama_dir, tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(ExportError, match="exists and is not empty.*--force"):
+        export_model(str(llama_dir), out, log=lambda m: None)
+    assert (out / "keep.txt").read_text() == "user data"
+    export_model(str(llama_dir), out, overwrite=True, log=lambda m: None)
+    assert (out / "softprompt.json").is_file() and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging or backup folders left
+
+
+def test_failed_export_leaves_the_old_folder_intact(llama_dir, tmp_path, monkeypatch):
+    from softprompt.exporter import export as export_module
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "softprompt.json").write_text("{}")
+
+    def broken(*args, **kwargs):
+        raise ExportValidationError("simulated mismatch")
+
+    monkeypatch.setattr(export_module, "validate", broken)
+    with pytest.raises(ExportValidationError, match="simulated"):
+        export_model(str(llama_dir), out, overwrite=True, log=lambda m: None)
+    assert json.loads((out / "softprompt.json").read_text()) == {}
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("no-such-model", "neither a built-in name"), ("missing.gguf", "GGUF file not found")],
+)
+def test_unknown_sources_are_refused(tmp_path, spec, message):
+    with pytest.raises(ExportError, match=message):
+        export_model(str(tmp_path / spec) if spec.endswith(".gguf") else spec, tmp_path / "out", log=lambda m: None)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ExportError, match="no config.json"):
+        export_model(str(tmp_path / "model"), tmp_path / "out", log=lambda m: None)

@@ -1,0 +1,43 @@
+"""The runtime and the bank format are what ships to devices: they must not need torch and friends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("torch", "transformers", "optimum", "onnx", "onnxscript", "peft")
+
+PROBE = """
+import json, sys
+{setup}
+import softprompt.runtime, softprompt.prompt_bank
+{work}
+heavy = sorted({{m.split('.')[0] for m, mod in list(sys.modules.items()) if mod is not None}} & set({heavy!r}))
+print(json.dumps(heavy))
+"""
+
+
+def run_probe(setup: str = "", work: str = "") -> list[str]:
+    code = PROBE.format(setup=setup, work=work, heavy=HEAVY)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_runtime_and_bank_loads_no_heavy_module():
+    assert run_probe() == []
+
+
+def test_runtime_generates_with_torch_and_transformers_blocked(llama_export, tmp_path):
+    """Make the heavy packages unimportable, as on a device, then load, import a bank task and generate."""
+    block = "for name in {heavy!r}: sys.modules[name] = None".format(heavy=HEAVY)
+    work = f"""
+from softprompt.prompt_bank.cli import main as bank_main
+assert bank_main(["from-text", {str(llama_export)!r}, {str(tmp_path)!r}, "--task", "t", "hello there"]) == 0
+from softprompt.runtime import load
+model = load({str(llama_export)!r}, bank={str(tmp_path)!r})
+out = model.complete(["Tell me a story", "dull"], task="t", max_new_tokens=4)
+assert len(out) == 2 and all(len(c.token_ids) >= 1 for c in out)
+"""
+    assert run_probe(setup=block, work=work) == []
