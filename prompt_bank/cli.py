@@ -21,6 +21,7 @@ examples:
   prompt-bank import-peft path/to/peft_adapter banks/smollm2 --task sentiment --model exports/smollm2
   prompt-bank from-text exports/smollm2 banks/smollm2 --task polite "Answer politely and briefly."
   prompt-bank verify banks/smollm2 --model exports/smollm2
+  prompt-bank export-peft banks/smollm2 sentiment out/peft_adapter --model exports/smollm2
 """
 
 
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT", help="the text; its tokens (no special tokens) become the prompt rows")
     p.add_argument("--task", required=True, help="name of the task to create")
     _add_write_options(p)
+
+    p = commands.add_parser("export-peft", help="write a task as a PEFT prompt-tuning adapter")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("task", metavar="TASK")
+    p.add_argument("out", type=Path, metavar="OUT_DIR", help="adapter folder to write (loads with PeftModel.from_pretrained)")
+    p.add_argument("--model", type=Path, metavar="EXPORT_DIR",
+                   help="export the task was made for: checks the fingerprint and records the layer and head counts")
 
     p = commands.add_parser("remove", help="delete a task's files")
     p.add_argument("bank", type=Path, metavar="BANK")
@@ -170,6 +178,26 @@ def _from_text(args) -> int:
     return 0
 
 
+def _export_peft(args) -> int:
+    from .peft import write_peft_adapter
+
+    layers = heads = 0
+    base = None
+    fingerprint = None
+    if args.model:
+        from softprompt.runtime.config import read_config
+
+        config = read_config(args.model)
+        layers, heads, fingerprint = config.num_layers, config.num_heads, config.fingerprint
+        base = config.source.get("path") or config.source.get("name")
+    prompt = load_prompt(args.bank, args.task, fingerprint=fingerprint)
+    write_peft_adapter(args.out, prompt.vectors.astype(np.float32), num_layers=layers, num_attention_heads=heads, base_model=base)
+    dropped = [k for k in ("template", "labels") if prompt.meta.extra.get(k) not in (None, {}, "{text}")]
+    note = f" (PEFT has no place for the task's {' and '.join(dropped)}: apply them yourself)" if dropped else ""
+    print(f"wrote {args.out}: {prompt.meta.length}x{prompt.meta.width} prompt of {args.task}{note}")
+    return 0
+
+
 def _remove(args) -> int:
     remove_prompt(args.bank, args.task)
     print(f"removed {args.task} from {args.bank}")
@@ -178,7 +206,7 @@ def _remove(args) -> int:
 
 COMMANDS = {
     "list": _list, "show": _show, "verify": _verify, "import-peft": _import_peft,
-    "from-text": _from_text, "remove": _remove,
+    "from-text": _from_text, "export-peft": _export_peft, "remove": _remove,
 }
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_atomic
 from .errors import AdapterError
-from .safetensors_np import read_safetensors
+from .safetensors_np import read_safetensors, safetensors_bytes
 
 PROMPT_KEY = "prompt_embeddings"
 
@@ -99,3 +100,45 @@ def adapter_init(config: dict[str, Any]) -> str:
     init = str(config.get("prompt_tuning_init", "unknown")).lower()
     text = config.get("prompt_tuning_init_text")
     return f"peft:{init}" + (f":{text!r}" if text and init == "text" else "")
+
+
+def write_peft_adapter(
+    out_dir: str | Path,
+    vectors: np.ndarray,
+    *,
+    num_layers: int,
+    num_attention_heads: int,
+    base_model: str | None = None,
+    task_type: str = "CAUSAL_LM",
+) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` that `PeftModel.from_pretrained` loads.
+
+    The template and labels of a task have no place in a PEFT adapter; only the prompt goes.
+    Files are written through temporary names, so an existing adapter is replaced whole or not at all.
+    """
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    length, width = vectors.shape
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": task_type,
+        "num_virtual_tokens": int(length),
+        "token_dim": int(width),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": int(num_attention_heads),
+        "num_layers": int(num_layers),
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "inference_mode": True,
+        "auto_mapping": None,
+        "modules_to_save": None,
+    }
+    data = safetensors_bytes({PROMPT_KEY: np.asarray(vectors, dtype=np.float32)})
+    write_atomic(folder / "adapter_model.safetensors", lambda handle: handle.write(data))
+    text = json.dumps(config, indent=2) + "\n"
+    write_atomic(folder / "adapter_config.json", lambda handle: handle.write(text), mode="w")
+    return folder

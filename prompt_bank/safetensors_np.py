@@ -51,3 +51,21 @@ def read_safetensors(path: str | Path, names: list[str] | None = None) -> dict[s
             raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; expected one of BF16, {', '.join(_DTYPES)}")
         out[name] = array.reshape(info["shape"])
     return out
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise float32/float16 arrays as a `.safetensors` file (what torch's `safetensors` loader reads)."""
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    chunks, offset = [], 0
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype not in names:
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}; expected float32 or float16")
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes
+    return struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks)

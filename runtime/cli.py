@@ -14,6 +14,7 @@ line. A single text without --json is streamed.
 examples:
   run-model exports/smollm2 --bank banks/demo --task sentiment "Review: a gorgeous film. Sentiment:"
   run-model exports/smollm2 --json "one" "two"
+  run-model exports/smollm2 --bank banks/smollm2 --task sentiment --classify "a gorgeous, moving film"
   printf 'first\\nsecond\\n' | run-model exports/smollm2 --max-new-tokens 16
 """
 
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when this text appears (repeatable); it is not included in the output")
+    parser.add_argument("--classify", action="store_true",
+                        help="label each text with the task's labels instead of generating (needs a classification task)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per input: input, task, output, token_ids, finish_reason")
     parser.add_argument("--providers", default=None,
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.task and not args.bank:
         parser.error("--task needs --bank (the folder that holds the task's prompt)")
+    if args.classify and not args.task:
+        parser.error("--classify needs --bank and --task (a classification task)")
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         parser.error("no input: give TEXT arguments or lines on standard input")
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         providers = args.providers.split(",") if args.providers else None
         model = load(args.export_dir, bank=args.bank, providers=providers, threads=args.threads)
+        if args.classify:
+            return _print_labels(texts, args.task, model.classify(texts, task=args.task), args.json)
         if len(texts) == 1 and not args.json:
             for piece in model.stream(texts[0], task=args.task, **settings):
                 sys.stdout.write(piece)
@@ -83,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(record, ensure_ascii=False))
         else:  # several inputs: each output under its input, so multi-line outputs stay readable
             print(f"> {completion.input}\n{completion.text}\n")
+    return 0
+
+
+def _print_labels(texts: list[str], task: str, results: list[dict], as_json: bool) -> int:
+    for text, result in zip(texts, results):
+        if as_json:
+            print(json.dumps({"input": text, "task": task, **result}, ensure_ascii=False))
+        else:
+            scores = "  ".join(f"{label} {score:.3f}" for label, score in result["scores"].items())
+            print(f"{result['label']}\t{scores}\t{text}")
     return 0
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from softprompt.prompt_bank import Prompt, UnknownTaskError, load_bank
+from softprompt.prompt_bank.task import TaskSpec
 
 from .batch import embed_row, left_pad, position_ids
+from .classify import label_logprobs, normalise
 from .backbone import Backbone, open_backbone
 from .errors import InferenceError, RequestError
 from .generate import Completion, RowText, decode_steps
@@ -56,6 +58,7 @@ class Model:
         self.session = session
         self.bank = bank
         self._prompts = {name: np.asarray(p.vectors, dtype=np.float32) for name, p in prompts.items()}
+        self._specs = {name: TaskSpec.from_extra(p.meta.extra, f"task {name!r}") for name, p in prompts.items()}
         inputs = {i.name: i for i in session.get_inputs()}
         self._feeds_positions = "position_ids" in inputs
         self._past_names = config.past_names
@@ -83,9 +86,16 @@ class Model:
             raise UnknownTaskError(f"no task {task!r} in {where}; tasks: {', '.join(self.tasks) or 'none'}")
         return self._prompts[task]
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids as the model's own tokenizer makes them (special tokens as it adds them)."""
-        return self.backbone.encode(text)
+    def task_spec(self, task: str | None) -> TaskSpec:
+        """The task's template and labels (no task: the text as it is, no labels)."""
+        if task is None:
+            return TaskSpec()
+        self.prompt(task)  # the unknown-task error, listing the tasks
+        return self._specs[task]
+
+    def encode(self, text: str, task: str | None = None) -> list[int]:
+        """Token ids of `text` wrapped in the task's template, as the model's own tokenizer makes them."""
+        return self.backbone.encode(self.task_spec(task).apply(text))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -115,7 +125,12 @@ class Model:
 
     def logits(self, texts: str | Sequence[str], task: Tasks = None) -> np.ndarray:
         """Logits [B, T, V] of one forward pass over (prompt + text), left-padded; for scoring and parity checks."""
-        rows = self._rows([self.encode(t) for t in _as_list(texts)], _tasks_for(task, len(_as_list(texts))), 0)
+        texts = _as_list(texts)
+        tasks = _tasks_for(task, len(texts))
+        return self._logits_for_ids([self.encode(t, k) for t, k in zip(texts, tasks)], tasks)
+
+    def _logits_for_ids(self, ids: Sequence[Sequence[int]], tasks: list[str | None]) -> np.ndarray:
+        rows = self._rows(ids, tasks, 0)
         embeds, mask = left_pad(rows)
         logits, _ = self.forward(embeds, mask, position_ids(mask), self.empty_past(len(rows)), all_logits=True)
         return logits
@@ -127,10 +142,11 @@ class Model:
         seed, stop (a string or a list of strings; the text is cut before it).
         """
         texts = _as_list(texts)
-        return self._complete([self.encode(t) for t in texts], task, texts, settings)
+        ids = [self.encode(t, k) for t, k in zip(texts, _tasks_for(task, len(texts)))]
+        return self._complete(ids, task, texts, settings)
 
     def complete_ids(self, ids: Sequence[Sequence[int]], task: Tasks = None, **settings) -> list[Completion]:
-        """`complete` for inputs that are already token ids (each Completion's `input` is their decoded text)."""
+        """`complete` for inputs that are already token ids (no template is applied; `input` is their decoded text)."""
         return self._complete(ids, task, [self.decode(row) for row in ids], settings)
 
     def generate(self, text: str | Sequence[str], task: Tasks = None, **settings) -> str | list[str]:
@@ -143,11 +159,34 @@ class Model:
         if not isinstance(text, str):
             raise RequestError("stream takes one text; use generate() or complete() for a batch")
         shown = 0
-        for rows in self._run([self.encode(text)], task, **settings):
+        for rows in self._run([self.encode(text, task)], task, **settings):
             stable = rows[0].stable_text()
             if len(stable) > shown:
                 yield stable[shown:]
                 shown = len(stable)
+
+    def classify(self, texts: str | Sequence[str], task: str) -> list[dict]:
+        """Label each text by its task's verbalizers: `[{"label": ..., "scores": {label: probability}}]`.
+
+        A label's score is the summed log-probability of its words after the templated input,
+        normalised over the labels.
+        """
+        texts = _as_list(texts)
+        spec = self.task_spec(task)
+        if not spec.labels:
+            raise RequestError(f"task {task!r} has no labels (it is a {spec.kind} task); classify needs a classification task")
+        labels = list(spec.labels)
+        verbalizers = [self.backbone.encode(words, add_special_tokens=False) for words in spec.labels.values()]
+        empty = [label for label, ids in zip(labels, verbalizers) if not ids]
+        if empty:
+            raise RequestError(f"task {task!r}: verbalizers of {empty} have no tokens")
+        inputs = [self.encode(text, task) for text in texts]
+        logprobs = label_logprobs(lambda rows: self._logits_for_ids(rows, [task] * len(rows)), inputs, verbalizers)
+        probs = normalise(logprobs)
+        return [
+            {"label": labels[int(row.argmax())], "scores": {label: float(p) for label, p in zip(labels, row)}}
+            for row in probs
+        ]
 
     # ---- internals --------------------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""What a task is besides its vectors: a text template (hard prompt) and, for classification, labels.
+
+Stored in the task's record (`NAME.json`, field `extra`) so that training and the runtime wrap
+inputs the same way: `{"template": "Review: {text}\\nSentiment:", "labels": {"positive": " positive"}}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import InvalidPromptError
+
+PLACEHOLDER = "{text}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """How a task's inputs are wrapped and, for classification, which words stand for which label."""
+
+    template: str = PLACEHOLDER
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> verbalizer text
+
+    def __post_init__(self):
+        check_template(self.template)
+        for label, words in self.labels.items():
+            if not isinstance(label, str) or not label or not isinstance(words, str) or not words:
+                raise InvalidPromptError(f"label {label!r} -> verbalizer {words!r}; expected two non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return "classification" if self.labels else "generation"
+
+    def apply(self, text: str) -> str:
+        """The templated input. Plain replacement, so braces elsewhere in the template stay as written."""
+        return self.template.replace(PLACEHOLDER, text)
+
+    def to_extra(self) -> dict[str, Any]:
+        return {"template": self.template, "labels": dict(self.labels), "kind": self.kind}
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None, where: str = "task record") -> "TaskSpec":
+        extra = extra or {}
+        template = extra.get("template", PLACEHOLDER)
+        labels = extra.get("labels") or {}
+        if not isinstance(template, str) or not isinstance(labels, dict):
+            raise InvalidPromptError(f"{where}: template {template!r} / labels {labels!r}; expected a string and an object")
+        try:
+            return cls(template=template, labels=dict(labels))
+        except InvalidPromptError as exc:
+            raise InvalidPromptError(f"{where}: {exc}") from None
+
+
+def check_template(template: str) -> str:
+    if not isinstance(template, str) or template.count(PLACEHOLDER) != 1:
+        raise InvalidPromptError(f"template {template!r} must contain {PLACEHOLDER} exactly once")
+    return template
+
+
+def default_verbalizers(labels: list[str]) -> dict[str, str]:
+    """A label's words default to its name after a space (' positive'), as a model would write it mid-sentence."""
+    return {label: " " + label.replace("_", " ") for label in labels}
+
+
+def parse_verbalizers(items: list[str]) -> dict[str, str]:
+    """Parse `label=words` options (`positive=" positive"`); quotes around the words are optional."""
+    out: dict[str, str] = {}
+    for item in items:
+        label, sep, words = item.partition("=")
+        if not sep or not label:
+            raise InvalidPromptError(f"verbalizer {item!r}; expected LABEL=WORDS, e.g. positive=' positive'")
+        if len(words) >= 2 and words[0] == words[-1] and words[0] in "'\"":
+            words = words[1:-1]
+        if not words:
+            raise InvalidPromptError(f"verbalizer {item!r} has no words after '='")
+        out[label] = words
+    return out

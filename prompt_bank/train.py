@@ -1,0 +1,261 @@
+"""Prompt tuning (Lester et al. 2021): learn a task's [P, E] soft prompt with every backbone weight frozen.
+
+torch lives only in this module (and the CLI that calls it); the result is saved in the
+numpy-only bank format with the fingerprint that the same model's export carries. Rows are
+built exactly as the runtime builds them: prompt rows, then the embedding-table rows of the
+templated input's ids, left-padded, positions counted over real tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from .data import Dataset
+from .errors import PromptBankError
+from .format import PromptMeta, save_prompt
+from .init import common_token_ids, init_prompt
+from .task import TaskSpec
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    length: int = 20
+    init: str = "labels"
+    optimizer: str = "adamw"
+    lr: float = 3e-2
+    batch_size: int = 8
+    steps: int | None = None
+    epochs: float = 1.0
+    eval_every: int = 50
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Backbone:
+    """The frozen model and what training needs of it."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer  # the very tokenizer the export writes as tokenizer.json
+    table: np.ndarray
+    fingerprint: str
+    max_positions: int | None
+    eos_ids: list[int]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> Backbone:
+    """Load MODEL as export-model does and freeze it; compute the same fingerprint its export gets."""
+    from softprompt.exporter.graph import probe_cache
+    from softprompt.exporter.metadata import embedding_table, special_tokens, structural
+    from softprompt.exporter.sources import load_source
+    from softprompt.prompt_bank import backbone_fingerprint
+
+    source = load_source(model_spec, log=log)
+    model = source.model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    table = embedding_table(model)
+    facts = structural(model, probe_cache(model), table)
+    tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    eos = special_tokens(model, source.tokenizer)["eos_token_ids"]
+    return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], eos)
+
+
+def build_inputs_embeds(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]]):
+    """Left-padded [B, P + T, E] embeddings, mask and positions: the runtime's construction, in torch."""
+    embed = model.get_input_embeddings()
+    length = max(len(r) for r in rows) + prompt.shape[0]
+    batch = len(rows)
+    embeds = prompt.new_zeros((batch, length, prompt.shape[1]))
+    mask = torch.zeros((batch, length), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        start = length - len(ids) - prompt.shape[0]
+        tokens = embed(torch.tensor(ids, dtype=torch.long)) if ids else prompt.new_zeros((0, prompt.shape[1]))
+        embeds[i, start:] = torch.cat([prompt, tokens.to(prompt.dtype)])
+        mask[i, start:] = 1
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return embeds, mask, positions
+
+
+def _forward_tail(model, prompt, rows, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions only: that is where every row's targets are."""
+    embeds, mask, positions = build_inputs_embeds(model, prompt, rows)
+    kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs).logits
+    return logits[:, -keep:]
+
+
+def encode_examples(backbone: Backbone, data: Dataset, spec: TaskSpec, prompt_length: int) -> list[tuple[list[int], list[int]]]:
+    """(templated input ids, target ids) per example; targets are the verbalizer or output (+ end of sequence)."""
+    verbalizers = {label: backbone.encode(words, add_special_tokens=False) for label, words in spec.labels.items()}
+    pairs = []
+    for number, example in enumerate(data.examples, 1):
+        ids = backbone.encode(spec.apply(example.text))
+        if data.kind == "classification":
+            target = verbalizers[example.target]
+        else:
+            target = backbone.encode(example.target, add_special_tokens=False) + backbone.eos_ids[:1]
+        total = prompt_length + len(ids) + len(target)
+        if backbone.max_positions is not None and total > backbone.max_positions:
+            raise PromptBankError(
+                f"{data.path} example {number}: {prompt_length} prompt + {len(ids)} input + {len(target)} target = "
+                f"{total} positions; the model has {backbone.max_positions}"
+            )
+        pairs.append((ids, target))
+    return pairs
+
+
+def batch_loss(model, prompt, pairs) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens only (the input and prompt are context)."""
+    rows = [ids + target for ids, target in pairs]
+    keep = max(len(t) for _, t in pairs) + 1
+    logits = _forward_tail(model, prompt, rows, keep)
+    losses = []
+    for i, (_, target) in enumerate(pairs):
+        k = len(target)
+        predicted = logits[i, keep - k - 1 : keep - 1]  # the logits one position before each target token
+        losses.append(torch.nn.functional.cross_entropy(predicted, torch.tensor(target), reduction="sum"))
+    return torch.stack(losses).sum() / sum(len(t) for _, t in pairs)
+
+
+def evaluate(model, prompt, pairs, data: Dataset, spec: TaskSpec, backbone: Backbone) -> dict:
+    """Accuracy by the runtime's own scoring for classification; mean target loss for generation."""
+    with torch.no_grad():
+        if data.kind == "generation":
+            total = sum(float(batch_loss(model, prompt, pairs[i : i + 8])) * sum(len(t) for _, t in pairs[i : i + 8])
+                        for i in range(0, len(pairs), 8))
+            return {"loss": total / sum(len(t) for _, t in pairs)}
+        from softprompt.runtime.classify import label_logprobs
+
+        labels = list(spec.labels)
+        verbalizers = [backbone.encode(spec.labels[label], add_special_tokens=False) for label in labels]
+        keep = max(len(v) for v in verbalizers) + 1
+
+        def run_rows(rows):
+            return _forward_tail(model, prompt, rows, keep).float().numpy()
+
+        scores = label_logprobs(run_rows, [ids for ids, _ in pairs], verbalizers)
+        predicted = [labels[i] for i in scores.argmax(1)]
+        return {"accuracy": float(np.mean([p == e.target for p, e in zip(predicted, data.examples)]))}
+
+
+def train_prompt(
+    backbone: Backbone,
+    train: Dataset,
+    spec: TaskSpec,
+    config: TrainConfig,
+    *,
+    eval_data: Dataset | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[np.ndarray, dict]:
+    """Train and return (best prompt [P, E] float32, training record). Ctrl-C stops and keeps the best so far."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = backbone.model
+    frozen = sum(p.numel() for p in model.parameters())
+    if any(p.requires_grad for p in model.parameters()):
+        raise PromptBankError("the backbone has trainable parameters; prompt tuning keeps every backbone weight frozen")
+    start_values = init_prompt(
+        config.init, config.length, backbone.table,
+        encode=lambda text: backbone.encode(text, add_special_tokens=False),
+        common_ids=common_token_ids(backbone.tokenizer.to_str()),
+        label_words=list(spec.labels.values()), fingerprint=backbone.fingerprint, rng=rng,
+    )
+    prompt = torch.nn.Parameter(torch.from_numpy(start_values.copy()))
+    log(f"trainable parameters: {prompt.numel():,} (prompt {config.length} x {prompt.shape[1]}); frozen: {frozen:,}")
+    pairs = encode_examples(backbone, train, spec, config.length)
+    eval_pairs = encode_examples(backbone, eval_data, spec, config.length) if eval_data else None
+    steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
+    total_steps = config.steps or max(1, round(config.epochs * steps_per_epoch))
+    optimizer = _optimizer(config, prompt)
+
+    best = prompt.detach().clone()
+    best_metric: dict | None = None
+    history = []
+    interrupted = False
+    started = time.perf_counter()
+    order: list[int] = []
+    bar = _progress(total_steps, progress)
+    step = 0
+    try:
+        for step in range(1, total_steps + 1):
+            if len(order) < config.batch_size:
+                order += rng.permutation(len(pairs)).tolist()
+            batch = [pairs[i] for i in order[: config.batch_size]]
+            del order[: config.batch_size]
+            loss = batch_loss(model, prompt, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            postfix = {"loss": f"{loss.detach().item():.3f}"}
+            if eval_pairs and (step % config.eval_every == 0 or step == total_steps):
+                metric = evaluate(model, prompt, eval_pairs, eval_data, spec, backbone)
+                history.append({"step": step, **metric})
+                if _better(metric, best_metric):
+                    best_metric, best = {"step": step, **metric}, prompt.detach().clone()
+                postfix.update({k: f"{v:.3f}" for k, v in metric.items()})
+            bar.set_postfix(postfix)
+            bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+        step -= 1
+        log(f"\ninterrupted after {step} steps; keeping the best prompt so far")
+    finally:
+        bar.close()
+    if not eval_pairs:
+        best = prompt.detach().clone()
+    record = {
+        "data": str(train.path), "data_sha256": train.sha256, "examples": len(pairs),
+        "eval_data": str(eval_data.path) if eval_data else None,
+        "eval_data_sha256": eval_data.sha256 if eval_data else None,
+        "steps": step, "batch_size": config.batch_size, "optimizer": config.optimizer, "lr": config.lr,
+        "seed": config.seed, "init": config.init, "best": best_metric, "history": history,
+        "trainable_parameters": prompt.numel(), "frozen_parameters": frozen,
+        "wall_time_s": round(time.perf_counter() - started, 2), "interrupted": interrupted,
+    }
+    return best.numpy().astype(np.float32), record
+
+
+def save_trained(bank: Path, task: str, vectors: np.ndarray, backbone: Backbone, spec: TaskSpec, record: dict,
+                 model_spec: str, overwrite: bool) -> PromptMeta:
+    return save_prompt(bank, task, vectors, fingerprint=backbone.fingerprint, init=record["init"],
+                       source=f"train-prompt {model_spec}", training=record, extra=spec.to_extra(), overwrite=overwrite)
+
+
+def _better(metric: dict, best: dict | None) -> bool:
+    if best is None:
+        return True
+    if "accuracy" in metric:
+        return metric["accuracy"] > best["accuracy"]
+    return metric["loss"] < best["loss"]
+
+
+def _optimizer(config: TrainConfig, prompt: torch.nn.Parameter):
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW([prompt], lr=config.lr, weight_decay=0.0)
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # As the prompt-tuning paper: a fixed learning rate, no parameter scaling.
+        return Adafactor([prompt], lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    raise PromptBankError(f"optimizer {config.optimizer!r}; expected adamw or adafactor")
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,102 @@
+"""`train-prompt MODEL --data train.jsonl --task NAME --bank BANK`: prompt tuning with the backbone frozen."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .data import read_jsonl
+from .errors import PromptBankError
+from .task import TaskSpec, default_verbalizers, parse_verbalizers
+
+EPILOG = """\
+Data is JSON Lines: {"text": ..., "label": ...} for classification (the loss is on the label's
+verbalizer tokens) or {"input": ..., "output": ...} for generation (the loss is on the output).
+
+--init: random (uniform, the embedding table's spread), vocab (rows sampled from the 5,000 most
+common tokens), labels (each label's verbalizer embedding averaged over its tokens, the rest as
+vocab), text:"..." (a text's embeddings, repeated or cut to --length), file:BANK/NAME.npy
+(start from another task's prompt).
+
+example:
+  train-prompt smollm2-135m --data train.jsonl --eval dev.jsonl --task sentiment \\
+      --bank banks/smollm2 --length 20 --init labels --template "Review: {text}\\nSentiment:"
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train-prompt", description="Learn a task's soft prompt with the backbone frozen.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", metavar="MODEL", help="what export-model takes: built-in name, .gguf file or model folder")
+    parser.add_argument("--data", type=Path, required=True, help="training data (JSON Lines)")
+    parser.add_argument("--eval", type=Path, help="evaluation data; the best prompt on it is kept")
+    parser.add_argument("--task", required=True, help="task name in the bank")
+    parser.add_argument("--bank", type=Path, required=True, help="bank folder to save the prompt into")
+    parser.add_argument("--length", type=int, default=20, help="prompt length P (default: 20)")
+    parser.add_argument("--init", default=None, help="labels (classification default), vocab (generation default), random, text:..., file:...")
+    parser.add_argument("--template", default="{text}", help="hard prompt wrapping each input; must contain {text}")
+    parser.add_argument("--verbalizer", action="append", default=[], metavar="LABEL=WORDS",
+                        help="words the model should produce for a label (repeatable; default: ' ' + label name)")
+    parser.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
+    parser.add_argument("--lr", type=float, default=3e-2, help="learning rate (default: 0.03)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="replace the task if the bank has it")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        from .train import TrainConfig, load_backbone, save_trained, train_prompt
+    except ImportError as exc:
+        print(f"error: training needs torch and transformers ({exc.name} is missing): pip install 'softprompt-onnx[export]'",
+              file=sys.stderr)
+        return 1
+    from softprompt.exporter import ExportError
+
+    try:
+        # Everything about the inputs is checked before the model is loaded.
+        if args.length < 1:
+            raise PromptBankError(f"--length {args.length}; expected at least 1")
+        if (args.bank / f"{args.task}.npy").exists() and not args.force:
+            raise PromptBankError(f"{args.bank / (args.task + '.npy')} exists; pass --force to replace it")
+        verbalizers = parse_verbalizers(args.verbalizer)
+        train = read_jsonl(args.data, labels=list(verbalizers) or None)
+        if train.kind == "classification":
+            verbalizers = verbalizers or default_verbalizers(train.labels)
+        elif verbalizers:
+            raise PromptBankError(f"{args.data} is generation data; --verbalizer is for classification")
+        eval_data = read_jsonl(args.eval, labels=list(verbalizers) or None) if args.eval else None
+        if eval_data and eval_data.kind != train.kind:
+            raise PromptBankError(f"{args.eval} is {eval_data.kind} data but {args.data} is {train.kind} data")
+        spec = TaskSpec(template=args.template, labels=verbalizers)
+        config = TrainConfig(
+            length=args.length, init=args.init or ("labels" if spec.labels else "vocab"), optimizer=args.optimizer,
+            lr=args.lr, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,
+            seed=args.seed,
+        )
+        log(f"loading {args.model}")
+        backbone = load_backbone(args.model, log=log)
+        vectors, record = train_prompt(backbone, train, spec, config, eval_data=eval_data, progress=not args.quiet, log=log)
+        meta = save_trained(args.bank, args.task, vectors, backbone, spec, record, args.model, overwrite=True)
+    except (PromptBankError, ExportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    best = record["best"]
+    summary = f"; best {', '.join(f'{k} {v:.4g}' for k, v in best.items() if k != 'step')} at step {best['step']}" if best else ""
+    print(f"saved {args.task} ({meta.length}x{meta.width}) to {args.bank} after {record['steps']} steps{summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
