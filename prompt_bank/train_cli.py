@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .data import read_jsonl
 from .errors import PromptBankError
+from .init import check_init
 from .task import TaskSpec, default_verbalizers, parse_verbalizers
 
 EPILOG = """\
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if eval_data and eval_data.kind != train.kind:
             raise PromptBankError(f"{args.eval} is {eval_data.kind} data but {args.data} is {train.kind} data")
         spec = TaskSpec(template=args.template, labels=verbalizers)
+        if args.init:
+            check_init(args.init)
         config = TrainConfig(
             length=args.length, init=args.init or ("labels" if spec.labels else "vocab"), optimizer=args.optimizer,
             lr=args.lr, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,

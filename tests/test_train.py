@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -161,25 +162,29 @@ def test_common_tokens_follow_merge_order_and_skip_specials(llama_backbone):
     assert not {0, 1, 2} & set(common_token_ids(tokenizer_json, count=10_000).tolist())
 
 
+OK_LINE = '{"text": "fine", "label": "positive"}'
+
+
 @pytest.mark.parametrize(
-    ("lines", "message"),
+    ("lines", "extra", "message"),
     [
-        (['{"text": "fine", "label": "positive"}', "not json"], r"train.jsonl:2: not JSON"),
-        (['{"text": "fine"}'], r"train.jsonl:1: missing field 'label'"),
-        (['{"text": "  ", "label": "positive"}'], r"train.jsonl:1: empty 'text'"),
-        (['{"text": "ok", "label": "meh"}'], r"train.jsonl:1: unknown label 'meh'"),
-        (['{"input": "q", "output": "a"}', '{"text": "t", "label": "positive"}'], r"train.jsonl:2: a classification line"),
+        ([OK_LINE, "not json"], [], r"train.jsonl:2: not JSON"),
+        (['{"text": "fine"}'], [], r"train.jsonl:1: missing field 'label'"),
+        (['{"text": "  ", "label": "positive"}'], [], r"train.jsonl:1: empty 'text'"),
+        (['{"text": "ok", "label": "meh"}'], [], r"train.jsonl:1: unknown label 'meh'"),
+        (['{"input": "q", "output": "a"}', OK_LINE], [], r"train.jsonl:2: a classification line"),
+        ([OK_LINE], ["--init", "zeros"], r"--init 'zeros'; expected one of"),
+        ([OK_LINE], ["--template", "no placeholder"], r"must contain \{text\} exactly once"),
     ],
 )
-def test_bad_data_is_refused_with_file_and_line_before_training(tmp_path, lines, message, capsys):
+def test_bad_input_is_refused_before_the_model_loads(tmp_path, lines, extra, message, capsys):
+    """The model name is bogus: reaching the model would fail differently, so these are caught first."""
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     args = ["no-model-needed", "--data", str(tmp_path / "train.jsonl"), "--task", "t", "--bank", str(tmp_path / "b"),
-            "--verbalizer", "positive= positive", "--verbalizer", "negative= negative"]
+            "--verbalizer", "positive= positive", "--verbalizer", "negative= negative", *extra]
     assert train_main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
-    import re
-
     assert re.search(message, err[0]), err[0]
 
 

