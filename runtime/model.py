@@ -16,9 +16,9 @@ import numpy as np
 from softprompt.prompt_bank import Prompt, UnknownTaskError, load_bank
 from softprompt.prompt_bank.task import TaskSpec
 
+from .backbone import Backbone, open_backbone
 from .batch import embed_row, left_pad, position_ids
 from .classify import label_logprobs, normalise
-from .backbone import Backbone, open_backbone
 from .errors import InferenceError, RequestError
 from .generate import Completion, RowText, decode_steps
 from .sampling import check_sampling, next_tokens
