@@ -31,7 +31,9 @@ import datasets  # noqa: E402
 
 from softprompt.prompt_bank.data import read_jsonl  # noqa: E402
 from softprompt.prompt_bank.task import TaskSpec  # noqa: E402
-from softprompt.prompt_bank.train import TrainConfig, batch_loss, encode_examples, evaluate, load_backbone, train_prompt  # noqa: E402
+from softprompt.prompt_bank.train import (  # noqa: E402
+    TrainConfig, batch_loss, encode_examples, evaluate, load_backbone, shuffled_batches, train_prompt,
+)
 
 SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels={"positive": " positive", "negative": " negative"})
 TEXT_INIT = "text:Classify the sentiment of the movie review as positive or negative."
@@ -55,16 +57,11 @@ def model_tuning(backbone, train, config: TrainConfig, lr: float) -> tuple[objec
     tuned.train()
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
     pairs = encode_examples(backbone, train, SPEC, 0)
-    rng = np.random.default_rng(config.seed)
-    order: list[int] = []
+    batches = shuffled_batches(len(pairs), config.batch_size, np.random.default_rng(config.seed))
     empty = torch.zeros((0, backbone.table.shape[1]))
     started = time.perf_counter()
     for _ in range(config.steps):
-        if len(order) < config.batch_size:
-            order += rng.permutation(len(pairs)).tolist()
-        batch = [pairs[i] for i in order[: config.batch_size]]
-        del order[: config.batch_size]
-        loss = batch_loss(tuned, empty, batch)
+        loss = batch_loss(tuned, empty, [pairs[i] for i in next(batches)])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +118,16 @@ def encode_examples(backbone: Backbone, data: Dataset, spec: TaskSpec, prompt_le
     return pairs
 
 
+def shuffled_batches(count: int, batch_size: int, rng: np.random.Generator) -> Iterator[list[int]]:
+    """Endless batches of example indices, a fresh permutation each epoch (a batch may span two)."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.permutation(count).tolist()
+        yield order[:batch_size]
+        del order[:batch_size]
+
+
 def batch_loss(model, prompt, pairs) -> torch.Tensor:
     """Mean cross-entropy over the target tokens only (the input and prompt are context)."""
     rows = [ids + target for ids, target in pairs]
@@ -188,16 +198,12 @@ def train_prompt(
     history = []
     interrupted = False
     started = time.perf_counter()
-    order: list[int] = []
+    batches = shuffled_batches(len(pairs), config.batch_size, rng)
     bar = _progress(total_steps, progress)
     step = 0
     try:
         for step in range(1, total_steps + 1):
-            if len(order) < config.batch_size:
-                order += rng.permutation(len(pairs)).tolist()
-            batch = [pairs[i] for i in order[: config.batch_size]]
-            del order[: config.batch_size]
-            loss = batch_loss(model, prompt, batch)
+            loss = batch_loss(model, prompt, [pairs[i] for i in next(batches)])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
