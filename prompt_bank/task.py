@@ -7,7 +7,7 @@ inputs the same way: `{"template": "Review: {text}\\nSentiment:", "labels": {"po
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import InvalidPromptError
@@ -35,6 +35,10 @@ class TaskSpec:
     def apply(self, text: str) -> str:
         """The templated input. Plain replacement, so braces elsewhere in the template stay as written."""
         return self.template.replace(PLACEHOLDER, text)
+
+    def verbalizer_ids(self, encode: Callable[..., list[int]]) -> dict[str, list[int]]:
+        """Each label's token ids, tokenized alone without special tokens: the one rule training and the runtime share."""
+        return {label: encode(words, add_special_tokens=False) for label, words in self.labels.items()}
 
     def to_extra(self) -> dict[str, Any]:
         return {"template": self.template, "labels": dict(self.labels), "kind": self.kind}

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from softprompt.runtime.classify import label_logprobs
+
 from .data import Dataset
 from .errors import PromptBankError
 from .format import PromptMeta, save_prompt
@@ -100,7 +102,7 @@ def _forward_tail(model, prompt, rows, keep: int) -> torch.Tensor:
 
 def encode_examples(backbone: Backbone, data: Dataset, spec: TaskSpec, prompt_length: int) -> list[tuple[list[int], list[int]]]:
     """(templated input ids, target ids) per example; targets are the verbalizer or output (+ end of sequence)."""
-    verbalizers = {label: backbone.encode(words, add_special_tokens=False) for label, words in spec.labels.items()}
+    verbalizers = spec.verbalizer_ids(backbone.encode)
     pairs = []
     for number, example in enumerate(data.examples, 1):
         ids = backbone.encode(spec.apply(example.text))
@@ -128,8 +130,8 @@ def shuffled_batches(count: int, batch_size: int, rng: np.random.Generator) -> I
         del order[:batch_size]
 
 
-def batch_loss(model, prompt, pairs) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens only (the input and prompt are context)."""
+def target_loss_sum(model, prompt, pairs) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens only (the input and prompt are context)."""
     rows = [ids + target for ids, target in pairs]
     keep = max(len(t) for _, t in pairs) + 1
     logits = _forward_tail(model, prompt, rows, keep)
@@ -138,20 +140,22 @@ def batch_loss(model, prompt, pairs) -> torch.Tensor:
         k = len(target)
         predicted = logits[i, keep - k - 1 : keep - 1]  # the logits one position before each target token
         losses.append(torch.nn.functional.cross_entropy(predicted, torch.tensor(target), reduction="sum"))
-    return torch.stack(losses).sum() / sum(len(t) for _, t in pairs)
+    return torch.stack(losses).sum()
+
+
+def batch_loss(model, prompt, pairs) -> torch.Tensor:
+    """Mean cross-entropy per target token over the batch."""
+    return target_loss_sum(model, prompt, pairs) / sum(len(t) for _, t in pairs)
 
 
 def evaluate(model, prompt, pairs, data: Dataset, spec: TaskSpec, backbone: Backbone) -> dict:
     """Accuracy by the runtime's own scoring for classification; mean target loss for generation."""
     with torch.no_grad():
         if data.kind == "generation":
-            total = sum(float(batch_loss(model, prompt, pairs[i : i + 8])) * sum(len(t) for _, t in pairs[i : i + 8])
-                        for i in range(0, len(pairs), 8))
+            total = sum(float(target_loss_sum(model, prompt, pairs[i : i + 8])) for i in range(0, len(pairs), 8))
             return {"loss": total / sum(len(t) for _, t in pairs)}
-        from softprompt.runtime.classify import label_logprobs
-
-        labels = list(spec.labels)
-        verbalizers = [backbone.encode(spec.labels[label], add_special_tokens=False) for label in labels]
+        by_label = spec.verbalizer_ids(backbone.encode)
+        labels, verbalizers = list(by_label), list(by_label.values())
         keep = max(len(v) for v in verbalizers) + 1
 
         def run_rows(rows):

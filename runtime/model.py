@@ -175,9 +175,9 @@ class Model:
         spec = self.task_spec(task)
         if not spec.labels:
             raise RequestError(f"task {task!r} has no labels (it is a {spec.kind} task); classify needs a classification task")
-        labels = list(spec.labels)
-        verbalizers = [self.backbone.encode(words, add_special_tokens=False) for words in spec.labels.values()]
-        empty = [label for label, ids in zip(labels, verbalizers) if not ids]
+        by_label = spec.verbalizer_ids(self.backbone.encode)
+        labels, verbalizers = list(by_label), list(by_label.values())
+        empty = [label for label, ids in by_label.items() if not ids]
         if empty:
             raise RequestError(f"task {task!r}: verbalizers of {empty} have no tokens")
         inputs = [self.encode(text, task) for text in texts]
