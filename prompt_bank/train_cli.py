@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bank", type=Path, required=True, help="bank folder to save the prompt into")
     parser.add_argument("--length", type=int, default=20, help="prompt length P (default: 20)")
     parser.add_argument("--init", default=None, help="labels (classification default), vocab (generation default), random, text:..., file:...")
-    parser.add_argument("--template", default="{text}", help="hard prompt wrapping each input; must contain {text}")
+    parser.add_argument("--template", default="{text}", help="hard prompt wrapping each input; must contain {text}; \\n and \\t "
+                        "are read as newline and tab, as a shell passes them literally")
     parser.add_argument("--verbalizer", action="append", default=[], metavar="LABEL=WORDS",
                         help="words the model should produce for a label (repeatable; default: ' ' + label name)")
     parser.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
@@ -47,9 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=2, metavar="N",
+                        help="recompute every N-th layer's activations in backward to save memory "
+                             "(1: least memory, 0: off and fastest; default: 2)")
     parser.add_argument("--force", action="store_true", help="replace the task if the bank has it")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def unescape(text: str) -> str:
+    """`"Review: {text}\\nSentiment:"` typed in a shell arrives with a backslash and an n."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         eval_data = read_jsonl(args.eval, labels=list(verbalizers) or None) if args.eval else None
         if eval_data and eval_data.kind != train.kind:
             raise PromptBankError(f"{args.eval} is {eval_data.kind} data but {args.data} is {train.kind} data")
-        spec = TaskSpec(template=args.template, labels=verbalizers)
+        spec = TaskSpec(template=unescape(args.template), labels=verbalizers)
         if args.init:
             check_init(args.init)
         config = TrainConfig(
             length=args.length, init=args.init or ("labels" if spec.labels else "vocab"), optimizer=args.optimizer,
             lr=args.lr, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,
-            seed=args.seed,
+            seed=args.seed, checkpoint_every=args.checkpoint_every,
         )
         log(f"loading {args.model}")
         backbone = load_backbone(args.model, log=log)

@@ -16,7 +16,7 @@ from softprompt.prompt_bank.errors import PromptBankError
 from softprompt.prompt_bank.init import common_token_ids, init_prompt
 from softprompt.prompt_bank.task import TaskSpec
 from softprompt.prompt_bank.train import (
-    TrainConfig, batch_loss, build_inputs_embeds, encode_examples, load_backbone, train_prompt,
+    TrainConfig, batch_loss, build_inputs_embeds, enable_checkpointing, encode_examples, load_backbone, train_prompt,
 )
 from softprompt.prompt_bank.train_cli import main as train_main
 from softprompt.runtime import RequestError, load
@@ -197,7 +197,7 @@ def test_too_long_example_is_refused_with_the_limit(llama_backbone, tmp_path):
 def test_train_prompt_cli_generation_task(llama_dir, llama_export, tmp_path, capsys):
     data = write_jsonl(tmp_path / "gen.jsonl", [{"input": f"Say {w}", "output": f" {w} {w}"} for w in ("hi", "yes", "no", "ok")])
     args = [str(llama_dir), "--data", str(data), "--eval", str(data), "--task", "echo", "--bank", str(tmp_path / "bank"),
-            "--length", "3", "--steps", "4", "--eval-every", "2", "--template", "Q: {text}\nA:", "-q"]
+            "--length", "3", "--steps", "4", "--eval-every", "2", "--template", "Q: {text}\\nA:", "-q"]  # as a shell passes it
     assert train_main(args) == 0
     assert "saved echo (3x64)" in capsys.readouterr().out
     meta = load_prompt(tmp_path / "bank", "echo").meta
@@ -206,6 +206,28 @@ def test_train_prompt_cli_generation_task(llama_dir, llama_export, tmp_path, cap
     assert "--force" in capsys.readouterr().err
     model = load(llama_export, bank=tmp_path / "bank")
     assert model.encode("hi", "echo") == model.encode("Q: hi\nA:")  # the runtime applies the stored template
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointing_keeps_loss_and_gradient_and_dropout_off(gpt2_dir, every):
+    """GPT-2 has dropout 0.1: marking layers for checkpointing must not switch it on."""
+    backbone = load_backbone(str(gpt2_dir), log=lambda m: None)
+    pairs = [(backbone.encode(t), backbone.encode(" yes")) for t in POSITIVE + NEGATIVE]
+    prompt = torch.nn.Parameter(torch.from_numpy(backbone.table[:4].copy()))
+
+    def loss_and_grad():
+        prompt.grad = None
+        loss = batch_loss(backbone.model, prompt, pairs)
+        loss.backward()
+        return loss.detach().clone(), prompt.grad.clone()
+
+    plain_loss, plain_grad = loss_and_grad()
+    layers = len(backbone.model.transformer.h)
+    assert enable_checkpointing(backbone.model, every) == len(range(0, layers, every))
+    for _ in range(2):  # twice: with dropout on, two runs would differ from each other too
+        loss, grad = loss_and_grad()
+        assert torch.allclose(loss, plain_loss, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(grad, plain_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_ctrl_c_keeps_the_best_prompt_so_far(llama_backbone, sentiment_data, monkeypatch):
