@@ -181,10 +181,10 @@ def evaluate(model, prompt, pairs, data: Dataset, spec: TaskSpec, backbone: Back
         labels, verbalizers = list(by_label), list(by_label.values())
         keep = max(len(v) for v in verbalizers) + 1
 
-        def run_rows(rows):
+        def run_rows(rows, owners):
             return _forward_tail(model, prompt, rows, keep).float().numpy()
 
-        scores = label_logprobs(run_rows, [ids for ids, _ in pairs], verbalizers)
+        scores = np.stack(label_logprobs(run_rows, [ids for ids, _ in pairs], [verbalizers] * len(pairs)))
         predicted = [labels[i] for i in scores.argmax(1)]
         return {"accuracy": float(np.mean([p == e.target for p, e in zip(predicted, data.examples)]))}
 

@@ -18,34 +18,54 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def label_logprobs(
-    run_rows: Callable[[list[list[int]]], np.ndarray],
-    inputs: Sequence[list[int]],
-    verbalizers: Sequence[list[int]],
+    run_rows: Callable[[list[list[int]], list[int]], np.ndarray],
+    inputs: Sequence[Sequence[int]],
+    verbalizers: Sequence[Sequence[Sequence[int]]],
     chunk: int = 8,
-) -> np.ndarray:
-    """[texts, labels] summed log-probabilities of each label's verbalizer ids after each input.
+) -> list[np.ndarray]:
+    """Per input, the summed log-probability of each of its labels' verbalizer ids after it.
 
-    `run_rows(rows)` returns left-padded logits [len(rows), T, V] for rows that all end at T - 1.
+    `verbalizers[i]` holds input i's labels (inputs of different tasks may have different labels).
+    `run_rows(rows, owners)` returns left-padded logits [len(rows), T, V] for rows that all end at
+    T - 1; `owners[r]` is the input row r belongs to (so a caller can give each its own task).
     """
-    out = np.zeros((len(inputs), len(verbalizers)), dtype=np.float64)
-    if all(len(v) == 1 for v in verbalizers):
-        # One row per text: the next-token distribution after the input scores every label at once.
-        first = [v[0] for v in verbalizers]
-        for start in range(0, len(inputs), chunk):
-            logits = run_rows(list(inputs[start : start + chunk]))
-            out[start : start + chunk] = log_softmax(logits[:, -1].astype(np.float64))[:, first]
-        return out
-    pairs = [(i, j) for i in range(len(inputs)) for j in range(len(verbalizers))]
-    for start in range(0, len(pairs), chunk):
-        batch = pairs[start : start + chunk]
-        logits = run_rows([list(inputs[i]) + list(verbalizers[j]) for i, j in batch])
-        for row, (i, j) in enumerate(batch):
-            words = verbalizers[j]
-            k = len(words)
-            # Token words[m] sits at position T-k+m and is predicted by the logits at T-k+m-1.
-            scores = log_softmax(logits[row, -k - 1 : -1].astype(np.float64))
-            out[i, j] = float(scores[np.arange(k), words].sum())
+    # (owner, label or None, row ids, words): an input whose labels are all one token needs one row,
+    # whose next-token distribution scores every label at once; otherwise one row per label.
+    items = []
+    for i, (ids, labels) in enumerate(zip(inputs, verbalizers)):
+        if all(len(words) == 1 for words in labels):
+            items.append((i, None, list(ids), [words[0] for words in labels]))
+        else:
+            items.extend((i, j, list(ids) + list(words), list(words)) for j, words in enumerate(labels))
+    out = [np.zeros(len(labels), dtype=np.float64) for labels in verbalizers]
+    for start in range(0, len(items), chunk):
+        batch = items[start : start + chunk]
+        logits = run_rows([row for _, _, row, _ in batch], [owner for owner, *_ in batch])
+        for r, (i, j, _, words) in enumerate(batch):
+            if j is None:
+                out[i][:] = log_softmax(logits[r, -1].astype(np.float64))[words]
+            else:
+                # Token words[m] sits at position T-k+m and is predicted by the logits at T-k+m-1.
+                k = len(words)
+                scores = log_softmax(logits[r, -k - 1 : -1].astype(np.float64))
+                out[i][j] = float(scores[np.arange(k), words].sum())
     return out
+
+
+def combine(probabilities: np.ndarray, how: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """Ensemble of M prompts' label probabilities [M, L]: (winning label, mean probabilities, votes).
+
+    "mean" picks the label with the highest mean probability; "vote" the label most members pick,
+    ties broken by the mean probability (as in the prompt-tuning paper's ensembles, which vote).
+    """
+    mean = probabilities.mean(axis=0)
+    votes = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1])
+    if how == "mean":
+        return int(mean.argmax()), mean, votes
+    if how == "vote":
+        best = np.flatnonzero(votes == votes.max())
+        return int(best[mean[best].argmax()]), mean, votes
+    raise ValueError(f"ensemble {how!r}; expected 'vote' or 'mean'")
 
 
 def normalise(logprobs: np.ndarray) -> np.ndarray:

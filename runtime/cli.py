@@ -12,9 +12,10 @@ standard input. Several texts run as one batch and each output is printed under 
 line. A single text without --json is streamed.
 
 examples:
-  run-model exports/smollm2 --bank banks/demo --task sentiment "Review: a gorgeous film. Sentiment:"
+  run-model exports/smollm2 --bank banks/smollm2-135m --task define "Committee, n."
   run-model exports/smollm2 --json "one" "two"
-  run-model exports/smollm2 --bank banks/smollm2 --task sentiment --classify "a gorgeous, moving film"
+  run-model exports/smollm2 --bank banks/smollm2-135m --task sentiment --classify "a gorgeous, moving film"
+  run-model exports/smollm2 --bank banks/mine --task s1,s2,s3 --ensemble vote --classify "dull and slow"
   printf 'first\\nsecond\\n' | run-model exports/smollm2 --max-new-tokens 16
 """
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop when this text appears (repeatable); it is not included in the output")
     parser.add_argument("--classify", action="store_true",
                         help="label each text with the task's labels instead of generating (needs a classification task)")
+    parser.add_argument("--ensemble", choices=["vote", "mean"],
+                        help="with --classify and --task A,B,C: run every text under each prompt and combine them")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per input: input, task, output, token_ids, finish_reason")
     parser.add_argument("--providers", default=None,
@@ -55,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--task needs --bank (the folder that holds the task's prompt)")
     if args.classify and not args.task:
         parser.error("--classify needs --bank and --task (a classification task)")
+    members = [name.strip() for name in (args.task or "").split(",") if name.strip()]
+    if args.ensemble and not (args.classify and len(members) >= 2):
+        parser.error("--ensemble needs --classify and several tasks: --task A,B,C")
+    if len(members) > 1 and not args.ensemble:
+        parser.error(f"--task {args.task!r} names several tasks; that needs --ensemble vote or --ensemble mean")
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         parser.error("no input: give TEXT arguments or lines on standard input")
@@ -72,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         providers = args.providers.split(",") if args.providers else None
         model = load(args.export_dir, bank=args.bank, providers=providers, threads=args.threads)
         if args.classify:
-            return _print_labels(texts, args.task, model.classify(texts, task=args.task), args.json)
+            task = members if args.ensemble else args.task
+            return _print_labels(texts, args.task, model.classify(texts, task=task, ensemble=args.ensemble), args.json)
         if len(texts) == 1 and not args.json:
             for piece in model.stream(texts[0], task=args.task, **settings):
                 sys.stdout.write(piece)
@@ -99,7 +108,8 @@ def _print_labels(texts: list[str], task: str, results: list[dict], as_json: boo
             print(json.dumps({"input": text, "task": task, **result}, ensure_ascii=False))
         else:
             scores = "  ".join(f"{label} {score:.3f}" for label, score in result["scores"].items())
-            print(f"{result['label']}\t{scores}\t{text}")
+            votes = "  votes " + " ".join(f"{label} {n}" for label, n in result["votes"].items()) if "votes" in result else ""
+            print(f"{result['label']}\t{scores}{votes}\t{text}")
     return 0
 
 

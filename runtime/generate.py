@@ -37,17 +37,18 @@ def decode_steps(
     table: np.ndarray,
     embeds: np.ndarray,
     mask: np.ndarray,
-    empty_past: list[np.ndarray],
+    past: list[np.ndarray],
     choose: Chooser,
     max_new_tokens: int,
 ) -> Iterator[np.ndarray]:
     """Yield the [B] token ids chosen at each step, at most `max_new_tokens` times.
 
+    `past` is empty, or holds cached prompt keys/values whose mask columns lead `mask`.
     The caller stops iterating when every row is done; rows that finish early keep decoding
     (their extra tokens are dropped) so the batch stays rectangular.
     """
-    # Step 1: the full first input against an empty past.
-    logits, past = forward(embeds, mask, position_ids(mask), empty_past)
+    # Step 1: the whole first input against the given past.
+    logits, past = forward(embeds, mask, position_ids(mask, mask.shape[1] - embeds.shape[1]), past)
     for step in range(max_new_tokens):
         tokens = choose(logits)
         yield tokens

@@ -1,8 +1,15 @@
-"""`load()` and the `Model` it returns: a frozen ONNX backbone plus a bank of task prompts.
+"""`load()` and the `Model` it returns: a frozen ONNX backbone serving the tasks of a prompt bank.
 
-The model holds only read-only state after loading (session, embedding table, tokenizer,
-prompts), so one instance can serve requests from several threads: each request builds its
-own arrays and its own KV cache.
+What is shared and what is per request (one Model serves many threads at once):
+- shared, read-only: the onnxruntime session (its `run` is thread-safe), the memory-mapped
+  embedding table, the tokenizer, and the current tasks. Tasks are immutable; a hot swap publishes
+  a new name -> Task mapping, and each request takes the mapping once at its start, so all its rows
+  run under one version of each task.
+- per request: the input arrays, the KV cache, the sampling generator and the output text.
+
+A task's soft prompt is the same prefix for every request, so its keys and values are computed
+once when the task is loaded (or swapped) and used as the past of every request: the first
+token's latency does not grow with the prompt length.
 """
 
 from __future__ import annotations
@@ -13,16 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.prompt_bank import Prompt, UnknownTaskError, load_bank
+from softprompt.prompt_bank import UnknownTaskError
 from softprompt.prompt_bank.task import TaskSpec
 
 from .backbone import Backbone, open_backbone
 from .batch import embed_row, left_pad, position_ids
-from .classify import label_logprobs, normalise
+from .classify import combine, label_logprobs, normalise
 from .errors import InferenceError, RequestError
 from .generate import Completion, RowText, decode_steps
 from .sampling import check_sampling, next_tokens
 from .session import create_session, resolve_providers
+from .tasks import Task, TaskStore
 
 Tasks = str | None | Sequence[str | None]
 
@@ -32,33 +40,33 @@ def load(
     bank: str | os.PathLike | None = None,
     providers: Sequence[str] | str | None = None,
     threads: int | None = None,
+    cache_prompts: bool = True,
 ) -> "Model":
-    """Open an export folder (and optionally a prompt bank checked against it).
+    """Open an export folder and (optionally) a prompt bank checked against it.
 
     `providers=None` uses CUDA when this onnxruntime has it, else the CPU; `threads` sets
     onnxruntime's intra-op threads (default: onnxruntime's choice, or $SOFTPROMPT_THREADS).
+    The bank folder is followed while the model runs: tasks added, replaced or removed there are
+    served from the next request on. `cache_prompts=False` runs each prompt with every request
+    instead of reusing its cached keys and values (for checking; it is slower).
 
-    >>> model = load("exports/smollm2", bank="banks/demo")            # doctest: +SKIP
-    >>> model.generate("Review: a gorgeous film. Sentiment:", task="sentiment")  # doctest: +SKIP
+    >>> model = load("exports/smollm2", bank="banks/smollm2-135m")   # doctest: +SKIP
+    >>> model.classify("a gorgeous film", task="sentiment")          # doctest: +SKIP
     """
     backbone = open_backbone(export_dir)
-    config = backbone.config
-    prompts = load_bank(bank, width=config.hidden_size, fingerprint=config.fingerprint) if bank is not None else {}
     session = create_session(backbone.file("model"), resolve_providers(providers), threads)
-    return Model(backbone, session, prompts, bank=Path(bank) if bank is not None else None)
+    return Model(backbone, session, Path(bank) if bank is not None else None, cache_prompts=cache_prompts)
 
 
 class Model:
-    """A loaded export: `generate`, `stream` and `complete` text, optionally under a task's soft prompt."""
+    """A loaded export: `generate`, `stream`, `complete` and `classify`, optionally under task prompts."""
 
-    def __init__(self, backbone: Backbone, session, prompts: dict[str, Prompt], bank: Path | None = None):
+    def __init__(self, backbone: Backbone, session, bank: Path | None = None, *, cache_prompts: bool = True):
         self.backbone = backbone
         self.config = config = backbone.config
         self.table = backbone.table
         self.session = session
         self.bank = bank
-        self._prompts = {name: np.asarray(p.vectors, dtype=np.float32) for name, p in prompts.items()}
-        self._specs = {name: TaskSpec.from_extra(p.meta.extra, f"task {name!r}") for name, p in prompts.items()}
         inputs = {i.name: i for i in session.get_inputs()}
         self._feeds_positions = "position_ids" in inputs
         self._past_names = config.past_names
@@ -66,32 +74,32 @@ class Model:
         # Per-layer cache shape [heads, head size], read from the graph so unusual layouts still work.
         self._past_shapes = [tuple(inputs[name].shape[1::2]) for name in self._past_names]
         self._eos = set(config.eos_token_ids)
+        self._store = TaskStore(bank, width=config.hidden_size, fingerprint=config.fingerprint,
+                                prefill=self._prefill if cache_prompts else None)
 
     # ---- tasks and tokens -------------------------------------------------------------------
 
     @property
     def tasks(self) -> list[str]:
-        return sorted(self._prompts)
+        return sorted(self._store.current())
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    def reload(self) -> list[str]:
+        """Re-read every task file of the bank now (changes are also picked up before each request)."""
+        return sorted(self._store.reload())
+
     def prompt(self, task: str | None) -> np.ndarray | None:
         """The [P, E] float32 soft prompt of `task`, or None for no prompt."""
-        if task is None:
-            return None
-        if task not in self._prompts:
-            where = f"bank {self.bank}" if self.bank else "this model (no bank was loaded)"
-            raise UnknownTaskError(f"no task {task!r} in {where}; tasks: {', '.join(self.tasks) or 'none'}")
-        return self._prompts[task]
+        found = self._resolve([task])[0]
+        return None if found is None else found.vectors
 
     def task_spec(self, task: str | None) -> TaskSpec:
         """The task's template and labels (no task: the text as it is, no labels)."""
-        if task is None:
-            return TaskSpec()
-        self.prompt(task)  # the unknown-task error, listing the tasks
-        return self._specs[task]
+        found = self._resolve([task])[0]
+        return TaskSpec() if found is None else found.spec
 
     def encode(self, text: str, task: str | None = None) -> list[int]:
         """Token ids of `text` wrapped in the task's template, as the model's own tokenizer makes them."""
@@ -120,34 +128,36 @@ class Model:
             raise InferenceError(f"onnxruntime failed with inputs {shapes}: {exc}") from exc
         return (logits if all_logits else logits[:, -1]), present
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, heads, 0, size), dtype=np.float32) for heads, size in self._past_shapes]
+    def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
+        return [np.zeros((batch, heads, length, size), dtype=np.float32) for heads, size in self._past_shapes]
 
     def logits(self, texts: str | Sequence[str], task: Tasks = None) -> np.ndarray:
-        """Logits [B, T, V] of one forward pass over (prompt + text), left-padded; for scoring and parity checks."""
-        texts = _as_list(texts)
-        tasks = _tasks_for(task, len(texts))
-        return self._logits_for_ids([self.encode(t, k) for t, k in zip(texts, tasks)], tasks)
+        """Logits [B, P + T, V] of one forward pass over (whole prompt + text), left-padded.
 
-    def _logits_for_ids(self, ids: Sequence[Sequence[int]], tasks: list[str | None]) -> np.ndarray:
-        rows = self._rows(ids, tasks, 0)
-        embeds, mask = left_pad(rows)
-        logits, _ = self.forward(embeds, mask, position_ids(mask), self.empty_past(len(rows)), all_logits=True)
+        For parity checks against other implementations: it never uses the cached prompt.
+        """
+        texts = _as_list(texts)
+        found = self._resolve(_tasks_for(task, len(texts)))
+        ids = [self.backbone.encode(_spec(t).apply(text)) for text, t in zip(texts, found)]
+        embeds, mask, past = self._first_input(ids, found, 0, cached=False)
+        logits, _ = self.forward(embeds, mask, position_ids(mask), past, all_logits=True)
         return logits
 
     def complete(self, texts: str | Sequence[str], task: Tasks = None, **settings) -> list[Completion]:
-        """Generate for each text (one left-padded batch); returns a `Completion` per text, in order.
+        """Generate for each text (one left-padded batch, rows may have different tasks); a `Completion` per text.
 
         Settings: max_new_tokens=64, min_new_tokens=0, temperature=0 (greedy), top_k, top_p,
         seed, stop (a string or a list of strings; the text is cut before it).
         """
         texts = _as_list(texts)
-        ids = [self.encode(t, k) for t, k in zip(texts, _tasks_for(task, len(texts)))]
-        return self._complete(ids, task, texts, settings)
+        found = self._resolve(_tasks_for(task, len(texts)))
+        ids = [self.backbone.encode(_spec(t).apply(text)) for text, t in zip(texts, found)]
+        return self._complete(ids, found, texts, settings)
 
     def complete_ids(self, ids: Sequence[Sequence[int]], task: Tasks = None, **settings) -> list[Completion]:
         """`complete` for inputs that are already token ids (no template is applied; `input` is their decoded text)."""
-        return self._complete(ids, task, [self.decode(row) for row in ids], settings)
+        found = self._resolve(_tasks_for(task, len(ids)))
+        return self._complete(ids, found, [self.decode(row) for row in ids], settings)
 
     def generate(self, text: str | Sequence[str], task: Tasks = None, **settings) -> str | list[str]:
         """Generated text for one text (a str) or for each of a list of texts (a list, one batch)."""
@@ -158,49 +168,120 @@ class Model:
         """Yield pieces of the generated text as they are made (complete characters, stop strings held back)."""
         if not isinstance(text, str):
             raise RequestError("stream takes one text; use generate() or complete() for a batch")
+        found = self._resolve([task])
         shown = 0
-        for rows in self._run([self.encode(text, task)], task, **settings):
+        for rows in self._run([self.backbone.encode(_spec(found[0]).apply(text))], found, **settings):
             stable = rows[0].stable_text()
             if len(stable) > shown:
                 yield stable[shown:]
                 shown = len(stable)
 
-    def classify(self, texts: str | Sequence[str], task: str) -> list[dict]:
+    def classify(self, texts: str | Sequence[str], task: Tasks, ensemble: str | None = None) -> list[dict]:
         """Label each text by its task's verbalizers: `[{"label": ..., "scores": {label: probability}}]`.
 
         A label's score is the summed log-probability of its words after the templated input,
-        normalised over the labels.
+        normalised over the labels. `task` is one task, or one per text (rows of different tasks
+        share batches). With `ensemble="vote"` or `"mean"`, `task` lists several prompts of one
+        task and each text runs under all of them in one batch; the result adds `"votes"` and
+        each member's label (`"members"`).
         """
         texts = _as_list(texts)
-        spec = self.task_spec(task)
-        if not spec.labels:
-            raise RequestError(f"task {task!r} has no labels (it is a {spec.kind} task); classify needs a classification task")
-        by_label = spec.verbalizer_ids(self.backbone.encode)
-        labels, verbalizers = list(by_label), list(by_label.values())
-        empty = [label for label, ids in by_label.items() if not ids]
-        if empty:
-            raise RequestError(f"task {task!r}: verbalizers of {empty} have no tokens")
-        inputs = [self.encode(text, task) for text in texts]
-        logprobs = label_logprobs(lambda rows: self._logits_for_ids(rows, [task] * len(rows)), inputs, verbalizers)
-        probs = normalise(logprobs)
-        return [
-            {"label": labels[int(row.argmax())], "scores": {label: float(p) for label, p in zip(labels, row)}}
-            for row in probs
-        ]
+        if ensemble is None:
+            found = self._resolve(_tasks_for(task, len(texts)))
+            return [_result(t, probs) for t, probs in zip(found, self._label_probabilities(texts, found))]
+        if ensemble not in ("vote", "mean"):
+            raise RequestError(f"ensemble {ensemble!r}; expected 'vote' or 'mean'")
+        members = [task] if isinstance(task, str) else list(task or [])
+        if len(members) < 2 or len(set(members)) != len(members) or None in members:
+            raise RequestError(f"an ensemble needs at least two different tasks; got {members}")
+        found = _classifiable(self._resolve(members))
+        labels = list(found[0].spec.labels)
+        odd = [t.name for t in found if list(t.spec.labels) != labels]
+        if odd:
+            raise RequestError(f"ensemble members {odd} have labels other than {found[0].name!r}'s {labels}")
+        probs = self._label_probabilities([text for text in texts for _ in found], found * len(texts))
+        results = []
+        for i in range(len(texts)):
+            member_probs = np.stack(probs[i * len(found) : (i + 1) * len(found)])
+            winner, mean, votes = combine(member_probs, ensemble)
+            results.append({
+                "label": labels[winner],
+                "scores": {label: float(p) for label, p in zip(labels, mean)},
+                "votes": {label: int(v) for label, v in zip(labels, votes)},
+                "members": {t.name: labels[int(row.argmax())] for t, row in zip(found, member_probs)},
+            })
+        return results
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _complete(self, ids: Sequence[Sequence[int]], task: Tasks, inputs: Sequence[str], settings: dict) -> list[Completion]:
-        rows = list(self._run(ids, task, **settings))[-1]
-        tasks = _tasks_for(task, len(ids))
-        return [Completion(inputs[i], tasks[i], r.text, r.ids, r.finish_reason or "length") for i, r in enumerate(rows)]
+    def _resolve(self, names: Sequence[str | None]) -> list[Task | None]:
+        """The Task objects of one request, all from one version of the bank."""
+        current = self._store.current()
+        found = []
+        for name in names:
+            if name is None:
+                found.append(None)
+                continue
+            if not isinstance(name, str):
+                raise RequestError(f"task {name!r}; expected a task name or None")
+            task = current.get(name)
+            if task is None:
+                where = f"bank {self.bank}" if self.bank else "this model (no bank was loaded)"
+                raise UnknownTaskError(f"no task {name!r} in {where}; tasks: {', '.join(sorted(current)) or 'none'}")
+            found.append(task)
+        return found
 
-    def _rows(self, ids: Sequence[Sequence[int]], tasks: list[str | None], max_new_tokens: int) -> list[np.ndarray]:
+    def _label_probabilities(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[np.ndarray]:
+        verbalizers = []
+        _classifiable(found)
+        for task in found:
+            by_label = task.spec.verbalizer_ids(self.backbone.encode)
+            empty = [label for label, ids in by_label.items() if not ids]
+            if empty:
+                raise RequestError(f"task {task.name!r}: verbalizers of {empty} have no tokens")
+            verbalizers.append(list(by_label.values()))
+        inputs = [self.backbone.encode(task.spec.apply(text)) for text, task in zip(texts, found)]
+
+        def run_rows(rows: list[list[int]], owners: list[int]) -> np.ndarray:
+            return self._logits_of(rows, [found[i] for i in owners])
+
+        return [normalise(row) for row in label_logprobs(run_rows, inputs, verbalizers)]
+
+    def _logits_for_ids(self, ids: Sequence[Sequence[int]], tasks: Sequence[str | None]) -> np.ndarray:
+        return self._logits_of(ids, self._resolve(tasks))
+
+    def _logits_of(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None]) -> np.ndarray:
+        """Logits [B, T, V] of the input positions (after cached prompts, if any), left-padded."""
+        embeds, mask, past = self._first_input(ids, found, 0)
+        logits, _ = self.forward(embeds, mask, position_ids(mask, mask.shape[1] - embeds.shape[1]), past, all_logits=True)
+        return logits
+
+    def _prefill(self, vectors: np.ndarray) -> tuple[np.ndarray, ...] | None:
+        """Keys and values of all prompt rows but the last: computed once per task load."""
+        if vectors.shape[0] < 2:
+            return None
+        embeds = vectors[None, :-1]
+        mask = np.ones(embeds.shape[:2], dtype=np.int64)
+        _, present = self.forward(embeds, mask, position_ids(mask), self.empty_past(1))
+        prefix = tuple(np.ascontiguousarray(layer[0]) for layer in present)
+        for layer in prefix:
+            layer.setflags(write=False)
+        return prefix
+
+    def _first_input(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], max_new_tokens: int,
+                     cached: bool = True) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """First step's embeddings [B, S, E], mask [B, past + S] and past.
+
+        Rows whose task has a cached prefix take its keys/values as their past (left-padded to the
+        longest prefix, pad columns masked) and feed only the prompt's last row plus their tokens;
+        other rows feed their whole prompt. Positions count real columns, so they continue after
+        the prompt either way.
+        """
         limit = self.config.max_positions
+        prefixes = [t.prefix if cached and t is not None else None for t in found]
         rows = []
-        for i, (row_ids, task) in enumerate(zip(ids, tasks)):
-            prompt = self.prompt(task)
-            prompt_len = 0 if prompt is None else prompt.shape[0]
+        for i, (row_ids, task) in enumerate(zip(ids, found)):
+            prompt_len = 0 if task is None else task.length
             if prompt_len + len(row_ids) == 0:
                 raise RequestError(f"input {i} is empty and has no task prompt: nothing to continue from")
             if limit is not None and prompt_len + len(row_ids) + max_new_tokens > limit:
@@ -211,11 +292,28 @@ class Model:
             bad = [t for t in row_ids if not 0 <= t < self.config.vocab_size]
             if bad:
                 raise RequestError(f"input {i} has token ids {bad[:5]} outside [0, {self.config.vocab_size})")
-            rows.append(embed_row(self.table, row_ids, prompt))
-        return rows
+            vectors = None if task is None else (task.vectors[-1:] if prefixes[i] is not None else task.vectors)
+            rows.append(embed_row(self.table, row_ids, vectors))
+        embeds, mask = left_pad(rows)
+        held = [0 if prefix is None else prefix[0].shape[1] for prefix in prefixes]
+        width = max(held)
+        past = self.empty_past(len(rows), width)
+        if width:
+            past_mask = np.zeros((len(rows), width), dtype=np.int64)
+            for i, prefix in enumerate(prefixes):
+                if prefix is not None:
+                    past_mask[i, width - held[i] :] = 1
+                    for layer, values in zip(past, prefix):
+                        layer[i, :, width - held[i] :] = values
+            mask = np.concatenate([past_mask, mask], axis=1)
+        return embeds, mask, past
 
-    def _run(self, ids: Sequence[Sequence[int]], task: Tasks, *, max_new_tokens: int = 64, min_new_tokens: int = 0,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+    def _complete(self, ids: Sequence[Sequence[int]], found: list[Task | None], inputs: Sequence[str], settings: dict) -> list[Completion]:
+        rows = list(self._run(ids, found, **settings))[-1]
+        return [Completion(inputs[i], _name(found[i]), r.text, r.ids, r.finish_reason or "length") for i, r in enumerate(rows)]
+
+    def _run(self, ids: Sequence[Sequence[int]], found: list[Task | None], *, max_new_tokens: int = 64,
+             min_new_tokens: int = 0, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop: str | Sequence[str] | None = None) -> Iterator[list[RowText]]:
         """Run the batch, yielding the rows' states after every step (the last yield is final)."""
         if not ids:
@@ -226,7 +324,7 @@ class Model:
             raise RequestError(f"min_new_tokens {min_new_tokens}; expected 0..max_new_tokens ({max_new_tokens})")
         check_sampling(temperature, top_k, top_p)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        embeds, mask = left_pad(self._rows(ids, _tasks_for(task, len(ids)), max_new_tokens))
+        embeds, mask, past = self._first_input(ids, found, max_new_tokens)
         rng = np.random.default_rng(seed)
         eos = sorted(self._eos)
         chosen = 0
@@ -240,8 +338,7 @@ class Model:
             return next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
 
         states = [RowText(self.decode, self._eos, stops) for _ in ids]
-        for tokens in decode_steps(self.forward, self.table, embeds, mask, self.empty_past(len(ids)), choose,
-                                   max_new_tokens):
+        for tokens in decode_steps(self.forward, self.table, embeds, mask, past, choose, max_new_tokens):
             for state, token in zip(states, tokens.tolist()):
                 state.add(token)
             if all(state.done for state in states):
@@ -250,6 +347,27 @@ class Model:
         for state in states:
             state.finish()
         yield states
+
+
+def _classifiable(found: Sequence[Task | None]) -> Sequence[Task]:
+    for task in found:
+        if task is None or not task.spec.labels:
+            kind = "no task" if task is None else f"task {task.name!r} is a {task.spec.kind} task"
+            raise RequestError(f"classify needs a classification task; {kind} with no labels")
+    return found
+
+
+def _spec(task: Task | None) -> TaskSpec:
+    return TaskSpec() if task is None else task.spec
+
+
+def _name(task: Task | None) -> str | None:
+    return None if task is None else task.name
+
+
+def _result(task: Task, probs: np.ndarray) -> dict:
+    labels = list(task.spec.labels)
+    return {"label": labels[int(probs.argmax())], "scores": {label: float(p) for label, p in zip(labels, probs)}}
 
 
 def _as_list(texts: str | Sequence[str]) -> list[str]:

@@ -119,9 +119,9 @@ def test_runtime_classify_matches_the_trainers_scores(llama_backbone, llama_expo
     inputs = [ids for ids, _ in pairs]
     keep = max(len(v) for v in verbalizers) + 1
     with torch.no_grad():
-        torch_scores = label_logprobs(lambda rows: _forward_tail(llama_backbone.model, torch.from_numpy(prompt), rows, keep).numpy(),
-                                      inputs, verbalizers)
-    onnx_scores = label_logprobs(lambda rows: model._logits_for_ids(rows, ["t"] * len(rows)), inputs, verbalizers)
+        torch_scores = label_logprobs(lambda rows, _: _forward_tail(llama_backbone.model, torch.from_numpy(prompt), rows, keep).numpy(),
+                                      inputs, [verbalizers] * len(inputs))
+    onnx_scores = label_logprobs(lambda rows, _: model._logits_for_ids(rows, ["t"] * len(rows)), inputs, [verbalizers] * len(inputs))
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-4, atol=1e-4)
 
 

@@ -1,0 +1,135 @@
+"""The tasks a running model serves: a bank folder followed as its files change (hot swap).
+
+A `Task` is immutable once built (vectors, template and labels, and the prompt's cached keys and
+values); the store publishes a new name -> Task mapping by replacing one reference. A request takes
+that mapping once at its start, so it runs every row under one consistent version of each task
+even while files are being swapped, and readers never lock.
+
+Checking the folder costs one `os.scandir` and a stat per file (tens of microseconds for a few
+tasks), so it is done before every request. A file that fails validation never replaces a working
+task: the old version keeps serving and the error is logged once, with the file name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+from softprompt.prompt_bank import PromptBankError, load_prompt
+from softprompt.prompt_bank.task import TaskSpec
+
+log = logging.getLogger("softprompt.runtime")
+
+# (mtime_ns, size, inode) of NAME.npy and NAME.json; None where a file is absent.
+Stamp = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
+# Computes a prompt's cached keys/values (or returns None to run the prompt with every request).
+Prefill = Callable[[np.ndarray], "tuple[np.ndarray, ...] | None"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    name: str
+    vectors: np.ndarray  # [P, E] float32, read-only
+    spec: TaskSpec
+    # Keys and values of the first P - 1 prompt rows, one [heads, P - 1, head size] array per cache
+    # input; the last prompt row is fed with the request so that every row has a new position.
+    prefix: tuple[np.ndarray, ...] | None
+
+    @property
+    def length(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+def build_task(name: str, vectors: np.ndarray, extra: Mapping, prefill: Prefill | None) -> Task:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    vectors.setflags(write=False)
+    spec = TaskSpec.from_extra(dict(extra), f"task {name!r}")
+    prefix = prefill(vectors) if prefill is not None else None
+    return Task(name, vectors, spec, prefix)
+
+
+class TaskStore:
+    """name -> Task for a bank folder, refreshed from the files when they change."""
+
+    def __init__(self, bank: Path | None, *, width: int, fingerprint: str | None, prefill: Prefill | None):
+        self.bank = bank
+        self._width = width
+        self._fingerprint = fingerprint
+        self._prefill = prefill
+        self._lock = threading.Lock()
+        self._tasks: Mapping[str, Task] = MappingProxyType({})
+        self._seen: dict[str, Stamp] = {}  # last stamps looked at, including ones that failed to load
+        if bank is not None:
+            self._refresh(strict=True)
+
+    def current(self) -> Mapping[str, Task]:
+        """The tasks to serve a request with, after picking up any change in the folder."""
+        if self.bank is not None and self._stamps() != self._seen:
+            with self._lock:
+                self._refresh(strict=False)
+        return self._tasks
+
+    def reload(self) -> Mapping[str, Task]:
+        """Re-read every task file now, even unchanged ones."""
+        if self.bank is not None:
+            with self._lock:
+                self._seen = {}
+                self._refresh(strict=False, everything=True)
+        return self._tasks
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _stamps(self) -> dict[str, Stamp]:
+        """Stamps of every task in the folder: NAME.npy files whose name does not start with a dot."""
+        try:
+            entries = {e.name: e for e in os.scandir(self.bank)}
+        except OSError:
+            return {}
+        stamps = {}
+        for file_name, entry in entries.items():
+            if file_name.endswith(".npy") and not file_name.startswith("."):
+                name = file_name[:-4]
+                meta = entries.get(name + ".json")
+                stamps[name] = (_entry_stat(entry), _entry_stat(meta) if meta is not None else None)
+        return stamps
+
+    def _refresh(self, strict: bool, everything: bool = False) -> None:
+        stamps = self._stamps()
+        if stamps == self._seen and not everything:
+            return  # another thread did it while this one waited for the lock
+        tasks = dict(self._tasks)
+        for name in set(tasks) - set(stamps):
+            del tasks[name]
+            log.info("task %r removed (%s/%s.npy is gone)", name, self.bank, name)
+        for name, stamp in sorted(stamps.items()):
+            if not everything and self._seen.get(name) == stamp:
+                continue
+            try:
+                prompt = load_prompt(self.bank, name, width=self._width, fingerprint=self._fingerprint)
+                task = build_task(name, prompt.vectors, prompt.meta.extra, self._prefill)
+            except (PromptBankError, OSError, ValueError) as exc:
+                if strict:
+                    raise
+                kept = "keeping the version already loaded" if name in tasks else "not served"
+                log.error("task %r failed to load: %s; %s", name, exc, kept)  # the error names the file
+                continue
+            if name in tasks:
+                log.info("task %r reloaded from %s", name, self.bank)
+            tasks[name] = task
+        self._seen = stamps
+        self._tasks = MappingProxyType(tasks)
+
+
+def _entry_stat(entry: os.DirEntry) -> tuple[int, int, int] | None:
+    try:
+        info = entry.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)

@@ -1,0 +1,229 @@
+"""Serving many tasks from one model: cached prompts, mixed-task batches, ensembles, hot swap, threads."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import TEXTS, random_prompt
+
+from softprompt.prompt_bank import UnknownTaskError, remove_prompt, save_prompt
+from softprompt.prompt_bank.task import TaskSpec
+from softprompt.runtime import RequestError, load, read_config
+
+SENTIMENT = TaskSpec(template="Review: {text}\nSentiment:", labels={"positive": " good", "negative": " bad mess"})
+LENGTHS = {"one": 1, "three": 3, "seven": 7}
+
+
+def make_bank(export, folder):
+    config = read_config(export)
+    for seed, (name, length) in enumerate(LENGTHS.items(), 1):
+        save_prompt(folder, name, random_prompt(length, config.hidden_size, seed=seed), fingerprint=config.fingerprint)
+    for seed, name in enumerate(["s1", "s2", "s3"], 10):
+        save_prompt(folder, name, random_prompt(4, config.hidden_size, seed=seed), fingerprint=config.fingerprint,
+                    extra=SENTIMENT.to_extra())
+    return folder
+
+
+@pytest.fixture
+def served(arch, tmp_path):
+    _, export = arch
+    bank = make_bank(export, tmp_path / "bank")
+    return load(export, bank=bank, providers="cpu"), load(export, bank=bank, providers="cpu", cache_prompts=False)
+
+
+MIXED = ["seven", None, "one", "three", "seven", "s2"]
+INPUTS = [TEXTS[0], TEXTS[1], "x", TEXTS[2], TEXTS[1] + " and more words here", TEXTS[0]]
+
+
+def test_cached_prompts_give_the_uncached_results(served):
+    """Rows with different cached prefixes and rows with none, inputs of different lengths (llama and GPT-2 positions)."""
+    cached, uncached = served
+    fast = cached.complete(INPUTS, task=MIXED, max_new_tokens=8)
+    slow = uncached.complete(INPUTS, task=MIXED, max_new_tokens=8)
+    assert [r.token_ids for r in fast] == [r.token_ids for r in slow]
+    ids = [cached.encode(text, task) for text, task in zip(INPUTS, MIXED)]
+    last_cached = cached._logits_for_ids(ids, MIXED)[:, -1]
+    last_full = uncached._logits_for_ids(ids, MIXED)[:, -1]
+    scale = np.abs(last_full).max()
+    np.testing.assert_allclose(last_cached, last_full, rtol=0, atol=1e-4 * max(scale, 1.0))
+    # The cached prefix really is used: the first step feeds one prompt row, not all seven.
+    embeds, mask, past = cached._first_input([ids[0]], cached._resolve(["seven"]), 1)
+    assert embeds.shape[1] == 1 + len(ids[0]) and past[0].shape[2] == 6 and mask.shape[1] == 7 + len(ids[0])
+
+
+def test_each_row_of_a_mixed_batch_equals_the_row_alone(served):
+    cached, _ = served
+    batch = cached.complete(INPUTS, task=MIXED, max_new_tokens=8)
+    for text, task, row in zip(INPUTS, MIXED, batch):
+        alone = cached.complete(text, task=task, max_new_tokens=8)[0]
+        assert (row.token_ids, row.task) == (alone.token_ids, task)
+
+
+def test_classify_rows_with_different_tasks(served):
+    cached, uncached = served
+    tasks = ["s1", "s3", "s2", "s1"]
+    texts = ["a gorgeous film", "dull", "far too long, a tedious mess", "fine"]
+    batch = cached.classify(texts, task=tasks)
+    for text, task, result in zip(texts, tasks, batch):
+        for model in (cached, uncached):
+            alone = model.classify(text, task=task)[0]
+            assert alone["label"] == result["label"]
+            assert alone["scores"] == pytest.approx(result["scores"], abs=1e-4)
+
+
+@pytest.mark.parametrize("how", ["vote", "mean"])
+def test_ensemble_combines_the_members(served, how):
+    cached, _ = served
+    texts = ["a gorgeous film", "dull and slow", "fine"]
+    members = ["s1", "s2", "s3"]
+    results = cached.classify(texts, task=members, ensemble=how)
+    for text, result in zip(texts, results):
+        singles = [cached.classify(text, task=m)[0] for m in members]
+        assert result["members"] == {m: s["label"] for m, s in zip(members, singles)}
+        mean = {label: np.mean([s["scores"][label] for s in singles]) for label in SENTIMENT.labels}
+        assert result["scores"] == pytest.approx(mean, abs=1e-6)
+        votes = {label: sum(s["label"] == label for s in singles) for label in SENTIMENT.labels}
+        assert result["votes"] == votes
+        if how == "mean":
+            assert result["label"] == max(mean, key=mean.get)
+        else:
+            top = max(votes.values())
+            tied = [label for label, v in votes.items() if v == top]
+            assert result["label"] == max(tied, key=mean.get)
+
+
+def test_ensemble_refusals(served):
+    cached, _ = served
+    with pytest.raises(RequestError, match="at least two different tasks"):
+        cached.classify("x", task=["s1"], ensemble="vote")
+    with pytest.raises(RequestError, match="expected 'vote' or 'mean'"):
+        cached.classify("x", task=["s1", "s2"], ensemble="median")
+    with pytest.raises(RequestError, match="'one' is a generation task with no labels"):
+        cached.classify("x", task=["s1", "one"], ensemble="vote")
+    config = read_config(cached.backbone.folder)
+    save_prompt(cached.bank, "topic", random_prompt(2, config.hidden_size), fingerprint=config.fingerprint,
+                extra=TaskSpec(labels={"sport": " sport", "politics": " politics"}).to_extra())
+    with pytest.raises(RequestError, match=r"members \['topic'\] have labels other than 's1'"):
+        cached.classify("x", task=["s1", "topic"], ensemble="vote")
+
+
+def test_hot_swap_add_replace_remove_and_dot_files(llama_export, tmp_path):
+    config = read_config(llama_export)
+    bank = make_bank(llama_export, tmp_path / "bank")
+    model = load(llama_export, bank=bank)
+    before = model.generate(TEXTS[0], task="three", max_new_tokens=6)
+    # Replace: served from the next request on, without a restart.
+    save_prompt(bank, "three", random_prompt(3, config.hidden_size, seed=99), fingerprint=config.fingerprint)
+    after = model.generate(TEXTS[0], task="three", max_new_tokens=6)
+    fresh = load(llama_export, bank=bank).generate(TEXTS[0], task="three", max_new_tokens=6)
+    assert after == fresh and after != before
+    # Add by copying files in; a copy tool's dot-named temporary file is not a task.
+    other = tmp_path / "other"
+    save_prompt(other, "new", random_prompt(5, config.hidden_size, seed=5), fingerprint=config.fingerprint)
+    shutil.copy(other / "new.npy", bank / ".new.npy.tmp1")
+    shutil.copy(other / "new.npy", bank / ".hidden.npy")
+    assert "hidden" not in model.tasks and ".hidden" not in model.tasks
+    shutil.copy(other / "new.json", bank / "new.json")
+    shutil.copy(other / "new.npy", bank / "new.npy")
+    assert "new" in model.tasks
+    assert model.generate(TEXTS[1], task="new", max_new_tokens=4) == load(llama_export, bank=other).generate(
+        TEXTS[1], task="new", max_new_tokens=4)
+    # Remove.
+    remove_prompt(bank, "one")
+    with pytest.raises(UnknownTaskError, match="no task 'one'"):
+        model.generate(TEXTS[0], task="one")
+
+
+def test_a_bad_new_file_never_replaces_a_working_prompt(llama_export, tmp_path, caplog):
+    bank = make_bank(llama_export, tmp_path / "bank")
+    model = load(llama_export, bank=bank)
+    good = model.generate(TEXTS[0], task="seven", max_new_tokens=6)
+    data = (bank / "seven.npy").read_bytes()
+    with caplog.at_level(logging.ERROR, logger="softprompt.runtime"):
+        (bank / "seven.npy").write_bytes(data[: len(data) // 2])  # truncated by a failed copy
+        assert model.generate(TEXTS[0], task="seven", max_new_tokens=6) == good
+        np.save(bank / "seven.npy", np.ones((7, 3), np.float32))  # wrong width
+        assert model.generate(TEXTS[0], task="seven", max_new_tokens=6) == good
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and all("seven.npy" in e and "keeping the version already loaded" in e for e in errors)
+    assert "truncated" in errors[0] and "array is 7x3" in errors[1]
+    # A bad file for a new name is simply not served.
+    (bank / "broken.npy").write_bytes(b"not numpy")
+    assert "broken" not in model.tasks
+    # Fixing the file is picked up.
+    (bank / "seven.npy").write_bytes(data)
+    assert model.generate(TEXTS[0], task="seven", max_new_tokens=6) == good
+    assert model.reload() == ["one", "s1", "s2", "s3", "seven", "three"]
+
+
+def test_swapping_under_concurrent_requests(llama_export, tmp_path):
+    """8 threads generate while another swaps a task between two prompts: no failure, never a mix."""
+    config = read_config(llama_export)
+    bank, versions = tmp_path / "bank", tmp_path / "versions"
+    for seed, name in ((1, "a"), (2, "b")):
+        save_prompt(versions / name, "task", random_prompt(6, config.hidden_size, seed=seed), fingerprint=config.fingerprint)
+    save_prompt(bank, "task", np.load(versions / "a" / "task.npy"), fingerprint=config.fingerprint)
+    model = load(llama_export, bank=bank)
+    expected = {name: load(llama_export, bank=versions / name).generate(TEXTS, task="task", max_new_tokens=6)
+                for name in ("a", "b")}
+    assert expected["a"] != expected["b"]
+    stop = threading.Event()
+    outputs, failures = [], []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                outputs.append(model.generate(TEXTS, task="task", max_new_tokens=6))
+            except Exception as exc:  # noqa: BLE001 - any failure fails the test
+                failures.append(exc)
+
+    def swap():
+        flip = 0
+        while not stop.is_set():
+            flip ^= 1
+            for suffix in (".npy", ".json"):  # as a copy tool does: temporary file, then rename
+                source = versions / "ab"[flip] / f"task{suffix}"
+                temporary = bank / f".task{suffix}.partial"
+                shutil.copyfile(source, temporary)
+                temporary.replace(bank / f"task{suffix}")
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=serve) for _ in range(8)] + [threading.Thread(target=swap)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
+    assert len(outputs) >= 16
+    seen = {tuple(o) for o in outputs}
+    assert seen <= {tuple(expected["a"]), tuple(expected["b"])}
+    assert len(seen) == 2  # both versions were served
+
+
+def test_run_model_ensemble_cli(llama_export, tmp_path, capsys):
+    import json
+
+    from softprompt.runtime.cli import main as run_main
+
+    bank = make_bank(llama_export, tmp_path / "bank")
+    texts = ["a gorgeous film", "dull and slow"]
+    args = [str(llama_export), "--bank", str(bank), "--classify", "--task", "s1,s2,s3", "--ensemble", "mean"]
+    assert run_main([*args, "--json", *texts]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = load(llama_export, bank=bank).classify(texts, task=["s1", "s2", "s3"], ensemble="mean")
+    assert [{k: v for k, v in line.items() if k not in ("input", "task")} for line in lines] == expected
+    assert run_main([*args, texts[0]]) == 0
+    assert "votes" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_main([str(llama_export), "--bank", str(bank), "--classify", "--task", "s1,s2", texts[0]])
+    assert "needs --ensemble" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_main([str(llama_export), "--bank", str(bank), "--task", "s1,s2", "--ensemble", "vote", texts[0]])
+    assert "--ensemble needs --classify" in capsys.readouterr().err
