@@ -7,6 +7,7 @@ method sees the same examples in the same order (same seed, steps and batch size
 
     python bench/quality.py --steps 300 --methods zero-shot,pt-labels,pt-random,model-tuning
     python bench/quality.py --methods lengths --lengths 1,5,20,100 --init labels
+    python bench/quality.py --methods ensemble --export exports/smollm2   # 5 prompts, the runtime's ensemble
 
 Each result is appended to --json as soon as it exists, so a long run that is stopped keeps what
 it measured; --table renders that file as the table in docs/QUALITY.md.
@@ -82,6 +83,9 @@ def main() -> int:
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--ood-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--members", type=int, default=5, help="prompts in the 'ensemble' method (seeds seed..seed+N-1)")
+    parser.add_argument("--export", type=Path, default=Path("exports/smollm2"),
+                        help="export of --model; the 'ensemble' method classifies with the runtime")
     parser.add_argument("--json", type=Path, default=Path("bench/results/quality.json"))
     parser.add_argument("--table", action="store_true", help="only print the markdown table of --json")
     args = parser.parse_args()
@@ -123,6 +127,8 @@ def main() -> int:
             elif method.startswith("pt-"):
                 init = method[3:]
                 prompt_tuning(TEXT_INIT if init == "text" else init, 20)
+            elif method == "ensemble":
+                ensemble(backbone, train, test_rows[: args.test_size], ood_rows, args, record)
             elif method == "lengths":
                 for length in (int(x) for x in args.lengths.split(",")):
                     prompt_tuning(args.init, length)
@@ -141,6 +147,37 @@ def main() -> int:
                 raise SystemExit(f"unknown method {method!r}")
     print(table(results))
     return 0
+
+
+def ensemble(backbone, train, test_rows, ood_rows, args, record) -> None:
+    """N prompts (P=20, labels init, seeds seed..seed+N-1) combined by the runtime's classify(ensemble=...)."""
+    from softprompt.prompt_bank import save_prompt
+    from softprompt.runtime import load
+
+    bank = Path(tempfile.mkdtemp(prefix="quality-ensemble-"))
+    members, wall = [], 0.0
+    for seed in range(args.seed, args.seed + args.members):
+        config = TrainConfig(length=20, init="labels", lr=args.lr, batch_size=args.batch_size, steps=args.steps, seed=seed)
+        vectors, log = train_prompt(backbone, train, SPEC, config, progress=False, log=lambda m: None)
+        wall += log["wall_time_s"]
+        save_prompt(bank, f"seed{seed}", vectors, fingerprint=backbone.fingerprint, extra=SPEC.to_extra())
+        members.append(f"seed{seed}")
+        print(f"member seed {seed} trained in {log['wall_time_s']:.0f} s", file=sys.stderr, flush=True)
+    model = load(args.export, bank=bank, providers="cpu")
+    scores = {}
+    for where, rows in (("in_domain", test_rows), ("out_of_domain", ood_rows)):
+        texts, gold = [t for t, _ in rows], [label for _, label in rows]
+        results = model.classify(texts, task=members, ensemble="vote")
+        scores[where] = {
+            "vote": float(np.mean([r["label"] == g for r, g in zip(results, gold)])),
+            "mean": float(np.mean([max(r["scores"], key=r["scores"].get) == g for r, g in zip(results, gold)])),
+            "members": {m: float(np.mean([r["members"][m] == g for r, g in zip(results, gold)])) for m in members},
+        }
+    for how in ("vote", "mean"):
+        record({"method": f"prompt tuning, {args.members}-prompt ensemble ({how})", "length": 20,
+                "trainable": 20 * backbone.table.shape[1] * args.members, "bytes_per_task": 20 * backbone.table.shape[1] * 4 * args.members,
+                "steps": args.steps, "wall_s": round(wall, 1), "in_domain": scores["in_domain"][how],
+                "out_of_domain": scores["out_of_domain"][how], "members": {k: v["members"] for k, v in scores.items()}})
 
 
 def table(results: list[dict]) -> str:

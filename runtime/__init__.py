@@ -1,7 +1,7 @@
 """softprompt.runtime: run a frozen ONNX backbone with task soft prompts (numpy, onnxruntime, tokenizers only).
 
 >>> from softprompt.runtime import load                                   # doctest: +SKIP
->>> model = load("exports/smollm2", bank="banks/demo")                   # doctest: +SKIP
+>>> model = load("exports/smollm2", bank="banks/smollm2-135m")           # doctest: +SKIP
 >>> model.generate("Review: a gorgeous film. Sentiment:", task="sentiment", max_new_tokens=8)  # doctest: +SKIP
 """
 

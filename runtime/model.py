@@ -74,6 +74,8 @@ class Model:
         # Per-layer cache shape [heads, head size], read from the graph so unusual layouts still work.
         self._past_shapes = [tuple(inputs[name].shape[1::2]) for name in self._past_names]
         self._eos = set(config.eos_token_ids)
+        # Where present keys/values live between steps: on the GPU when the session runs there.
+        self._cache_device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
         self._store = TaskStore(bank, width=config.hidden_size, fingerprint=config.fingerprint,
                                 prefill=self._prefill if cache_prompts else None)
 
@@ -115,17 +117,34 @@ class Model:
     # ---- running ----------------------------------------------------------------------------
 
     def forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                past: list[np.ndarray], all_logits: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One graph call; returns the last position's logits [B, V] (all of them with `all_logits`)."""
+                past: Sequence, all_logits: bool = False) -> tuple[np.ndarray, list]:
+        """One graph call; returns the last position's logits [B, V] (all of them with `all_logits`) and the present.
+
+        Through onnxruntime's I/O binding: the present keys/values stay onnxruntime values (on the
+        GPU with CUDA) and are bound as the next step's past as they are, instead of being copied
+        into numpy arrays and back every step. `past` holds numpy arrays or such values.
+        """
+        binding = self.session.io_binding()
         feeds = {"inputs_embeds": embeds, "attention_mask": mask}
         if self._feeds_positions:
             feeds["position_ids"] = positions
-        feeds.update(zip(self._past_names, past))
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in zip(self._past_names, past):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._output_names[1:]:
+            binding.bind_output(name, self._cache_device)
         try:
-            logits, *present = self.session.run(self._output_names, feeds)
+            self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-            shapes = {name: tuple(value.shape) for name, value in feeds.items() if not name.startswith("past_key_values.")}
+            shapes = {name: tuple(value.shape) for name, value in feeds.items()}
             raise InferenceError(f"onnxruntime failed with inputs {shapes}: {exc}") from exc
+        logits, *present = binding.get_outputs()
+        logits = logits.numpy()
         return (logits if all_logits else logits[:, -1]), present
 
     def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
@@ -263,7 +282,7 @@ class Model:
         embeds = vectors[None, :-1]
         mask = np.ones(embeds.shape[:2], dtype=np.int64)
         _, present = self.forward(embeds, mask, position_ids(mask), self.empty_past(1))
-        prefix = tuple(np.ascontiguousarray(layer[0]) for layer in present)
+        prefix = tuple(np.ascontiguousarray(layer.numpy()[0]) for layer in present)
         for layer in prefix:
             layer.setflags(write=False)
         return prefix

@@ -1,0 +1,202 @@
+"""Serving speed on the default model: decode against the memory-bandwidth limit, the cached prompt,
+mixed-task batches, task switching and hot swap, side by side in one run (issue 4).
+
+Workload: 32 input tokens per row, 64 new tokens (end-of-sequence held off), greedy, fp32,
+`--threads` onnxruntime threads. Everything runs in this process on the CPU provider, one
+measurement after another, and prints medians and ratios; PyTorch + PEFT runs in a subprocess
+through bench/generate.py's side so that its threads and memory are its own.
+
+    python bench/serve.py --export exports/smollm2
+
+The limit: a batch-1 decode step reads every weight once, so tokens/s cannot exceed
+(copy bandwidth) / (weight bytes). Copy bandwidth is measured here, in this run, with numpy
+copying a buffer larger than the caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generate import child, machine, workload  # noqa: E402  (bench/generate.py)
+
+
+class TimedSession:
+    """The session with the time spent inside `run` recorded, to find the Python time around it."""
+
+    def __init__(self, session):
+        self._session = session
+        self.inside = 0.0
+
+    def run(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self._session.run(*args, **kwargs)
+        finally:
+            self.inside += time.perf_counter() - start
+
+    def run_with_iobinding(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self._session.run_with_iobinding(*args, **kwargs)
+        finally:
+            self.inside += time.perf_counter() - start
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
+    """Bytes copied per second by numpy (one pass read, one pass write), median of repeats."""
+    source = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    target = np.empty_like(source)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        times.append(time.perf_counter() - start)
+    return source.nbytes / statistics.median(times)
+
+
+def weight_bytes(export: Path) -> int:
+    """Bytes of the graph's weights (the initializers), read once per batch-1 decode step."""
+    import onnx
+
+    graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
+    total = 0
+    for tensor in graph.initializer:
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
+def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> dict:
+    """Median decode tokens/s (after the first token), first-token ms and Python share of a step."""
+    found = model._resolve(tasks)
+    timed = model.session
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    rates, firsts, shares = [], [], []
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        stamps, inside = [], []
+        for _ in model._run(rows, found, **settings):
+            stamps.append(time.perf_counter())
+            inside.append(timed.inside)
+        if repeat == 0:
+            continue  # warm-up
+        firsts.append(stamps[0] - start)
+        rates.append((len(stamps) - 1) * len(rows) / (stamps[-1] - stamps[0]))
+        shares.append(1 - (inside[-1] - inside[0]) / (stamps[-1] - stamps[0]))
+    return {"tokens_per_s": statistics.median(rates), "first_token_ms": 1000 * statistics.median(firsts),
+            "python_share": statistics.median(shares)}
+
+
+def first_token_ms(model, rows, task, repeats: int) -> float:
+    found = model._resolve([task] * len(rows))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for _ in model._run(rows, found, max_new_tokens=1):
+            pass
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export", type=Path, default=Path("exports/smollm2"))
+    parser.add_argument("--model", default="smollm2-135m", help="the same model for PyTorch (what export-model took)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--input-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-torch", action="store_true", help="leave out PyTorch + PEFT")
+    args = parser.parse_args()
+
+    from softprompt.prompt_bank import save_prompt
+    from softprompt.runtime import load
+    from softprompt.runtime.backbone import open_backbone
+
+    print(f"{dt.date.today()}  {machine()}  threads {args.threads}")
+    bandwidth = copy_bandwidth()
+    weights = weight_bytes(args.export)
+    limit = bandwidth / weights
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, weights {weights / 1e6:.0f} MB -> limit {limit:.1f} tokens/s at batch 1")
+
+    backbone = open_backbone(args.export)
+    bank = Path(tempfile.mkdtemp(prefix="serve-bank-"))
+    rng = np.random.default_rng(0)
+    lengths = {"bench": 20, "p100": 100, **{f"t{i}": 20 for i in range(8)}}
+    for name, length in lengths.items():
+        rows = rng.integers(0, backbone.config.vocab_size, length)
+        save_prompt(bank, name, np.asarray(backbone.table[rows], np.float32), fingerprint=backbone.config.fingerprint)
+    model = load(args.export, bank=bank, providers="cpu", threads=args.threads)
+    model.session = TimedSession(model.session)
+    one = workload(model, 1, args.input_tokens)
+    eight = workload(model, 8, args.input_tokens)
+    results: dict[str, float] = {}
+
+    plain = decode_rate(model, one, [None], args.new_tokens, args.repeats)
+    prompted = decode_rate(model, one, ["bench"], args.new_tokens, args.repeats)
+    print(f"batch 1, no prompt: {plain['tokens_per_s']:.1f} tokens/s = {plain['tokens_per_s'] / limit:.0%} of the limit "
+          f"(target >= 90%); Python outside session.run {plain['python_share']:.1%} of a step (target < 5%)")
+    print(f"batch 1, 20-vector prompt: {prompted['tokens_per_s']:.1f} tokens/s, first token {prompted['first_token_ms']:.0f} ms")
+    results.update(batch1=prompted["tokens_per_s"], batch1_plain=plain["tokens_per_s"])
+
+    none_ms = first_token_ms(model, one, None, 2 * args.repeats)
+    p100_ms = first_token_ms(model, one, "p100", 2 * args.repeats)
+    print(f"first token, 100-vector prompt {p100_ms:.1f} ms vs no prompt {none_ms:.1f} ms: {p100_ms / none_ms:.2f}x (target <= 1.1x)")
+
+    mixed = decode_rate(model, eight, [f"t{i}" for i in range(8)], args.new_tokens, args.repeats)
+    same = decode_rate(model, eight, ["t0"] * 8, args.new_tokens, args.repeats)
+    start = time.perf_counter()
+    for i, row in enumerate(eight):
+        for _ in model._run([row], model._resolve([f"t{i}"]), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens):
+            pass
+    sequential = 8 * args.new_tokens / (time.perf_counter() - start)
+    print(f"8 rows of 8 tasks {mixed['tokens_per_s']:.1f} tokens/s vs 8 rows of one task {same['tokens_per_s']:.1f}: "
+          f"{mixed['tokens_per_s'] / same['tokens_per_s']:.2f}x (target >= 0.95); vs the 8 requests one after another "
+          f"{sequential:.1f}: {mixed['tokens_per_s'] / sequential:.1f}x (target >= 3)")
+
+    switches = []
+    for i in range(2000):
+        start = time.perf_counter()
+        model._resolve([f"t{i % 8}"])
+        switches.append(time.perf_counter() - start)
+    print(f"switching task (bank check + lookup): median {1e6 * statistics.median(switches):.0f} us (target < 1 ms)")
+
+    swaps = []
+    for i in range(5):
+        rows = rng.integers(0, backbone.config.vocab_size, 20)
+        vectors = np.asarray(backbone.table[rows], np.float32)
+        start = time.perf_counter()
+        save_prompt(bank, "t0", vectors, fingerprint=backbone.config.fingerprint)
+        while not np.array_equal(model.prompt("t0"), vectors):
+            pass
+        swaps.append(time.perf_counter() - start)
+    print(f"swapped file served after: median {1000 * statistics.median(swaps):.1f} ms, worst {1000 * max(swaps):.1f} ms "
+          "(write + detect + load + prompt prefill; target < 50 ms)")
+
+    if not args.skip_torch:
+        args.bank, args.inner, args.prompt_length = bank, args.repeats, 20
+        torch_side = child("torch", args, 1)
+        ratio = prompted["tokens_per_s"] / torch_side["decode_tokens_per_s"]
+        print(f"PyTorch + PEFT, batch 1, same prompt: {torch_side['decode_tokens_per_s']:.1f} tokens/s; "
+              f"runtime / PyTorch {ratio:.2f}x (target >= 1.3x)")
+    print("onnxruntime-genai: not run here (its model builder needs transformers 5 in its own environment)")
+    shutil.rmtree(bank, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
