@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -121,6 +123,10 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-torch", action="store_true", help="leave out PyTorch + PEFT")
+    parser.add_argument("--genai-python", type=Path, default=Path("/tmp/genai-venv/bin/python"),
+                        help="python of the onnxruntime-genai environment (see bench/genai_side.py)")
+    parser.add_argument("--genai-model", type=Path, default=Path("/tmp/genai/smollm2-fp32"),
+                        help="the default model built by onnxruntime-genai's model builder, fp32, cpu")
     args = parser.parse_args()
 
     from softprompt.prompt_bank import save_prompt
@@ -193,7 +199,19 @@ def main() -> int:
         ratio = prompted["tokens_per_s"] / torch_side["decode_tokens_per_s"]
         print(f"PyTorch + PEFT, batch 1, same prompt: {torch_side['decode_tokens_per_s']:.1f} tokens/s; "
               f"runtime / PyTorch {ratio:.2f}x (target >= 1.3x)")
-    print("onnxruntime-genai: not run here (its model builder needs transformers 5 in its own environment)")
+    if args.genai_python.is_file() and (args.genai_model / "genai_config.json").is_file():
+        command = [str(args.genai_python), str(Path(__file__).parent / "genai_side.py"), str(args.genai_model),
+                   "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens),
+                   "--threads", str(args.threads), "--repeats", str(args.repeats)]
+        genai = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        ours = model.complete_ids(one, None, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0].token_ids
+        same = next((i for i, (a, b) in enumerate(zip(ours, genai["tokens"])) if a != b), None)
+        print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai['decode_tokens_per_s']:.1f} tokens/s = "
+              f"{genai['decode_tokens_per_s'] / limit:.0%} of the limit, first token {genai['first_token_ms']:.0f} ms; "
+              f"runtime / genai {plain['tokens_per_s'] / genai['decode_tokens_per_s']:.2f}x (target >= 0.95); "
+              + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}"))
+    else:
+        print(f"onnxruntime-genai: skipped ({args.genai_python} or {args.genai_model} missing; see bench/genai_side.py)")
     shutil.rmtree(bank, ignore_errors=True)
     return 0
 

@@ -64,6 +64,9 @@ def export_model(
         raise ExportError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's owner-only mode would follow the folder into place
     step = _steps(log)
     try:
         step(f"loading {model}")

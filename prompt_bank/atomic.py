@@ -21,6 +21,8 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file owner-only; give it the mode a plain open() would (or the replaced file's).
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -30,6 +32,15 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:

@@ -166,3 +166,18 @@ def test_fingerprint_depends_on_table_and_config():
     changed[3, 1] += 1e-6
     assert backbone_fingerprint(changed, config) != base
     assert backbone_fingerprint(table, {**config, "num_layers": 3}) != base
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Not mkstemp's owner-only mode: a service account must be able to read a bank written by another user."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        save_prompt(tmp_path, "t", np.ones((2, 4), np.float32), fingerprint=None)
+        assert (tmp_path / "t.npy").stat().st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "t.json", 0o600)  # a replaced file keeps the mode its owner chose
+        save_prompt(tmp_path, "t", np.ones((2, 4), np.float32), fingerprint=None)
+        assert (tmp_path / "t.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(umask)

@@ -7,6 +7,7 @@ greedy tokens must match PyTorch + PEFT. Minutes on 2 cores (the GGUF conversion
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -85,3 +86,21 @@ def test_default_model_text_prompt_and_no_prompt(exported, hf_folder, tmp_path):
                                          do_sample=False, pad_token_id=2)[0, ids.shape[1]:].tolist()
             assert row.token_ids == (out[: out.index(2) + 1] if 2 in out else out)
     assert "Paris" in model.generate("The capital of France is", max_new_tokens=8)
+
+
+def test_shipped_banks_load_unchanged_and_work(exported):
+    """The committed banks/smollm2-135m prompts fit this export's fingerprint and do their jobs."""
+    from pathlib import Path
+
+    bank = Path(__file__).resolve().parent.parent / "banks" / "smollm2-135m"
+    model = load(exported, bank=bank, threads=2)
+    assert {"sentiment", "define"} <= set(model.tasks)
+    texts = ["I love this, it is wonderful and works perfectly.", "This is awful, broken and a total waste of money."]
+    assert [r["label"] for r in model.classify(texts, task="sentiment")] == ["positive", "negative"]
+    with_prompt = model.generate("Committee, n.", task="define", max_new_tokens=24)
+    without = model.generate("Committee, n.:", max_new_tokens=24)
+    assert with_prompt.strip() and with_prompt != without
+    # Each shipped prompt says how it was made.
+    for task in ("sentiment", "define"):
+        record = json.loads((bank / f"{task}.json").read_text())["training"]
+        assert record["steps"] > 0 and record["data_sha256"] and record["best"]

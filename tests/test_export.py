@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +23,9 @@ def test_export_folder_contents_and_config(arch):
 
     hf_dir, export = arch
     assert {"model.onnx", "embeddings.npy", "tokenizer.json", "softprompt.json"} <= {p.name for p in export.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert export.stat().st_mode & 0o777 == 0o777 & ~umask  # not the staging folder's owner-only mode
     config = read_config(export)
     reference = AutoModelForCausalLM.from_pretrained(hf_dir)
     layers = reference.config.num_hidden_layers

@@ -1,0 +1,59 @@
+"""onnxruntime-genai's side of bench/serve.py, run in its own environment (its model builder needs
+transformers 5, which the project's optimum-onnx cannot use). It takes no soft prompt.
+
+Set up once (bench/serve.py prints these lines when the environment is missing):
+    python3.11 -m venv /tmp/genai-venv
+    /tmp/genai-venv/bin/pip install torch==2.13.0 "transformers>=5,<6" onnx-ir onnx onnxruntime-genai==0.18.0
+    /tmp/genai-venv/bin/python -m onnxruntime_genai.models.builder -i HF_FOLDER -o GENAI_MODEL -p fp32 -e cpu
+
+    /tmp/genai-venv/bin/python bench/genai_side.py GENAI_MODEL --ids 1,2,3 --new-tokens 64 --threads 2
+prints one JSON line: decode tokens/s (median), first-token ms and the tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import onnxruntime_genai as og
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--ids", required=True, help="comma-separated input token ids")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    ids = [int(x) for x in args.ids.split(",")]
+    config = og.Config(args.model)
+    config.clear_providers()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    total = len(ids) + args.new_tokens
+    rates, firsts, tokens = [], [], []
+    for repeat in range(args.repeats + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens([ids])  # runs the prompt and yields the first token's logits
+        stamps = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            stamps.append(time.perf_counter())
+        tokens = [int(t) for t in generator.get_sequence(0)][len(ids):]
+        if repeat == 0:
+            continue
+        firsts.append(stamps[0] - start)
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    print(json.dumps({"decode_tokens_per_s": statistics.median(rates), "first_token_ms": 1000 * statistics.median(firsts),
+                      "tokens": tokens}))
+
+
+if __name__ == "__main__":
+    main()
