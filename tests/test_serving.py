@@ -122,6 +122,14 @@ def test_hot_swap_add_replace_remove_and_dot_files(llama_export, tmp_path):
     after = model.generate(TEXTS[0], task="three", max_new_tokens=6)
     fresh = load(llama_export, bank=bank).generate(TEXTS[0], task="three", max_new_tokens=6)
     assert after == fresh and after != before
+    # Served at once; its cached keys/values arrive from a background thread, with the same results.
+    deadline = time.monotonic() + 30
+    while model._resolve(["three"])[0].prefix is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model._resolve(["three"])[0].prefix is not None
+    assert model.generate(TEXTS[0], task="three", max_new_tokens=6) == after
+    model.reload()  # on demand: synchronous, caches included
+    assert all(model._resolve([name])[0].prefix is not None for name in ("three", "seven"))
     # Add by copying files in; a copy tool's dot-named temporary file is not a task.
     other = tmp_path / "other"
     save_prompt(other, "new", random_prompt(5, config.hidden_size, seed=5), fingerprint=config.fingerprint)
