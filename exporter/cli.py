@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention", choices=["sdpa", "eager"], default=None,
         help="attention implementation to trace (default: transformers' choice for the model)",
     )
+    parser.add_argument(
+        "--fuse", action="store_true",
+        help="fuse normalisation, rotary embeddings and attention into onnxruntime contrib ops "
+             "(about 10%% faster decoding on CPU; the graph then needs onnxruntime)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None, help="where converted GGUF models are cached")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = export_model(
             args.model, args.out_dir, opset=args.opset, tolerance=args.tolerance, overwrite=args.force,
-            attention=args.attention, cache_dir=args.cache_dir, log=log,
+            attention=args.attention, fuse=args.fuse, cache_dir=args.cache_dir, log=log,
         )
     except (ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

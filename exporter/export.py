@@ -22,6 +22,7 @@ from softprompt.prompt_bank import backbone_fingerprint
 from softprompt.runtime.config import CONFIG_FILE, ExportConfig
 
 from .errors import ExportError
+from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph, probe_cache
 from .metadata import embedding_table, special_tokens, structural
 from .sources import load_source
@@ -55,6 +56,7 @@ def export_model(
     tolerance: float = 1e-4,
     overwrite: bool = False,
     attention: str | None = None,
+    fuse: bool = False,
     cache_dir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportConfig:
@@ -87,10 +89,17 @@ def export_model(
         step(f"exporting the ONNX graph ({size / 2**20:.0f} MiB of weights, opset {opset}; the longest step)")
         wrapper = CachedDecoder(torch_model, layout)
         export_graph(wrapper, table.shape[1], staging / "model.onnx", opset, external_data=size > EXTERNAL_DATA_BYTES)
+        fusions = None
+        if fuse:
+            log("      fusing normalisation, rotary embeddings and attention into onnxruntime contrib ops")
+            fusions = fuse_for_onnxruntime(staging / "model.onnx", external_data=size > EXTERNAL_DATA_BYTES)
+            log("      " + (", ".join(f"{name}: {count}" for name, count in fusions.items()) or "nothing to fuse"))
 
         step(f"validating against PyTorch (tolerance {tolerance:g} relative to the logits' scale)")
         report = validate(staging / "model.onnx", wrapper, table, tolerance)
         log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
+        if fusions is not None:
+            report["fusions"] = fusions
 
         step("writing softprompt.json")
         graph = onnx.load(str(staging / "model.onnx"), load_external_data=False).graph

@@ -235,3 +235,20 @@ def test_run_model_ensemble_cli(llama_export, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_main([str(llama_export), "--bank", str(bank), "--task", "s1,s2", "--ensemble", "vote", texts[0]])
     assert "--ensemble needs --classify" in capsys.readouterr().err
+
+
+def test_fused_export_serves_the_same_tokens(arch, tmp_path):
+    """--fuse: contrib ops for norms, rotary and attention; padded and cached-prompt batches unchanged."""
+    from softprompt.exporter.export import export_model
+
+    hf_dir, export = arch
+    config = export_model(str(hf_dir), tmp_path / "fused", fuse=True, log=lambda m: None)
+    assert config.validation["fusions"]  # something was fused (the validation above it passed)
+    bank = make_bank(export, tmp_path / "bank")
+    fused = load(tmp_path / "fused", bank=bank, providers="cpu")
+    plain = load(export, bank=bank, providers="cpu")
+    assert [r.token_ids for r in fused.complete(INPUTS, task=MIXED, max_new_tokens=8)] == \
+        [r.token_ids for r in plain.complete(INPUTS, task=MIXED, max_new_tokens=8)]
+    ids = [plain.encode(text, task) for text, task in zip(INPUTS, MIXED)]
+    a, b = fused._logits_for_ids(ids, MIXED)[:, -1], plain._logits_for_ids(ids, MIXED)[:, -1]
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(np.abs(b).max(), 1.0))

@@ -1,0 +1,62 @@
+"""Optional graph fusion for onnxruntime (`export-model --fuse`).
+
+The dynamo export spells every RMSNorm, rotary embedding and attention out in small ops (about
+1,250 nodes for SmolLM2's 30 layers); at batch 1 on a CPU their dispatch costs a tenth of each
+decode step. onnxscript's onnxruntime rewriter turns them into onnxruntime's contrib ops
+(SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, RotaryEmbedding,
+MultiHeadAttention). Measured on SmolLM2 (2 threads): about 10% more decode tokens/s.
+
+Deliberately left out: the GroupQueryAttention fusion (onnxscript's full `optimize_for_ort`).
+That op reads sequence lengths instead of the attention mask, which breaks left-padded batches and
+the runtime's cached prompts (masked columns between a prompt and a row's text): measured, the
+last logits of such a batch moved by 0.79 of their scale. MultiHeadAttention keeps the mask.
+The export's validation against PyTorch runs on the fused graph, padded rows included.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fuse_for_onnxruntime(path: Path, external_data: bool) -> dict[str, int]:
+    """Rewrite the graph at `path` in place; returns how many of each fusion were applied."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions import _core
+    from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_partial_rotary_embedding, fuse_rotary_embedding
+    from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+    from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
+    from onnxscript.rewriter.ort_fusions.skip_normalization import (
+        fuse_skip_layer_normalization,
+        fuse_skip_rms_normalization,
+    )
+
+    model = _core._pre_optimize(ir.load(str(path)))
+    counts = {
+        "rms_normalization": fuse_rms_normalization(model),
+        "skip_layer_normalization": fuse_skip_layer_normalization(model),
+        "skip_rms_normalization": fuse_skip_rms_normalization(model),
+        "rotary_embedding": fuse_rotary_embedding(model),
+        "cos_sin_cache": fuse_cos_sin_cache(model),
+    }
+    common_passes.CommonSubexpressionEliminationPass()(model)
+    counts["partial_rotary_embedding"] = fuse_partial_rotary_embedding(model)
+    counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
+    counts["multi_head_attention"] = replace_sdpa_by_mha(model)
+    optimize(model)
+    rewrite(model, _core.ORT_PATTERN_REWRITE_RULES)
+    # Written beside, then moved over: the loaded model still reads its weights from the old files.
+    scratch = path.parent / f".{path.name}.fused"
+    scratch.mkdir()
+    data_name = path.name + ".data"
+    ir.save(model, str(scratch / path.name), external_data=data_name if external_data else None)
+    os.replace(scratch / path.name, path)
+    if external_data:
+        os.replace(scratch / data_name, path.with_name(data_name))
+    scratch.rmdir()
+    return {name: count for name, count in counts.items() if count}
