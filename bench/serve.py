@@ -135,6 +135,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-torch", action="store_true", help="leave out PyTorch + PEFT")
+    parser.add_argument("--fused-export", type=Path, help="an export made with --fuse, measured at batch 1 beside --export")
     parser.add_argument("--genai-python", type=Path, default=Path("/tmp/genai-venv/bin/python"),
                         help="python of the onnxruntime-genai environment (see bench/genai_side.py)")
     parser.add_argument("--genai-model", type=Path, default=Path("/tmp/genai/smollm2-fp32"),
@@ -163,14 +164,22 @@ def main() -> int:
     model.session = TimedSession(model.session)
     one = workload(model, 1, args.input_tokens)
     eight = workload(model, 8, args.input_tokens)
-    results: dict[str, float] = {}
 
     plain = decode_rate(model, one, [None], args.new_tokens, args.repeats)
     prompted = decode_rate(model, one, ["bench"], args.new_tokens, args.repeats)
     print(f"batch 1, no prompt: {plain['tokens_per_s']:.1f} tokens/s = {plain['tokens_per_s'] / limit:.0%} of the limit "
           f"(target >= 90%); Python outside session.run {plain['python_share']:.1%} of a step (target < 5%)")
     print(f"batch 1, 20-vector prompt: {prompted['tokens_per_s']:.1f} tokens/s, first token {prompted['first_token_ms']:.0f} ms")
-    results.update(batch1=prompted["tokens_per_s"], batch1_plain=plain["tokens_per_s"])
+    if args.fused_export:
+        fused = load(args.fused_export, bank=bank, providers="cpu", threads=args.threads)
+        fused.session = TimedSession(fused.session)
+        fused_plain = decode_rate(fused, one, [None], args.new_tokens, args.repeats)
+        fused_prompted = decode_rate(fused, one, ["bench"], args.new_tokens, args.repeats)
+        print(f"batch 1, --fuse export: {fused_plain['tokens_per_s']:.1f} tokens/s no prompt "
+              f"({fused_plain['tokens_per_s'] / plain['tokens_per_s']:.2f}x the plain export, "
+              f"{fused_plain['tokens_per_s'] / limit:.0%} of the limit, Python {fused_plain['python_share']:.1%}), "
+              f"{fused_prompted['tokens_per_s']:.1f} with the 20-vector prompt, first token {fused_prompted['first_token_ms']:.0f} ms")
+        del fused
 
     none_ms = first_token_ms(model, one, None, 2 * args.repeats)
     p100_ms = first_token_ms(model, one, "p100", 2 * args.repeats)
@@ -229,7 +238,9 @@ def main() -> int:
         same = next((i for i, (a, b) in enumerate(zip(ours, genai["tokens"])) if a != b), None)
         print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai['decode_tokens_per_s']:.1f} tokens/s = "
               f"{genai['decode_tokens_per_s'] / limit:.0%} of the limit, first token {genai['first_token_ms']:.0f} ms; "
-              f"runtime / genai {plain['tokens_per_s'] / genai['decode_tokens_per_s']:.2f}x (target >= 0.95); "
+              f"runtime / genai {plain['tokens_per_s'] / genai['decode_tokens_per_s']:.2f}x"
+              + (f", --fuse export / genai {fused_plain['tokens_per_s'] / genai['decode_tokens_per_s']:.2f}x" if args.fused_export else "")
+              + " (target >= 0.95); "
               + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}"))
     else:
         print(f"onnxruntime-genai: skipped ({args.genai_python} or {args.genai_model} missing; see bench/genai_side.py)")
