@@ -316,14 +316,18 @@ class Model:
         embeds, mask = left_pad(rows)
         held = [0 if prefix is None else prefix[0].shape[1] for prefix in prefixes]
         width = max(held)
-        past = self.empty_past(len(rows), width)
+        if len(rows) == 1 and width:
+            past = [layer[None] for layer in prefixes[0]]  # one row: the cached arrays themselves, no copy
+        else:
+            past = self.empty_past(len(rows), width)
         if width:
             past_mask = np.zeros((len(rows), width), dtype=np.int64)
             for i, prefix in enumerate(prefixes):
                 if prefix is not None:
                     past_mask[i, width - held[i] :] = 1
-                    for layer, values in zip(past, prefix):
-                        layer[i, :, width - held[i] :] = values
+                    if len(rows) > 1:
+                        for layer, values in zip(past, prefix):
+                            layer[i, :, width - held[i] :] = values
             mask = np.concatenate([past_mask, mask], axis=1)
         return embeds, mask, past
 
