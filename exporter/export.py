@@ -21,6 +21,7 @@ import onnx
 from softprompt.prompt_bank import backbone_fingerprint
 from softprompt.runtime.config import CONFIG_FILE, ExportConfig
 
+from .encoder import EncoderGraph, encoder_facts, encoder_tokens, export_encoder_graph, uses_token_types, validate_encoder
 from .errors import ExportError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph, probe_cache
@@ -76,6 +77,12 @@ def export_model(
         torch_model = source.model
         for parameter in torch_model.parameters():
             parameter.requires_grad_(False)
+        if source.kind == "encoder":
+            config = _export_encoder(source, staging, opset, tolerance, fuse, step, log)
+            step(f"moving the export into {out}")
+            _replace_dir(staging, out)
+            step("")
+            return config
 
         step("writing the embedding table and tokenizer")
         layout = probe_cache(torch_model)
@@ -125,6 +132,36 @@ def export_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _export_encoder(source, staging: Path, opset: int, tolerance: float, fuse: bool, step, log) -> ExportConfig:
+    """The encoder path: embeddings, graph to the last hidden state, validation, softprompt.json."""
+    model = source.model
+    step("writing the embedding table and tokenizer")
+    table = embedding_table(model)
+    np.save(staging / "embeddings.npy", table, allow_pickle=False)
+    source.tokenizer.save_pretrained(staging, legacy_format=False)
+    facts = encoder_facts(model, table)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    step(f"exporting the encoder graph ({size / 2**20:.0f} MiB of weights, opset {opset})")
+    graph = EncoderGraph(model, uses_token_types(model))
+    inputs = export_encoder_graph(graph, table.shape[1], staging / "model.onnx", opset, external_data=size > EXTERNAL_DATA_BYTES)
+    fusions = fuse_for_onnxruntime(staging / "model.onnx", size > EXTERNAL_DATA_BYTES) if fuse else None
+    step(f"validating against PyTorch (tolerance {tolerance:g} relative to the hidden states' scale)")
+    report = validate_encoder(staging / "model.onnx", graph, table, tolerance)
+    log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
+    if fusions is not None:
+        report["fusions"] = fusions
+    step("writing softprompt.json")
+    config = ExportConfig(
+        kind="encoder", **facts, **encoder_tokens(source.tokenizer), input_names=inputs,
+        output_names=["last_hidden_state"], opset=opset, dtype="float32",
+        fingerprint=backbone_fingerprint(table, facts),
+        files={"model": "model.onnx", "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
+        source=source.info, validation=report,
+    )
+    (staging / CONFIG_FILE).write_text(config.to_json())
+    return config
 
 
 def _replace_dir(staging: Path, out: Path) -> None:

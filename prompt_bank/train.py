@@ -65,6 +65,8 @@ def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> Backbo
     from softprompt.prompt_bank import backbone_fingerprint
 
     source = load_source(model_spec, log=log)
+    if source.kind != "decoder":
+        raise PromptBankError(f"{model_spec} is an {source.kind}; train-prompt trains prompts for decoder models only so far")
     model = source.model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

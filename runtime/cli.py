@@ -7,7 +7,8 @@ import json
 import sys
 
 EPILOG = """\
-Options may stand before or after the texts. With no TEXT, one input is read per line of
+An encoder export (export-model minilm-l6 ...) prints one JSON sentence embedding per text, or
+labels with --classify. Options may stand before or after the texts. With no TEXT, one input is read per line of
 standard input. Several texts run as one batch and each output is printed under a '> input'
 line. A single text without --json is streamed.
 
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.classify:
             task = members if args.ensemble else args.task
             return _print_labels(texts, args.task, model.classify(texts, task=task, ensemble=args.ensemble), args.json)
+        if model.config.kind == "encoder":  # an encoder makes sentence embeddings, not text
+            for text, vector in zip(texts, model.embed(texts, task=args.task)):
+                print(json.dumps({"input": text, "task": args.task, "embedding": [round(float(x), 6) for x in vector]}))
+            return 0
         if len(texts) == 1 and not args.json:
             for piece in model.stream(texts[0], task=args.task, **settings):
                 sys.stdout.write(piece)

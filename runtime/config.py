@@ -21,7 +21,7 @@ CONFIG_FILE = "softprompt.json"
 class ExportConfig:
     """The contents of `softprompt.json`."""
 
-    kind: str  # "decoder" for now; encoders and encoder-decoders come later
+    kind: str  # "decoder" or "encoder"; encoder-decoders come later
     architecture: str
     model_type: str
     hidden_size: int
@@ -72,7 +72,10 @@ class ExportConfig:
             value = getattr(config, key)
             if not isinstance(value, int) or value <= 0:
                 raise ExportFormatError(f"{where}: {key} is {value!r}; expected a positive integer")
-        if len(config.past_names) != 2 * config.num_layers or len(config.present_names) != 2 * config.num_layers:
+        if config.kind not in ("decoder", "encoder"):
+            raise ExportFormatError(f"{where}: kind {config.kind!r}; this runtime reads 'decoder' and 'encoder' exports")
+        if config.kind == "decoder" and (
+                len(config.past_names) != 2 * config.num_layers or len(config.present_names) != 2 * config.num_layers):
             raise ExportFormatError(
                 f"{where}: {len(config.past_names)} past and {len(config.present_names)} present names "
                 f"for {config.num_layers} layers; expected {2 * config.num_layers} of each"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from .sampling import check_sampling, next_tokens
 from .session import create_session, resolve_providers
 from .tasks import Task, TaskStore
 
+if TYPE_CHECKING:
+    from .encoder import Encoder
+
 Tasks = str | None | Sequence[str | None]
 
 
@@ -41,7 +45,7 @@ def load(
     providers: Sequence[str] | str | None = None,
     threads: int | None = None,
     cache_prompts: bool = True,
-) -> "Model":
+) -> "Model | Encoder":
     """Open an export folder and (optionally) a prompt bank checked against it.
 
     `providers=None` uses CUDA when this onnxruntime has it, else the CPU; `threads` sets
@@ -50,11 +54,17 @@ def load(
     served from the next request on. `cache_prompts=False` runs each prompt with every request
     instead of reusing its cached keys and values (for checking; it is slower).
 
+    An encoder export (BERT, MiniLM, ...) gives an `Encoder` (`embed`, `classify`) instead.
+
     >>> model = load("exports/smollm2", bank="banks/smollm2-135m")   # doctest: +SKIP
     >>> model.classify("a gorgeous film", task="sentiment")          # doctest: +SKIP
     """
     backbone = open_backbone(export_dir)
     session = create_session(backbone.file("model"), resolve_providers(providers), threads)
+    if backbone.config.kind == "encoder":
+        from .encoder import Encoder
+
+        return Encoder(backbone, session, Path(bank) if bank is not None else None)
     return Model(backbone, session, Path(bank) if bank is not None else None, cache_prompts=cache_prompts)
 
 

@@ -1,0 +1,121 @@
+"""Encoders (BERT, RoBERTa, MiniLM and the like): a graph from `inputs_embeds` to the last hidden state.
+
+The word-embedding lookup is the only part left outside the graph (the runtime does it from
+`embeddings.npy`); position embeddings, token-type embeddings and the embedding LayerNorm stay
+inside, so they apply to the prompt rows as to the tokens, exactly as PEFT's prompt tuning of a
+feature-extraction model does. The prompt therefore counts against the model's positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ExportError
+from .metadata import max_positions
+
+# Model types loaded with AutoModel (no language-model head) and exported as encoders.
+ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2",
+    "camembert", "albert", "modernbert", "nomic_bert",
+}
+
+
+def is_encoder(config) -> bool:
+    """An encoder-only model: a known encoder type that is not set up as a decoder."""
+    return config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False)
+
+
+class EncoderGraph(torch.nn.Module):
+    """inputs_embeds [B, T, E], attention_mask [B, T] (, token_type_ids [B, T]) -> last_hidden_state [B, T, E]."""
+
+    def __init__(self, model, token_types: bool):
+        super().__init__()
+        self.model = model
+        self.token_types = token_types
+
+    def forward(self, inputs_embeds, attention_mask, token_type_ids=None):
+        kwargs = {"token_type_ids": token_type_ids} if self.token_types else {}
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+
+def uses_token_types(model) -> bool:
+    return int(getattr(model.config, "type_vocab_size", 0) or 0) > 0 and "token_type_ids" in model.forward.__code__.co_varnames
+
+
+def export_encoder_graph(graph: EncoderGraph, hidden: int, path: Path, opset: int, external_data: bool) -> list[str]:
+    """Export with dynamic batch and sequence; returns the input names."""
+    from torch.export import Dim
+
+    batch, seq = Dim("batch"), Dim("sequence")
+    example = (torch.randn(2, 5, hidden) * 0.02, torch.ones(2, 5, dtype=torch.long))
+    names = ["inputs_embeds", "attention_mask"]
+    dynamic: dict = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    if graph.token_types:
+        example += (torch.zeros(2, 5, dtype=torch.long),)
+        names.append("token_type_ids")
+        dynamic["token_type_ids"] = {0: batch, 1: seq}
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(graph, example, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                                        input_names=names, output_names=["last_hidden_state"], optimize=True, verbose=False)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"torch.onnx.export failed for {type(graph.model).__name__}: {first}") from exc
+    program.save(str(path), external_data=external_data)
+    return names
+
+
+def validate_encoder(path: Path, graph: EncoderGraph, table: np.ndarray, tolerance: float) -> dict:
+    """ONNX against PyTorch on right-padded rows; padded positions are not compared."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    embeds = table[rng.integers(0, table.shape[0], (3, 7))].astype(np.float32)
+    mask = np.ones((3, 7), dtype=np.int64)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask}
+    if graph.token_types:
+        feeds["token_type_ids"] = np.zeros((3, 7), dtype=np.int64)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["last_hidden_state"], feeds)[0]
+    with torch.no_grad():
+        want = graph(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+    keep = mask.astype(bool)
+    diff = float(np.abs(got[keep] - want[keep]).max() / max(np.abs(want[keep]).max(), 1e-12))
+    if not diff <= tolerance:
+        raise ExportError(f"validation failed: last_hidden_state differs from PyTorch by {diff:.2e} of its scale "
+                          f"(tolerance {tolerance:g})")
+    return {"max_relative_diff": {"last_hidden_state, padded rows": diff}, "tolerance": tolerance}
+
+
+def encoder_facts(model, table: np.ndarray) -> dict:
+    config = model.config
+    heads = int(config.num_attention_heads)
+    return {
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "hidden_size": int(table.shape[1]),
+        "vocab_size": int(table.shape[0]),
+        "num_layers": int(config.num_hidden_layers),
+        "num_heads": heads,
+        "num_kv_heads": heads,
+        "head_size": int(config.hidden_size) // heads,
+        "max_positions": max_positions(config),
+    }
+
+
+def encoder_tokens(tokenizer) -> dict:
+    """Special tokens an encoder's runtime needs: [CLS]/[SEP] come from the tokenizer's own template."""
+    return {
+        "bos_token_id": tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id,
+        "eos_token_ids": [t for t in (tokenizer.sep_token_id,) if t is not None],
+        "pad_token_id": tokenizer.pad_token_id,
+    }

