@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datasets  # noqa: E402
 
+from softprompt.prompt_bank import load_prompt, save_prompt  # noqa: E402
 from softprompt.prompt_bank.data import read_jsonl  # noqa: E402
 from softprompt.prompt_bank.task import TaskSpec  # noqa: E402
 from softprompt.prompt_bank.train import (  # noqa: E402
@@ -88,6 +89,8 @@ def main() -> int:
                         help="export of --model; the 'ensemble' method classifies with the runtime")
     parser.add_argument("--json", type=Path, default=Path("bench/results/quality.json"))
     parser.add_argument("--table", action="store_true", help="only print the markdown table of --json")
+    parser.add_argument("--save-bank", type=Path, default=Path("bench/results/prompts"),
+                        help="every trained prompt is also saved here (task names like labels-p20-s0), for ensembles later")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.json.read_text())))
@@ -114,6 +117,8 @@ def main() -> int:
         def prompt_tuning(init: str, length: int) -> None:
             config = TrainConfig(length=length, init=init, lr=args.lr, batch_size=args.batch_size, steps=args.steps, seed=args.seed)
             vectors, log = train_prompt(backbone, train, SPEC, config, progress=False, log=lambda m: None)
+            save_prompt(args.save_bank, f"{init.split(':')[0]}-p{length}-s{args.seed}", vectors,
+                        fingerprint=backbone.fingerprint, extra=SPEC.to_extra(), training=log)
             prompt = torch.from_numpy(vectors)
             record({"method": f"prompt tuning, init {init.split(':')[0]}", "length": length, "trainable": vectors.size,
                     "bytes_per_task": vectors.size * 4, "steps": args.steps, "wall_s": log["wall_time_s"],
@@ -151,17 +156,20 @@ def main() -> int:
 
 def ensemble(backbone, train, test_rows, ood_rows, args, record) -> None:
     """N prompts (P=20, labels init, seeds seed..seed+N-1) combined by the runtime's classify(ensemble=...)."""
-    from softprompt.prompt_bank import save_prompt
     from softprompt.runtime import load
 
-    bank = Path(tempfile.mkdtemp(prefix="quality-ensemble-"))
+    bank = args.save_bank
     members, wall = [], 0.0
     for seed in range(args.seed, args.seed + args.members):
+        name = f"labels-p20-s{seed}"
+        members.append(name)
+        if (bank / f"{name}.npy").is_file():  # trained by an earlier run with the same settings: reuse it
+            wall += load_prompt(bank, name).meta.training["wall_time_s"]
+            continue
         config = TrainConfig(length=20, init="labels", lr=args.lr, batch_size=args.batch_size, steps=args.steps, seed=seed)
         vectors, log = train_prompt(backbone, train, SPEC, config, progress=False, log=lambda m: None)
         wall += log["wall_time_s"]
-        save_prompt(bank, f"seed{seed}", vectors, fingerprint=backbone.fingerprint, extra=SPEC.to_extra())
-        members.append(f"seed{seed}")
+        save_prompt(bank, name, vectors, fingerprint=backbone.fingerprint, extra=SPEC.to_extra(), training=log)
         print(f"member seed {seed} trained in {log['wall_time_s']:.0f} s", file=sys.stderr, flush=True)
     model = load(args.export, bank=bank, providers="cpu")
     scores = {}
