@@ -163,8 +163,9 @@ def ensemble(backbone, train, test_rows, ood_rows, args, record) -> None:
     for seed in range(args.seed, args.seed + args.members):
         name = f"labels-p20-s{seed}"
         members.append(name)
-        if (bank / f"{name}.npy").is_file():  # trained by an earlier run with the same settings: reuse it
-            wall += load_prompt(bank, name).meta.training["wall_time_s"]
+        earlier = load_prompt(bank, name).meta.training if (bank / f"{name}.npy").is_file() else None
+        if earlier and (earlier["steps"], earlier["lr"], earlier["batch_size"]) == (args.steps, args.lr, args.batch_size):
+            wall += earlier["wall_time_s"]  # trained by an earlier run with the same settings: reused
             continue
         config = TrainConfig(length=20, init="labels", lr=args.lr, batch_size=args.batch_size, steps=args.steps, seed=seed)
         vectors, log = train_prompt(backbone, train, SPEC, config, progress=False, log=lambda m: None)
