@@ -52,6 +52,7 @@ class Backbone:
     fingerprint: str
     max_positions: int | None
     eos_ids: list[int]
+    kind: str = "decoder"  # or "encoder" (prompt_bank/train_encoder.py trains those)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -65,12 +66,18 @@ def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> Backbo
     from softprompt.prompt_bank import backbone_fingerprint
 
     source = load_source(model_spec, log=log)
-    if source.kind != "decoder":
-        raise PromptBankError(f"{model_spec} is an {source.kind}; train-prompt trains prompts for decoder models only so far")
     model = source.model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     table = embedding_table(model)
+    if source.kind == "encoder":
+        from softprompt.exporter.encoder import encoder_facts
+
+        facts = encoder_facts(model, table)
+        tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], [], "encoder")
     facts = structural(model, probe_cache(model), table)
     tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
     tokenizer.no_truncation()
@@ -202,6 +209,8 @@ def train_prompt(
     log: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, dict]:
     """Train and return (best prompt [P, E] float32, training record). Ctrl-C stops and keeps the best so far."""
+    if backbone.kind != "decoder":
+        raise PromptBankError("train_prompt trains decoder prompts; encoders go through train_encoder.train_encoder_prompt")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model
@@ -221,7 +230,7 @@ def train_prompt(
     eval_pairs = encode_examples(backbone, eval_data, spec, config.length) if eval_data else None
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = config.steps or max(1, round(config.epochs * steps_per_epoch))
-    optimizer = _optimizer(config, prompt)
+    optimizer = _optimizer(config, [prompt])
 
     best = prompt.detach().clone()
     best_metric: dict | None = None
@@ -267,9 +276,10 @@ def train_prompt(
 
 
 def save_trained(bank: Path, task: str, vectors: np.ndarray, backbone: Backbone, spec: TaskSpec, record: dict,
-                 model_spec: str, overwrite: bool) -> PromptMeta:
+                 model_spec: str, overwrite: bool, head: dict | None = None) -> PromptMeta:
+    extra = {**spec.to_extra(), **({"head": head} if head else {})}
     return save_prompt(bank, task, vectors, fingerprint=backbone.fingerprint, init=record["init"],
-                       source=f"train-prompt {model_spec}", training=record, extra=spec.to_extra(), overwrite=overwrite)
+                       source=f"train-prompt {model_spec}", training=record, extra=extra, overwrite=overwrite)
 
 
 def _better(metric: dict, best: dict | None) -> bool:
@@ -280,14 +290,14 @@ def _better(metric: dict, best: dict | None) -> bool:
     return metric["loss"] < best["loss"]
 
 
-def _optimizer(config: TrainConfig, prompt: torch.nn.Parameter):
+def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
     if config.optimizer == "adamw":
-        return torch.optim.AdamW([prompt], lr=config.lr, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     if config.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         # As the prompt-tuning paper: a fixed learning rate, no parameter scaling.
-        return Adafactor([prompt], lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+        return Adafactor(params, lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False)
     raise PromptBankError(f"optimizer {config.optimizer!r}; expected adamw or adafactor")
 
 

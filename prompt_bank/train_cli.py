@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, default=2, metavar="N",
                         help="recompute every N-th layer's activations in backward to save memory "
                              "(1: least memory, 0: off and fastest; default: 2)")
+    parser.add_argument("--head", choices=["none", "linear"], default="none",
+                        help="encoders only: also train a linear classifier on the pooled embedding, stored with the task "
+                             "(default: none, the nearest label embedding decides)")
     parser.add_argument("--force", action="store_true", help="replace the task if the bank has it")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
@@ -99,8 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         log(f"loading {args.model}")
         backbone = load_backbone(args.model, log=log)
-        vectors, record = train_prompt(backbone, train, spec, config, eval_data=eval_data, progress=not args.quiet, log=log)
-        meta = save_trained(args.bank, args.task, vectors, backbone, spec, record, args.model, overwrite=True)
+        head = None
+        if backbone.kind == "encoder":
+            from .train_encoder import train_encoder_prompt
+
+            vectors, record, head = train_encoder_prompt(backbone, train, spec, config, eval_data=eval_data,
+                                                         head=args.head == "linear", progress=not args.quiet, log=log)
+        elif args.head != "none":
+            raise PromptBankError("--head is for encoder models; a decoder's task is scored by its verbalizers")
+        else:
+            vectors, record = train_prompt(backbone, train, spec, config, eval_data=eval_data, progress=not args.quiet, log=log)
+        meta = save_trained(args.bank, args.task, vectors, backbone, spec, record, args.model, overwrite=True, head=head)
     except (PromptBankError, ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -81,10 +81,11 @@ class Encoder:
         return out
 
     def classify(self, texts: str | Sequence[str], task, ensemble: str | None = None) -> list[dict]:
-        """Label each text by the nearest label embedding (labels embedded without a prompt).
+        """Label each text by the nearest label embedding (labels embedded without a prompt), or by
+        the task's trained linear head when it has one.
 
-        Scores are a softmax over the labels of cosine similarity x 20. `task` and `ensemble`
-        work as in the decoder's `classify`.
+        Scores are a softmax over the labels of cosine similarity x 20 (or of the head's logits).
+        `task` and `ensemble` work as in the decoder's `classify`.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         members = [task] if isinstance(task, str) or task is None else list(task)
@@ -118,9 +119,12 @@ class Encoder:
         if found is None or not found.spec.labels:
             raise RequestError(f"classify needs a classification task; {task!r} has no labels")
         labels = list(found.spec.labels)
-        anchors = self.embed([found.spec.labels[label].strip() or label for label in labels])
-        sims = self.embed(texts, task) @ anchors.T
-        probs = np.exp(log_softmax(SIMILARITY_SCALE * sims.astype(np.float64)))
+        vectors = self.embed(texts, task)
+        if found.head is not None:  # a trained linear classifier on the pooled embedding
+            logits = vectors @ found.head[0].T + found.head[1]
+        else:  # the nearest label embedding, labels embedded without a prompt
+            logits = SIMILARITY_SCALE * (vectors @ self.embed([found.spec.labels[label].strip() or label for label in labels]).T)
+        probs = np.exp(log_softmax(logits.astype(np.float64)))
         return [{"label": labels[int(row.argmax())], "scores": dict(zip(labels, map(float, row)))} for row in probs]
 
     def _resolve(self, names: Sequence[str | None]) -> list[Task | None]:

@@ -26,7 +26,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from softprompt.prompt_bank import PromptBankError, load_prompt
+from softprompt.prompt_bank import InvalidPromptError, PromptBankError, load_prompt
 from softprompt.prompt_bank.task import TaskSpec
 
 log = logging.getLogger("softprompt.runtime")
@@ -45,6 +45,8 @@ class Task:
     # Keys and values of the first P - 1 prompt rows, one [heads, P - 1, head size] array per cache
     # input; the last prompt row is fed with the request so that every row has a new position.
     prefix: tuple[np.ndarray, ...] | None
+    # An encoder task's optional linear classifier on the pooled embedding: weight [labels, E], bias [labels].
+    head: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def length(self) -> int:
@@ -56,7 +58,21 @@ def build_task(name: str, vectors: np.ndarray, extra: Mapping, prefill: Prefill 
     vectors.setflags(write=False)
     spec = TaskSpec.from_extra(dict(extra), f"task {name!r}")
     prefix = prefill(vectors) if prefill is not None else None
-    return Task(name, vectors, spec, prefix)
+    return Task(name, vectors, spec, prefix, _head(extra.get("head"), len(spec.labels), vectors.shape[1], name))
+
+
+def _head(data, labels: int, width: int, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    if data is None:
+        return None
+    try:
+        weight = np.asarray(data["weight"], dtype=np.float32)
+        bias = np.asarray(data["bias"], dtype=np.float32)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise InvalidPromptError(f"task {name!r}: head must be {{'weight': [[...]], 'bias': [...]}} ({exc})") from None
+    if weight.shape != (labels, width) or bias.shape != (labels,) or not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise InvalidPromptError(f"task {name!r}: head weight {weight.shape} / bias {bias.shape}; expected ({labels}, {width}) "
+                         f"and ({labels},) finite values")
+    return weight, bias
 
 
 class TaskStore:

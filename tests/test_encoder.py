@@ -138,3 +138,46 @@ def test_run_model_on_an_encoder_prints_embeddings(bert, capsys):
     assert run_main([str(export), *TEXTS[:2]]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     np.testing.assert_allclose([line["embedding"] for line in lines], load(export).embed(TEXTS[:2]), atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["none", "linear"])
+def test_train_prompt_on_an_encoder(bert, tmp_path, head, capsys):
+    """Encoder frozen; the runtime's classify reproduces the trainer's best evaluation accuracy."""
+    from softprompt.prompt_bank.train import load_backbone
+    from softprompt.prompt_bank.train_cli import main as train_main
+
+    hf, export = bert
+    positive = ["a gorgeous film", "moving and bright", "a joy to watch", "warm, funny, lovely", "gorgeous and moving"]
+    negative = ["dull and slow", "far too long", "a tedious mess", "flat, grey, boring", "slow, dull, long"]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": label}) + "\n"
+                            for texts, label in ((positive, "positive"), (negative, "negative")) for t in texts))
+    backbone = load_backbone(str(hf), log=lambda m: None)
+    before = {name: t.clone() for name, t in backbone.model.state_dict().items()}
+    args = [str(hf), "--data", str(data), "--eval", str(data), "--task", "s", "--bank", str(tmp_path / "bank"),
+            "--length", "4", "--steps", "12", "--batch-size", "4", "--eval-every", "3", "--lr", "0.05", "--head", head, "-q"]
+    assert train_main(args) == 0
+    assert "saved s (4x48)" in capsys.readouterr().out
+    after = load_backbone(str(hf), log=lambda m: None).model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # nothing of the encoder was trained
+    meta = json.loads((tmp_path / "bank" / "s.json").read_text())
+    assert ("head" in meta["extra"]) == (head == "linear")
+    assert meta["training"]["trainable_parameters"] == 4 * 48 + (2 * 48 + 2 if head == "linear" else 0)
+    model = load(export, bank=tmp_path / "bank")
+    results = model.classify(positive + negative, task="s")
+    accuracy = np.mean([r["label"] == label for r, label in zip(results, ["positive"] * 5 + ["negative"] * 5)])
+    assert accuracy == pytest.approx(meta["training"]["best"]["accuracy"])
+
+
+def test_train_prompt_refuses_generation_data_and_head_on_decoders(bert, llama_dir, tmp_path, capsys):
+    from softprompt.prompt_bank.train_cli import main as train_main
+
+    hf, _ = bert
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"input": "a", "output": "b"}) + "\n")
+    assert train_main([str(hf), "--data", str(gen), "--task", "g", "--bank", str(tmp_path / "b"), "-q"]) == 1
+    assert "encoder tasks are classification tasks" in capsys.readouterr().err
+    cls = tmp_path / "cls.jsonl"
+    cls.write_text(json.dumps({"text": "a", "label": "x"}) + "\n" + json.dumps({"text": "b", "label": "y"}) + "\n")
+    assert train_main([str(llama_dir), "--data", str(cls), "--task", "c", "--bank", str(tmp_path / "b"), "--head", "linear", "-q"]) == 1
+    assert "--head is for encoder models" in capsys.readouterr().err

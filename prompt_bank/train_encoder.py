@@ -1,0 +1,158 @@
+"""Prompt tuning for encoders (BERT, MiniLM, ...): the encoder stays frozen; the prompt (and optionally a
+linear head) learns to put each input's pooled embedding nearest to its label.
+
+Labels are anchored by the frozen encoder itself: each label's verbalizer text (without a prompt)
+is embedded once, and the loss is the cross-entropy of the softmax over labels of
+20 x cosine(input embedding under the prompt, label embedding), the runtime's own scoring
+(runtime/encoder.py). With `head=True` a [labels, E] linear layer on the pooled embedding is
+trained with the prompt and stored in the task, the way PEFT keeps a classifier for sequence
+classification; the runtime then scores with it.
+
+Rows are built as the runtime builds them: prompt rows, then the word embeddings of
+[CLS] templated text [SEP], right-padded; the pooled embedding is the mean over the text's tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from softprompt.runtime.encoder import SIMILARITY_SCALE
+
+from .data import Dataset
+from .errors import PromptBankError
+from .init import common_token_ids, init_prompt
+from .task import TaskSpec
+from .train import Backbone, TrainConfig, _better, _optimizer, _progress, shuffled_batches
+
+
+def pooled(model, prompt: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    """[B, E] L2-normalised mean of the last hidden states over each row's tokens (not the prompt rows)."""
+    embed = model.get_input_embeddings()
+    length = max(len(r) for r in rows) + prompt.shape[0]
+    embeds = prompt.new_zeros((len(rows), length, prompt.shape[1]))
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    weights = torch.zeros((len(rows), length, 1))
+    p = prompt.shape[0]
+    for i, ids in enumerate(rows):
+        embeds[i, : p + len(ids)] = torch.cat([prompt, embed(torch.tensor(ids, dtype=torch.long))])
+        mask[i, : p + len(ids)] = 1
+        weights[i, p : p + len(ids)] = 1.0
+    hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    mean = (hidden * weights).sum(1) / weights.sum(1)
+    return torch.nn.functional.normalize(mean, dim=-1)
+
+
+def label_logits(vectors: torch.Tensor, anchors: torch.Tensor, head: torch.nn.Linear | None) -> torch.Tensor:
+    return head(vectors) if head is not None else SIMILARITY_SCALE * vectors @ anchors.T
+
+
+def train_encoder_prompt(
+    backbone: Backbone,
+    train: Dataset,
+    spec: TaskSpec,
+    config: TrainConfig,
+    *,
+    eval_data: Dataset | None = None,
+    head: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[np.ndarray, dict, dict | None]:
+    """Return (best prompt [P, E], training record, head {"weight", "bias"} or None)."""
+    if train.kind != "classification":
+        raise PromptBankError(f"{train.path}: encoder tasks are classification tasks; got {train.kind} data")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = backbone.model
+    frozen = sum(p.numel() for p in model.parameters())
+    labels = list(spec.labels)
+    start = init_prompt(
+        config.init, config.length, backbone.table,
+        encode=lambda text: backbone.encode(text, add_special_tokens=False),
+        common_ids=common_token_ids(backbone.tokenizer.to_str()),
+        label_words=list(spec.labels.values()), fingerprint=backbone.fingerprint, rng=rng,
+    )
+    prompt = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    linear = torch.nn.Linear(prompt.shape[1], len(labels)) if head else None
+    params = [prompt, *(linear.parameters() if linear else [])]
+    trainable = sum(p.numel() for p in params)
+    log(f"trainable parameters: {trainable:,} (prompt {config.length} x {prompt.shape[1]}"
+        f"{f' + head {len(labels)} x {prompt.shape[1]} + {len(labels)}' if linear else ''}); frozen: {frozen:,}")
+    limit = backbone.max_positions
+
+    def encode(data: Dataset) -> tuple[list[list[int]], list[int]]:
+        rows, targets = [], []
+        for number, example in enumerate(data.examples, 1):
+            ids = backbone.encode(spec.apply(example.text))
+            if limit is not None and config.length + len(ids) > limit:
+                raise PromptBankError(f"{data.path}:{number}: {config.length} prompt + {len(ids)} tokens exceed "
+                                      f"the model's {limit} positions")
+            rows.append(ids)
+            targets.append(labels.index(example.target))
+        return rows, targets
+
+    rows, targets = encode(train)
+    eval_rows, eval_targets = encode(eval_data) if eval_data else (None, None)
+    with torch.no_grad():
+        anchors = pooled(model, prompt.new_zeros((0, prompt.shape[1])),
+                         [backbone.encode(spec.labels[label].strip() or label) for label in labels])
+
+    def accuracy() -> dict:
+        with torch.no_grad():
+            hits = 0
+            for i in range(0, len(eval_rows), 32):
+                logits = label_logits(pooled(model, prompt, eval_rows[i : i + 32]), anchors, linear)
+                hits += int((logits.argmax(1) == torch.tensor(eval_targets[i : i + 32])).sum())
+            return {"accuracy": hits / len(eval_rows)}
+
+    total = config.steps or max(1, round(config.epochs * math.ceil(len(rows) / config.batch_size)))
+    optimizer = _optimizer(config, params)
+    batches = shuffled_batches(len(rows), config.batch_size, rng)
+    best, best_head, best_metric, history = prompt.detach().clone(), _head_state(linear), None, []
+    started, step, interrupted = time.perf_counter(), 0, False
+    bar = _progress(total, progress)
+    try:
+        for step in range(1, total + 1):
+            picked = next(batches)
+            logits = label_logits(pooled(model, prompt, [rows[i] for i in picked]), anchors, linear)
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([targets[i] for i in picked]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            postfix = {"loss": f"{loss.item():.3f}"}
+            if eval_rows and (step % config.eval_every == 0 or step == total):
+                metric = accuracy()
+                history.append({"step": step, **metric})
+                if _better(metric, best_metric):
+                    best_metric, best, best_head = {"step": step, **metric}, prompt.detach().clone(), _head_state(linear)
+                postfix["accuracy"] = f"{metric['accuracy']:.3f}"
+            bar.set_postfix(postfix)
+            bar.update(1)
+    except KeyboardInterrupt:
+        interrupted, step = True, step - 1
+        log(f"\ninterrupted after {step} steps; keeping the best prompt so far")
+    finally:
+        bar.close()
+    if not eval_rows:
+        best, best_head = prompt.detach().clone(), _head_state(linear)
+    record = {
+        "data": str(train.path), "data_sha256": train.sha256, "examples": len(rows),
+        "eval_data": str(eval_data.path) if eval_data else None,
+        "eval_data_sha256": eval_data.sha256 if eval_data else None,
+        "steps": step, "batch_size": config.batch_size, "optimizer": config.optimizer, "lr": config.lr,
+        "seed": config.seed, "init": config.init, "best": best_metric, "history": history,
+        "objective": "linear head" if linear else f"nearest label embedding (cosine x {SIMILARITY_SCALE:g})",
+        "trainable_parameters": trainable, "frozen_parameters": frozen,
+        "wall_time_s": round(time.perf_counter() - started, 2), "interrupted": interrupted,
+    }
+    return best.numpy().astype(np.float32), record, best_head
+
+
+def _head_state(linear: torch.nn.Linear | None) -> dict | None:
+    if linear is None:
+        return None
+    return {"weight": linear.weight.detach().tolist(), "bias": linear.bias.detach().tolist()}
