@@ -89,6 +89,8 @@ def main() -> int:
                         help="export of --model; the 'ensemble' method classifies with the runtime")
     parser.add_argument("--json", type=Path, default=Path("bench/results/quality.json"))
     parser.add_argument("--table", action="store_true", help="only print the markdown table of --json")
+    parser.add_argument("--minilm-export", type=Path, default=Path("exports/minilm"),
+                        help="export of minilm-l6 for the 'minilm' method")
     parser.add_argument("--save-bank", type=Path, default=Path("bench/results/prompts"),
                         help="every trained prompt is also saved here (task names like labels-p20-s0), for ensembles later")
     args = parser.parse_args()
@@ -103,8 +105,8 @@ def main() -> int:
         train = read_jsonl(write(train_rows, Path(folder) / "train.jsonl"))
         test = read_jsonl(write(test_rows[: args.test_size], Path(folder) / "test.jsonl"))
         ood = read_jsonl(write(ood_rows, Path(folder) / "tweets.jsonl"))
-        backbone = load_backbone(args.model, log=lambda m: print(m, file=sys.stderr))
-        width = backbone.table.shape[1]
+        backbone = load_backbone(args.model, log=lambda m: print(m, file=sys.stderr)) if args.methods != "minilm" else None
+        width = backbone.table.shape[1] if backbone is not None else 0
         results = json.loads(args.json.read_text()) if args.json.is_file() else []
         args.json.parent.mkdir(parents=True, exist_ok=True)
 
@@ -132,6 +134,8 @@ def main() -> int:
             elif method.startswith("pt-"):
                 init = method[3:]
                 prompt_tuning(TEXT_INIT if init == "text" else init, 20)
+            elif method == "minilm":
+                minilm(train, test_rows[: args.test_size], ood_rows, args, record)
             elif method == "ensemble":
                 ensemble(backbone, train, test_rows[: args.test_size], ood_rows, args, record)
             elif method == "lengths":
@@ -152,6 +156,40 @@ def main() -> int:
                 raise SystemExit(f"unknown method {method!r}")
     print(table(results))
     return 0
+
+
+def minilm(train, test_rows, ood_rows, args, record) -> None:
+    """The encoder built-in: no prompt (nearest label embedding), a trained prompt, and prompt + linear head."""
+    from softprompt.prompt_bank.train_encoder import train_encoder_prompt
+    from softprompt.runtime import load
+
+    spec = TaskSpec(labels={"positive": "positive", "negative": "negative"})
+    backbone = load_backbone("minilm-l6", log=lambda m: None)
+    bank = args.save_bank.with_name(args.save_bank.name + "-minilm")  # a bank holds one backbone's prompts
+    bank.mkdir(parents=True, exist_ok=True)
+    model = load(args.minilm_export, bank=bank, providers="cpu")
+
+    def accuracy(task, rows) -> float:
+        texts, gold = [t for t, _ in rows], [label for _, label in rows]
+        if task is None:
+            anchors = model.embed(list(spec.labels))
+            picked = (model.embed(texts) @ anchors.T).argmax(1)
+            return float(np.mean([list(spec.labels)[i] == g for i, g in zip(picked, gold)]))
+        return float(np.mean([r["label"] == g for r, g in zip(model.classify(texts, task=task), gold)]))
+
+    record({"method": "MiniLM-L6, no prompt (nearest label embedding)", "length": 0, "trainable": 0, "bytes_per_task": 0,
+            "wall_s": 0.0, "in_domain": accuracy(None, test_rows), "out_of_domain": accuracy(None, ood_rows)})
+    for head in (False, True):
+        config = TrainConfig(length=20, init="labels", lr=args.lr, batch_size=args.batch_size, steps=args.steps, seed=args.seed)
+        vectors, log, head_state = train_encoder_prompt(backbone, train, spec, config, head=head, progress=False, log=lambda m: None)
+        name = f"minilm-{'head' if head else 'prompt'}-p20-s{args.seed}"
+        extra = {**spec.to_extra(), **({"head": head_state} if head_state else {})}
+        save_prompt(bank, name, vectors, fingerprint=backbone.fingerprint, extra=extra, training=log)
+        model.reload()
+        record({"method": f"MiniLM-L6, prompt tuning{' + linear head' if head else ''}", "length": 20,
+                "trainable": log["trainable_parameters"], "bytes_per_task": 4 * log["trainable_parameters"],
+                "steps": args.steps, "wall_s": log["wall_time_s"],
+                "in_domain": accuracy(name, test_rows), "out_of_domain": accuracy(name, ood_rows)})
 
 
 def ensemble(backbone, train, test_rows, ood_rows, args, record) -> None:
