@@ -112,7 +112,7 @@ def train_encoder_prompt(
     total = config.steps or max(1, round(config.epochs * math.ceil(len(rows) / config.batch_size)))
     optimizer = _optimizer(config, params)
     batches = shuffled_batches(len(rows), config.batch_size, rng)
-    best, best_head, best_metric, history = prompt.detach().clone(), _head_state(linear), None, []
+    best, best_head, best_metric, history = prompt.detach().clone(), _head_state(linear, labels), None, []
     started, step, interrupted = time.perf_counter(), 0, False
     bar = _progress(total, progress)
     try:
@@ -128,7 +128,7 @@ def train_encoder_prompt(
                 metric = accuracy()
                 history.append({"step": step, **metric})
                 if _better(metric, best_metric):
-                    best_metric, best, best_head = {"step": step, **metric}, prompt.detach().clone(), _head_state(linear)
+                    best_metric, best, best_head = {"step": step, **metric}, prompt.detach().clone(), _head_state(linear, labels)
                 postfix["accuracy"] = f"{metric['accuracy']:.3f}"
             bar.set_postfix(postfix)
             bar.update(1)
@@ -138,7 +138,7 @@ def train_encoder_prompt(
     finally:
         bar.close()
     if not eval_rows:
-        best, best_head = prompt.detach().clone(), _head_state(linear)
+        best, best_head = prompt.detach().clone(), _head_state(linear, labels)
     record = {
         "data": str(train.path), "data_sha256": train.sha256, "examples": len(rows),
         "eval_data": str(eval_data.path) if eval_data else None,
@@ -152,7 +152,8 @@ def train_encoder_prompt(
     return best.numpy().astype(np.float32), record, best_head
 
 
-def _head_state(linear: torch.nn.Linear | None) -> dict | None:
+def _head_state(linear: torch.nn.Linear | None, labels: list[str]) -> dict | None:
+    """The head as stored in the task: rows named by label (the record's label order may change on saving)."""
     if linear is None:
         return None
-    return {"weight": linear.weight.detach().tolist(), "bias": linear.bias.detach().tolist()}
+    return {"labels": labels, "weight": linear.weight.detach().tolist(), "bias": linear.bias.detach().tolist()}

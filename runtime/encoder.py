@@ -17,21 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.prompt_bank import UnknownTaskError
 from softprompt.prompt_bank.task import TaskSpec
 
 from .backbone import Backbone
 from .batch import embed_row
 from .classify import combine, log_softmax
 from .errors import InferenceError, RequestError
-from .tasks import Task, TaskStore
+from .tasks import ServesTasks, Task, TaskStore
 
 # Cosine similarities lie in [-1, 1]; scaled by this before the softmax over labels, as
 # sentence-transformers scales them in its contrastive losses, so the scores read as probabilities.
 SIMILARITY_SCALE = 20.0
 
 
-class Encoder:
+class Encoder(ServesTasks):
     """A loaded encoder export: `embed` and `classify`, optionally under task prompts."""
 
     def __init__(self, backbone: Backbone, session, bank: Path | None = None):
@@ -42,21 +41,6 @@ class Encoder:
         self.bank = bank
         self._token_types = "token_type_ids" in config.input_names
         self._store = TaskStore(bank, width=config.hidden_size, fingerprint=config.fingerprint, prefill=None)
-
-    @property
-    def tasks(self) -> list[str]:
-        return sorted(self._store.current())
-
-    @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
-
-    def reload(self) -> list[str]:
-        return sorted(self._store.reload())
-
-    def prompt(self, task: str | None) -> np.ndarray | None:
-        found = self._resolve([task])[0]
-        return None if found is None else found.vectors
 
     def encode(self, text: str, task: str | None = None) -> list[int]:
         """Token ids of `text` in the task's template, with the tokenizer's [CLS]/[SEP]."""
@@ -126,19 +110,6 @@ class Encoder:
             logits = SIMILARITY_SCALE * (vectors @ self.embed([found.spec.labels[label].strip() or label for label in labels]).T)
         probs = np.exp(log_softmax(logits.astype(np.float64)))
         return [{"label": labels[int(row.argmax())], "scores": dict(zip(labels, map(float, row)))} for row in probs]
-
-    def _resolve(self, names: Sequence[str | None]) -> list[Task | None]:
-        current = self._store.current()
-        found = []
-        for name in names:
-            if name is None:
-                found.append(None)
-            elif name in current:
-                found.append(current[name])
-            else:
-                where = f"bank {self.bank}" if self.bank else "this model (no bank was loaded)"
-                raise UnknownTaskError(f"no task {name!r} in {where}; tasks: {', '.join(sorted(current)) or 'none'}")
-        return found
 
     def _pooled(self, ids: list[list[int]], found: list[Task | None]) -> np.ndarray:
         """Mean last hidden state over each row's text tokens: [B, E]."""

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from softprompt.prompt_bank import UnknownTaskError
 from softprompt.prompt_bank.task import TaskSpec
 
 from .backbone import Backbone, open_backbone
@@ -31,7 +30,7 @@ from .errors import InferenceError, RequestError
 from .generate import Completion, RowText, decode_steps
 from .sampling import check_sampling, next_tokens
 from .session import create_session, resolve_providers
-from .tasks import Task, TaskStore
+from .tasks import ServesTasks, Task, TaskStore
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -68,7 +67,7 @@ def load(
     return Model(backbone, session, Path(bank) if bank is not None else None, cache_prompts=cache_prompts)
 
 
-class Model:
+class Model(ServesTasks):
     """A loaded export: `generate`, `stream`, `complete` and `classify`, optionally under task prompts."""
 
     def __init__(self, backbone: Backbone, session, bank: Path | None = None, *, cache_prompts: bool = True):
@@ -90,23 +89,6 @@ class Model:
                                 prefill=self._prefill if cache_prompts else None)
 
     # ---- tasks and tokens -------------------------------------------------------------------
-
-    @property
-    def tasks(self) -> list[str]:
-        return sorted(self._store.current())
-
-    @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
-
-    def reload(self) -> list[str]:
-        """Re-read every task file of the bank now (changes are also picked up before each request)."""
-        return sorted(self._store.reload())
-
-    def prompt(self, task: str | None) -> np.ndarray | None:
-        """The [P, E] float32 soft prompt of `task`, or None for no prompt."""
-        found = self._resolve([task])[0]
-        return None if found is None else found.vectors
 
     def task_spec(self, task: str | None) -> TaskSpec:
         """The task's template and labels (no task: the text as it is, no labels)."""
@@ -242,23 +224,6 @@ class Model:
         return results
 
     # ---- internals --------------------------------------------------------------------------
-
-    def _resolve(self, names: Sequence[str | None]) -> list[Task | None]:
-        """The Task objects of one request, all from one version of the bank."""
-        current = self._store.current()
-        found = []
-        for name in names:
-            if name is None:
-                found.append(None)
-                continue
-            if not isinstance(name, str):
-                raise RequestError(f"task {name!r}; expected a task name or None")
-            task = current.get(name)
-            if task is None:
-                where = f"bank {self.bank}" if self.bank else "this model (no bank was loaded)"
-                raise UnknownTaskError(f"no task {name!r} in {where}; tasks: {', '.join(sorted(current)) or 'none'}")
-            found.append(task)
-        return found
 
     def _label_probabilities(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[np.ndarray]:
         verbalizers = []

@@ -20,14 +20,16 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 
-from softprompt.prompt_bank import InvalidPromptError, PromptBankError, load_prompt
+from softprompt.prompt_bank import InvalidPromptError, PromptBankError, UnknownTaskError, load_prompt
 from softprompt.prompt_bank.task import TaskSpec
+
+from .errors import RequestError
 
 log = logging.getLogger("softprompt.runtime")
 
@@ -58,21 +60,25 @@ def build_task(name: str, vectors: np.ndarray, extra: Mapping, prefill: Prefill 
     vectors.setflags(write=False)
     spec = TaskSpec.from_extra(dict(extra), f"task {name!r}")
     prefix = prefill(vectors) if prefill is not None else None
-    return Task(name, vectors, spec, prefix, _head(extra.get("head"), len(spec.labels), vectors.shape[1], name))
+    return Task(name, vectors, spec, prefix, _head(extra.get("head"), list(spec.labels), vectors.shape[1], name))
 
 
-def _head(data, labels: int, width: int, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _head(data, names: list[str], width: int, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The head's weight and bias with rows in the order of the task's labels."""
     if data is None:
         return None
     try:
         weight = np.asarray(data["weight"], dtype=np.float32)
         bias = np.asarray(data["bias"], dtype=np.float32)
+        order = [list(data["labels"]).index(label) for label in names]
     except (TypeError, KeyError, ValueError) as exc:
-        raise InvalidPromptError(f"task {name!r}: head must be {{'weight': [[...]], 'bias': [...]}} ({exc})") from None
+        raise InvalidPromptError(f"task {name!r}: head must be {{'labels': [...], 'weight': [[...]], 'bias': [...]}} "
+                                 f"naming the task's labels {names} ({exc})") from None
+    labels = len(names)
     if weight.shape != (labels, width) or bias.shape != (labels,) or not (np.isfinite(weight).all() and np.isfinite(bias).all()):
         raise InvalidPromptError(f"task {name!r}: head weight {weight.shape} / bias {bias.shape}; expected ({labels}, {width}) "
                          f"and ({labels},) finite values")
-    return weight, bias
+    return weight[order], bias[order]
 
 
 class TaskStore:
@@ -95,6 +101,23 @@ class TaskStore:
             with self._lock:
                 self._refresh(strict=False)
         return self._tasks
+
+    def resolve(self, names: Sequence[str | None]) -> list[Task | None]:
+        """The Task objects of one request (None stays None), all from one version of the bank."""
+        current = self.current()
+        found = []
+        for name in names:
+            if name is None:
+                found.append(None)
+                continue
+            if not isinstance(name, str):
+                raise RequestError(f"task {name!r}; expected a task name or None")
+            task = current.get(name)
+            if task is None:
+                where = f"bank {self.bank}" if self.bank else "this model (no bank was loaded)"
+                raise UnknownTaskError(f"no task {name!r} in {where}; tasks: {', '.join(sorted(current)) or 'none'}")
+            found.append(task)
+        return found
 
     def reload(self) -> Mapping[str, Task]:
         """Re-read every task file now, even unchanged ones."""
@@ -166,3 +189,32 @@ def _entry_stat(entry: os.DirEntry) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+class ServesTasks:
+    """What a loaded export says about its tasks, shared by the decoder `Model` and the `Encoder`.
+
+    Needs `self._store` (a TaskStore) and `self.session`.
+    """
+
+    _store: TaskStore
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self._store.current())
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def reload(self) -> list[str]:
+        """Re-read every task file of the bank now (changes are also picked up before each request)."""
+        return sorted(self._store.reload())
+
+    def prompt(self, task: str | None) -> np.ndarray | None:
+        """The [P, E] float32 soft prompt of `task`, or None for no prompt."""
+        found = self._store.resolve([task])[0]
+        return None if found is None else found.vectors
+
+    def _resolve(self, names: Sequence[str | None]) -> list[Task | None]:
+        return self._store.resolve(names)

@@ -181,3 +181,21 @@ def test_train_prompt_refuses_generation_data_and_head_on_decoders(bert, llama_d
     cls.write_text(json.dumps({"text": "a", "label": "x"}) + "\n" + json.dumps({"text": "b", "label": "y"}) + "\n")
     assert train_main([str(llama_dir), "--data", str(cls), "--task", "c", "--bank", str(tmp_path / "b"), "--head", "linear", "-q"]) == 1
     assert "--head is for encoder models" in capsys.readouterr().err
+
+
+def test_head_rows_follow_label_names_not_record_order(bert, tmp_path):
+    """Saving sorts the record's keys: a head trained with labels in another order must still match them."""
+    hf, export = bert
+    config = json.loads((export / "softprompt.json").read_text())
+    width = config["hidden_size"]
+    weight = np.zeros((2, width), np.float32)
+    weight[0, 0] = 50.0  # the head's first row ("zeta") fires on feature 0
+    spec = TaskSpec(labels={"zeta": "zeta", "alpha": "alpha"})
+    head = {"labels": ["zeta", "alpha"], "weight": weight.tolist(), "bias": [0.0, 0.0]}
+    save_prompt(tmp_path, "h", random_prompt(2, width), fingerprint=config["fingerprint"],
+                extra={**spec.to_extra(), "head": head})
+    model = load(export, bank=tmp_path)
+    vector = model.embed("the quick brown fox", task="h")[0]
+    result = model.classify("the quick brown fox", task="h")[0]
+    assert result["label"] == ("zeta" if vector[0] > 0 else "alpha")
+    assert result["scores"]["zeta"] == pytest.approx(1 / (1 + np.exp(-50.0 * vector[0])), abs=1e-5)
