@@ -263,16 +263,25 @@ def train_prompt(
         bar.close()
     if not eval_pairs:
         best = prompt.detach().clone()
-    record = {
-        "data": str(train.path), "data_sha256": train.sha256, "examples": len(pairs),
+    record = training_record(train, eval_data, config, examples=len(pairs), steps=step, best=best_metric,
+                             history=history, trainable=prompt.numel(), frozen=frozen, started=started,
+                             interrupted=interrupted)
+    return best.numpy().astype(np.float32), record
+
+
+def training_record(train: Dataset, eval_data: Dataset | None, config: TrainConfig, *, examples: int, steps: int,
+                    best: dict | None, history: list, trainable: int, frozen: int, started: float,
+                    interrupted: bool, **more) -> dict:
+    """What a task's metadata says about how its prompt was trained (`training` in NAME.json)."""
+    return {
+        "data": str(train.path), "data_sha256": train.sha256, "examples": examples,
         "eval_data": str(eval_data.path) if eval_data else None,
         "eval_data_sha256": eval_data.sha256 if eval_data else None,
-        "steps": step, "batch_size": config.batch_size, "optimizer": config.optimizer, "lr": config.lr,
-        "seed": config.seed, "init": config.init, "best": best_metric, "history": history,
-        "trainable_parameters": prompt.numel(), "frozen_parameters": frozen,
+        "steps": steps, "batch_size": config.batch_size, "optimizer": config.optimizer, "lr": config.lr,
+        "seed": config.seed, "init": config.init, "best": best, "history": history, **more,
+        "trainable_parameters": trainable, "frozen_parameters": frozen,
         "wall_time_s": round(time.perf_counter() - started, 2), "interrupted": interrupted,
     }
-    return best.numpy().astype(np.float32), record
 
 
 def save_trained(bank: Path, task: str, vectors: np.ndarray, backbone: Backbone, spec: TaskSpec, record: dict,

@@ -27,7 +27,7 @@ from .data import Dataset
 from .errors import PromptBankError
 from .init import common_token_ids, init_prompt
 from .task import TaskSpec
-from .train import Backbone, TrainConfig, _better, _optimizer, _progress, shuffled_batches
+from .train import Backbone, TrainConfig, _better, _optimizer, _progress, shuffled_batches, training_record
 
 
 def pooled(model, prompt: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
@@ -139,16 +139,11 @@ def train_encoder_prompt(
         bar.close()
     if not eval_rows:
         best, best_head = prompt.detach().clone(), _head_state(linear, labels)
-    record = {
-        "data": str(train.path), "data_sha256": train.sha256, "examples": len(rows),
-        "eval_data": str(eval_data.path) if eval_data else None,
-        "eval_data_sha256": eval_data.sha256 if eval_data else None,
-        "steps": step, "batch_size": config.batch_size, "optimizer": config.optimizer, "lr": config.lr,
-        "seed": config.seed, "init": config.init, "best": best_metric, "history": history,
-        "objective": "linear head" if linear else f"nearest label embedding (cosine x {SIMILARITY_SCALE:g})",
-        "trainable_parameters": trainable, "frozen_parameters": frozen,
-        "wall_time_s": round(time.perf_counter() - started, 2), "interrupted": interrupted,
-    }
+    record = training_record(
+        train, eval_data, config, examples=len(rows), steps=step, best=best_metric, history=history,
+        trainable=trainable, frozen=frozen, started=started, interrupted=interrupted,
+        objective="linear head" if linear else f"nearest label embedding (cosine x {SIMILARITY_SCALE:g})",
+    )
     return best.numpy().astype(np.float32), record, best_head
 
 
