@@ -184,14 +184,17 @@ def _export_peft(args) -> int:
     layers = heads = 0
     base = None
     fingerprint = None
+    task_type = "CAUSAL_LM"
     if args.model:
         from softprompt.runtime.config import read_config
 
         config = read_config(args.model)
         layers, heads, fingerprint = config.num_layers, config.num_heads, config.fingerprint
         base = config.source.get("path") or config.source.get("name")
+        task_type = "FEATURE_EXTRACTION" if config.kind == "encoder" else "CAUSAL_LM"
     prompt = load_prompt(args.bank, args.task, fingerprint=fingerprint)
-    write_peft_adapter(args.out, prompt.vectors.astype(np.float32), num_layers=layers, num_attention_heads=heads, base_model=base)
+    write_peft_adapter(args.out, prompt.vectors.astype(np.float32), num_layers=layers, num_attention_heads=heads,
+                       base_model=base, task_type=task_type)
     dropped = [k for k in ("template", "labels") if prompt.meta.extra.get(k) not in (None, {}, "{text}")]
     note = f" (PEFT has no place for the task's {' and '.join(dropped)}: apply them yourself)" if dropped else ""
     print(f"wrote {args.out}: {prompt.meta.length}x{prompt.meta.width} prompt of {args.task}{note}")

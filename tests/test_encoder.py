@@ -199,3 +199,19 @@ def test_head_rows_follow_label_names_not_record_order(bert, tmp_path):
     result = model.classify("the quick brown fox", task="h")[0]
     assert result["label"] == ("zeta" if vector[0] > 0 else "alpha")
     assert result["scores"]["zeta"] == pytest.approx(1 / (1 + np.exp(-50.0 * vector[0])), abs=1e-5)
+
+
+def test_export_peft_of_an_encoder_task_loads_as_feature_extraction(bert, tmp_path, capsys):
+    import peft
+    from transformers import AutoModel
+
+    from softprompt.prompt_bank.cli import main as bank_main
+
+    hf, export = bert
+    config = json.loads((export / "softprompt.json").read_text())
+    prompt = random_prompt(3, config["hidden_size"], seed=9)
+    save_prompt(tmp_path / "bank", "t", prompt, fingerprint=config["fingerprint"])
+    assert bank_main(["export-peft", str(tmp_path / "bank"), "t", str(tmp_path / "adapter"), "--model", str(export)]) == 0
+    loaded = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(hf), tmp_path / "adapter")
+    assert loaded.peft_config["default"].task_type == "FEATURE_EXTRACTION"
+    np.testing.assert_array_equal(loaded.prompt_encoder["default"].embedding.weight.detach().numpy(), prompt)
