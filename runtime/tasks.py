@@ -93,6 +93,8 @@ class TaskStore:
         self._tasks: Mapping[str, Task] = MappingProxyType({})
         self._seen: dict[str, Stamp] = {}  # last stamps looked at, including ones that failed to load
         if bank is not None:
+            if not Path(bank).is_dir():
+                raise InvalidPromptError(f"bank {bank} is not a folder")
             self._refresh(strict=True, background=False)
 
     def current(self) -> Mapping[str, Task]:

@@ -252,3 +252,10 @@ def test_fused_export_serves_the_same_tokens(arch, tmp_path):
     ids = [plain.encode(text, task) for text, task in zip(INPUTS, MIXED)]
     a, b = fused._logits_for_ids(ids, MIXED)[:, -1], plain._logits_for_ids(ids, MIXED)[:, -1]
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(np.abs(b).max(), 1.0))
+
+
+def test_a_missing_bank_folder_is_refused_at_load(llama_export, tmp_path):
+    from softprompt.prompt_bank import InvalidPromptError
+
+    with pytest.raises(InvalidPromptError, match="is not a folder"):
+        load(llama_export, bank=tmp_path / "no-such-bank")
