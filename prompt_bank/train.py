@@ -217,12 +217,7 @@ def train_prompt(
     frozen = sum(p.numel() for p in model.parameters())
     if any(p.requires_grad for p in model.parameters()):
         raise PromptBankError("the backbone has trainable parameters; prompt tuning keeps every backbone weight frozen")
-    start_values = init_prompt(
-        config.init, config.length, backbone.table,
-        encode=lambda text: backbone.encode(text, add_special_tokens=False),
-        common_ids=common_token_ids(backbone.tokenizer.to_str()),
-        label_words=list(spec.labels.values()), fingerprint=backbone.fingerprint, rng=rng,
-    )
+    start_values = starting_prompt(backbone, spec, config, rng)
     prompt = torch.nn.Parameter(torch.from_numpy(start_values.copy()))
     enable_checkpointing(model, config.checkpoint_every)
     log(f"trainable parameters: {prompt.numel():,} (prompt {config.length} x {prompt.shape[1]}); frozen: {frozen:,}")
@@ -267,6 +262,16 @@ def train_prompt(
                              history=history, trainable=prompt.numel(), frozen=frozen, started=started,
                              interrupted=interrupted)
     return best.numpy().astype(np.float32), record
+
+
+def starting_prompt(backbone: Backbone, spec: TaskSpec, config: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    """The [P, E] prompt training starts from, by `config.init` (docs/TRAINING.md)."""
+    return init_prompt(
+        config.init, config.length, backbone.table,
+        encode=lambda text: backbone.encode(text, add_special_tokens=False),
+        common_ids=common_token_ids(backbone.tokenizer.to_str()),
+        label_words=list(spec.labels.values()), fingerprint=backbone.fingerprint, rng=rng,
+    )
 
 
 def training_record(train: Dataset, eval_data: Dataset | None, config: TrainConfig, *, examples: int, steps: int,

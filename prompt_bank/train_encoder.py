@@ -25,9 +25,10 @@ from softprompt.runtime.encoder import SIMILARITY_SCALE
 
 from .data import Dataset
 from .errors import PromptBankError
-from .init import common_token_ids, init_prompt
 from .task import TaskSpec
-from .train import Backbone, TrainConfig, _better, _optimizer, _progress, shuffled_batches, training_record
+from .train import (
+    Backbone, TrainConfig, _better, _optimizer, _progress, shuffled_batches, starting_prompt, training_record,
+)
 
 
 def pooled(model, prompt: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
@@ -70,12 +71,7 @@ def train_encoder_prompt(
     model = backbone.model
     frozen = sum(p.numel() for p in model.parameters())
     labels = list(spec.labels)
-    start = init_prompt(
-        config.init, config.length, backbone.table,
-        encode=lambda text: backbone.encode(text, add_special_tokens=False),
-        common_ids=common_token_ids(backbone.tokenizer.to_str()),
-        label_words=list(spec.labels.values()), fingerprint=backbone.fingerprint, rng=rng,
-    )
+    start = starting_prompt(backbone, spec, config, rng)
     prompt = torch.nn.Parameter(torch.from_numpy(start.copy()))
     linear = torch.nn.Linear(prompt.shape[1], len(labels)) if head else None
     params = [prompt, *(linear.parameters() if linear else [])]
