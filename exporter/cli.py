@@ -1,4 +1,4 @@
-"""`export-model MODEL OUT_DIR`: export a decoder-only language model once, with an `inputs_embeds` entry point."""
+"""`export-model MODEL OUT_DIR`: export a frozen backbone once, with an `inputs_embeds` entry point."""
 
 from __future__ import annotations
 
@@ -13,12 +13,17 @@ MODEL is one of:
   a .gguf file        converted to float32 once and cached ($SOFTPROMPT_CACHE, else ~/.cache/softprompt-onnx)
   a model folder      a local Hugging Face folder (config.json, weights, tokenizer); nothing is downloaded
 
-OUT_DIR receives model.onnx (weights beside it as model.onnx.data above 1 GiB), embeddings.npy,
-the tokenizer files and softprompt.json. The export is validated against PyTorch before OUT_DIR
+The kind of model is read from its config: a decoder-only LM (Llama, GPT-2, ...) gives model.onnx
+with a KV cache; an encoder (BERT, MiniLM, ...) model.onnx to the last hidden state; an
+encoder-decoder (T5, BART, ...) encoder.onnx and decoder.onnx, the prompt on the encoder input.
+OUT_DIR also receives embeddings.npy, the tokenizer files and softprompt.json (weights go beside a
+graph as .onnx.data above 1 GiB). The export is validated against PyTorch before OUT_DIR
 is written; on failure every mismatch is listed and OUT_DIR is left as it was.
 
-example:
+examples:
   export-model smollm2-135m exports/smollm2
+  export-model minilm-l6 exports/minilm
+  export-model path/to/t5-folder exports/t5
 """
 
 
@@ -28,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     builtins = ", ".join(f"{name} ({b.description})" for name, b in BUILTINS.items())
     parser = argparse.ArgumentParser(
         prog="export-model",
-        description="Export a frozen decoder-only LM to ONNX (inputs_embeds + KV cache) for soft-prompt serving.",
+        description="Export a frozen decoder, encoder or encoder-decoder to ONNX (inputs_embeds entry point) "
+                    "for soft-prompt serving.",
         epilog=EPILOG.format(builtins=builtins),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -48,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fuse normalisation, rotary embeddings and attention into onnxruntime contrib ops "
              "(8-11%% faster decoding in a quiet A/B run on 2 cores; the graph then needs onnxruntime)",
     )
+    parser.add_argument("--task", choices=["auto", "decoder", "encoder", "seq2seq"], default="auto",
+                        help="what to export the model as (default: auto, from its config); e.g. --task encoder "
+                             "for an embedding model of a type not known as an encoder")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where converted GGUF models are cached")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -69,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = export_model(
             args.model, args.out_dir, opset=args.opset, tolerance=args.tolerance, overwrite=args.force,
-            attention=args.attention, fuse=args.fuse, cache_dir=args.cache_dir, log=log,
+            attention=args.attention, fuse=args.fuse, cache_dir=args.cache_dir,
+            kind=None if args.task == "auto" else args.task, log=log,
         )
     except (ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,6 +25,9 @@ from .encoder import EncoderGraph, encoder_facts, encoder_tokens, export_encoder
 from .errors import ExportError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph, probe_cache
+from .seq2seq import (
+    check_shared_embeddings, cross_layout, export_seq2seq_graphs, generation_tokens, seq2seq_facts, validate_seq2seq,
+)
 from .metadata import embedding_table, special_tokens, structural
 from .sources import load_source
 from .validate import validate
@@ -59,9 +62,13 @@ def export_model(
     attention: str | None = None,
     fuse: bool = False,
     cache_dir: Path | None = None,
+    kind: str | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportConfig:
-    """Export `model` (built-in name, .gguf file or Hugging Face folder) into `out_dir`; return its config."""
+    """Export `model` (built-in name, .gguf file or Hugging Face folder) into `out_dir`; return its config.
+
+    `kind` ("decoder", "encoder" or "seq2seq") overrides what the model's config says it is.
+    """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
@@ -73,12 +80,13 @@ def export_model(
     step = _steps(log)
     try:
         step(f"loading {model}")
-        source = load_source(model, attention=attention, cache_dir=cache_dir, log=lambda m: log(f"      {m}"))
+        source = load_source(model, attention=attention, cache_dir=cache_dir, log=lambda m: log(f"      {m}"), kind=kind)
         torch_model = source.model
         for parameter in torch_model.parameters():
             parameter.requires_grad_(False)
-        if source.kind == "encoder":
-            config = _export_encoder(source, staging, opset, tolerance, fuse, step, log)
+        if source.kind in ("encoder", "seq2seq"):
+            export = _export_encoder if source.kind == "encoder" else _export_seq2seq
+            config = export(source, staging, opset, tolerance, fuse, step, log)
             step(f"moving the export into {out}")
             _replace_dir(staging, out)
             step("")
@@ -159,6 +167,45 @@ def _export_encoder(source, staging: Path, opset: int, tolerance: float, fuse: b
         fingerprint=backbone_fingerprint(table, facts),
         files={"model": "model.onnx", "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
         source=source.info, validation=report,
+    )
+    (staging / CONFIG_FILE).write_text(config.to_json())
+    return config
+
+
+def _export_seq2seq(source, staging: Path, opset: int, tolerance: float, fuse: bool, step, log) -> ExportConfig:
+    """The encoder-decoder path: one table for both sides, encoder.onnx, decoder.onnx, validation, softprompt.json."""
+    model = source.model
+    step("writing the embedding table and tokenizer")
+    table = embedding_table(model)
+    check_shared_embeddings(model, table)
+    np.save(staging / "embeddings.npy", table, allow_pickle=False)
+    source.tokenizer.save_pretrained(staging, legacy_format=False)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    step(f"exporting the encoder and decoder graphs ({size / 2**20:.0f} MiB of weights, opset {opset})")
+    large = size > EXTERNAL_DATA_BYTES
+    graph_names = export_seq2seq_graphs(model, staging, opset, external_data=large)
+    fusions = None
+    if fuse:
+        fusions = {f"{part}: {name}": count for part in ("encoder", "decoder")
+                   for name, count in fuse_for_onnxruntime(staging / f"{part}.onnx", large).items()}
+    step(f"validating against PyTorch (tolerance {tolerance:g} relative to each output's scale)")
+    report = validate_seq2seq(staging, model, table, tolerance)
+    log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
+    if fusions is not None:
+        report["fusions"] = fusions
+    step("writing softprompt.json")
+    self_shapes, _ = cross_layout(model)
+    facts = seq2seq_facts(model, table, self_shapes)
+    tokens = generation_tokens(model, source.tokenizer)
+    forced = {key: tokens.pop(key) for key in ("forced_bos_token_id", "forced_eos_token_id")}
+    generation = {key: int(value) for key, value in forced.items() if value is not None}
+    config = ExportConfig(
+        kind="seq2seq", **facts, **tokens, input_names=graph_names["decoder_inputs"],
+        output_names=graph_names["decoder_outputs"], opset=opset, dtype="float32",
+        fingerprint=backbone_fingerprint(table, facts),
+        files={"encoder": "encoder.onnx", "decoder": "decoder.onnx", "embeddings": "embeddings.npy",
+               "tokenizer": "tokenizer.json"},
+        source=source.info, validation=report, generation=generation,
     )
     (staging / CONFIG_FILE).write_text(config.to_json())
     return config

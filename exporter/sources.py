@@ -52,7 +52,7 @@ class Source:
     model: Any  # transformers.PreTrainedModel
     tokenizer: Any  # transformers.PreTrainedTokenizerFast
     info: dict[str, Any]
-    kind: str = "decoder"  # or "encoder"
+    kind: str = "decoder"  # or "encoder", "seq2seq"
 
 
 def cache_root() -> Path:
@@ -109,26 +109,41 @@ def resolve(spec: str, cache_dir: Path | None = None, log=print) -> tuple[Path, 
     )
 
 
-def load_source(spec: str, *, attention: str | None = None, cache_dir: Path | None = None, log=print) -> Source:
-    """Load the model in float32 and its fast tokenizer, offline."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+KINDS = ("decoder", "encoder", "seq2seq")
 
+
+def detect_kind(config) -> str:
+    """decoder (causal LM), encoder (BERT family) or seq2seq (encoder-decoder), from the model's config."""
     from .encoder import is_encoder
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    return "encoder" if is_encoder(config) else "decoder"
+
+
+def load_source(spec: str, *, attention: str | None = None, cache_dir: Path | None = None, log=print,
+                kind: str | None = None) -> Source:
+    """Load the model in float32 and its fast tokenizer, offline. `kind` overrides the detected kind."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     folder, info = resolve(spec, cache_dir, log)
     kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
     if attention:
         kwargs["attn_implementation"] = attention
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ExportError(f"{folder}: {config.model_type} is an encoder-decoder model; those are not supported yet")
-    kind = "encoder" if is_encoder(config) else "decoder"
-    loader = AutoModel if kind == "encoder" else AutoModelForCausalLM
+    detected = detect_kind(config)
+    if kind is not None and kind not in KINDS:
+        raise ExportError(f"kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind is not None and kind != detected and "seq2seq" in (kind, detected):
+        raise ExportError(f"{folder}: {config.model_type} is {'an' if detected == 'encoder' else 'a'} {detected} model; "
+                          f"it cannot be exported as {kind}")
+    kind = kind or detected
+    loader = {"encoder": AutoModel, "decoder": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}[kind]
     try:
         model = loader.from_pretrained(folder, **kwargs).eval()
     except ValueError as exc:
-        what = "an encoder" if kind == "encoder" else "a causal LM"
+        what = {"encoder": "an encoder", "decoder": "a causal LM", "seq2seq": "an encoder-decoder LM"}[kind]
         raise ExportError(f"{folder}: transformers cannot load it as {what} ({exc})") from None
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if not getattr(tokenizer, "is_fast", False):

@@ -191,7 +191,7 @@ def _export_peft(args) -> int:
         config = read_config(args.model)
         layers, heads, fingerprint = config.num_layers, config.num_heads, config.fingerprint
         base = config.source.get("path") or config.source.get("name")
-        task_type = "FEATURE_EXTRACTION" if config.kind == "encoder" else "CAUSAL_LM"
+        task_type = {"encoder": "FEATURE_EXTRACTION", "seq2seq": "SEQ_2_SEQ_LM"}.get(config.kind, "CAUSAL_LM")
     prompt = load_prompt(args.bank, args.task, fingerprint=fingerprint)
     write_peft_adapter(args.out, prompt.vectors.astype(np.float32), num_layers=layers, num_attention_heads=heads,
                        base_model=base, task_type=task_type)

@@ -119,12 +119,15 @@ def write_peft_adapter(
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     length, width = vectors.shape
+    # PEFT gives a seq2seq model's prompt table a second block (for the decoder) that prompt tuning
+    # never reads; its loader expects the [2N, E] shape, so the prompt is written twice.
+    submodules = 2 if task_type == "SEQ_2_SEQ_LM" else 1
     config = {
         "peft_type": "PROMPT_TUNING",
         "task_type": task_type,
         "num_virtual_tokens": int(length),
         "token_dim": int(width),
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": submodules,
         "num_attention_heads": int(num_attention_heads),
         "num_layers": int(num_layers),
         "prompt_tuning_init": "RANDOM",
@@ -137,7 +140,7 @@ def write_peft_adapter(
         "auto_mapping": None,
         "modules_to_save": None,
     }
-    data = safetensors_bytes({PROMPT_KEY: np.asarray(vectors, dtype=np.float32)})
+    data = safetensors_bytes({PROMPT_KEY: np.tile(np.asarray(vectors, dtype=np.float32), (submodules, 1))})
     write_atomic(folder / "adapter_model.safetensors", lambda handle: handle.write(data))
     text = json.dumps(config, indent=2) + "\n"
     write_atomic(folder / "adapter_config.json", lambda handle: handle.write(text), mode="w")

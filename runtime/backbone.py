@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from .config import ExportConfig, read_config
+from .config import FILES, ExportConfig, read_config
 from .errors import ExportFormatError
 
 
@@ -35,7 +35,7 @@ def open_backbone(export_dir: str | os.PathLike) -> Backbone:
     """Read `softprompt.json`, map `embeddings.npy` and load the tokenizer, checking each against the config."""
     folder = Path(export_dir)
     config = read_config(folder)
-    for key in ("model", "embeddings", "tokenizer"):
+    for key in FILES[config.kind]:
         name = config.files.get(key)
         if not name or not (folder / name).is_file():
             raise ExportFormatError(f"{folder}: the {key} file {name!r} named in softprompt.json is missing")

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .errors import RequestError
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(-1, keepdims=True)
@@ -71,3 +73,61 @@ def combine(probabilities: np.ndarray, how: str) -> tuple[int, np.ndarray, np.nd
 def normalise(logprobs: np.ndarray) -> np.ndarray:
     """Softmax over labels: the scores a user reads, summing to 1 per text."""
     return np.exp(log_softmax(logprobs))
+
+
+def ensemble_members(task, ensemble: str) -> list[str]:
+    """The member task names of an ensemble request, checked."""
+    if ensemble not in ("vote", "mean"):
+        raise RequestError(f"ensemble {ensemble!r}; expected 'vote' or 'mean'")
+    members = [task] if isinstance(task, str) else list(task or [])
+    if len(members) < 2 or len(set(members)) != len(members) or None in members:
+        raise RequestError(f"an ensemble needs at least two different tasks; got {members}")
+    return members
+
+
+def ensemble_result(labels: Sequence[str], members: Sequence[str], probabilities: np.ndarray, how: str) -> dict:
+    """One text's combined result from its members' label probabilities [M, L]."""
+    winner, mean, votes = combine(probabilities, how)
+    return {
+        "label": labels[winner],
+        "scores": {label: float(p) for label, p in zip(labels, mean)},
+        "votes": {label: int(v) for label, v in zip(labels, votes)},
+        "members": {name: labels[int(row.argmax())] for name, row in zip(members, probabilities)},
+    }
+
+
+def classifiable(found: Sequence) -> Sequence:
+    """The tasks, if each is a classification task (has labels)."""
+    for task in found:
+        if task is None or not task.spec.labels:
+            kind = "no task" if task is None else f"task {task.name!r} is a {task.spec.kind} task"
+            raise RequestError(f"classify needs a classification task; {kind} with no labels")
+    return found
+
+
+def classify_texts(texts: list[str], task, ensemble: str | None, resolve: Callable, probabilities: Callable) -> list[dict]:
+    """`classify` for a model that scores labels by verbalizers (decoders and encoder-decoders).
+
+    `resolve(names)` gives the tasks; `probabilities(texts, tasks)` gives each row's label
+    probabilities. Without an ensemble `task` is one name or one per text; with one, every text
+    runs under each member in one batch and the members' probabilities are combined.
+    """
+    if ensemble is None:
+        names = [task] * len(texts) if task is None or isinstance(task, str) else list(task)
+        if len(names) != len(texts):
+            raise RequestError(f"{len(names)} tasks for {len(texts)} inputs; give one task, or one per input")
+        found = resolve(names)
+        results = []
+        for t, probs in zip(found, probabilities(texts, found)):
+            labels = list(t.spec.labels)
+            results.append({"label": labels[int(probs.argmax())], "scores": {l: float(p) for l, p in zip(labels, probs)}})
+        return results
+    members = ensemble_members(task, ensemble)
+    found = classifiable(resolve(members))
+    labels = list(found[0].spec.labels)
+    odd = [t.name for t in found if list(t.spec.labels) != labels]
+    if odd:
+        raise RequestError(f"ensemble members {odd} have labels other than {found[0].name!r}'s {labels}")
+    probs = probabilities([text for text in texts for _ in found], list(found) * len(texts))
+    return [ensemble_result(labels, [t.name for t in found], np.stack(probs[i * len(found): (i + 1) * len(found)]), ensemble)
+            for i in range(len(texts))]

@@ -15,13 +15,17 @@ from .errors import ExportFormatError
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "softprompt.json"
+KINDS = ("decoder", "encoder", "seq2seq")
+# The files each kind of export must hold (keys of `files`).
+FILES = {"decoder": ("model", "embeddings", "tokenizer"), "encoder": ("model", "embeddings", "tokenizer"),
+         "seq2seq": ("encoder", "decoder", "embeddings", "tokenizer")}
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """The contents of `softprompt.json`."""
 
-    kind: str  # "decoder" or "encoder"; encoder-decoders come later
+    kind: str  # "decoder", "encoder" or "seq2seq" (encoder-decoder: files encoder and decoder)
     architecture: str
     model_type: str
     hidden_size: int
@@ -42,6 +46,8 @@ class ExportConfig:
     files: dict[str, str]
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Generation settings a model's `generate` applies (encoder-decoders: forced_bos/eos_token_id).
+    generation: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -72,9 +78,9 @@ class ExportConfig:
             value = getattr(config, key)
             if not isinstance(value, int) or value <= 0:
                 raise ExportFormatError(f"{where}: {key} is {value!r}; expected a positive integer")
-        if config.kind not in ("decoder", "encoder"):
-            raise ExportFormatError(f"{where}: kind {config.kind!r}; this runtime reads 'decoder' and 'encoder' exports")
-        if config.kind == "decoder" and (
+        if config.kind not in KINDS:
+            raise ExportFormatError(f"{where}: kind {config.kind!r}; this runtime reads {', '.join(map(repr, KINDS))} exports")
+        if config.kind != "encoder" and (
                 len(config.past_names) != 2 * config.num_layers or len(config.present_names) != 2 * config.num_layers):
             raise ExportFormatError(
                 f"{where}: {len(config.past_names)} past and {len(config.present_names)} present names "

@@ -21,7 +21,7 @@ from softprompt.prompt_bank.task import TaskSpec
 
 from .backbone import Backbone
 from .batch import embed_row
-from .classify import combine, log_softmax
+from .classify import ensemble_members, ensemble_result, log_softmax
 from .errors import InferenceError, RequestError
 from .tasks import ServesTasks, Task, TaskStore
 
@@ -83,18 +83,11 @@ class Encoder(ServesTasks):
                 for i, result in zip(rows, self._scores([texts[i] for i in rows], name)):
                     results[i] = result
             return results
-        if ensemble not in ("vote", "mean") or len(set(members)) < 2:
-            raise RequestError("an ensemble needs ensemble='vote' or 'mean' and at least two different tasks")
+        members = ensemble_members(task, ensemble)
         per_member = [self._scores(texts, name) for name in members]
         labels = list(per_member[0][0]["scores"])
-        results = []
-        for i in range(len(texts)):
-            probs = np.array([[m[i]["scores"][label] for label in labels] for m in per_member])
-            winner, mean, votes = combine(probs, ensemble)
-            results.append({"label": labels[winner], "scores": dict(zip(labels, map(float, mean))),
-                            "votes": dict(zip(labels, map(int, votes))),
-                            "members": {name: m[i]["label"] for name, m in zip(members, per_member)}})
-        return results
+        return [ensemble_result(labels, members, np.array([[m[i]["scores"][label] for label in labels] for m in per_member]),
+                                ensemble) for i in range(len(texts))]
 
     # ---- internals --------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from .batch import position_ids
+from .errors import RequestError
 
 # forward(inputs_embeds [B,S,E], attention_mask [B,T], position_ids [B,S], past) -> (last logits [B,V], present)
 Forward = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
@@ -30,6 +31,15 @@ class Completion:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_request(rows: int, max_new_tokens: int, min_new_tokens: int) -> None:
+    if not rows:
+        raise RequestError("no input given")
+    if max_new_tokens < 1:
+        raise RequestError(f"max_new_tokens {max_new_tokens}; expected at least 1")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise RequestError(f"min_new_tokens {min_new_tokens}; expected 0..max_new_tokens ({max_new_tokens})")
 
 
 def decode_steps(

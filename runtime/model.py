@@ -25,15 +25,16 @@ from softprompt.prompt_bank.task import TaskSpec
 
 from .backbone import Backbone, open_backbone
 from .batch import embed_row, left_pad, position_ids
-from .classify import combine, label_logprobs, normalise
+from .classify import classifiable, classify_texts, label_logprobs, normalise
 from .errors import InferenceError, RequestError
-from .generate import Completion, RowText, decode_steps
-from .sampling import check_sampling, next_tokens
+from .generate import Completion, RowText, check_request, decode_steps
+from .sampling import chooser
 from .session import create_session, resolve_providers
-from .tasks import ServesTasks, Task, TaskStore
+from .tasks import ServesTasks, Task, TaskStore, tasks_for
 
 if TYPE_CHECKING:
     from .encoder import Encoder
+    from .seq2seq import Seq2Seq
 
 Tasks = str | None | Sequence[str | None]
 
@@ -44,7 +45,7 @@ def load(
     providers: Sequence[str] | str | None = None,
     threads: int | None = None,
     cache_prompts: bool = True,
-) -> "Model | Encoder":
+) -> "Model | Encoder | Seq2Seq":
     """Open an export folder and (optionally) a prompt bank checked against it.
 
     `providers=None` uses CUDA when this onnxruntime has it, else the CPU; `threads` sets
@@ -53,12 +54,19 @@ def load(
     served from the next request on. `cache_prompts=False` runs each prompt with every request
     instead of reusing its cached keys and values (for checking; it is slower).
 
-    An encoder export (BERT, MiniLM, ...) gives an `Encoder` (`embed`, `classify`) instead.
+    An encoder export (BERT, MiniLM, ...) gives an `Encoder` (`embed`, `classify`) instead, and an
+    encoder-decoder export (T5, BART, ...) a `Seq2Seq` (`generate`, `stream`, `complete`, `classify`).
 
     >>> model = load("exports/smollm2", bank="banks/smollm2-135m")   # doctest: +SKIP
     >>> model.classify("a gorgeous film", task="sentiment")          # doctest: +SKIP
     """
     backbone = open_backbone(export_dir)
+    if backbone.config.kind == "seq2seq":
+        from .seq2seq import Seq2Seq
+
+        chosen = resolve_providers(providers)
+        return Seq2Seq(backbone, create_session(backbone.file("encoder"), chosen, threads),
+                       create_session(backbone.file("decoder"), chosen, threads), Path(bank) if bank is not None else None)
     session = create_session(backbone.file("model"), resolve_providers(providers), threads)
     if backbone.config.kind == "encoder":
         from .encoder import Encoder
@@ -148,7 +156,7 @@ class Model(ServesTasks):
         For parity checks against other implementations: it never uses the cached prompt.
         """
         texts = _as_list(texts)
-        found = self._resolve(_tasks_for(task, len(texts)))
+        found = self._resolve(tasks_for(task, len(texts)))
         ids = [self.backbone.encode(_spec(t).apply(text)) for text, t in zip(texts, found)]
         embeds, mask, past = self._first_input(ids, found, 0, cached=False)
         logits, _ = self.forward(embeds, mask, position_ids(mask), past, all_logits=True)
@@ -161,13 +169,13 @@ class Model(ServesTasks):
         seed, stop (a string or a list of strings; the text is cut before it).
         """
         texts = _as_list(texts)
-        found = self._resolve(_tasks_for(task, len(texts)))
+        found = self._resolve(tasks_for(task, len(texts)))
         ids = [self.backbone.encode(_spec(t).apply(text)) for text, t in zip(texts, found)]
         return self._complete(ids, found, texts, settings)
 
     def complete_ids(self, ids: Sequence[Sequence[int]], task: Tasks = None, **settings) -> list[Completion]:
         """`complete` for inputs that are already token ids (no template is applied; `input` is their decoded text)."""
-        found = self._resolve(_tasks_for(task, len(ids)))
+        found = self._resolve(tasks_for(task, len(ids)))
         return self._complete(ids, found, [self.decode(row) for row in ids], settings)
 
     def generate(self, text: str | Sequence[str], task: Tasks = None, **settings) -> str | list[str]:
@@ -196,38 +204,13 @@ class Model(ServesTasks):
         task and each text runs under all of them in one batch; the result adds `"votes"` and
         each member's label (`"members"`).
         """
-        texts = _as_list(texts)
-        if ensemble is None:
-            found = self._resolve(_tasks_for(task, len(texts)))
-            return [_result(t, probs) for t, probs in zip(found, self._label_probabilities(texts, found))]
-        if ensemble not in ("vote", "mean"):
-            raise RequestError(f"ensemble {ensemble!r}; expected 'vote' or 'mean'")
-        members = [task] if isinstance(task, str) else list(task or [])
-        if len(members) < 2 or len(set(members)) != len(members) or None in members:
-            raise RequestError(f"an ensemble needs at least two different tasks; got {members}")
-        found = _classifiable(self._resolve(members))
-        labels = list(found[0].spec.labels)
-        odd = [t.name for t in found if list(t.spec.labels) != labels]
-        if odd:
-            raise RequestError(f"ensemble members {odd} have labels other than {found[0].name!r}'s {labels}")
-        probs = self._label_probabilities([text for text in texts for _ in found], found * len(texts))
-        results = []
-        for i in range(len(texts)):
-            member_probs = np.stack(probs[i * len(found) : (i + 1) * len(found)])
-            winner, mean, votes = combine(member_probs, ensemble)
-            results.append({
-                "label": labels[winner],
-                "scores": {label: float(p) for label, p in zip(labels, mean)},
-                "votes": {label: int(v) for label, v in zip(labels, votes)},
-                "members": {t.name: labels[int(row.argmax())] for t, row in zip(found, member_probs)},
-            })
-        return results
+        return classify_texts(_as_list(texts), task, ensemble, self._resolve, self._label_probabilities)
 
     # ---- internals --------------------------------------------------------------------------
 
     def _label_probabilities(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[np.ndarray]:
         verbalizers = []
-        _classifiable(found)
+        classifiable(found)
         for task in found:
             by_label = task.spec.verbalizer_ids(self.backbone.encode)
             empty = [label for label, ids in by_label.items() if not ids]
@@ -314,27 +297,11 @@ class Model(ServesTasks):
              min_new_tokens: int = 0, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop: str | Sequence[str] | None = None) -> Iterator[list[RowText]]:
         """Run the batch, yielding the rows' states after every step (the last yield is final)."""
-        if not ids:
-            raise RequestError("no input given")
-        if max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens {max_new_tokens}; expected at least 1")
-        if not 0 <= min_new_tokens <= max_new_tokens:
-            raise RequestError(f"min_new_tokens {min_new_tokens}; expected 0..max_new_tokens ({max_new_tokens})")
-        check_sampling(temperature, top_k, top_p)
+        check_request(len(ids), max_new_tokens, min_new_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        choose = chooser(eos=self._eos, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         embeds, mask, past = self._first_input(ids, found, max_new_tokens)
-        rng = np.random.default_rng(seed)
-        eos = sorted(self._eos)
-        chosen = 0
-
-        def choose(logits: np.ndarray) -> np.ndarray:
-            nonlocal chosen
-            if chosen < min_new_tokens and eos:
-                logits = logits.copy()
-                logits[:, eos] = -np.inf  # as transformers' min_new_tokens: end of sequence is not allowed yet
-            chosen += 1
-            return next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
-
         states = [RowText(self.decode, self._eos, stops) for _ in ids]
         for tokens in decode_steps(self.forward, self.table, embeds, mask, past, choose, max_new_tokens):
             for state, token in zip(states, tokens.tolist()):
@@ -347,25 +314,12 @@ class Model(ServesTasks):
         yield states
 
 
-def _classifiable(found: Sequence[Task | None]) -> Sequence[Task]:
-    for task in found:
-        if task is None or not task.spec.labels:
-            kind = "no task" if task is None else f"task {task.name!r} is a {task.spec.kind} task"
-            raise RequestError(f"classify needs a classification task; {kind} with no labels")
-    return found
-
-
 def _spec(task: Task | None) -> TaskSpec:
     return TaskSpec() if task is None else task.spec
 
 
 def _name(task: Task | None) -> str | None:
     return None if task is None else task.name
-
-
-def _result(task: Task, probs: np.ndarray) -> dict:
-    labels = list(task.spec.labels)
-    return {"label": labels[int(probs.argmax())], "scores": {label: float(p) for label, p in zip(labels, probs)}}
 
 
 def _as_list(texts: str | Sequence[str]) -> list[str]:
@@ -375,13 +329,3 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     if not all(isinstance(t, str) for t in texts):
         raise RequestError("texts must be a string or a list of strings")
     return texts
-
-
-def _tasks_for(task: Tasks, count: int) -> list[str | None]:
-    """One task per row: a single task (or None) applies to every row; a list gives one per row."""
-    if task is None or isinstance(task, str):
-        return [task] * count
-    tasks = list(task)
-    if len(tasks) != count:
-        raise RequestError(f"{len(tasks)} tasks for {count} inputs; give one task, or one per input")
-    return tasks

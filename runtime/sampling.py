@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 
 from .errors import RequestError
@@ -50,3 +52,41 @@ def next_tokens(
     draws = rng.random((probs.shape[0], 1))
     picked = (np.cumsum(probs, -1) < draws).sum(-1)
     return np.minimum(picked, probs.shape[-1] - 1)
+
+
+def chooser(
+    *,
+    eos: Sequence[int],
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    forced_first: int | None = None,
+    forced_last: int | None = None,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A per-request `choose(logits [B, V]) -> [B]` that counts its steps.
+
+    As transformers' logits processors: end of sequence is masked until `min_new_tokens` tokens
+    exist; `forced_first` / `forced_last` (a model's forced BOS / EOS, as BART and mBART set them)
+    replace the first and the `max_new_tokens`-th choice.
+    """
+    check_sampling(temperature, top_k, top_p)
+    rng = np.random.default_rng(seed)
+    eos = sorted(eos)
+    state = {"step": 0}
+
+    def choose(logits: np.ndarray) -> np.ndarray:
+        step = state["step"]
+        state["step"] += 1
+        if forced_first is not None and step == 0:
+            return np.full(logits.shape[0], forced_first, dtype=np.int64)
+        if forced_last is not None and step == max_new_tokens - 1:
+            return np.full(logits.shape[0], forced_last, dtype=np.int64)
+        if step < min_new_tokens and eos:
+            logits = logits.copy()
+            logits[:, eos] = -np.inf
+        return next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+
+    return choose

@@ -220,3 +220,13 @@ class ServesTasks:
 
     def _resolve(self, names: Sequence[str | None]) -> list[Task | None]:
         return self._store.resolve(names)
+
+
+def tasks_for(task, count: int) -> list[str | None]:
+    """One task per row: a single task (or None) applies to every row; a list gives one per row."""
+    if task is None or isinstance(task, str):
+        return [task] * count
+    tasks = list(task)
+    if len(tasks) != count:
+        raise RequestError(f"{len(tasks)} tasks for {count} inputs; give one task, or one per input")
+    return tasks

@@ -28,7 +28,8 @@ CORPUS = [
 TEXTS = ["Review: a gorgeous film. Sentiment:", "Tell me a story", "dull", "The quick brown fox jumps over"]
 
 
-def make_tokenizer(folder: Path, add_bos: bool) -> None:
+def make_tokenizer(folder: Path, add_bos: bool, template: str | None = None) -> None:
+    """A byte-level BPE tokenizer; `template` (e.g. "$A </s>") overrides the special tokens it adds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,8 +40,9 @@ def make_tokenizer(folder: Path, add_bos: bool) -> None:
         vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if template or add_bos:
+        tok.post_processor = processors.TemplateProcessing(single=template or "<s> $A",
+                                                           special_tokens=[("<s>", 1), ("</s>", 2)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(folder)
 

@@ -1,0 +1,294 @@
+"""Encoder-decoders (T5, BART and the like): two graphs, the soft prompt on the encoder input only.
+
+- `encoder.onnx`: inputs_embeds [B, S, E], attention_mask [B, S] -> `cross.{i}.key/value`
+  [B, H, S, D] for every decoder layer. The cross-attention keys and values depend on the encoder
+  output alone, so they are computed once per request, in the encoder graph, and never again.
+- `decoder.onnx`: inputs_embeds [B, T, E] (decoder tokens, from the same embedding table),
+  encoder_attention_mask [B, S], `past_key_values.{i}.key/value` (self-attention, past 0 on the
+  first step) and `cross.{i}.key/value` -> logits [B, T, V], `present.{i}.key/value`.
+
+As in PEFT's prompt tuning of a seq2seq model, the prompt rows lead the encoder input and their
+attention-mask columns are passed on to the decoder's cross-attention. The embedding table is the
+output of the model's own input-embedding module (BART's scaled embedding included), which is
+what the model computes for token ids itself; the graphs take embeddings, so both agree.
+
+The graphs are traced through the model's own forward with a transformers `EncoderDecoderCache`:
+the encoder graph runs one throw-away decoder step to make the model fill its cross-attention
+cache (dead code is dropped from the graph), and the decoder graph marks that cache as filled
+so the model reads it instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ExportError
+from .graph import cache_tensors
+
+
+def cross_layout(model) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Per decoder layer [heads, head size] of the self- and cross-attention caches, from a real forward pass."""
+    self_cache, cross_cache = _run(model, _embed(model, [[3, 4, 5]]), torch.ones(1, 3, dtype=torch.long),
+                                   _embed(model, [[_start_id(model)]]))
+    shapes = []
+    for tensors in (cache_tensors(self_cache), cache_tensors(cross_cache)):
+        if not tensors or any(t is None or t.dim() != 4 for t in tensors):
+            raise ExportError(f"{type(model).__name__} does not fill a standard encoder-decoder KV cache; not supported")
+        shapes.append([(int(tensors[i].shape[1]), int(tensors[i].shape[3])) for i in range(0, len(tensors), 2)])
+    return shapes[0], shapes[1]
+
+
+def check_shared_embeddings(model, table: np.ndarray) -> None:
+    """The runtime feeds both graphs rows of one table: the encoder's and decoder's own lookups must give it."""
+    ids = torch.arange(table.shape[0]).unsqueeze(0)
+    for side in ("encoder", "decoder"):
+        module = getattr(model, f"get_{side}")().get_input_embeddings()
+        with torch.no_grad():
+            rows = module(ids)[0].float().numpy()
+        if rows.shape != table.shape or not np.allclose(rows, table, rtol=0, atol=1e-6 * max(1.0, float(np.abs(table).max()))):
+            raise ExportError(f"{type(model).__name__}: the {side}'s input embeddings differ from the shared table; "
+                              "models with separate encoder and decoder vocabularies are not supported")
+
+
+def _embed(model, ids: list[list[int]]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.get_input_embeddings()(torch.tensor(ids))
+
+
+def _start_id(model) -> int:
+    start = model.config.decoder_start_token_id
+    if start is None:
+        raise ExportError(f"{type(model).__name__}: config has no decoder_start_token_id; cannot generate")
+    return int(start)
+
+
+def _run(model, embeds, mask, decoder_embeds, self_cache=None, cross_cache=None, encoder_hidden=None):
+    """One forward of the whole model through transformers' encoder-decoder cache; returns the two caches (and output)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    self_cache = self_cache if self_cache is not None else DynamicCache()
+    cross_cache = cross_cache if cross_cache is not None else DynamicCache()
+    cache = EncoderDecoderCache(self_cache, cross_cache)
+    kwargs = {}
+    if encoder_hidden is not None:
+        kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden)
+        cache.is_updated = {i: True for i in range(len(cross_cache))}  # the cross cache is filled: read it
+    else:
+        kwargs["inputs_embeds"] = embeds
+    with torch.no_grad():
+        out = model(attention_mask=mask, decoder_inputs_embeds=decoder_embeds, past_key_values=cache,
+                    use_cache=True, return_dict=True, **kwargs)
+    if encoder_hidden is not None:
+        return out
+    return out.past_key_values.self_attention_cache, out.past_key_values.cross_attention_cache
+
+
+class EncoderGraph(torch.nn.Module):
+    """inputs_embeds [B, S, E], attention_mask [B, S] -> cross.{i}.key, cross.{i}.value."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, attention_mask):
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        start = inputs_embeds.new_zeros((inputs_embeds.shape[0], 1, inputs_embeds.shape[2]))
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, decoder_inputs_embeds=start,
+                         past_key_values=cache, use_cache=True, return_dict=True)
+        return tuple(cache_tensors(out.past_key_values.cross_attention_cache))
+
+
+class DecoderGraph(torch.nn.Module):
+    """inputs_embeds [B, T, E], encoder_attention_mask [B, S], *past, *cross -> logits [B, T, V], *present."""
+
+    def __init__(self, model, layers: int):
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def forward(self, inputs_embeds, encoder_attention_mask, past, cross):
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        self_cache, cross_cache = DynamicCache(), DynamicCache()
+        for i in range(self.layers):
+            self_cache.update(past[2 * i], past[2 * i + 1], i)
+            cross_cache.update(cross[2 * i], cross[2 * i + 1], i)
+        cache = EncoderDecoderCache(self_cache, cross_cache)
+        cache.is_updated = {i: True for i in range(self.layers)}
+        # The decoder layers only look at the encoder output through the cross cache; the model
+        # still wants a tensor of the right shape to decide that cross-attention runs.
+        shape = (encoder_attention_mask.shape[0], encoder_attention_mask.shape[1], inputs_embeds.shape[2])
+        placeholder = inputs_embeds.new_zeros(shape)
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=placeholder),
+                         attention_mask=encoder_attention_mask, decoder_inputs_embeds=inputs_embeds,
+                         past_key_values=cache, use_cache=True, return_dict=True)
+        return (out.logits, *cache_tensors(out.past_key_values.self_attention_cache))
+
+
+def names(layers: int) -> dict[str, list[str]]:
+    pairs = [(i, kind) for i in range(layers) for kind in ("key", "value")]
+    return {
+        "past": [f"past_key_values.{i}.{k}" for i, k in pairs],
+        "present": [f"present.{i}.{k}" for i, k in pairs],
+        "cross": [f"cross.{i}.{k}" for i, k in pairs],
+    }
+
+
+def export_seq2seq_graphs(model, folder: Path, opset: int, external_data: bool) -> dict[str, list[str]]:
+    """Write encoder.onnx and decoder.onnx into `folder`; returns the graphs' input and output names."""
+    from torch.export import Dim
+
+    self_shapes, cross_shapes = cross_layout(model)
+    layers = len(self_shapes)
+    hidden = int(model.get_input_embeddings().weight.shape[1])
+    n = names(layers)
+    batch, seq, src, past = Dim("batch"), Dim("sequence"), Dim("source_sequence"), Dim("past_sequence")
+    b, s, t, p = 2, 5, 3, 4  # no size 0 or 1, so torch.export keeps every axis symbolic
+    embeds = torch.randn(b, s, hidden) * 0.02
+    mask = torch.ones(b, s, dtype=torch.long)
+    encoder = EncoderGraph(model)
+    _export(encoder, (embeds, mask), folder / "encoder.onnx", opset, external_data,
+            {"inputs_embeds": {0: batch, 1: src}, "attention_mask": {0: batch, 1: src}},
+            ["inputs_embeds", "attention_mask"], n["cross"])
+    cross = tuple(torch.randn(b, h, s, d) * 0.02 for h, d in cross_shapes for _ in range(2))
+    pasts = tuple(torch.randn(b, h, p, d) * 0.02 for h, d in self_shapes for _ in range(2))
+    decoder = DecoderGraph(model, layers)
+    _export(decoder, (torch.randn(b, t, hidden) * 0.02, mask, pasts, cross), folder / "decoder.onnx", opset, external_data,
+            {"inputs_embeds": {0: batch, 1: seq}, "encoder_attention_mask": {0: batch, 1: src},
+             "past": tuple({0: batch, 2: past} for _ in pasts), "cross": tuple({0: batch, 2: src} for _ in cross)},
+            ["inputs_embeds", "encoder_attention_mask", *n["past"], *n["cross"]], ["logits", *n["present"]])
+    return {
+        "encoder_inputs": ["inputs_embeds", "attention_mask"], "encoder_outputs": n["cross"],
+        "decoder_inputs": ["inputs_embeds", "encoder_attention_mask", *n["past"], *n["cross"]],
+        "decoder_outputs": ["logits", *n["present"]],
+    }
+
+
+def _export(module, example, path: Path, opset: int, external_data: bool, dynamic, inputs, outputs) -> None:
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(module, example, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                                        input_names=inputs, output_names=outputs, optimize=True, verbose=False)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"torch.onnx.export of the {path.stem} of {type(module.model).__name__} failed: {first}. "
+                              "Try --attention eager, or report the architecture.") from exc
+    program.save(str(path), external_data=external_data)
+
+
+def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -> dict:
+    """Both graphs against PyTorch: padded encoder rows, then two decoder steps with a growing self cache."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    embeds = table[rng.integers(0, table.shape[0], (2, 6))].astype(np.float32)
+    mask = np.ones((2, 6), dtype=np.int64)
+    mask[1, 4:] = 0
+    start = _start_id(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    encoder = ort.InferenceSession(str(folder / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    cross = encoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask})
+    self_cache, cross_cache = _run(model, torch.from_numpy(embeds), torch.from_numpy(mask),
+                                   torch.from_numpy(table[[[start], [start]]]))
+    want_cross = [t.numpy() for t in cache_tensors(cross_cache)]
+    diffs = {"cross keys/values": _relative(cross, want_cross, mask)}
+    layers = len(cross) // 2
+    n = names(layers)
+    past = [np.zeros((2, t.shape[1], 0, t.shape[3]), dtype=np.float32) for t in want_cross]
+    tokens = np.array([[start], [start]])
+    from transformers.cache_utils import DynamicCache
+
+    torch_self = DynamicCache()
+    torch_cross = DynamicCache()
+    for i in range(layers):
+        torch_cross.update(torch.from_numpy(want_cross[2 * i]), torch.from_numpy(want_cross[2 * i + 1]), i)
+    worst = 0.0
+    for step in range(2):
+        step_embeds = table[tokens].astype(np.float32)
+        feeds = {"inputs_embeds": step_embeds, "encoder_attention_mask": mask,
+                 **dict(zip(n["past"], past)), **dict(zip(n["cross"], cross))}
+        logits, *past = decoder.run(None, feeds)
+        hidden = torch.zeros(2, 6, table.shape[1])
+        want = _run(model, None, torch.from_numpy(mask), torch.from_numpy(step_embeds), torch_self, torch_cross, hidden)
+        torch_self = want.past_key_values.self_attention_cache
+        expected = want.logits.numpy()
+        worst = max(worst, float(np.abs(logits - expected).max() / max(np.abs(expected).max(), 1e-12)))
+        tokens = logits[:, -1:].argmax(-1)
+    diffs["decoder logits, 2 cached steps"] = worst
+    failed = {name: d for name, d in diffs.items() if not d <= tolerance}
+    if failed:
+        raise ExportError("validation failed: " + ", ".join(f"{k} differ from PyTorch by {v:.2e} of their scale"
+                                                            for k, v in failed.items()) + f" (tolerance {tolerance:g})")
+    return {"max_relative_diff": diffs, "tolerance": tolerance}
+
+
+def _relative(got: list[np.ndarray], want: list[np.ndarray], mask: np.ndarray) -> float:
+    keep = mask.astype(bool)
+    worst = 0.0
+    for g, w in zip(got, want):
+        g, w = g.transpose(0, 2, 1, 3)[keep], w.transpose(0, 2, 1, 3)[keep]  # real source positions only
+        worst = max(worst, float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-12)))
+    return worst
+
+
+def seq2seq_facts(model, table: np.ndarray, self_shapes: list[tuple[int, int]]) -> dict:
+    config = model.config
+    heads, head_size = self_shapes[0]
+    return {
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "hidden_size": int(table.shape[1]),
+        "vocab_size": int(table.shape[0]),
+        "num_layers": len(self_shapes),
+        "num_heads": heads,
+        "num_kv_heads": heads,
+        "head_size": head_size,
+        "max_positions": _encoder_positions(config),
+    }
+
+
+def _encoder_positions(config) -> int | None:
+    """Learned positions cap the encoder input (BART); T5's relative positions do not."""
+    if getattr(config, "relative_attention_num_buckets", None):
+        return None
+    for field in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def generation_tokens(model, tokenizer) -> dict:
+    """Start, end, pad and forced tokens, from the generation config first (as `generate` reads them)."""
+    generation = getattr(model, "generation_config", None)
+    config = model.config
+
+    def pick(field):
+        value = getattr(generation, field, None)
+        return value if value is not None else getattr(config, field, None)
+
+    eos = pick("eos_token_id")
+    eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    if not eos and tokenizer.eos_token_id is not None:
+        eos = [int(tokenizer.eos_token_id)]
+    pad = pick("pad_token_id")
+    return {
+        "bos_token_id": _start_id(model),  # the decoder's first input
+        "eos_token_ids": eos,
+        "pad_token_id": int(pad) if pad is not None else (eos[0] if eos else None),
+        "forced_bos_token_id": pick("forced_bos_token_id"),
+        "forced_eos_token_id": pick("forced_eos_token_id"),
+    }
