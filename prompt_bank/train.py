@@ -26,6 +26,7 @@ from .errors import PromptBankError
 from .format import PromptMeta, save_prompt
 from .init import common_token_ids, init_prompt
 from .task import TaskSpec
+from .train_seq2seq import seq2seq_label_logprobs, seq2seq_loss_sum
 
 
 @dataclasses.dataclass
@@ -52,7 +53,7 @@ class Backbone:
     fingerprint: str
     max_positions: int | None
     eos_ids: list[int]
-    kind: str = "decoder"  # or "encoder" (prompt_bank/train_encoder.py trains those)
+    kind: str = "decoder"  # "seq2seq" (train_seq2seq.py), or "encoder" (train_encoder.py trains those)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -78,10 +79,16 @@ def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> Backbo
         tokenizer.no_truncation()
         tokenizer.no_padding()
         return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], [], "encoder")
-    facts = structural(model, probe_cache(model), table)
     tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
     tokenizer.no_truncation()
     tokenizer.no_padding()
+    if source.kind == "seq2seq":
+        from softprompt.exporter.seq2seq import cross_layout, generation_tokens, seq2seq_facts
+
+        facts = seq2seq_facts(model, table, cross_layout(model)[0])
+        eos = generation_tokens(model, source.tokenizer)["eos_token_ids"]
+        return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], eos, "seq2seq")
+    facts = structural(model, probe_cache(model), table)
     eos = special_tokens(model, source.tokenizer)["eos_token_ids"]
     return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], eos)
 
@@ -92,20 +99,36 @@ def enable_checkpointing(model, every: int = 2) -> int:
     Prompt tuning still backpropagates through every frozen layer to reach the prompt, so stored
     activations, not weights, dominate its memory. Every layer (every=1) cuts train-prompt's peak
     memory on SmolLM2 by half but costs a recomputed forward; every second layer keeps most of the
-    saving for half the cost (docs/BENCHMARKS.md). transformers only checkpoints modules in
-    training mode: marking just the chosen layers (not their children) keeps dropout off, so the
-    loss is unchanged. Returns how many layers are checkpointed (0 where unsupported).
+    saving for half the cost (docs/BENCHMARKS.md). transformers only checkpoints layers in training
+    mode, which also switches on their dropout (BART's layers and T5's attention call dropout with
+    their own flag), so the chosen layers are wrapped here instead and the model stays in eval mode:
+    the loss is unchanged. Calling it again on the same model changes nothing. Returns how many
+    layers are checkpointed (0 where transformers marks no layer as checkpointable).
     """
-    if every <= 0 or not getattr(model, "supports_gradient_checkpointing", False):
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
         return 0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
-    # The outer model carries the flag too; the blocks are the flagged modules holding no other.
-    blocks = [m for m in layers if not any(o is not m and any(c is o for c in m.modules()) for o in layers)]
+    if every <= 0:
+        return 0
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     chosen = blocks[::every]
-    for module in chosen:
-        module.training = True
+    for block in chosen:
+        if not getattr(block, "_softprompt_checkpointed", False):
+            block.forward = _checkpointed(block.forward)
+            block._softprompt_checkpointed = True
     return len(chosen)
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def build_inputs_embeds(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]]):
@@ -142,10 +165,12 @@ def encode_examples(backbone: Backbone, data: Dataset, spec: TaskSpec, prompt_le
             target = verbalizers[example.target]
         else:
             target = backbone.encode(example.target, add_special_tokens=False) + backbone.eos_ids[:1]
-        total = prompt_length + len(ids) + len(target)
+        # An encoder-decoder's target goes to the decoder: only prompt and input share the encoder's positions.
+        total = prompt_length + len(ids) + (0 if backbone.kind == "seq2seq" else len(target))
         if backbone.max_positions is not None and total > backbone.max_positions:
+            what = "" if backbone.kind == "seq2seq" else f" + {len(target)} target"
             raise PromptBankError(
-                f"{data.path} example {number}: {prompt_length} prompt + {len(ids)} input + {len(target)} target = "
+                f"{data.path} example {number}: {prompt_length} prompt + {len(ids)} input{what} = "
                 f"{total} positions; the model has {backbone.max_positions}"
             )
         pairs.append((ids, target))
@@ -164,6 +189,8 @@ def shuffled_batches(count: int, batch_size: int, rng: np.random.Generator) -> I
 
 def target_loss_sum(model, prompt, pairs) -> torch.Tensor:
     """Summed cross-entropy over the target tokens only (the input and prompt are context)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return seq2seq_loss_sum(model, prompt, pairs)
     rows = [ids + target for ids, target in pairs]
     keep = max(len(t) for _, t in pairs) + 1
     logits = _forward_tail(model, prompt, rows, keep)
@@ -193,7 +220,10 @@ def evaluate(model, prompt, pairs, data: Dataset, spec: TaskSpec, backbone: Back
         def run_rows(rows, owners):
             return _forward_tail(model, prompt, rows, keep).float().numpy()
 
-        scores = np.stack(label_logprobs(run_rows, [ids for ids, _ in pairs], [verbalizers] * len(pairs)))
+        if backbone.kind == "seq2seq":
+            scores = seq2seq_label_logprobs(model, prompt, [ids for ids, _ in pairs], verbalizers)
+        else:
+            scores = np.stack(label_logprobs(run_rows, [ids for ids, _ in pairs], [verbalizers] * len(pairs)))
         predicted = [labels[i] for i in scores.argmax(1)]
         return {"accuracy": float(np.mean([p == e.target for p, e in zip(predicted, data.examples)]))}
 
@@ -209,8 +239,9 @@ def train_prompt(
     log: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, dict]:
     """Train and return (best prompt [P, E] float32, training record). Ctrl-C stops and keeps the best so far."""
-    if backbone.kind != "decoder":
-        raise PromptBankError("train_prompt trains decoder prompts; encoders go through train_encoder.train_encoder_prompt")
+    if backbone.kind == "encoder":
+        raise PromptBankError("train_prompt trains decoder and encoder-decoder prompts; encoders go through "
+                              "train_encoder.train_encoder_prompt")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, make_tokenizer, random_prompt
+from conftest import make_tokenizer, random_prompt
 
 from softprompt.exporter.export import export_model
 from softprompt.prompt_bank import load_prompt, save_prompt
@@ -184,7 +184,8 @@ def test_train_prompt_on_seq2seq_leaves_the_backbone_unchanged(seq2seq, tmp_path
     from softprompt.prompt_bank.train import TrainConfig, load_backbone, train_prompt
 
     _, hf, export = seq2seq
-    rows = [{"text": t, "label": "positive" if "gorgeous" in t or "moving" in t else "negative"} for t in CORPUS[:6]] * 2
+    texts = ["a gorgeous film", "dull and slow", "moving, gorgeous", "slow, dull film", "a moving story", "too long"]
+    rows = [{"text": t, "label": "positive" if "gorgeous" in t or "moving" in t else "negative"} for t in texts] * 2
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = read_jsonl(tmp_path / "train.jsonl")
     spec = TaskSpec(template="{text} Sentiment:", labels={"positive": " positive", "negative": " negative"})
@@ -201,6 +202,28 @@ def test_train_prompt_on_seq2seq_leaves_the_backbone_unchanged(seq2seq, tmp_path
     predicted = [r["label"] for r in model.classify([r["text"] for r in rows], task="s")]
     accuracy = float(np.mean([p == r["label"] for p, r in zip(predicted, rows)]))
     assert accuracy == pytest.approx(record["best"]["accuracy"])
+
+
+def test_checkpointing_keeps_seq2seq_loss_and_gradient(seq2seq):
+    """BART's layers call dropout with their own training flag; checkpointing must not switch it on."""
+    from softprompt.prompt_bank.train import batch_loss, enable_checkpointing, load_backbone
+
+    _, hf, _ = seq2seq
+    backbone = load_backbone(str(hf), log=lambda m: None)
+    pairs = [(backbone.encode(t), backbone.encode(" positive", add_special_tokens=False)) for t in TEXTS]
+    prompt = torch.nn.Parameter(torch.from_numpy(backbone.table[:3].copy()))
+
+    def loss_and_grad():
+        prompt.grad = None
+        loss = batch_loss(backbone.model, prompt, pairs)
+        loss.backward()
+        return loss.detach().clone(), prompt.grad.clone()
+
+    plain = loss_and_grad()
+    assert enable_checkpointing(backbone.model, 1) == 4  # 2 encoder + 2 decoder layers
+    for _ in range(2):
+        loss, grad = loss_and_grad()
+        assert torch.allclose(loss, plain[0], rtol=1e-6) and torch.allclose(grad, plain[1], rtol=1e-5, atol=1e-7)
 
 
 def test_generation_training_lowers_the_loss(seq2seq, tmp_path):

@@ -224,10 +224,14 @@ def test_checkpointing_keeps_loss_and_gradient_and_dropout_off(gpt2_dir, every):
     plain_loss, plain_grad = loss_and_grad()
     layers = len(backbone.model.transformer.h)
     assert enable_checkpointing(backbone.model, every) == len(range(0, layers, every))
+    assert enable_checkpointing(backbone.model, every) == len(range(0, layers, every))  # again: no double wrapping
+    calls = {"n": 0}
+    backbone.model.transformer.h[0].attn.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     for _ in range(2):  # twice: with dropout on, two runs would differ from each other too
         loss, grad = loss_and_grad()
         assert torch.allclose(loss, plain_loss, rtol=1e-6, atol=1e-7)
         assert torch.allclose(grad, plain_grad, rtol=1e-5, atol=1e-7)
+    assert calls["n"] == 4  # the first layer really ran again in each backward
 
 
 def test_ctrl_c_keeps_the_best_prompt_so_far(llama_backbone, sentiment_data, monkeypatch):
