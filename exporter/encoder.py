@@ -31,16 +31,28 @@ def is_encoder(config) -> bool:
 
 
 class EncoderGraph(torch.nn.Module):
-    """inputs_embeds [B, T, E], attention_mask [B, T] (, token_type_ids [B, T]) -> last_hidden_state [B, T, E]."""
+    """inputs_embeds [B, T, E], attention_mask [B, T] (, token_type_ids [B, T]) -> last_hidden_state [B, T, E]
+    (, pooler_output [B, E]).
+
+    BERT's pooler (dense + tanh of the first position) is kept as a second output where the model
+    has one: a sequence classifier trained with PEFT's prompt tuning reads it, and under a prompt the
+    first position is the first prompt row.
+    """
 
     def __init__(self, model, token_types: bool):
         super().__init__()
         self.model = model
         self.token_types = token_types
+        self.pooler = getattr(model, "pooler", None) is not None
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["last_hidden_state", "pooler_output"] if self.pooler else ["last_hidden_state"]
 
     def forward(self, inputs_embeds, attention_mask, token_type_ids=None):
         kwargs = {"token_type_ids": token_type_ids} if self.token_types else {}
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return (out.last_hidden_state, out.pooler_output) if self.pooler else out.last_hidden_state
 
 
 def uses_token_types(model) -> bool:
@@ -64,7 +76,7 @@ def export_encoder_graph(graph: EncoderGraph, hidden: int, path: Path, opset: in
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(graph, example, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-                                        input_names=names, output_names=["last_hidden_state"], optimize=True, verbose=False)
+                                        input_names=names, output_names=graph.output_names, optimize=True, verbose=False)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"torch.onnx.export failed for {type(graph.model).__name__}: {first}") from exc
@@ -85,15 +97,23 @@ def validate_encoder(path: Path, graph: EncoderGraph, table: np.ndarray, toleran
     if graph.token_types:
         feeds["token_type_ids"] = np.zeros((3, 7), dtype=np.int64)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["last_hidden_state"], feeds)[0]
+    got = session.run(graph.output_names, feeds)
     with torch.no_grad():
-        want = graph(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+        want = graph(*(torch.from_numpy(v) for v in feeds.values()))
+    want = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
     keep = mask.astype(bool)
-    diff = float(np.abs(got[keep] - want[keep]).max() / max(np.abs(want[keep]).max(), 1e-12))
-    if not diff <= tolerance:
-        raise ExportError(f"validation failed: last_hidden_state differs from PyTorch by {diff:.2e} of its scale "
-                          f"(tolerance {tolerance:g})")
-    return {"max_relative_diff": {"last_hidden_state, padded rows": diff}, "tolerance": tolerance}
+    diffs = {"last_hidden_state, padded rows": _relative(got[0][keep], want[0][keep])}
+    if graph.pooler:
+        diffs["pooler_output"] = _relative(got[1], want[1])
+    failed = {name: d for name, d in diffs.items() if not d <= tolerance}
+    if failed:
+        raise ExportError("validation failed: " + ", ".join(f"{name} differs from PyTorch by {d:.2e} of its scale"
+                                                            for name, d in failed.items()) + f" (tolerance {tolerance:g})")
+    return {"max_relative_diff": diffs, "tolerance": tolerance}
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
 
 
 def encoder_facts(model, table: np.ndarray) -> dict:

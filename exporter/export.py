@@ -163,7 +163,7 @@ def _export_encoder(source, staging: Path, opset: int, tolerance: float, fuse: b
     step("writing softprompt.json")
     config = ExportConfig(
         kind="encoder", **facts, **encoder_tokens(source.tokenizer), input_names=inputs,
-        output_names=["last_hidden_state"], opset=opset, dtype="float32",
+        output_names=graph.output_names, opset=opset, dtype="float32",
         fingerprint=backbone_fingerprint(table, facts),
         files={"model": "model.onnx", "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
         source=source.info, validation=report,

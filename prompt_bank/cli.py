@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", type=Path, metavar="BANK")
     p.add_argument("--task", required=True, help="name of the task to create")
     p.add_argument("--model", type=Path, required=True, metavar="EXPORT_DIR", help="export the adapter was trained for")
+    p.add_argument("--labels", default=None, metavar="A,B,...",
+                   help="a SEQ_CLS adapter's label names in its classifier's order (default: LABEL_0, LABEL_1, ...)")
     _add_write_options(p)
 
     p = commands.add_parser("from-text", help="make a task whose prompt is the embeddings of a text")
@@ -153,13 +155,36 @@ def _import_peft(args) -> int:
             f"{adapter.weights_file}: prompt width E={width}; the export {args.model} has width {config.hidden_size}"
         )
     peft_record = {k: adapter.config[k] for k in ("task_type", "base_model_name_or_path", "num_virtual_tokens") if k in adapter.config}
+    extra: dict = {"peft": peft_record}
+    if adapter.classifier is not None:
+        extra.update(_classifier_task(adapter, config, args))
+    elif args.labels:
+        raise PromptBankError(f"--labels is for sequence-classification adapters; {args.adapter} is a "
+                              f"{adapter.config.get('task_type')} adapter")
     meta = save_prompt(
         args.bank, args.task, adapter.vectors, fingerprint=config.fingerprint, dtype=args.dtype,
         overwrite=args.force, init=adapter_init(adapter.config), source=f"peft:{args.adapter.resolve()}",
-        extra={"peft": peft_record},
+        extra=extra,
     )
     print(f"imported {args.task}: {meta.length}x{meta.width} {meta.dtype} into {args.bank}")
     return 0
+
+
+def _classifier_task(adapter, config, args) -> dict:
+    """Labels and head of a PEFT sequence-classification adapter: its classifier reads the pooler output."""
+    weight, bias = adapter.classifier["weight"], adapter.classifier["bias"]
+    if config.kind != "encoder" or "pooler_output" not in config.output_names:
+        raise BackboneMismatchError(f"{args.adapter} classifies an encoder's pooler output; the export {args.model} "
+                                    f"is a {config.kind} export without one (export the encoder with this version)")
+    if weight.shape[1] != config.hidden_size:
+        raise BackboneMismatchError(f"{adapter.weights_file}: classifier width {weight.shape[1]}; the export has "
+                                    f"width {config.hidden_size}")
+    labels = [name.strip() for name in args.labels.split(",")] if args.labels else [f"LABEL_{i}" for i in range(len(bias))]
+    if len(labels) != len(bias) or len(set(labels)) != len(labels) or not all(labels):
+        raise PromptBankError(f"--labels {args.labels!r}: {len(labels)} names for a classifier of {len(bias)} "
+                              "labels; give one distinct name per label, in the classifier's order")
+    return {"labels": {label: label for label in labels},
+            "head": {"labels": labels, "weight": weight.tolist(), "bias": bias.tolist(), "pooling": "pooler"}}
 
 
 def _from_text(args) -> int:

@@ -28,6 +28,9 @@ class PeftPrompt:
     vectors: np.ndarray
     config: dict[str, Any]
     weights_file: Path
+    # A sequence-classification adapter's linear classifier (PEFT saves it as a module to save):
+    # {"weight": [labels, E], "bias": [labels]}; None for other adapters.
+    classifier: dict[str, np.ndarray] | None = None
 
 
 def read_peft_adapter(adapter_dir: str | Path) -> PeftPrompt:
@@ -60,7 +63,25 @@ def read_peft_adapter(adapter_dir: str | Path) -> PeftPrompt:
     if token_dim is not None and table.shape[1] != token_dim:
         raise AdapterError(f"{weights.path}: prompt width {table.shape[1]}; adapter_config.json says token_dim={token_dim}")
     vectors = np.ascontiguousarray(table[:tokens])
-    return PeftPrompt(vectors=vectors, config=config, weights_file=weights.path)
+    classifier = _classifier(weights.path) if str(config.get("task_type", "")).upper() == "SEQ_CLS" else None
+    return PeftPrompt(vectors=vectors, config=config, weights_file=weights.path, classifier=classifier)
+
+
+def _classifier(path: Path) -> dict[str, np.ndarray]:
+    """The linear classifier of a SEQ_CLS adapter (BERT-style: one Linear on the pooler output)."""
+    if path.suffix != ".safetensors":
+        raise AdapterError(f"{path}: sequence-classification adapters are read from adapter_model.safetensors only")
+    tensors = read_safetensors(path)
+    found = {key.rsplit(".", 1)[-1]: value for key, value in tensors.items()
+             if key.endswith(("classifier.weight", "classifier.bias"))}
+    others = sorted(key for key in tensors if key != PROMPT_KEY and not key.endswith(("classifier.weight", "classifier.bias")))
+    if set(found) != {"weight", "bias"} or others:
+        raise AdapterError(f"{path}: a SEQ_CLS adapter with tensors {sorted(tensors)}; only a single linear "
+                           "'classifier' on the pooler output (BERT-style) is supported")
+    weight, bias = found["weight"].astype(np.float32), found["bias"].astype(np.float32)
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise AdapterError(f"{path}: classifier weight {weight.shape} / bias {bias.shape}; expected [labels, E] and [labels]")
+    return {"weight": weight, "bias": bias}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,8 @@ class Encoder(ServesTasks):
         self.session = session
         self.bank = bank
         self._token_types = "token_type_ids" in config.input_names
+        self._pooler = "pooler_output" in config.output_names
+        self._outputs = ["last_hidden_state", "pooler_output"] if self._pooler else ["last_hidden_state"]
         self._store = TaskStore(bank, width=config.hidden_size, fingerprint=config.fingerprint, prefill=None)
 
     def encode(self, text: str, task: str | None = None) -> list[int]:
@@ -96,16 +98,29 @@ class Encoder(ServesTasks):
         if found is None or not found.spec.labels:
             raise RequestError(f"classify needs a classification task; {task!r} has no labels")
         labels = list(found.spec.labels)
-        vectors = self.embed(texts, task)
-        if found.head is not None:  # a trained linear classifier on the pooled embedding
-            logits = vectors @ found.head[0].T + found.head[1]
-        else:  # the nearest label embedding, labels embedded without a prompt
+        head = found.head
+        if head is not None and head.pooling == "pooler":  # PEFT sequence classification: the pooler output
+            if not self._pooler:
+                raise RequestError(f"task {task!r} classifies the pooler output; this export has none "
+                                   "(re-export the model with this version of export-model)")
+            ids = [self.backbone.encode(found.spec.apply(text)) for text in texts]
+            pooled = np.concatenate([self._run(ids[i : i + 32], [found] * len(ids[i : i + 32]))[1]
+                                     for i in range(0, len(ids), 32)])
+            logits = pooled @ head.weight.T + head.bias
+        elif head is not None:  # a trained linear classifier on the pooled embedding
+            logits = self.embed(texts, task) @ head.weight.T + head.bias
+        else:
+            vectors = self.embed(texts, task)  # the nearest label embedding, labels embedded without a prompt
             logits = SIMILARITY_SCALE * (vectors @ self.embed([found.spec.labels[label].strip() or label for label in labels]).T)
         probs = np.exp(log_softmax(logits.astype(np.float64)))
         return [{"label": labels[int(row.argmax())], "scores": dict(zip(labels, map(float, row)))} for row in probs]
 
     def _pooled(self, ids: list[list[int]], found: list[Task | None]) -> np.ndarray:
         """Mean last hidden state over each row's text tokens: [B, E]."""
+        return self._run(ids, found)[0]
+
+    def _run(self, ids: list[list[int]], found: list[Task | None]) -> tuple[np.ndarray, np.ndarray | None]:
+        """One graph call on right-padded rows: (mean over each row's text tokens [B, E], pooler output [B, E] or None)."""
         limit = self.config.max_positions
         rows, spans = [], []
         for i, (row_ids, task) in enumerate(zip(ids, found)):
@@ -128,7 +143,9 @@ class Encoder(ServesTasks):
         if self._token_types:
             feeds["token_type_ids"] = np.zeros_like(mask)
         try:
-            hidden = self.session.run(["last_hidden_state"], feeds)[0]
+            outputs = self.session.run(self._outputs, feeds)
         except Exception as exc:  # onnxruntime raises its own types
             raise InferenceError(f"onnxruntime failed with inputs_embeds {embeds.shape}: {exc}") from exc
-        return np.stack([hidden[i, a:b].mean(axis=0) for i, (a, b) in enumerate(spans)]).astype(np.float32)
+        hidden = outputs[0]
+        mean = np.stack([hidden[i, a:b].mean(axis=0) for i, (a, b) in enumerate(spans)]).astype(np.float32)
+        return mean, (outputs[1] if self._pooler else None)

@@ -40,6 +40,20 @@ Prefill = Callable[[np.ndarray], "tuple[np.ndarray, ...] | None"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class Head:
+    """A linear classifier on an encoder's output, rows in the order of the task's labels.
+
+    `pooling` "mean": the normalised mean over the text's tokens (what `train-prompt --head linear`
+    trains); "pooler": the model's pooler output (BERT: dense + tanh of the first position, which
+    under a prompt is the first prompt row), what PEFT's sequence classification trains.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    pooling: str = "mean"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Task:
     name: str
     vectors: np.ndarray  # [P, E] float32, read-only
@@ -47,8 +61,8 @@ class Task:
     # Keys and values of the first P - 1 prompt rows, one [heads, P - 1, head size] array per cache
     # input; the last prompt row is fed with the request so that every row has a new position.
     prefix: tuple[np.ndarray, ...] | None
-    # An encoder task's optional linear classifier on the pooled embedding: weight [labels, E], bias [labels].
-    head: tuple[np.ndarray, np.ndarray] | None = None
+    # An encoder task's optional linear classifier: weight [labels, E], bias [labels], and what it reads.
+    head: "Head | None" = None
 
     @property
     def length(self) -> int:
@@ -63,7 +77,7 @@ def build_task(name: str, vectors: np.ndarray, extra: Mapping, prefill: Prefill 
     return Task(name, vectors, spec, prefix, _head(extra.get("head"), list(spec.labels), vectors.shape[1], name))
 
 
-def _head(data, names: list[str], width: int, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _head(data, names: list[str], width: int, name: str) -> Head | None:
     """The head's weight and bias with rows in the order of the task's labels."""
     if data is None:
         return None
@@ -71,14 +85,17 @@ def _head(data, names: list[str], width: int, name: str) -> tuple[np.ndarray, np
         weight = np.asarray(data["weight"], dtype=np.float32)
         bias = np.asarray(data["bias"], dtype=np.float32)
         order = [list(data["labels"]).index(label) for label in names]
-    except (TypeError, KeyError, ValueError) as exc:
+        pooling = data.get("pooling", "mean")
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise InvalidPromptError(f"task {name!r}: head must be {{'labels': [...], 'weight': [[...]], 'bias': [...]}} "
                                  f"naming the task's labels {names} ({exc})") from None
     labels = len(names)
     if weight.shape != (labels, width) or bias.shape != (labels,) or not (np.isfinite(weight).all() and np.isfinite(bias).all()):
         raise InvalidPromptError(f"task {name!r}: head weight {weight.shape} / bias {bias.shape}; expected ({labels}, {width}) "
                          f"and ({labels},) finite values")
-    return weight[order], bias[order]
+    if pooling not in ("mean", "pooler"):
+        raise InvalidPromptError(f"task {name!r}: head pooling {pooling!r}; expected 'mean' or 'pooler'")
+    return Head(weight[order], bias[order], pooling)
 
 
 class TaskStore:

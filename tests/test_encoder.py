@@ -215,3 +215,35 @@ def test_export_peft_of_an_encoder_task_loads_as_feature_extraction(bert, tmp_pa
     loaded = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(hf), tmp_path / "adapter")
     assert loaded.peft_config["default"].task_type == "FEATURE_EXTRACTION"
     np.testing.assert_array_equal(loaded.prompt_encoder["default"].embedding.weight.detach().numpy(), prompt)
+
+
+def test_peft_sequence_classification_adapter_gives_the_same_probabilities(bert, tmp_path, capsys):
+    """PEFT's prompt-tuned BERT classifier reads the pooler output (the first prompt row's); imported, the runtime agrees."""
+    import peft
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from softprompt.prompt_bank.cli import main as bank_main
+
+    hf, export = bert
+    assert "pooler_output" in json.loads((export / "softprompt.json").read_text())["output_names"]
+    torch.manual_seed(5)
+    base = BertForSequenceClassification.from_pretrained(hf, num_labels=3).eval()
+    reference = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        reference.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(random_prompt(4, 48, seed=2)))
+        classifier = reference.base_model.classifier.modules_to_save["default"]
+        classifier.weight.normal_(0, 0.5)
+        classifier.bias.normal_(0, 0.5)
+    reference.save_pretrained(tmp_path / "adapter")
+    assert bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "cls",
+                      "--model", str(export), "--labels", "neg,neutral,pos"]) == 0
+    got = load(export, bank=tmp_path / "bank").classify(TEXTS, task="cls")
+    batch = AutoTokenizer.from_pretrained(hf)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = torch.softmax(reference(**batch).logits.double(), -1).numpy()
+    np.testing.assert_allclose([[r["scores"][label] for label in ("neg", "neutral", "pos")] for r in got], want, atol=1e-4)
+    assert [r["label"] for r in got] == [["neg", "neutral", "pos"][i] for i in want.argmax(1)]
+    # Wrong label count: refused with what was expected.
+    assert bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "bad",
+                      "--model", str(export), "--labels", "a,b"]) == 1
+    assert "2 names for a classifier of 3 labels" in capsys.readouterr().err
