@@ -41,3 +41,9 @@ out = model.complete(["Tell me a story", "dull"], task="t", max_new_tokens=4)
 assert len(out) == 2 and all(len(c.token_ids) >= 1 for c in out)
 """
     assert run_probe(setup=block, work=work) == []
+
+
+def test_seq2seq_and_encoder_runtimes_import_without_heavy_modules():
+    """The modules `load` picks for encoder and encoder-decoder exports are device code too."""
+    block = "for name in {heavy!r}: sys.modules[name] = None".format(heavy=HEAVY)
+    assert run_probe(setup=block, work="import softprompt.runtime.seq2seq, softprompt.runtime.encoder") == []
