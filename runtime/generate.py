@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from softprompt.prompt_bank.task import TaskSpec
+
 from .batch import position_ids
 from .errors import RequestError
+from .tasks import tasks_for
 
 # forward(inputs_embeds [B,S,E], attention_mask [B,T], position_ids [B,S], past) -> (last logits [B,V], present)
 Forward = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
@@ -114,3 +118,62 @@ class RowText:
                     hold = max(hold, size)
                     break
         return text[: len(text) - hold]
+
+
+def as_texts(texts: str | Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise RequestError("texts must be a string or a list of strings")
+    return texts
+
+
+def spec_of(task) -> TaskSpec:
+    """A task's template and labels; no task: the text as it is."""
+    return TaskSpec() if task is None else task.spec
+
+
+class GeneratesText:
+    """`complete`, `generate` and `stream` for a model (decoder or encoder-decoder) that provides
+    `_run(ids, tasks, **settings)`, yielding the rows' `RowText` states after every step (the last
+    yield final), besides `_resolve` (ServesTasks), `backbone` and `decode`.
+    """
+
+    backbone: Any
+    _resolve: Callable
+    _run: Callable[..., Iterator[list[RowText]]]
+
+    def complete(self, texts: str | Sequence[str], task=None, **settings) -> list[Completion]:
+        """Generate for each text (one batch, rows may have different tasks); a `Completion` per text.
+
+        Settings: max_new_tokens=64, min_new_tokens=0, temperature=0 (greedy), top_k, top_p,
+        seed, stop (a string or a list of strings; the text is cut before it).
+        """
+        texts = as_texts(texts)
+        found = self._resolve(tasks_for(task, len(texts)))
+        ids = [self.backbone.encode(spec_of(t).apply(text)) for text, t in zip(texts, found)]
+        return self._complete(ids, found, texts, settings)
+
+    def generate(self, text: str | Sequence[str], task=None, **settings) -> str | list[str]:
+        """Generated text for one text (a str) or for each of a list of texts (a list, one batch)."""
+        results = [c.text for c in self.complete(text, task, **settings)]
+        return results[0] if isinstance(text, str) else results
+
+    def stream(self, text: str, task: str | None = None, **settings) -> Iterator[str]:
+        """Yield pieces of the generated text as they are made (complete characters, stop strings held back)."""
+        if not isinstance(text, str):
+            raise RequestError("stream takes one text; use generate() or complete() for a batch")
+        found = self._resolve([task])
+        shown = 0
+        for rows in self._run([self.backbone.encode(spec_of(found[0]).apply(text))], found, **settings):
+            stable = rows[0].stable_text()
+            if len(stable) > shown:
+                yield stable[shown:]
+                shown = len(stable)
+
+    def _complete(self, ids: Sequence[Sequence[int]], found: Sequence, inputs: Sequence[str], settings: dict) -> list[Completion]:
+        rows = list(self._run(ids, found, **settings))[-1]
+        return [Completion(inputs[i], None if found[i] is None else found[i].name, r.text, r.ids, r.finish_reason or "length")
+                for i, r in enumerate(rows)]
+

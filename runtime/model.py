@@ -27,7 +27,7 @@ from .backbone import Backbone, open_backbone
 from .batch import embed_row, left_pad, position_ids
 from .classify import classifiable, classify_texts, label_logprobs, normalise
 from .errors import InferenceError, RequestError
-from .generate import Completion, RowText, check_request, decode_steps
+from .generate import Completion, GeneratesText, RowText, as_texts, check_request, decode_steps, spec_of
 from .sampling import chooser
 from .session import create_session, resolve_providers
 from .tasks import ServesTasks, Task, TaskStore, tasks_for
@@ -75,7 +75,7 @@ def load(
     return Model(backbone, session, Path(bank) if bank is not None else None, cache_prompts=cache_prompts)
 
 
-class Model(ServesTasks):
+class Model(ServesTasks, GeneratesText):
     """A loaded export: `generate`, `stream`, `complete` and `classify`, optionally under task prompts."""
 
     def __init__(self, backbone: Backbone, session, bank: Path | None = None, *, cache_prompts: bool = True):
@@ -155,45 +155,17 @@ class Model(ServesTasks):
 
         For parity checks against other implementations: it never uses the cached prompt.
         """
-        texts = _as_list(texts)
+        texts = as_texts(texts)
         found = self._resolve(tasks_for(task, len(texts)))
-        ids = [self.backbone.encode(_spec(t).apply(text)) for text, t in zip(texts, found)]
+        ids = [self.backbone.encode(spec_of(t).apply(text)) for text, t in zip(texts, found)]
         embeds, mask, past = self._first_input(ids, found, 0, cached=False)
         logits, _ = self.forward(embeds, mask, position_ids(mask), past, all_logits=True)
         return logits
-
-    def complete(self, texts: str | Sequence[str], task: Tasks = None, **settings) -> list[Completion]:
-        """Generate for each text (one left-padded batch, rows may have different tasks); a `Completion` per text.
-
-        Settings: max_new_tokens=64, min_new_tokens=0, temperature=0 (greedy), top_k, top_p,
-        seed, stop (a string or a list of strings; the text is cut before it).
-        """
-        texts = _as_list(texts)
-        found = self._resolve(tasks_for(task, len(texts)))
-        ids = [self.backbone.encode(_spec(t).apply(text)) for text, t in zip(texts, found)]
-        return self._complete(ids, found, texts, settings)
 
     def complete_ids(self, ids: Sequence[Sequence[int]], task: Tasks = None, **settings) -> list[Completion]:
         """`complete` for inputs that are already token ids (no template is applied; `input` is their decoded text)."""
         found = self._resolve(tasks_for(task, len(ids)))
         return self._complete(ids, found, [self.decode(row) for row in ids], settings)
-
-    def generate(self, text: str | Sequence[str], task: Tasks = None, **settings) -> str | list[str]:
-        """Generated text for one text (a str) or for each of a list of texts (a list, one batch)."""
-        results = [c.text for c in self.complete(text, task, **settings)]
-        return results[0] if isinstance(text, str) else results
-
-    def stream(self, text: str, task: str | None = None, **settings) -> Iterator[str]:
-        """Yield pieces of the generated text as they are made (complete characters, stop strings held back)."""
-        if not isinstance(text, str):
-            raise RequestError("stream takes one text; use generate() or complete() for a batch")
-        found = self._resolve([task])
-        shown = 0
-        for rows in self._run([self.backbone.encode(_spec(found[0]).apply(text))], found, **settings):
-            stable = rows[0].stable_text()
-            if len(stable) > shown:
-                yield stable[shown:]
-                shown = len(stable)
 
     def classify(self, texts: str | Sequence[str], task: Tasks, ensemble: str | None = None) -> list[dict]:
         """Label each text by its task's verbalizers: `[{"label": ..., "scores": {label: probability}}]`.
@@ -204,7 +176,7 @@ class Model(ServesTasks):
         task and each text runs under all of them in one batch; the result adds `"votes"` and
         each member's label (`"members"`).
         """
-        return classify_texts(_as_list(texts), task, ensemble, self._resolve, self._label_probabilities)
+        return classify_texts(as_texts(texts), task, ensemble, self._resolve, self._label_probabilities)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -289,10 +261,6 @@ class Model(ServesTasks):
             mask = np.concatenate([past_mask, mask], axis=1)
         return embeds, mask, past
 
-    def _complete(self, ids: Sequence[Sequence[int]], found: list[Task | None], inputs: Sequence[str], settings: dict) -> list[Completion]:
-        rows = list(self._run(ids, found, **settings))[-1]
-        return [Completion(inputs[i], _name(found[i]), r.text, r.ids, r.finish_reason or "length") for i, r in enumerate(rows)]
-
     def _run(self, ids: Sequence[Sequence[int]], found: list[Task | None], *, max_new_tokens: int = 64,
              min_new_tokens: int = 0, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop: str | Sequence[str] | None = None) -> Iterator[list[RowText]]:
@@ -312,20 +280,3 @@ class Model(ServesTasks):
         for state in states:
             state.finish()
         yield states
-
-
-def _spec(task: Task | None) -> TaskSpec:
-    return TaskSpec() if task is None else task.spec
-
-
-def _name(task: Task | None) -> str | None:
-    return None if task is None else task.name
-
-
-def _as_list(texts: str | Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        return [texts]
-    texts = list(texts)
-    if not all(isinstance(t, str) for t in texts):
-        raise RequestError("texts must be a string or a list of strings")
-    return texts

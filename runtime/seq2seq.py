@@ -22,13 +22,16 @@ from .backbone import Backbone
 from .batch import embed_row
 from .classify import classifiable, classify_texts, log_softmax, normalise
 from .errors import InferenceError, RequestError
-from .generate import Completion, RowText, check_request
+from .generate import GeneratesText, RowText, as_texts, check_request, spec_of
 from .sampling import chooser
-from .tasks import ServesTasks, Task, TaskStore, tasks_for
+from .tasks import ServesTasks, Task, TaskStore
 
 
-class Seq2Seq(ServesTasks):
-    """A loaded encoder-decoder export: `generate`, `stream`, `complete` and `classify` under task prompts."""
+class Seq2Seq(ServesTasks, GeneratesText):
+    """A loaded encoder-decoder export: `generate`, `stream`, `complete` and `classify` under task prompts.
+
+    A model's forced first/last tokens (BART's forced BOS/EOS) apply as in transformers' `generate`.
+    """
 
     def __init__(self, backbone: Backbone, encoder, decoder, bank: Path | None = None):
         self.backbone = backbone
@@ -53,7 +56,7 @@ class Seq2Seq(ServesTasks):
     def encode(self, text: str, task: str | None = None) -> list[int]:
         """Encoder token ids of `text` in the task's template (the tokenizer's own special tokens included)."""
         found = self._resolve([task])[0]
-        return self.backbone.encode(_spec_apply(found, text))
+        return self.backbone.encode(spec_of(found).apply(text))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -62,45 +65,14 @@ class Seq2Seq(ServesTasks):
         """[P + n, E]: the encoder input for `ids` under `task` (training builds the same)."""
         return embed_row(self.table, ids, self.prompt(task))
 
-    # ---- generation ---------------------------------------------------------------------------
-
-    def complete(self, texts: str | Sequence[str], task=None, **settings) -> list[Completion]:
-        """Generate for each text (one batch; rows may have different tasks); a `Completion` per text.
-
-        Settings as for decoders: max_new_tokens=64, min_new_tokens, temperature (0: greedy),
-        top_k, top_p, seed, stop. A model's forced first/last tokens (BART's forced BOS/EOS) apply
-        as in transformers' `generate`.
-        """
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        found = self._resolve(tasks_for(task, len(texts)))
-        ids = [self.backbone.encode(_spec_apply(t, text)) for text, t in zip(texts, found)]
-        rows = list(self._run(ids, found, **settings))[-1]
-        return [Completion(texts[i], None if found[i] is None else found[i].name, r.text, r.ids, r.finish_reason or "length")
-                for i, r in enumerate(rows)]
-
-    def generate(self, text: str | Sequence[str], task=None, **settings) -> str | list[str]:
-        results = [c.text for c in self.complete(text, task, **settings)]
-        return results[0] if isinstance(text, str) else results
-
-    def stream(self, text: str, task: str | None = None, **settings) -> Iterator[str]:
-        """Yield pieces of the generated text as they are made."""
-        if not isinstance(text, str):
-            raise RequestError("stream takes one text; use generate() or complete() for a batch")
-        found = self._resolve([task])
-        shown = 0
-        for rows in self._run([self.backbone.encode(_spec_apply(found[0], text))], found, **settings):
-            stable = rows[0].stable_text()
-            if len(stable) > shown:
-                yield stable[shown:]
-                shown = len(stable)
+    # ---- generation (complete, generate, stream: GeneratesText over `_run`) and classification ----
 
     def classify(self, texts: str | Sequence[str], task, ensemble: str | None = None) -> list[dict]:
         """Label each text by the log-probability of each label's verbalizer as the decoder's output.
 
         `task` and `ensemble` work as in the decoder `Model.classify`.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        return classify_texts(texts, task, ensemble, self._resolve, self._label_probabilities)
+        return classify_texts(as_texts(texts), task, ensemble, self._resolve, self._label_probabilities)
 
     def label_logprobs(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
                        targets: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
@@ -230,7 +202,3 @@ class Seq2Seq(ServesTasks):
 
 def _numpy(value):
     return value if isinstance(value, np.ndarray) else value.numpy()
-
-
-def _spec_apply(task: Task | None, text: str) -> str:
-    return text if task is None else task.spec.apply(text)
