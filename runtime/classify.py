@@ -131,3 +131,17 @@ def classify_texts(texts: list[str], task, ensemble: str | None, resolve: Callab
     probs = probabilities([text for text in texts for _ in found], list(found) * len(texts))
     return [ensemble_result(labels, [t.name for t in found], np.stack(probs[i * len(found): (i + 1) * len(found)]), ensemble)
             for i in range(len(texts))]
+
+
+def verbalized(texts: Sequence[str], found: Sequence, encode: Callable) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """(templated input ids, each label's verbalizer ids) per row, for classification tasks only."""
+    classifiable(found)
+    verbalizers = []
+    for task in found:
+        by_label = task.spec.verbalizer_ids(encode)
+        empty = [label for label, ids in by_label.items() if not ids]
+        if empty:
+            raise RequestError(f"task {task.name!r}: verbalizers of {empty} have no tokens")
+        verbalizers.append(list(by_label.values()))
+    return [encode(task.spec.apply(text)) for text, task in zip(texts, found)], verbalizers
+

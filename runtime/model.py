@@ -25,7 +25,7 @@ from softprompt.prompt_bank.task import TaskSpec
 
 from .backbone import Backbone, open_backbone
 from .batch import embed_row, left_pad, position_ids
-from .classify import classifiable, classify_texts, label_logprobs, normalise
+from .classify import classify_texts, label_logprobs, normalise, verbalized
 from .errors import InferenceError, RequestError
 from .generate import Completion, GeneratesText, RowText, as_texts, check_request, decode_steps, spec_of
 from .sampling import chooser
@@ -181,15 +181,7 @@ class Model(ServesTasks, GeneratesText):
     # ---- internals --------------------------------------------------------------------------
 
     def _label_probabilities(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[np.ndarray]:
-        verbalizers = []
-        classifiable(found)
-        for task in found:
-            by_label = task.spec.verbalizer_ids(self.backbone.encode)
-            empty = [label for label, ids in by_label.items() if not ids]
-            if empty:
-                raise RequestError(f"task {task.name!r}: verbalizers of {empty} have no tokens")
-            verbalizers.append(list(by_label.values()))
-        inputs = [self.backbone.encode(task.spec.apply(text)) for text, task in zip(texts, found)]
+        inputs, verbalizers = verbalized(texts, found, self.backbone.encode)
 
         def run_rows(rows: list[list[int]], owners: list[int]) -> np.ndarray:
             return self._logits_of(rows, [found[i] for i in owners])

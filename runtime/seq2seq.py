@@ -20,7 +20,7 @@ import numpy as np
 
 from .backbone import Backbone
 from .batch import embed_row
-from .classify import classifiable, classify_texts, log_softmax, normalise
+from .classify import classify_texts, log_softmax, normalise, verbalized
 from .errors import InferenceError, RequestError
 from .generate import GeneratesText, RowText, as_texts, check_request, spec_of
 from .sampling import chooser
@@ -101,15 +101,7 @@ class Seq2Seq(ServesTasks, GeneratesText):
     # ---- internals ----------------------------------------------------------------------------
 
     def _label_probabilities(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[np.ndarray]:
-        classifiable(found)
-        targets = []
-        for task in found:
-            by_label = task.spec.verbalizer_ids(self.backbone.encode)
-            empty = [label for label, ids in by_label.items() if not ids]
-            if empty:
-                raise RequestError(f"task {task.name!r}: verbalizers of {empty} have no tokens")
-            targets.append(list(by_label.values()))
-        ids = [self.backbone.encode(task.spec.apply(text)) for text, task in zip(texts, found)]
+        ids, targets = verbalized(texts, found, self.backbone.encode)
         out: list[np.ndarray] = []
         for start in range(0, len(ids), 16):
             out += self.label_logprobs(ids[start : start + 16], found[start : start + 16], targets[start : start + 16])
