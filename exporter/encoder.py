@@ -8,6 +8,7 @@ feature-extraction model does. The prompt therefore counts against the model's p
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -53,6 +54,35 @@ class EncoderGraph(torch.nn.Module):
         kwargs = {"token_type_ids": token_type_ids} if self.token_types else {}
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         return (out.last_hidden_state, out.pooler_output) if self.pooler else out.last_hidden_state
+
+
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def sentence_pooling(folder: Path | None) -> str:
+    """How the model pools a sentence embedding: its sentence-transformers Pooling module says, else "mean".
+
+    Under a prompt each mode covers the text's tokens only: "cls" is the text's first token
+    ([CLS]), "lasttoken" its last, "mean" and "max" run over its tokens.
+    """
+    modules = folder / "modules.json" if folder is not None else None
+    if modules is None or not modules.is_file():
+        return "mean"
+    try:
+        entries = json.loads(modules.read_text())
+        entry = next((m for m in entries if str(m.get("type", "")).endswith(".Pooling")), None)
+        if entry is None:
+            return "mean"
+        config = json.loads((folder / entry.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise ExportError(f"{modules}: cannot read the sentence-transformers pooling settings ({exc})") from None
+    chosen = [mode for key, mode in POOLING_MODES.items() if config.get(key)]
+    others = sorted(k for k, v in config.items() if k.startswith("pooling_mode") and v and k not in POOLING_MODES)
+    if len(chosen) != 1 or others:
+        raise ExportError(f"{folder}: sentence-transformers pooling {sorted(k for k, v in config.items() if k.startswith('pooling_mode') and v)}; "
+                          f"the runtime pools by exactly one of {sorted(POOLING_MODES)}")
+    return chosen[0]
 
 
 def uses_token_types(model) -> bool:

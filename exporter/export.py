@@ -21,7 +21,9 @@ import onnx
 from softprompt.prompt_bank import backbone_fingerprint
 from softprompt.runtime.config import CONFIG_FILE, ExportConfig
 
-from .encoder import EncoderGraph, encoder_facts, encoder_tokens, export_encoder_graph, uses_token_types, validate_encoder
+from .encoder import (
+    EncoderGraph, encoder_facts, encoder_tokens, export_encoder_graph, sentence_pooling, uses_token_types, validate_encoder,
+)
 from .errors import ExportError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph, probe_cache
@@ -150,6 +152,8 @@ def _export_encoder(source, staging: Path, opset: int, tolerance: float, fuse: b
     np.save(staging / "embeddings.npy", table, allow_pickle=False)
     source.tokenizer.save_pretrained(staging, legacy_format=False)
     facts = encoder_facts(model, table)
+    pooling = sentence_pooling(Path(source.info["path"]) if source.info.get("path") else None)
+    log(f"      sentence embeddings: {pooling} pooling over the text's tokens")
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     step(f"exporting the encoder graph ({size / 2**20:.0f} MiB of weights, opset {opset})")
     graph = EncoderGraph(model, uses_token_types(model))
@@ -163,7 +167,7 @@ def _export_encoder(source, staging: Path, opset: int, tolerance: float, fuse: b
     step("writing softprompt.json")
     config = ExportConfig(
         kind="encoder", **facts, **encoder_tokens(source.tokenizer), input_names=inputs,
-        output_names=graph.output_names, opset=opset, dtype="float32",
+        output_names=graph.output_names, opset=opset, dtype="float32", pooling=pooling,
         fingerprint=backbone_fingerprint(table, facts),
         files={"model": "model.onnx", "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
         source=source.info, validation=report,

@@ -54,6 +54,7 @@ class Backbone:
     max_positions: int | None
     eos_ids: list[int]
     kind: str = "decoder"  # "seq2seq" (train_seq2seq.py), or "encoder" (train_encoder.py trains those)
+    pooling: str = "mean"  # encoders: how sentence embeddings are pooled, as the export records it
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -78,7 +79,11 @@ def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> Backbo
         tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
         tokenizer.no_truncation()
         tokenizer.no_padding()
-        return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], [], "encoder")
+        from softprompt.exporter.encoder import sentence_pooling
+
+        pooling = sentence_pooling(Path(source.info["path"]) if source.info.get("path") else None)
+        return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], [], "encoder",
+                        pooling)
     tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
     tokenizer.no_truncation()
     tokenizer.no_padding()

@@ -31,8 +31,9 @@ from .train import (
 )
 
 
-def pooled(model, prompt: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
-    """[B, E] L2-normalised mean of the last hidden states over each row's tokens (not the prompt rows)."""
+def pooled(model, prompt: torch.Tensor, rows: list[list[int]], mode: str = "mean") -> torch.Tensor:
+    """[B, E] L2-normalised pooling (the export's `pooling`) of the last hidden states over each row's
+    tokens (not the prompt rows), as the runtime's `pool`."""
     embed = model.get_input_embeddings()
     length = max(len(r) for r in rows) + prompt.shape[0]
     embeds = prompt.new_zeros((len(rows), length, prompt.shape[1]))
@@ -44,8 +45,17 @@ def pooled(model, prompt: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
         mask[i, : p + len(ids)] = 1
         weights[i, p : p + len(ids)] = 1.0
     hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    mean = (hidden * weights).sum(1) / weights.sum(1)
-    return torch.nn.functional.normalize(mean, dim=-1)
+    if mode == "mean":
+        vectors = (hidden * weights).sum(1) / weights.sum(1)
+    elif mode == "max":
+        vectors = hidden.masked_fill(weights == 0, float("-inf")).amax(1)
+    elif mode == "cls":
+        vectors = hidden[:, p]
+    elif mode == "lasttoken":
+        vectors = hidden[torch.arange(len(rows)), torch.tensor([p + len(ids) - 1 for ids in rows])]
+    else:
+        raise ValueError(f"pooling {mode!r}")
+    return torch.nn.functional.normalize(vectors, dim=-1)
 
 
 def label_logits(vectors: torch.Tensor, anchors: torch.Tensor, head: torch.nn.Linear | None) -> torch.Tensor:
@@ -95,13 +105,13 @@ def train_encoder_prompt(
     eval_rows, eval_targets = encode(eval_data) if eval_data else (None, None)
     with torch.no_grad():
         anchors = pooled(model, prompt.new_zeros((0, prompt.shape[1])),
-                         [backbone.encode(spec.labels[label].strip() or label) for label in labels])
+                         [backbone.encode(spec.labels[label].strip() or label) for label in labels], backbone.pooling)
 
     def accuracy() -> dict:
         with torch.no_grad():
             hits = 0
             for i in range(0, len(eval_rows), 32):
-                logits = label_logits(pooled(model, prompt, eval_rows[i : i + 32]), anchors, linear)
+                logits = label_logits(pooled(model, prompt, eval_rows[i : i + 32], backbone.pooling), anchors, linear)
                 hits += int((logits.argmax(1) == torch.tensor(eval_targets[i : i + 32])).sum())
             return {"accuracy": hits / len(eval_rows)}
 
@@ -114,7 +124,7 @@ def train_encoder_prompt(
     try:
         for step in range(1, total + 1):
             picked = next(batches)
-            logits = label_logits(pooled(model, prompt, [rows[i] for i in picked]), anchors, linear)
+            logits = label_logits(pooled(model, prompt, [rows[i] for i in picked], backbone.pooling), anchors, linear)
             loss = torch.nn.functional.cross_entropy(logits, torch.tensor([targets[i] for i in picked]))
             optimizer.zero_grad()
             loss.backward()

@@ -16,6 +16,7 @@ from .errors import ExportFormatError
 FORMAT_VERSION = 1
 CONFIG_FILE = "softprompt.json"
 KINDS = ("decoder", "encoder", "seq2seq")
+POOLINGS = ("mean", "cls", "max", "lasttoken")
 # The files each kind of export must hold (keys of `files`).
 FILES = {"decoder": ("model", "embeddings", "tokenizer"), "encoder": ("model", "embeddings", "tokenizer"),
          "seq2seq": ("encoder", "decoder", "embeddings", "tokenizer")}
@@ -46,6 +47,8 @@ class ExportConfig:
     files: dict[str, str]
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Encoders: how a sentence embedding is pooled over the text's tokens (mean, cls, max, lasttoken).
+    pooling: str | None = None
     # Generation settings a model's `generate` applies (encoder-decoders: forced_bos/eos_token_id).
     generation: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -78,6 +81,8 @@ class ExportConfig:
             value = getattr(config, key)
             if not isinstance(value, int) or value <= 0:
                 raise ExportFormatError(f"{where}: {key} is {value!r}; expected a positive integer")
+        if config.pooling not in (None, *POOLINGS):
+            raise ExportFormatError(f"{where}: pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
         if config.kind not in KINDS:
             raise ExportFormatError(f"{where}: kind {config.kind!r}; this runtime reads {', '.join(map(repr, KINDS))} exports")
         if config.kind != "encoder" and (

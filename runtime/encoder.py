@@ -2,9 +2,9 @@
 
 Rows are [prompt vectors, then the text's token embeddings ([CLS] ... [SEP])], right-padded; the
 graph adds position and token-type embeddings and the embedding LayerNorm to every row, prompt
-included. A sentence embedding is the mean of the last hidden states over the text's tokens (not
-the prompt rows: they are the same for every input of a task), L2-normalised, as
-sentence-transformers pools these models.
+included. A sentence embedding pools the last hidden states over the text's tokens (not the
+prompt rows: they are the same for every input of a task) as the model's sentence-transformers
+Pooling module says (mean when it says nothing; `pooling` in softprompt.json), L2-normalised.
 
 `load()` returns an `Encoder` for exports whose softprompt.json says `"kind": "encoder"`. Tasks
 follow the bank folder as for decoders (hot swap, bad files never replace good ones).
@@ -116,11 +116,11 @@ class Encoder(ServesTasks):
         return [{"label": labels[int(row.argmax())], "scores": dict(zip(labels, map(float, row)))} for row in probs]
 
     def _pooled(self, ids: list[list[int]], found: list[Task | None]) -> np.ndarray:
-        """Mean last hidden state over each row's text tokens: [B, E]."""
+        """Each row's pooled last hidden state over its text tokens: [B, E]."""
         return self._run(ids, found)[0]
 
     def _run(self, ids: list[list[int]], found: list[Task | None]) -> tuple[np.ndarray, np.ndarray | None]:
-        """One graph call on right-padded rows: (mean over each row's text tokens [B, E], pooler output [B, E] or None)."""
+        """One graph call on right-padded rows: (pooled over each row's text tokens [B, E], pooler output [B, E] or None)."""
         limit = self.config.max_positions
         rows, spans = [], []
         for i, (row_ids, task) in enumerate(zip(ids, found)):
@@ -146,6 +146,21 @@ class Encoder(ServesTasks):
             outputs = self.session.run(self._outputs, feeds)
         except Exception as exc:  # onnxruntime raises its own types
             raise InferenceError(f"onnxruntime failed with inputs_embeds {embeds.shape}: {exc}") from exc
-        hidden = outputs[0]
-        mean = np.stack([hidden[i, a:b].mean(axis=0) for i, (a, b) in enumerate(spans)]).astype(np.float32)
-        return mean, (outputs[1] if self._pooler else None)
+        pooled = pool(outputs[0], spans, self.config.pooling or "mean")
+        return pooled, (outputs[1] if self._pooler else None)
+
+
+def pool(hidden: np.ndarray, spans: list[tuple[int, int]], mode: str) -> np.ndarray:
+    """[B, E] from hidden [B, T, E] over each row's text span [a, b): the prompt rows never count."""
+    if mode == "mean":
+        rows = [hidden[i, a:b].mean(axis=0) for i, (a, b) in enumerate(spans)]
+    elif mode == "max":
+        rows = [hidden[i, a:b].max(axis=0) for i, (a, b) in enumerate(spans)]
+    elif mode == "cls":
+        rows = [hidden[i, a] for i, (a, _) in enumerate(spans)]
+    elif mode == "lasttoken":
+        rows = [hidden[i, b - 1] for i, (_, b) in enumerate(spans)]
+    else:
+        raise ValueError(f"pooling {mode!r}")
+    return np.stack(rows).astype(np.float32)
+

@@ -247,3 +247,45 @@ def test_peft_sequence_classification_adapter_gives_the_same_probabilities(bert,
     assert bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "bad",
                       "--model", str(export), "--labels", "a,b"]) == 1
     assert "2 names for a classifier of 3 labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["cls", "max"])
+def test_sentence_transformers_pooling_is_followed(bert, tmp_path, mode):
+    """A model whose sentence-transformers Pooling module says CLS (or max) pools that way, over the text only."""
+    import shutil
+
+    import peft
+    from transformers import AutoModel, AutoTokenizer
+
+    hf, _ = bert
+    folder = tmp_path / "hf"
+    shutil.copytree(hf, folder)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir()
+    flags = {"pooling_mode_cls_token": mode == "cls", "pooling_mode_mean_tokens": False,
+             "pooling_mode_max_tokens": mode == "max", "pooling_mode_mean_sqrt_len_tokens": False}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 48, **flags}))
+    config = export_model(str(folder), tmp_path / "export", log=lambda m: None)
+    assert config.pooling == mode
+    prompt = random_prompt(3, 48, seed=8)
+    save_prompt(tmp_path / "bank", "t", prompt, fingerprint=config.fingerprint)
+    got = load(tmp_path / "export", bank=tmp_path / "bank").embed(TEXTS, task="t")
+
+    peft_model = peft.get_peft_model(AutoModel.from_pretrained(folder).eval(),
+                                     peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(prompt))
+        batch = AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, return_tensors="pt")
+        text = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, 3:]
+    if mode == "cls":
+        vectors = text[:, 0]
+    else:
+        vectors = text.masked_fill(batch["attention_mask"].unsqueeze(-1) == 0, float("-inf")).amax(1)
+    np.testing.assert_allclose(got, torch.nn.functional.normalize(vectors, dim=1).numpy(), atol=1e-4)
+    # Pooling the runtime cannot do is refused at export, naming what the model asks for.
+    flags["pooling_mode_mean_sqrt_len_tokens"] = True
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(flags))
+    with pytest.raises(Exception, match="pooling_mode_mean_sqrt_len_tokens"):
+        export_model(str(folder), tmp_path / "export2", log=lambda m: None)
