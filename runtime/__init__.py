@@ -6,18 +6,22 @@
 """
 
 from .config import ExportConfig, read_config
+from .encoder import Encoder
 from .errors import ExportFormatError, InferenceError, ProviderError, RequestError, SoftpromptRuntimeError
 from .generate import Completion
 from .model import Model, load
+from .seq2seq import Seq2Seq
 
 __all__ = [
     "Completion",
+    "Encoder",
     "ExportConfig",
     "ExportFormatError",
     "InferenceError",
     "Model",
     "ProviderError",
     "RequestError",
+    "Seq2Seq",
     "SoftpromptRuntimeError",
     "load",
     "read_config",
