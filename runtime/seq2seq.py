@@ -74,8 +74,17 @@ class Seq2Seq(ServesTasks, GeneratesText):
         """
         return classify_texts(as_texts(texts), task, ensemble, self._resolve, self._label_probabilities)
 
-    def label_logprobs(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
-                       targets: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _label_probabilities(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[np.ndarray]:
+        ids, targets = verbalized(texts, found, self.backbone.encode)
+        out: list[np.ndarray] = []
+        for start in range(0, len(ids), 16):
+            out += self._candidate_logprobs(ids[start : start + 16], found[start : start + 16], targets[start : start + 16])
+        return [normalise(row) for row in out]
+
+    def _candidate_logprobs(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
+                            targets: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
         """Per input row, the summed log-probability of each candidate target (decoder ids) given the row."""
         cross, mask = self._encoder(ids, found)
         owners = [i for i, row in enumerate(targets) for _ in row]
@@ -97,15 +106,6 @@ class Seq2Seq(ServesTasks, GeneratesText):
             scores[owner][position[owner]] = float(logp[np.arange(len(words)), words].sum())
             position[owner] += 1
         return scores
-
-    # ---- internals ----------------------------------------------------------------------------
-
-    def _label_probabilities(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[np.ndarray]:
-        ids, targets = verbalized(texts, found, self.backbone.encode)
-        out: list[np.ndarray] = []
-        for start in range(0, len(ids), 16):
-            out += self.label_logprobs(ids[start : start + 16], found[start : start + 16], targets[start : start + 16])
-        return [normalise(row) for row in out]
 
     def _encoder(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None]) -> tuple[list, np.ndarray]:
         """Cross-attention keys/values of every decoder layer for the right-padded rows, and their mask."""
