@@ -55,6 +55,39 @@ def check_shared_embeddings(model, table: np.ndarray) -> None:
                               "models with separate encoder and decoder vocabularies are not supported")
 
 
+def input_scales(model) -> tuple[float, float]:
+    """What the encoder and the decoder multiply token embeddings by when given ids but not when given embeddings.
+
+    BART scales inside its embedding module, so embeddings from the table are already scaled (1.0
+    here). Marian, Pegasus and Blenderbot-small scale the encoder's embeddings only on the ids
+    path (their decoders scale both ways): a graph fed table rows must apply that factor itself,
+    or tokens and prompt would enter the encoder sqrt(d_model) too small. Found by running each
+    side both ways, not by reading model code. Cached on the model.
+    """
+    cached = getattr(model, "_softprompt_input_scales", None)
+    if cached is not None:
+        return cached
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    embeds = model.get_input_embeddings()(ids)
+    encoder, decoder = model.get_encoder(), model.get_decoder()
+    scales = []
+    with torch.no_grad():
+        hidden = encoder(input_ids=ids).last_hidden_state
+        for side, module, run in (
+            ("encoder", encoder, lambda **kw: encoder(**kw).last_hidden_state),
+            ("decoder", decoder, lambda **kw: decoder(encoder_hidden_states=hidden, use_cache=False, **kw).last_hidden_state),
+        ):
+            want = run(input_ids=ids)
+            candidates = dict.fromkeys([1.0, float(getattr(module, "embed_scale", 1.0) or 1.0)])
+            found = [c for c in candidates if torch.allclose(run(inputs_embeds=embeds * c), want, rtol=1e-4, atol=1e-5)]
+            if not found:
+                raise ExportError(f"{type(model).__name__}: the {side} gives other outputs for token embeddings than for "
+                                  "token ids, by no factor this exporter knows; not supported")
+            scales.append(found[0])
+    model._softprompt_input_scales = (scales[0], scales[1])
+    return model._softprompt_input_scales
+
+
 def _embed(model, ids: list[list[int]]) -> torch.Tensor:
     with torch.no_grad():
         return model.get_input_embeddings()(torch.tensor(ids))
@@ -95,10 +128,13 @@ class EncoderGraph(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.scale = input_scales(model)[0]
 
     def forward(self, inputs_embeds, attention_mask):
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+        if self.scale != 1.0:  # what the encoder does to token embeddings on its ids path
+            inputs_embeds = inputs_embeds * self.scale
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         start = inputs_embeds.new_zeros((inputs_embeds.shape[0], 1, inputs_embeds.shape[2]))
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, decoder_inputs_embeds=start,
@@ -113,10 +149,14 @@ class DecoderGraph(torch.nn.Module):
         super().__init__()
         self.model = model
         self.layers = layers
+        self.scale = input_scales(model)[1]
 
     def forward(self, inputs_embeds, encoder_attention_mask, past, cross):
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
         from transformers.modeling_outputs import BaseModelOutput
+
+        if self.scale != 1.0:
+            inputs_embeds = inputs_embeds * self.scale
 
         self_cache, cross_cache = DynamicCache(), DynamicCache()
         for i in range(self.layers):
@@ -201,8 +241,9 @@ def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -
     encoder = ort.InferenceSession(str(folder / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
     decoder = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
     cross = encoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask})
-    self_cache, cross_cache = _run(model, torch.from_numpy(embeds), torch.from_numpy(mask),
-                                   torch.from_numpy(table[[[start], [start]]]))
+    encoder_scale, decoder_scale = input_scales(model)
+    self_cache, cross_cache = _run(model, torch.from_numpy(embeds) * encoder_scale, torch.from_numpy(mask),
+                                   torch.from_numpy(table[[[start], [start]]]) * decoder_scale)
     want_cross = [t.numpy() for t in cache_tensors(cross_cache)]
     diffs = {"cross keys/values": _relative(cross, want_cross, mask)}
     layers = len(cross) // 2
@@ -222,7 +263,8 @@ def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -
                  **dict(zip(n["past"], past)), **dict(zip(n["cross"], cross))}
         logits, *past = decoder.run(None, feeds)
         hidden = torch.zeros(2, 6, table.shape[1])
-        want = _run(model, None, torch.from_numpy(mask), torch.from_numpy(step_embeds), torch_self, torch_cross, hidden)
+        want = _run(model, None, torch.from_numpy(mask), torch.from_numpy(step_embeds) * decoder_scale, torch_self,
+                    torch_cross, hidden)
         torch_self = want.past_key_values.self_attention_cache
         expected = want.logits.numpy()
         worst = max(worst, float(np.abs(logits - expected).max() / max(np.abs(expected).max(), 1e-12)))

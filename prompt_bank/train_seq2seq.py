@@ -16,6 +16,8 @@ import torch
 
 def encoder_inputs(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded [B, P + T, E] encoder embeddings and their mask."""
+    from softprompt.exporter.seq2seq import input_scales
+
     embed = model.get_input_embeddings()
     length = max(len(r) for r in rows) + prompt.shape[0]
     embeds = prompt.new_zeros((len(rows), length, prompt.shape[1]))
@@ -25,7 +27,8 @@ def encoder_inputs(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]]) -
         row = torch.cat([prompt, tokens.to(prompt.dtype)])
         embeds[i, : row.shape[0]] = row
         mask[i, : row.shape[0]] = 1
-    return embeds, mask
+    scale = input_scales(model)[0]  # the export's encoder graph applies the same factor (Marian, Pegasus)
+    return (embeds * scale if scale != 1.0 else embeds), mask
 
 
 def target_logits(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> torch.Tensor:

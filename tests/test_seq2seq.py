@@ -256,3 +256,31 @@ def test_run_model_generates_with_a_seq2seq_export(seq2seq, tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["input"] for line in lines] == TEXTS[:2]
     assert all(1 <= len(line["token_ids"]) <= 5 for line in lines)
+
+
+def test_marian_scales_encoder_embeddings_in_the_graph(tmp_path):
+    """Marian (like Pegasus) multiplies encoder embeddings by sqrt(d_model) on the ids path only; the
+    export must too, or tokens and prompt enter the encoder 8x too small here."""
+    from transformers import AutoTokenizer, MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    config = MarianConfig(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+                          init_std=0.2, scale_embedding=True, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+                          forced_eos_token_id=2)
+    MarianMTModel(config).save_pretrained(tmp_path / "hf")
+    make_tokenizer(tmp_path / "hf", add_bos=False, template="$A </s>")
+    exported = export_model(str(tmp_path / "hf"), tmp_path / "export", log=lambda m: None)
+    reference = MarianMTModel.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = random_prompt(4, 64, seed=3, scale=0.05)
+    save_prompt(tmp_path / "bank", "t", prompt, fingerprint=exported.fingerprint)
+    model = load(tmp_path / "export", bank=tmp_path / "bank")
+    for text in TEXTS:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            plain = reference.generate(input_ids=ids, max_new_tokens=8, do_sample=False, num_beams=1)[0, 1:].tolist()
+            embeds = torch.cat([torch.from_numpy(prompt)[None], reference.get_input_embeddings()(ids)], 1) * 8.0
+            prompted = reference.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False, num_beams=1)[0, 1:].tolist()
+        assert model.complete(text, max_new_tokens=8)[0].token_ids == plain  # the model's own ids path
+        assert model.complete(text, task="t", max_new_tokens=8)[0].token_ids == prompted
