@@ -187,7 +187,8 @@ def _export_seq2seq(source, staging: Path, opset: int, tolerance: float, fuse: b
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     step(f"exporting the encoder and decoder graphs ({size / 2**20:.0f} MiB of weights, opset {opset})")
     large = size > EXTERNAL_DATA_BYTES
-    graph_names = export_seq2seq_graphs(model, staging, opset, external_data=large)
+    layout = cross_layout(model)
+    graph_names = export_seq2seq_graphs(model, staging, opset, external_data=large, layout=layout)
     fusions = None
     if fuse:
         fusions = {f"{part}: {name}": count for part in ("encoder", "decoder")
@@ -198,8 +199,7 @@ def _export_seq2seq(source, staging: Path, opset: int, tolerance: float, fuse: b
     if fusions is not None:
         report["fusions"] = fusions
     step("writing softprompt.json")
-    self_shapes, _ = cross_layout(model)
-    facts = seq2seq_facts(model, table, self_shapes)
+    facts = seq2seq_facts(model, table, layout[0])
     tokens = generation_tokens(model, source.tokenizer)
     forced = {key: tokens.pop(key) for key in ("forced_bos_token_id", "forced_eos_token_id")}
     generation = {key: int(value) for key, value in forced.items() if value is not None}

@@ -183,11 +183,15 @@ def names(layers: int) -> dict[str, list[str]]:
     }
 
 
-def export_seq2seq_graphs(model, folder: Path, opset: int, external_data: bool) -> dict[str, list[str]]:
-    """Write encoder.onnx and decoder.onnx into `folder`; returns the graphs' input and output names."""
+def export_seq2seq_graphs(model, folder: Path, opset: int, external_data: bool,
+                          layout: tuple[list[tuple[int, int]], list[tuple[int, int]]]) -> dict[str, list[str]]:
+    """Write encoder.onnx and decoder.onnx into `folder`; returns the graphs' input and output names.
+
+    `layout` is `cross_layout(model)`: the self- and cross-attention cache shapes per layer.
+    """
     from torch.export import Dim
 
-    self_shapes, cross_shapes = cross_layout(model)
+    self_shapes, cross_shapes = layout
     layers = len(self_shapes)
     hidden = int(model.get_input_embeddings().weight.shape[1])
     n = names(layers)
