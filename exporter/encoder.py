@@ -9,14 +9,13 @@ feature-extraction model does. The prompt therefore counts against the model's p
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import ExportError
+from .graph import onnx_export
 from .metadata import max_positions
 
 # Model types loaded with AutoModel (no language-model head) and exported as encoders.
@@ -101,16 +100,8 @@ def export_encoder_graph(graph: EncoderGraph, hidden: int, path: Path, opset: in
         example += (torch.zeros(2, 5, dtype=torch.long),)
         names.append("token_type_ids")
         dynamic["token_type_ids"] = {0: batch, 1: seq}
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(graph, example, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-                                        input_names=names, output_names=graph.output_names, optimize=True, verbose=False)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"torch.onnx.export failed for {type(graph.model).__name__}: {first}") from exc
-    program.save(str(path), external_data=external_data)
+    onnx_export(graph, example, path, opset, external_data, dynamic, names, graph.output_names,
+                what=type(graph.model).__name__)
     return names
 
 

@@ -20,15 +20,13 @@ so the model reads it instead of recomputing it.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import ExportError
-from .graph import cache_tensors
+from .graph import cache_tensors, onnx_export
 
 
 def cross_layout(model) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -218,17 +216,9 @@ def export_seq2seq_graphs(model, folder: Path, opset: int, external_data: bool,
 
 
 def _export(module, example, path: Path, opset: int, external_data: bool, dynamic, inputs, outputs) -> None:
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(module, example, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-                                        input_names=inputs, output_names=outputs, optimize=True, verbose=False)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"torch.onnx.export of the {path.stem} of {type(module.model).__name__} failed: {first}. "
-                              "Try --attention eager, or report the architecture.") from exc
-    program.save(str(path), external_data=external_data)
+    onnx_export(module, example, path, opset, external_data, dynamic, inputs, outputs,
+                what=f"the {path.stem} of {type(module.model).__name__}",
+                hint=" Try --attention eager, or report the architecture.")
 
 
 def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -> dict:
