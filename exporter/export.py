@@ -24,9 +24,10 @@ from softprompt.runtime.config import CONFIG_FILE, ExportConfig
 from .encoder import (
     EncoderGraph, encoder_facts, encoder_tokens, export_encoder_graph, sentence_pooling, uses_token_types, validate_encoder,
 )
-from .errors import ExportError
+from .errors import ExportError, ExportValidationError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph, probe_cache
+from .llama_graph import build, read_weights, unsupported
 from .seq2seq import (
     check_shared_embeddings, cross_layout, export_seq2seq_graphs, generation_tokens, seq2seq_facts, validate_seq2seq,
 )
@@ -34,13 +35,15 @@ from .metadata import embedding_table, special_tokens, structural
 from .sources import load_source
 from .validate import validate
 
+GRAPHS = ("auto", "built", "traced")
+
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to model.onnx.data (protobuf stops at 2 GiB)
 STEPS = 6
 
 
 def _steps(log: Callable[[str], None]):
     """Number and time the export's stages, so a two-minute export shows where it is."""
-    state = {"n": 0, "t": time.perf_counter()}
+    state = {"n": 0, "t": time.perf_counter(), "total": STEPS}
 
     def step(label: str) -> None:
         now = time.perf_counter()
@@ -49,8 +52,13 @@ def _steps(log: Callable[[str], None]):
         state["n"] += 1
         state["t"] = now
         if label:
-            log(f"[{state['n']}/{STEPS}] {label}")
+            log(f"[{state['n']}/{state['total']}] {label}")
 
+    def more(n: int) -> None:
+        """A stage turned out to need `n` more steps (a fallback)."""
+        state["total"] += n
+
+    step.more = more
     return step
 
 
@@ -65,12 +73,18 @@ def export_model(
     fuse: bool = False,
     cache_dir: Path | None = None,
     kind: str | None = None,
+    graph: str = "auto",
     log: Callable[[str], None] = print,
 ) -> ExportConfig:
     """Export `model` (built-in name, .gguf file or Hugging Face folder) into `out_dir`; return its config.
 
     `kind` ("decoder", "encoder" or "seq2seq") overrides what the model's config says it is.
+    `graph` picks how a decoder's graph is made: "built" op by op for the Llama family (fewer,
+    fused nodes: faster decoding), "traced" through PyTorch for any architecture, or "auto"
+    (built where supported and validated, else traced).
     """
+    if graph not in GRAPHS:
+        raise ExportError(f"graph must be one of {', '.join(GRAPHS)}, not {graph!r}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
@@ -103,29 +117,18 @@ def export_model(
         fingerprint = backbone_fingerprint(table, facts)
 
         size = sum(p.numel() * p.element_size() for p in torch_model.parameters())
-        step(f"exporting the ONNX graph ({size / 2**20:.0f} MiB of weights, opset {opset}; the longest step)")
         wrapper = CachedDecoder(torch_model, layout)
-        export_graph(wrapper, table.shape[1], staging / "model.onnx", opset, external_data=size > EXTERNAL_DATA_BYTES)
-        fusions = None
-        if fuse:
-            log("      fusing normalisation, rotary embeddings and attention into onnxruntime contrib ops")
-            fusions = fuse_for_onnxruntime(staging / "model.onnx", external_data=size > EXTERNAL_DATA_BYTES)
-            log("      " + (", ".join(f"{name}: {count}" for name, count in fusions.items()) or "nothing to fuse"))
-
-        step(f"validating against PyTorch (tolerance {tolerance:g} relative to the logits' scale)")
-        report = validate(staging / "model.onnx", wrapper, table, tolerance)
-        log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
-        if fusions is not None:
-            report["fusions"] = fusions
+        report = _decoder_graph(wrapper, table, staging / "model.onnx", graph, opset, tolerance, fuse,
+                                size, step, log)
 
         step("writing softprompt.json")
-        graph = onnx.load(str(staging / "model.onnx"), load_external_data=False).graph
+        written = onnx.load(str(staging / "model.onnx"), load_external_data=False).graph
         config = ExportConfig(
             kind="decoder",
             **facts,
             **special_tokens(torch_model, source.tokenizer),
-            input_names=[i.name for i in graph.input],
-            output_names=[o.name for o in graph.output],
+            input_names=[i.name for i in written.input],
+            output_names=[o.name for o in written.output],
             opset=opset,
             dtype="float32",
             fingerprint=fingerprint,
@@ -142,6 +145,57 @@ def export_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _decoder_graph(wrapper: CachedDecoder, table: np.ndarray, path: Path, graph: str, opset: int, tolerance: float,
+                   fuse: bool, size: int, step, log) -> dict:
+    """Write and validate the decoder graph the way `graph` asks; returns the validation report."""
+    model, large = wrapper.model, size > EXTERNAL_DATA_BYTES
+    reason = unsupported(model) if graph != "traced" else "--graph traced"
+    weights = None
+    if reason is None:
+        try:
+            weights = read_weights(model, wrapper.layout)
+        except ValueError as exc:
+            reason = str(exc)
+    if graph == "built" and weights is None:
+        raise ExportError(f"--graph built cannot build {type(model).__name__}: {reason}; use --graph traced")
+    if weights is not None:
+        step(f"building the ONNX graph op by op ({size / 2**20:.0f} MiB of weights, Llama family, fused onnxruntime ops)")
+        build(weights, path, external_data=large)
+        if fuse:
+            log("      --fuse is for traced graphs; the built graph already uses onnxruntime's fused ops")
+        step(f"validating against PyTorch (tolerance {tolerance:g} relative to the logits' scale)")
+        try:
+            report = validate(path, wrapper, table, tolerance)
+        except ExportValidationError as exc:
+            if graph == "built":
+                raise
+            log(f"      the built graph does not match PyTorch, so it is traced instead: {' '.join(str(exc).split())}")
+            step.more(2)
+        else:
+            _log_report(report, log)
+            return {**report, "graph": "built"}
+    if graph == "auto" and reason:
+        log(f"      graph traced through PyTorch: {reason}")
+    step(f"exporting the ONNX graph through PyTorch ({size / 2**20:.0f} MiB of weights, opset {opset}; the longest step)")
+    export_graph(wrapper, table.shape[1], path, opset, external_data=large)
+    fusions = None
+    if fuse:
+        log("      fusing normalisation, rotary embeddings and attention into onnxruntime contrib ops")
+        fusions = fuse_for_onnxruntime(path, external_data=large)
+        log("      " + (", ".join(f"{name}: {count}" for name, count in fusions.items()) or "nothing to fuse"))
+    step(f"validating against PyTorch (tolerance {tolerance:g} relative to the logits' scale)")
+    report = validate(path, wrapper, table, tolerance)
+    _log_report(report, log)
+    report["graph"] = "traced"
+    if fusions is not None:
+        report["fusions"] = fusions
+    return report
+
+
+def _log_report(report: dict, log) -> None:
+    log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
 
 
 def _export_encoder(source, staging: Path, opset: int, tolerance: float, fuse: bool, step, log) -> ExportConfig:

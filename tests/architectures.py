@@ -12,6 +12,12 @@ def configs() -> dict:
     return {
         "qwen2": T.Qwen2Config(**small, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=128, **COMMON),
         "qwen3": T.Qwen3Config(**small, intermediate_size=128, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, **COMMON),
+        # Llama variants the built graph must follow: llama3 rope scaling, attention biases, a head size
+        # other than width / heads, tied output embeddings.
+        "llama-variant": T.LlamaConfig(**small, intermediate_size=96, num_key_value_heads=1, head_dim=24, attention_bias=True,
+                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                                       max_position_embeddings=128, tie_word_embeddings=True, **COMMON),
         "mistral": T.MistralConfig(**small, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=128, sliding_window=None, **COMMON),
         "phi3": T.Phi3Config(**small, intermediate_size=128, num_key_value_heads=4, max_position_embeddings=128, **COMMON),
         "gemma": T.GemmaConfig(**small, intermediate_size=128, num_key_value_heads=1, head_dim=16, max_position_embeddings=128, **COMMON),

@@ -238,11 +238,12 @@ def test_run_model_ensemble_cli(llama_export, tmp_path, capsys):
 
 
 def test_fused_export_serves_the_same_tokens(arch, tmp_path):
-    """--fuse: contrib ops for norms, rotary and attention; padded and cached-prompt batches unchanged."""
+    """A traced graph with --fuse (contrib ops for norms, rotary and attention) against the default export
+    (built for Llama, traced for GPT-2): padded, mixed-task and cached-prompt batches give the same tokens."""
     from softprompt.exporter.export import export_model
 
     hf_dir, export = arch
-    config = export_model(str(hf_dir), tmp_path / "fused", fuse=True, log=lambda m: None)
+    config = export_model(str(hf_dir), tmp_path / "fused", fuse=True, graph="traced", log=lambda m: None)
     assert config.validation["fusions"]  # something was fused (the validation above it passed)
     bank = make_bank(export, tmp_path / "bank")
     fused = load(tmp_path / "fused", bank=bank, providers="cpu")
