@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", metavar="MODEL", help="built-in name, .gguf file, or Hugging Face model folder")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the export into")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version (default: 18)")
+    parser.add_argument("--opset", type=int, default=18,
+                        help="ONNX opset of traced graphs (default: 18; built graphs use 23, the first with Attention)")
     parser.add_argument(
         "--tolerance", type=float, default=1e-4,
         help="largest allowed max|onnx - torch| / max|torch| for logits and cache in validation (default: 1e-4)",

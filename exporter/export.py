@@ -122,14 +122,15 @@ def export_model(
                                 size, step, log)
 
         step("writing softprompt.json")
-        written = onnx.load(str(staging / "model.onnx"), load_external_data=False).graph
+        written_model = onnx.load(str(staging / "model.onnx"), load_external_data=False)
+        written = written_model.graph
         config = ExportConfig(
             kind="decoder",
             **facts,
             **special_tokens(torch_model, source.tokenizer),
             input_names=[i.name for i in written.input],
             output_names=[o.name for o in written.output],
-            opset=opset,
+            opset=next(o.version for o in written_model.opset_import if o.domain in ("", "ai.onnx")),
             dtype="float32",
             fingerprint=fingerprint,
             files={"model": "model.onnx", "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},

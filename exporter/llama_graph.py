@@ -2,19 +2,18 @@
 
 Why: at batch 1 on a CPU a decode step should cost one read of the weights, but the traced graph
 has about 2,250 small nodes (shape arithmetic, the spelled-out RMSNorm, rotary embedding and
-attention) whose dispatch cost a fifth of each step. Written directly with onnxruntime's fused
-norms and rotary op it has about 30 nodes a layer: (Skip)SimplifiedLayerNormalization, one packed
-QKV MatMul, RotaryEmbedding for queries and keys, attention, the output projection and one packed
-gate/up MatMul for the SiLU MLP. This is what onnxruntime-genai's model builder does; unlike its
-graphs, this one keeps the export's interface (inputs_embeds, an attention mask with gaps,
-explicit position ids, a past of any length), so left-padded batches, mixed tasks and cached
-prompts run unchanged.
+attention) whose dispatch costs a fifth of each step. Written directly it has 14 nodes a layer
+(437 for SmolLM2): onnxruntime's (Skip)SimplifiedLayerNormalization, one packed QKV MatMul,
+RotaryEmbedding for queries and keys, ONNX's Attention (opset 23: grouped-query heads, past and
+present keys/values, an additive mask), the output projection and one packed gate/up MatMul for
+the SiLU MLP. This is what onnxruntime-genai's model builder does; unlike its graphs, this one keeps
+the export's interface (inputs_embeds, an attention mask with gaps, explicit position ids, a past
+of any length), so left-padded batches, mixed tasks and cached prompts run unchanged.
 
-Attention is plain MatMul/Softmax with the queries grouped per key head ([B, Hkv, G, S, D]), so
-grouped-query models need no repeated keys. onnxruntime's GroupQueryAttention was measured and
-not used: no faster at these lengths on the CPU (25.9 against 25.2 ms a step), it refuses a first
-step of several rows on top of a past (cached prompts in a batch), ignores position ids on a
-first step, and has no fp32 CUDA kernel.
+Tried and not used: onnxruntime's GroupQueryAttention (it refuses a first step of several rows on
+top of a past, i.e. cached prompts in a batch; ignores position ids on a first step; and was no
+faster here), and attention spelled out in MatMul/Softmax with queries grouped per key head (the
+same results with 19 nodes a layer instead of one: 5% slower in an A/B run).
 
 Only architectures whose computation is exactly this are built (`unsupported` says why not
 otherwise); the export validates the result against PyTorch either way.
@@ -34,6 +33,7 @@ from .graph import CacheLayout
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 MS = "com.microsoft"
+OPSET = 23  # the first with Attention (grouped-query heads, past/present, additive mask)
 
 
 @dataclasses.dataclass
@@ -183,19 +183,6 @@ class _Builder:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
 
-def _attention(b: _Builder, q: str, k: str, v: str, layer: int, bias: str, shapes: dict[str, str]) -> str:
-    """Queries as [B, Hkv, G, S, D] against keys [B, Hkv, 1, T, D]: each key head serves its group without copies."""
-    queries = b.one("Transpose", [b.one("Reshape", [q, shapes["q5"]])], perm=[0, 2, 3, 1, 4])
-    new_keys = b.one("Transpose", [b.one("Reshape", [k, shapes["kv4"]])], perm=[0, 2, 1, 3])
-    new_values = b.one("Transpose", [b.one("Reshape", [v, shapes["kv4"]])], perm=[0, 2, 1, 3])
-    keys = b.op("Concat", [f"past_key_values.{layer}.key", new_keys], [f"present.{layer}.key"], axis=2)[0]
-    values = b.op("Concat", [f"past_key_values.{layer}.value", new_values], [f"present.{layer}.value"], axis=2)[0]
-    keys_t = b.one("Unsqueeze", [b.one("Transpose", [keys], perm=[0, 1, 3, 2]), shapes["axis2"]])
-    probs = b.one("Softmax", [b.one("Add", [b.one("MatMul", [queries, keys_t]), bias])], axis=-1)
-    mixed = b.one("MatMul", [probs, b.one("Unsqueeze", [values, shapes["axis2"]])])  # [B, Hkv, G, S, D]
-    return b.one("Reshape", [b.one("Transpose", [mixed], perm=[0, 3, 1, 2, 4]), shapes["flat"]])
-
-
 def _interface(w: Weights) -> tuple[list, list]:
     E, V = w.layers[0].qkv.shape[0], w.lm_head.shape[1]
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
@@ -213,20 +200,12 @@ def _interface(w: Weights) -> tuple[list, list]:
     return inputs, outputs
 
 
-def _shared(b: _Builder, w: Weights) -> tuple[dict[str, str], str]:
-    """Once per call: the reshape targets and the additive mask [B, 1, 1, S, T] (padding, gaps and causality)."""
-    D, Hq, Hkv = w.head_size, w.heads, w.kv_heads
-    batch_seq = b.one("Shape", ["inputs_embeds"], start=0, end=2)
-    shapes = {
-        "q5": b.one("Concat", [batch_seq, b.const("q5", np.array([Hkv, Hq // Hkv, D]))], axis=0),
-        "kv4": b.one("Concat", [batch_seq, b.const("kv4", np.array([Hkv, D]))], axis=0),
-        "flat": b.one("Concat", [batch_seq, b.const("flat", np.array([Hq * D]))], axis=0),
-        "axis2": b.const("axis2", np.array([2])),
-    }
+def _additive_mask(b: _Builder) -> str:
+    """Once per call: the additive mask [B, 1, S, T] that hides padding, gaps and later positions."""
     lowest = b.const("lowest", np.array(np.finfo(np.float32).min, np.float32))
     keep = b.one("Cast", ["attention_mask"], to=TensorProto.FLOAT)
     padding = b.one("Mul", [b.one("Sub", [b.const("one", np.array(1.0, np.float32)), keep]), lowest])  # [B, T]
-    padding = b.one("Unsqueeze", [padding, b.const("axes", np.array([1, 2, 3]))])  # [B, 1, 1, 1, T]
+    padding = b.one("Unsqueeze", [padding, b.const("axes", np.array([1, 2]))])  # [B, 1, 1, T]
     total = b.one("Squeeze", [b.one("Shape", ["attention_mask"], start=1, end=2)])
     past = b.one("Sub", [total, b.one("Squeeze", [b.one("Shape", ["inputs_embeds"], start=1, end=2)])])
     one = b.const("step", np.array(1))
@@ -234,7 +213,7 @@ def _shared(b: _Builder, w: Weights) -> tuple[dict[str, str], str]:
     query_columns = b.one("Unsqueeze", [b.one("Range", [past, total, one]), b.const("axis1", np.array([1]))])
     # Query s sits at column past + s and sees keys 0 .. past + s.
     causal = b.one("Where", [b.one("Greater", [key_columns, query_columns]), lowest, b.const("zero_f", np.array(0.0, np.float32))])
-    return shapes, b.one("Add", [padding, causal])
+    return b.one("Add", [padding, causal])
 
 
 def build(weights: Weights, path: Path, external_data: bool = False) -> None:
@@ -242,7 +221,7 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
     w = weights
     b = _Builder()
     inputs, outputs = _interface(w)
-    shapes, bias = _shared(b, w)
+    mask = _additive_mask(b)
     cos, sin = b.const("cos_cache", w.cos), b.const("sin_cache", w.sin)
     q_size, kv_size = w.heads * w.head_size, w.kv_heads * w.head_size
     qkv_split = b.const("qkv_split", np.array([q_size, kv_size, kv_size]))
@@ -257,7 +236,11 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
         q, k, v = b.op("Split", [qkv, qkv_split], 3, axis=-1)
         q = b.one("RotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, num_heads=w.heads)
         k = b.one("RotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, num_heads=w.kv_heads)
-        attn = b.one("MatMul", [_attention(b, q, k, v, i, bias, shapes), b.const(f"layers.{i}.out", layer.out)])
+        # ONNX's Attention (opset 23): grouped-query heads, past + new keys/values -> present, additive mask.
+        attn = b.op("Attention", [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
+                    [b.name("attention"), f"present.{i}.key", f"present.{i}.value"],
+                    q_num_heads=w.heads, kv_num_heads=w.kv_heads, scale=1.0)[0]
+        attn = b.one("MatMul", [attn, b.const(f"layers.{i}.out", layer.out)])
         if layer.out_bias is not None:
             attn = b.one("Add", [attn, b.const(f"layers.{i}.out_bias", layer.out_bias)])
         hidden, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [attn, residual, b.const("norm", layer.post_norm)], 4, domain=MS, **norm)
@@ -272,9 +255,9 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
         b.op("Add", [b.one("MatMul", [hidden, b.const("lm_head", w.lm_head)]), b.const("lm_bias", w.lm_bias)], ["logits"])
 
     graph = helper.make_graph(b.nodes, "softprompt_decoder", inputs, outputs, initializer=b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="softprompt-onnx")
-    model.ir_version = 9
+    model.ir_version = 10
     path.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=external_data, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=1024)

@@ -93,6 +93,7 @@ class Model(ServesTasks, GeneratesText):
         self._eos = set(config.eos_token_ids)
         # Where present keys/values live between steps: on the GPU when the session runs there.
         self._cache_device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+        self._bind = self._cache_device != "cpu"  # I/O binding: what keeps the cache on the GPU
         self._store = TaskStore(bank, width=config.hidden_size, fingerprint=config.fingerprint,
                                 prefill=self._prefill if cache_prompts else None)
 
@@ -120,14 +121,30 @@ class Model(ServesTasks, GeneratesText):
                 past: Sequence, all_logits: bool = False) -> tuple[np.ndarray, list]:
         """One graph call; returns the last position's logits [B, V] (all of them with `all_logits`) and the present.
 
-        Through onnxruntime's I/O binding: the present keys/values stay onnxruntime values (on the
-        GPU with CUDA) and are bound as the next step's past as they are, instead of being copied
-        into numpy arrays and back every step. `past` holds numpy arrays or such values.
+        The present keys/values stay onnxruntime values and go back in as the next step's past as
+        they are, instead of being copied into numpy arrays and back every step. On the CPU they
+        travel through `run_with_ort_values` (one call); with CUDA through I/O binding, which is
+        what keeps them on the GPU. `past` holds numpy arrays or such values.
         """
-        binding = self.session.io_binding()
         feeds = {"inputs_embeds": embeds, "attention_mask": mask}
         if self._feeds_positions:
             feeds["position_ids"] = positions
+        try:
+            outputs = self._run_bound(feeds, past) if self._bind else self._run_values(feeds, past)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+            shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+            raise InferenceError(f"onnxruntime failed with inputs {shapes}: {exc}") from exc
+        logits, *present = outputs
+        logits = logits.numpy()
+        return (logits if all_logits else logits[:, -1]), present
+
+    def _run_values(self, feeds: dict[str, np.ndarray], past: Sequence) -> list:
+        values = {name: _ort_value(value) for name, value in feeds.items()}
+        values.update((name, _ort_value(value)) for name, value in zip(self._past_names, past))
+        return self.session.run_with_ort_values(self._output_names, values)
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], past: Sequence) -> list:
+        binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, value in zip(self._past_names, past):
@@ -138,14 +155,8 @@ class Model(ServesTasks, GeneratesText):
         binding.bind_output("logits", "cpu")
         for name in self._output_names[1:]:
             binding.bind_output(name, self._cache_device)
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-            shapes = {name: tuple(value.shape) for name, value in feeds.items()}
-            raise InferenceError(f"onnxruntime failed with inputs {shapes}: {exc}") from exc
-        logits, *present = binding.get_outputs()
-        logits = logits.numpy()
-        return (logits if all_logits else logits[:, -1]), present
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
 
     def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
         return [np.zeros((batch, heads, length, size), dtype=np.float32) for heads, size in self._past_shapes]
@@ -272,3 +283,12 @@ class Model(ServesTasks, GeneratesText):
         for state in states:
             state.finish()
         yield states
+
+
+def _ort_value(value):
+    """An onnxruntime value for a numpy array (sharing its memory) or the value itself."""
+    if isinstance(value, np.ndarray):
+        from onnxruntime import OrtValue
+
+        return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+    return value

@@ -56,6 +56,18 @@ def test_cached_prompts_give_the_uncached_results(served):
     assert embeds.shape[1] == 1 + len(ids[0]) and past[0].shape[2] == 6 and mask.shape[1] == 7 + len(ids[0])
 
 
+def test_io_binding_path_gives_the_cpu_path_results(served):
+    """CUDA sessions keep the cache on the GPU through I/O binding; on the CPU the runtime passes onnxruntime
+    values directly. The binding path, forced here on the CPU, must give the same tokens and logits."""
+    cached, _ = served
+    expected = cached.complete(INPUTS, task=MIXED, max_new_tokens=6)
+    ids = [cached.encode(text, task) for text, task in zip(INPUTS, MIXED)]
+    logits = cached._logits_for_ids(ids, MIXED)
+    cached._bind = True
+    assert [r.token_ids for r in cached.complete(INPUTS, task=MIXED, max_new_tokens=6)] == [r.token_ids for r in expected]
+    np.testing.assert_array_equal(cached._logits_for_ids(ids, MIXED), logits)
+
+
 def test_each_row_of_a_mixed_batch_equals_the_row_alone(served):
     cached, _ = served
     batch = cached.complete(INPUTS, task=MIXED, max_new_tokens=8)
