@@ -89,8 +89,8 @@ def copy_bandwidth(threads: int, megabytes: int = 512, repeats: int = 7) -> floa
     return source.nbytes / seconds
 
 
-def matmul_floor(export: Path, threads: int, repeats: int = 30) -> float:
-    """Seconds onnxruntime needs to multiply a one-row input by every weight matrix of the export once."""
+def matmul_floor(export: Path, threads: int, repeats: int = 30):
+    """A function timing how long onnxruntime needs to multiply a one-row input by every weight matrix of the export."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -109,14 +109,18 @@ def matmul_floor(export: Path, threads: int, repeats: int = 30) -> float:
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {f"x{k}": np.ones((1, k), np.float32) for k in widths}
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    def seconds() -> float:
+        for _ in range(3):
+            session.run(None, feeds)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return seconds
 
 
 def weight_bytes(export: Path) -> int:
@@ -150,6 +154,13 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> dict:
         shares.append(1 - (inside[-1] - inside[0]) / (stamps[-1] - stamps[0]))
     return {"tokens_per_s": statistics.median(rates), "first_token_ms": 1000 * statistics.median(firsts),
             "python_share": statistics.median(shares)}
+
+
+def paired(rounds: int, first, second) -> tuple[float, float, float, list[tuple[float, float]]]:
+    """Alternate two measurements; their medians and the median of the per-round ratios first / second."""
+    pairs = [(first(), second()) for _ in range(rounds)]
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(a / b for a, b in pairs), pairs)
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -189,14 +200,9 @@ def main() -> int:
     from softprompt.runtime import load
     from softprompt.runtime.backbone import open_backbone
 
-    print(f"{dt.date.today()}  {machine()}  threads {args.threads}")
-    bandwidth = copy_bandwidth(args.threads)
+    print(f"{dt.date.today()}  {machine()}  threads {args.threads}; every comparison alternates its two sides over "
+          f"{args.repeats} rounds and reports the median of the per-round ratios (the load on this machine drifts)")
     weights = weight_bytes(args.export)
-    limit = bandwidth / weights
-    floor = matmul_floor(args.export, args.threads)
-    print(f"memory bandwidth (bytes copied per second, {args.threads} threads) {bandwidth / 1e9:.1f} GB/s, weights "
-          f"{weights / 1e6:.0f} MB -> limit {limit:.1f} tokens/s at batch 1; the weight MatMuls alone take "
-          f"{1000 * floor:.1f} ms ({weights / floor / 1e9:.1f} GB/s) -> {1 / floor:.1f} tokens/s")
 
     backbone = open_backbone(args.export)
     bank = Path(tempfile.mkdtemp(prefix="serve-bank-"))
@@ -210,44 +216,58 @@ def main() -> int:
     one = workload(model, 1, args.input_tokens)
     eight = workload(model, 8, args.input_tokens)
 
-    other = None
+    # Decode at batch 1 against the limit and the MatMul floor, each measured beside it in every round.
+    plain_runs: list[dict] = []
+
+    def plain_rate() -> float:
+        plain_runs.append(decode_rate(model, one, [None], args.new_tokens, 1))
+        return plain_runs[-1]["tokens_per_s"]
+
+    rate, bandwidth, share, _ = paired(args.repeats, plain_rate, lambda: copy_bandwidth(args.threads, repeats=3) / weights)
+    limit = bandwidth
+    bandwidth *= weights
+    floor_seconds = matmul_floor(args.export, args.threads)
+    _, floor_rate, of_floor, _ = paired(args.repeats, plain_rate, lambda: 1 / floor_seconds())
+    del floor_seconds
+    plain = median_of(plain_runs)
+    print(f"memory bandwidth (bytes copied per second, {args.threads} threads) {bandwidth / 1e9:.1f} GB/s, weights "
+          f"{weights / 1e6:.0f} MB -> limit {limit:.1f} tokens/s at batch 1; the weight MatMuls alone: "
+          f"{floor_rate:.1f} tokens/s ({floor_rate * weights / 1e9:.1f} GB/s)")
+    print(f"batch 1, no prompt: {rate:.1f} tokens/s = {share:.0%} of the limit (target >= 90%), {of_floor:.0%} of the "
+          f"MatMul floor; Python outside session.run {plain['python_share']:.1%} of a step (target < 5%)")
+    prompted = decode_rate(model, one, ["bench"], args.new_tokens, args.repeats)
+    print(f"batch 1, 20-vector prompt: {prompted['tokens_per_s']:.1f} tokens/s, first token {prompted['first_token_ms']:.0f} ms")
     if args.other_export:
         other = load(args.other_export, bank=bank, providers="cpu", threads=args.threads)
         other.session = TimedSession(other.session)
-    runs: dict[str, list[dict]] = {"plain": [], "prompted": [], "other": [], "other_prompted": []}
-    for _ in range(args.repeats):  # alternate, so that a noisy moment hits both exports alike
-        runs["plain"].append(decode_rate(model, one, [None], args.new_tokens, 1))
-        runs["prompted"].append(decode_rate(model, one, ["bench"], args.new_tokens, 1))
-        if other is not None:
-            runs["other"].append(decode_rate(other, one, [None], args.new_tokens, 1))
-            runs["other_prompted"].append(decode_rate(other, one, ["bench"], args.new_tokens, 1))
-    plain, prompted = median_of(runs["plain"]), median_of(runs["prompted"])
-    print(f"batch 1, no prompt: {plain['tokens_per_s']:.1f} tokens/s = {plain['tokens_per_s'] / limit:.0%} of the limit "
-          f"(target >= 90%), {plain['tokens_per_s'] * floor:.0%} of the MatMul floor; Python outside session.run "
-          f"{plain['python_share']:.1%} of a step (target < 5%)")
-    print(f"batch 1, 20-vector prompt: {prompted['tokens_per_s']:.1f} tokens/s, first token {prompted['first_token_ms']:.0f} ms")
-    if other is not None:
-        theirs, theirs_prompted = median_of(runs["other"]), median_of(runs["other_prompted"])
-        print(f"batch 1, {args.other_export}: {theirs['tokens_per_s']:.1f} tokens/s no prompt "
-              f"({plain['tokens_per_s'] / theirs['tokens_per_s']:.2f}x for --export), "
-              f"{theirs_prompted['tokens_per_s']:.1f} with the 20-vector prompt "
-              f"({prompted['tokens_per_s'] / theirs_prompted['tokens_per_s']:.2f}x), Python {theirs['python_share']:.1%}")
+        mine, theirs, ratio, _ = paired(
+            args.repeats, lambda: decode_rate(model, one, ["bench"], args.new_tokens, 1)["tokens_per_s"],
+            lambda: decode_rate(other, one, ["bench"], args.new_tokens, 1)["tokens_per_s"])
+        print(f"batch 1, 20-vector prompt, --export {mine:.1f} tokens/s vs {args.other_export} {theirs:.1f}: {ratio:.2f}x")
         del other
 
-    none_ms = first_token_ms(model, one, None, 2 * args.repeats)
-    p100_ms = first_token_ms(model, one, "p100", 2 * args.repeats)
-    print(f"first token, 100-vector prompt {p100_ms:.1f} ms vs no prompt {none_ms:.1f} ms: {p100_ms / none_ms:.2f}x (target <= 1.1x)")
+    p100_ms, none_ms, first_ratio, _ = paired(2 * args.repeats, lambda: first_token_ms(model, one, "p100", 2),
+                                               lambda: first_token_ms(model, one, None, 2))
+    print(f"first token, 100-vector prompt {p100_ms:.1f} ms vs no prompt {none_ms:.1f} ms: {first_ratio:.2f}x (target <= 1.1x)")
 
-    mixed = decode_rate(model, eight, [f"t{i}" for i in range(8)], args.new_tokens, args.repeats)
-    same = decode_rate(model, eight, ["t0"] * 8, args.new_tokens, args.repeats)
-    start = time.perf_counter()
-    for i, row in enumerate(eight):
-        for _ in model._run([row], model._resolve([f"t{i}"]), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens):
-            pass
-    sequential = 8 * args.new_tokens / (time.perf_counter() - start)
-    print(f"8 rows of 8 tasks {mixed['tokens_per_s']:.1f} tokens/s vs 8 rows of one task {same['tokens_per_s']:.1f}: "
-          f"{mixed['tokens_per_s'] / same['tokens_per_s']:.2f}x (target >= 0.95); vs the 8 requests one after another "
-          f"{sequential:.1f}: {mixed['tokens_per_s'] / sequential:.1f}x (target >= 3)")
+    mixed_rate, same_rate, mixed_ratio, _ = paired(
+        args.repeats, lambda: decode_rate(model, eight, [f"t{i}" for i in range(8)], args.new_tokens, 1)["tokens_per_s"],
+        lambda: decode_rate(model, eight, ["t0"] * 8, args.new_tokens, 1)["tokens_per_s"])
+
+    def one_after_another() -> float:
+        start = time.perf_counter()
+        for i, row in enumerate(eight):
+            for _ in model._run([row], model._resolve([f"t{i}"]), max_new_tokens=args.new_tokens,
+                                min_new_tokens=args.new_tokens):
+                pass
+        return 8 * args.new_tokens / (time.perf_counter() - start)
+
+    batched, sequential, batch_gain, _ = paired(
+        args.repeats, lambda: decode_rate(model, eight, [f"t{i}" for i in range(8)], args.new_tokens, 1)["tokens_per_s"],
+        one_after_another)
+    print(f"8 rows of 8 tasks {mixed_rate:.1f} tokens/s vs 8 rows of one task {same_rate:.1f}: {mixed_ratio:.2f}x "
+          f"(target >= 0.95); 8 rows of 8 tasks {batched:.1f} vs the 8 requests one after another {sequential:.1f}: "
+          f"{batch_gain:.1f}x (target >= 3)")
 
     switches = []
     for i in range(2000):
@@ -277,27 +297,30 @@ def main() -> int:
           f"its cached prompt ready after {1000 * statistics.median(cached):.0f} ms (until then it runs uncached)")
 
     if not args.skip_torch:
-        args.bank, args.inner, args.prompt_length = bank, args.repeats, 20
-        torch_side = child("torch", args, 1)
-        ratio = prompted["tokens_per_s"] / torch_side["decode_tokens_per_s"]
-        print(f"PyTorch + PEFT, batch 1, same prompt: {torch_side['decode_tokens_per_s']:.1f} tokens/s; "
+        args.bank, args.inner, args.prompt_length = bank, 2, 20
+        ours, torch_rate, ratio, _ = paired(
+            args.repeats, lambda: decode_rate(model, one, ["bench"], args.new_tokens, 2)["tokens_per_s"],
+            lambda: child("torch", args, 1)["decode_tokens_per_s"])
+        print(f"PyTorch + PEFT, batch 1, same prompt: {torch_rate:.1f} tokens/s, the runtime {ours:.1f}: "
               f"runtime / PyTorch {ratio:.2f}x (target >= 1.3x)")
     if args.genai_python.is_file() and (args.genai_model / "genai_config.json").is_file():
         command = [str(args.genai_python), str(Path(__file__).parent / "genai_side.py"), str(args.genai_model),
                    "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens),
                    "--threads", str(args.threads), "--repeats", "2"]
-        ours_rates, genai_rates = [], []
-        for _ in range(args.repeats):  # alternating rounds: genai in its process, then the runtime here
-            genai = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-            genai_rates.append(genai["decode_tokens_per_s"])
-            ours_rates.append(decode_rate(model, one, [None], args.new_tokens, 2)["tokens_per_s"])
-        ours_rate, genai_rate = statistics.median(ours_rates), statistics.median(genai_rates)
+        runs: list[dict] = []
+
+        def genai_rate() -> float:
+            runs.append(json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]))
+            return runs[-1]["decode_tokens_per_s"]
+
+        ours_rate, genai_rate_, ratio, pairs = paired(
+            args.repeats, lambda: decode_rate(model, one, [None], args.new_tokens, 2)["tokens_per_s"], genai_rate)
         ours = model.complete_ids(one, None, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0].token_ids
-        same = next((i for i, (a, b) in enumerate(zip(ours, genai["tokens"])) if a != b), None)
-        print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai_rate:.1f} tokens/s = {genai_rate / limit:.0%} of the "
-              f"limit, first token {genai['first_token_ms']:.0f} ms; the runtime in the same rounds {ours_rate:.1f}: "
-              f"runtime / genai {ours_rate / genai_rate:.2f}x (target >= 0.95); rounds "
-              + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(ours_rates, genai_rates)) + "; "
+        same = next((i for i, (a, b) in enumerate(zip(ours, runs[-1]["tokens"])) if a != b), None)
+        print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai_rate_:.1f} tokens/s, first token "
+              f"{statistics.median(r['first_token_ms'] for r in runs):.0f} ms; the runtime {ours_rate:.1f}: runtime / genai "
+              f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x); rounds "
+              + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in pairs) + "; "
               + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}"))
     else:
         print(f"onnxruntime-genai: skipped ({args.genai_python} or {args.genai_model} missing; see bench/genai_side.py)")

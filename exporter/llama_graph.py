@@ -197,6 +197,7 @@ def _interface(w: Weights) -> tuple[list, list]:
             shape = [w.kv_heads, w.head_size]
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, ["batch", shape[0], "past_sequence", shape[1]]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, ["batch", shape[0], "total_sequence", shape[1]]))
+    inputs.append(helper.make_tensor_value_info("logits_to_keep", i64, [1]))
     return inputs, outputs
 
 
@@ -249,6 +250,10 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
         mlp = b.one("MatMul", [act, b.const(f"layers.{i}.down", layer.down)])
         gain = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.final_norm
         hidden, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [mlp, residual, b.const("norm", gain)], 4, domain=MS, **norm)
+    # Logits of the last `logits_to_keep` positions only (0 keeps all, as in transformers): generating needs
+    # one position, and projecting every input position onto the vocabulary was a third of a first step.
+    start = b.one("Neg", ["logits_to_keep"])
+    hidden = b.one("Slice", [hidden, start, b.const("end", np.array([np.iinfo(np.int64).max])), b.const("axis1", np.array([1]))])
     if w.lm_bias is None:
         b.op("MatMul", [hidden, b.const("lm_head", w.lm_head)], ["logits"])
     else:

@@ -80,7 +80,8 @@ def validate(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, toleran
 
     worst: dict[str, float] = {}
     for case in make_cases(wrapper, table):
-        feeds = {"inputs_embeds": case.embeds, "attention_mask": case.mask, "position_ids": case.positions}
+        feeds = {"inputs_embeds": case.embeds, "attention_mask": case.mask, "position_ids": case.positions,
+                 "logits_to_keep": np.array([0], np.int64)}
         feeds.update(zip(layout.input_names(), case.past))
         feeds = {k: v for k, v in feeds.items() if k in graph_inputs}
         got = session.run(expected_out, feeds)

@@ -86,6 +86,7 @@ class Model(ServesTasks, GeneratesText):
         self.bank = bank
         inputs = {i.name: i for i in session.get_inputs()}
         self._feeds_positions = "position_ids" in inputs
+        self._keeps_logits = "logits_to_keep" in inputs  # built graphs: logits of the last position only
         self._past_names = config.past_names
         self._output_names = ["logits", *config.present_names]
         # Per-layer cache shape [heads, head size], read from the graph so unusual layouts still work.
@@ -129,6 +130,8 @@ class Model(ServesTasks, GeneratesText):
         feeds = {"inputs_embeds": embeds, "attention_mask": mask}
         if self._feeds_positions:
             feeds["position_ids"] = positions
+        if self._keeps_logits:
+            feeds["logits_to_keep"] = np.array([0 if all_logits else 1], np.int64)
         try:
             outputs = self._run_bound(feeds, past) if self._bind else self._run_values(feeds, past)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types

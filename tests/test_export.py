@@ -31,10 +31,12 @@ def test_export_folder_contents_and_config(arch):
     layers = reference.config.num_hidden_layers
     assert config.num_layers == layers and config.kind == "decoder" and config.dtype == "float32"
     assert config.input_names[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
-    assert config.input_names[3:] == [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    built = config.validation["graph"] == "built"  # the Llama export; GPT-2's is traced
+    pasts = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    assert config.input_names[3:] == pasts + (["logits_to_keep"] if built else [])
     assert config.output_names == ["logits", *[f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]]
     assert config.eos_token_ids == [2] and config.max_positions == reference.config.max_position_embeddings
-    assert config.opset == 18
+    assert config.opset == (23 if built else 18)
     session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == config.input_names
     # The table is the embedding module's output, and the fingerprint is over exactly that table.
