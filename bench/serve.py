@@ -39,35 +39,27 @@ from generate import child, machine, workload  # noqa: E402  (bench/generate.py)
 
 
 class TimedSession:
-    """The session with the time spent inside `run` recorded, to find the Python time around it."""
+    """The session with the time spent inside its run calls recorded, to find the Python time around them."""
+
+    TIMED = ("run", "run_with_ort_values", "run_with_iobinding")
 
     def __init__(self, session):
         self._session = session
         self.inside = 0.0
 
-    def run(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self._session.run(*args, **kwargs)
-        finally:
-            self.inside += time.perf_counter() - start
-
-    def run_with_ort_values(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self._session.run_with_ort_values(*args, **kwargs)
-        finally:
-            self.inside += time.perf_counter() - start
-
-    def run_with_iobinding(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self._session.run_with_iobinding(*args, **kwargs)
-        finally:
-            self.inside += time.perf_counter() - start
-
     def __getattr__(self, name):
-        return getattr(self._session, name)
+        attribute = getattr(self._session, name)
+        if name not in self.TIMED:
+            return attribute
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return attribute(*args, **kwargs)
+            finally:
+                self.inside += time.perf_counter() - start
+
+        return timed
 
 
 def copy_bandwidth(threads: int, megabytes: int = 512, repeats: int = 7) -> float:
