@@ -211,11 +211,9 @@ class Model(ServesTasks, GeneratesText):
         logits, _ = self.forward(embeds, mask, position_ids(mask, mask.shape[1] - embeds.shape[1]), past, all_logits=True)
         return logits
 
-    def _prefill(self, vectors: np.ndarray) -> tuple[np.ndarray, ...] | None:
-        """Keys and values of all prompt rows but the last: computed once per task load."""
-        if vectors.shape[0] < 2:
-            return None
-        embeds = vectors[None, :-1]
+    def _prefill(self, vectors: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Keys and values of every prompt row: computed once per task load."""
+        embeds = vectors[None]
         mask = np.ones(embeds.shape[:2], dtype=np.int64)
         _, present = self.forward(embeds, mask, position_ids(mask), self.empty_past(1))
         prefix = tuple(np.ascontiguousarray(layer.numpy()[0]) for layer in present)
@@ -228,9 +226,11 @@ class Model(ServesTasks, GeneratesText):
         """First step's embeddings [B, S, E], mask [B, past + S] and past.
 
         Rows whose task has a cached prefix take its keys/values as their past (left-padded to the
-        longest prefix, pad columns masked) and feed only the prompt's last row plus their tokens;
-        other rows feed their whole prompt. Positions count real columns, so they continue after
-        the prompt either way.
+        longest prefix, pad columns masked) and feed only their tokens, so a first step costs what
+        it costs without a prompt; a row with an empty input takes all but the last cached row and
+        feeds the prompt's last vector, to have a position whose logits start generation. Other
+        rows feed their whole prompt. Positions count real columns, so they continue after the
+        prompt either way.
         """
         limit = self.config.max_positions
         prefixes = [t.prefix if cached and t is not None else None for t in found]
@@ -247,13 +247,17 @@ class Model(ServesTasks, GeneratesText):
             bad = [t for t in row_ids if not 0 <= t < self.config.vocab_size]
             if bad:
                 raise RequestError(f"input {i} has token ids {bad[:5]} outside [0, {self.config.vocab_size})")
-            vectors = None if task is None else (task.vectors[-1:] if prefixes[i] is not None else task.vectors)
+            if prefixes[i] is None:
+                vectors = None if task is None else task.vectors
+            else:
+                vectors = None if len(row_ids) else task.vectors[-1:]
             rows.append(embed_row(self.table, row_ids, vectors))
         embeds, mask = left_pad(rows)
-        held = [0 if prefix is None else prefix[0].shape[1] for prefix in prefixes]
+        held = [0 if prefix is None else prefix[0].shape[1] - (0 if len(row_ids) else 1)
+                for prefix, row_ids in zip(prefixes, ids)]
         width = max(held)
         if len(rows) == 1 and width:
-            past = [layer[None] for layer in prefixes[0]]  # one row: the cached arrays themselves, no copy
+            past = [layer[None, :, :width] for layer in prefixes[0]]  # one row: views of the cached arrays
         else:
             past = self.empty_past(len(rows), width)
         if width:
@@ -263,7 +267,7 @@ class Model(ServesTasks, GeneratesText):
                     past_mask[i, width - held[i] :] = 1
                     if len(rows) > 1:
                         for layer, values in zip(past, prefix):
-                            layer[i, :, width - held[i] :] = values
+                            layer[i, :, width - held[i] :] = values[:, : held[i]]
             mask = np.concatenate([past_mask, mask], axis=1)
         return embeds, mask, past
 

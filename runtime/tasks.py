@@ -58,8 +58,8 @@ class Task:
     name: str
     vectors: np.ndarray  # [P, E] float32, read-only
     spec: TaskSpec
-    # Keys and values of the first P - 1 prompt rows, one [heads, P - 1, head size] array per cache
-    # input; the last prompt row is fed with the request so that every row has a new position.
+    # Keys and values of all P prompt rows, one [heads, P, head size] array per cache input. A
+    # request with an empty input uses the first P - 1 and feeds the last row, to have a position.
     prefix: tuple[np.ndarray, ...] | None
     # An encoder task's optional linear classifier: weight [labels, E], bias [labels], and what it reads.
     head: "Head | None" = None

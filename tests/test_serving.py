@@ -51,9 +51,24 @@ def test_cached_prompts_give_the_uncached_results(served):
     last_full = uncached._logits_for_ids(ids, MIXED)[:, -1]
     scale = np.abs(last_full).max()
     np.testing.assert_allclose(last_cached, last_full, rtol=0, atol=1e-4 * max(scale, 1.0))
-    # The cached prefix really is used: the first step feeds one prompt row, not all seven.
+    # The cached prefix really is used: the first step feeds only the input's tokens, no prompt row.
     embeds, mask, past = cached._first_input([ids[0]], cached._resolve(["seven"]), 1)
-    assert embeds.shape[1] == 1 + len(ids[0]) and past[0].shape[2] == 6 and mask.shape[1] == 7 + len(ids[0])
+    assert embeds.shape[1] == len(ids[0]) and past[0].shape[2] == 7 and mask.shape[1] == 7 + len(ids[0])
+
+
+def test_cached_prompts_with_an_empty_input(served):
+    """An empty input has no token to take logits from: it feeds the prompt's last vector on top of the
+    rest of the cache, alone and in a batch beside rows that use the whole cache (a one-vector prompt
+    then has no cache at all)."""
+    cached, uncached = served
+    tasks = ["seven", "seven", "three", None, "one"]
+    ids = [[], cached.encode(TEXTS[0]), [], cached.encode("x"), []]
+    fast = cached.complete_ids(ids, task=tasks, max_new_tokens=6)
+    assert [r.token_ids for r in fast] == [r.token_ids for r in uncached.complete_ids(ids, task=tasks, max_new_tokens=6)]
+    assert cached.complete_ids([[]], task="seven", max_new_tokens=6)[0].token_ids == fast[0].token_ids
+    full = uncached._logits_for_ids(ids, tasks)[:, -1]
+    np.testing.assert_allclose(cached._logits_for_ids(ids, tasks)[:, -1], full, rtol=0,
+                               atol=1e-4 * max(1.0, float(np.abs(full).max())))
 
 
 def test_io_binding_path_gives_the_cpu_path_results(served):
