@@ -18,6 +18,10 @@ from .errors import ProviderError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# fp32 on CUDA means fp32: TF32 matrix products (onnxruntime's default on Ampere and later) round
+# inputs to 10 bits and change greedy tokens against the CPU, and decoding at small batches reads
+# weights rather than multiplies them, so TF32 would buy little there.
+CUDA_OPTIONS = {"use_tf32": "0"}
 
 
 def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
@@ -49,7 +53,8 @@ def create_session(model_path: Path, providers: list[str], threads: int | None =
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
-    session = ort.InferenceSession(str(model_path), options, providers=providers)
+    with_options = [(name, CUDA_OPTIONS) if name == CUDA else name for name in providers]
+    session = ort.InferenceSession(str(model_path), options, providers=with_options)
     if CUDA in providers and CUDA not in session.get_providers():
         warnings.warn(
             f"CUDAExecutionProvider was requested but the session runs on {session.get_providers()}; "

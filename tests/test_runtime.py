@@ -153,7 +153,9 @@ def test_cuda_that_fell_back_to_cpu_warns(monkeypatch, llama_export):
 
     monkeypatch.setattr(session_module.ort, "InferenceSession", FallbackSession)
     with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider was requested but the session runs on"):
-        session_module.create_session(llama_export / "model.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        session = session_module.create_session(llama_export / "model.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    # CUDA is asked for in full fp32 (TF32 off), so its greedy tokens can match the CPU's.
+    assert session.requested == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
 
 
 def test_positions_continue_over_real_tokens_only():
