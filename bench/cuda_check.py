@@ -176,7 +176,8 @@ def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False
     ids = [cpu.encode(text, task) for text, task in zip(texts, tasks)]
     diff = np.abs(cpu._logits_for_ids(ids, tasks) - gpu._logits_for_ids(ids, tasks)).max()
     print(f"parity, {new_tokens} greedy tokens: CUDA batch == CPU batch per row {same_batch}; CUDA row alone == CUDA "
-          f"batch {same_alone}; input logits max |CUDA - CPU| {diff:.2e}")
+          f"batch {same_alone}; input logits max |CUDA - CPU| {diff:.2e}; distinct tokens per row "
+          f"{[len(set(r.token_ids)) for r in on_gpu]} (random weights can repeat a token, which would make parity cheap)")
 
     # Speed: batch 1 and 8, 32 input tokens, the cache on the device (binding) vs copied to the host each step.
     vocab = config.vocab_size

@@ -216,7 +216,7 @@ def _export_encoder(source, staging: Path, opset: int, tolerance: float, fuse: b
     fusions = fuse_for_onnxruntime(staging / "model.onnx", size > EXTERNAL_DATA_BYTES) if fuse else None
     step(f"validating against PyTorch (tolerance {tolerance:g} relative to the hidden states' scale)")
     report = validate_encoder(staging / "model.onnx", graph, table, tolerance)
-    log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
+    _log_report(report, log)
     if fusions is not None:
         report["fusions"] = fusions
     step("writing softprompt.json")
@@ -250,7 +250,7 @@ def _export_seq2seq(source, staging: Path, opset: int, tolerance: float, fuse: b
                    for name, count in fuse_for_onnxruntime(staging / f"{part}.onnx", large).items()}
     step(f"validating against PyTorch (tolerance {tolerance:g} relative to each output's scale)")
     report = validate_seq2seq(staging, model, table, tolerance)
-    log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
+    _log_report(report, log)
     if fusions is not None:
         report["fusions"] = fusions
     step("writing softprompt.json")
