@@ -144,7 +144,10 @@ class Model(ServesTasks, GeneratesText):
 
     def _run_values(self, feeds: dict[str, np.ndarray], past: Sequence) -> list:
         values = {name: _ort_value(value) for name, value in feeds.items()}
-        values.update((name, _ort_value(value)) for name, value in zip(self._past_names, past))
+        if past and isinstance(past[0], np.ndarray):  # a first step; later steps pass the last outputs as they are
+            values.update((name, _ort_value(value)) for name, value in zip(self._past_names, past))
+        else:
+            values.update(zip(self._past_names, past))
         return self._run_ort(self._output_names, values)
 
     def _run_bound(self, feeds: dict[str, np.ndarray], past: Sequence) -> list:
