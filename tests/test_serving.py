@@ -6,6 +6,7 @@ import logging
 import shutil
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from conftest import TEXTS, random_prompt
 from softprompt.prompt_bank import UnknownTaskError, remove_prompt, save_prompt
 from softprompt.prompt_bank.task import TaskSpec
 from softprompt.runtime import RequestError, load, read_config
+from softprompt.runtime.model import values_runner
 
 SENTIMENT = TaskSpec(template="Review: {text}\nSentiment:", labels={"positive": " good", "negative": " bad mess"})
 LENGTHS = {"one": 1, "three": 3, "seven": 7}
@@ -79,6 +81,20 @@ def test_io_binding_path_gives_the_cpu_path_results(served):
     ids = [cached.encode(text, task) for text, task in zip(INPUTS, MIXED)]
     logits = cached._logits_for_ids(ids, MIXED)
     cached._bind = True
+    assert [r.token_ids for r in cached.complete(INPUTS, task=MIXED, max_new_tokens=6)] == [r.token_ids for r in expected]
+    np.testing.assert_array_equal(cached._logits_for_ids(ids, MIXED), logits)
+
+
+def test_public_onnxruntime_call_gives_the_c_entry_point_results(served):
+    """The CPU path calls the session's C entry point with bare values; a session without one (a wrapper,
+    another onnxruntime build) takes the public run_with_ort_values, with the same tokens and logits."""
+    cached, _ = served
+    expected = cached.complete(INPUTS, task=MIXED, max_new_tokens=6)
+    ids = [cached.encode(text, task) for text, task in zip(INPUTS, MIXED)]
+    logits = cached._logits_for_ids(ids, MIXED)
+    public = types.SimpleNamespace(run_with_ort_values=cached.session.run_with_ort_values)
+    cached._run_ort = values_runner(public)
+    assert cached._run_ort == cached.session.run_with_ort_values
     assert [r.token_ids for r in cached.complete(INPUTS, task=MIXED, max_new_tokens=6)] == [r.token_ids for r in expected]
     np.testing.assert_array_equal(cached._logits_for_ids(ids, MIXED), logits)
 
