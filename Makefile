@@ -8,7 +8,7 @@ DEMO_EXPORT := exports/smollm2
 BANK := banks/smollm2-135m
 BANK_DATA := build/bank-data
 
-.PHONY: install test test-fast demo banks bench soak bench-data bench-quality clean help
+.PHONY: install test test-fast demo banks bench serve cuda-skeleton soak bench-data bench-quality clean help
 
 help:
 	@echo "make demo       export the default model (SmolLM2-135M) and run it with and without a task prompt"
@@ -16,6 +16,8 @@ help:
 	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 30 min on 2 cores)"
 	@echo "make test-fast  the suite without the real-model test"
 	@echo "make bench      bench/generate.py: this runtime against PyTorch + PEFT"
+	@echo "make serve      bench/serve.py: serving speed against the bandwidth limit, onnxruntime-genai and PyTorch"
+	@echo "make cuda-skeleton  the default export without its weights (build/cuda-skeleton) for bench/cuda_check.py on a GPU"
 	@echo "make soak       bench/soak.py: 60 s of 8 request threads while a task file is swapped"
 	@echo "make bench-quality  bench/quality.py on real data (needs root for apt: see bench-data)"
 
@@ -66,6 +68,14 @@ banks: bench-data
 
 bench: $(STAMP) $(DEMO_EXPORT)/softprompt.json
 	$(BIN)/python bench/generate.py --export $(DEMO_EXPORT)
+
+# Serving figures of issue 4; the genai comparison needs its own environment (see bench/genai_side.py).
+serve: $(STAMP) $(DEMO_EXPORT)/softprompt.json
+	$(BIN)/python bench/serve.py --export $(DEMO_EXPORT)
+
+# Small enough to carry to a GPU machine; there: python bench/cuda_check.py run --skeleton build/cuda-skeleton
+cuda-skeleton: $(STAMP) $(DEMO_EXPORT)/softprompt.json
+	$(BIN)/python bench/cuda_check.py skeleton --export $(DEMO_EXPORT) --out build/cuda-skeleton
 
 # 60 s of requests from 8 threads while a task's files are swapped (hot-swap safety, issue 4).
 soak: $(STAMP) $(DEMO_EXPORT)/softprompt.json

@@ -135,7 +135,8 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False) -> int:
+def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False,
+        prompt_lengths: tuple[int, int, int] = (20, 100, 7)) -> int:
     import onnxruntime as ort
 
     from softprompt.prompt_bank import save_prompt
@@ -149,7 +150,8 @@ def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False
     bank = work / "bank"
     rng = np.random.default_rng(1)
     table = np.load(export / "embeddings.npy", mmap_mode="r")
-    for name, length in {"p20": 20, "p100": 100, "p7": 7}.items():
+    names = ["p20", "p100", "p7"]  # named for the default lengths
+    for name, length in zip(names, prompt_lengths):
         save_prompt(bank, name, np.asarray(table[rng.integers(0, len(table), length)]), fingerprint=config.fingerprint)
 
     if not dry_run:
