@@ -129,7 +129,10 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> float:
     found = model._resolve(tasks)
     rates = []
     for repeat in range(repeats + 1):
-        stamps = [time.perf_counter() for _ in model._run(rows, found, max_new_tokens=new_tokens, min_new_tokens=new_tokens)]
+        stamps = []
+        for states in model._run(rows, found, max_new_tokens=new_tokens, min_new_tokens=new_tokens):
+            if len(states[0].ids) > len(stamps):  # the last yield repeats the last step (finished): not a step
+                stamps.append(time.perf_counter())
         if repeat:
             rates.append((len(stamps) - 1) * len(rows) / (stamps[-1] - stamps[0]))
     return statistics.median(rates)

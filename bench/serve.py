@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import child, machine, workload  # noqa: E402  (bench/generate.py)
+from generate import child, machine, new_steps, workload  # noqa: E402  (bench/generate.py)
 
 
 class RunTimer:
@@ -137,7 +137,7 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> dict:
     for repeat in range(repeats + 1):
         start = time.perf_counter()
         stamps, inside = [], []
-        for _ in model._run(rows, found, **settings):
+        for _ in new_steps(model._run(rows, found, **settings)):
             stamps.append(time.perf_counter())
             inside.append(timed.inside)
         if repeat == 0:

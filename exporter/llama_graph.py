@@ -217,6 +217,14 @@ def _additive_mask(b: _Builder) -> str:
     return b.one("Add", [padding, causal])
 
 
+def _skip_norm(b: _Builder, x: str, residual: str, gain: np.ndarray, eps: float, keep_sum: bool = True) -> tuple[str, str]:
+    """(normalised x + residual, x + residual). The optional mean and inverse-deviation outputs stay
+    unnamed: named, onnxruntime writes them for every call, which doubled the op's cost in a decode step."""
+    hidden, total = b.name("skipsimplifiedlayernormalization"), b.name("residual") if keep_sum else ""
+    b.op("SkipSimplifiedLayerNormalization", [x, residual, b.const("norm", gain)], [hidden, "", "", total], domain=MS, epsilon=eps)
+    return hidden, total
+
+
 def build(weights: Weights, path: Path, external_data: bool = False) -> None:
     """Write the decoder graph to `path` with the export's standard inputs and outputs."""
     w = weights
@@ -244,12 +252,12 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
         attn = b.one("MatMul", [attn, b.const(f"layers.{i}.out", layer.out)])
         if layer.out_bias is not None:
             attn = b.one("Add", [attn, b.const(f"layers.{i}.out_bias", layer.out_bias)])
-        hidden, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [attn, residual, b.const("norm", layer.post_norm)], 4, domain=MS, **norm)
+        hidden, residual = _skip_norm(b, attn, residual, layer.post_norm, w.eps)
         gate, up = b.op("Split", [b.one("MatMul", [hidden, b.const(f"layers.{i}.gate_up", layer.gate_up)]), mlp_split], 2, axis=-1)
         act = b.one("Mul", [b.one("Mul", [gate, b.one("Sigmoid", [gate])]), up])  # SiLU(gate) * up
         mlp = b.one("MatMul", [act, b.const(f"layers.{i}.down", layer.down)])
         gain = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.final_norm
-        hidden, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [mlp, residual, b.const("norm", gain)], 4, domain=MS, **norm)
+        hidden, residual = _skip_norm(b, mlp, residual, gain, w.eps, keep_sum=i + 1 < len(w.layers))
     # Logits of the last `logits_to_keep` positions only (0 keeps all, as in transformers): generating needs
     # one position, and projecting every input position onto the vocabulary was a third of a first step.
     start = b.one("Neg", ["logits_to_keep"])

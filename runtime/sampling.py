@@ -75,6 +75,7 @@ def chooser(
     check_sampling(temperature, top_k, top_p)
     rng = np.random.default_rng(seed)
     eos = sorted(eos)
+    ends = set(eos)
     state = {"step": 0}
 
     def choose(logits: np.ndarray) -> np.ndarray:
@@ -85,6 +86,10 @@ def chooser(
         if forced_last is not None and step == max_new_tokens - 1:
             return np.full(logits.shape[0], forced_last, dtype=np.int64)
         if step < min_new_tokens and eos:
+            if temperature == 0:  # greedy: mask only when an end-of-sequence token would win
+                tokens = logits.argmax(-1)
+                if not ends.intersection(tokens.tolist()):
+                    return tokens
             logits = logits.copy()
             logits[:, eos] = -np.inf
         return next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)

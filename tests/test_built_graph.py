@@ -71,3 +71,14 @@ def test_built_graph_has_a_few_fused_nodes_per_layer(llama_export):
     assert ops.count("RotaryEmbedding") == 2 * layers
     assert ops.count("Attention") == layers
     assert len(ops) <= 15 * layers + 25  # the traced graph of this model has about 75 a layer
+
+
+def test_built_graph_names_no_output_that_nothing_reads(llama_export):
+    """An op's named optional output is computed and written on every call (the norms' mean and
+    inverse deviation doubled their cost in a decode step): every named output feeds a node or the graph."""
+    import onnx
+
+    graph = onnx.load(str(llama_export / "model.onnx"), load_external_data=False).graph
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    unread = [(node.op_type, name) for node in graph.node for name in node.output if name and name not in read]
+    assert unread == []

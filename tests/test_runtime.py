@@ -172,3 +172,35 @@ def test_inputs_embeds_are_prompt_then_token_rows(model):
     embeds = model.inputs_embeds(ids, task="short")
     np.testing.assert_array_equal(embeds[:2], model.prompt("short"))
     np.testing.assert_array_equal(embeds[2:], np.asarray(model.table)[ids])
+
+
+def test_row_text_at_end_of_sequence_and_stop_strings():
+    from softprompt.runtime.generate import RowText
+
+    calls = []
+
+    def decode(ids):  # keeps every id, special or not: the text must still stop before end of sequence
+        calls.append(len(ids))
+        return "".join(chr(ord("a") + i) for i in ids)
+
+    row = RowText(decode, eos_ids={25}, stops=[])
+    for token in [0, 1, 2, 3, 25, 4]:
+        row.add(token)
+    assert (row.text, row.ids, row.finish_reason) == ("abcd", [0, 1, 2, 3, 25], "eos")
+    assert len(calls) == 1  # without stop strings the text is decoded when read, not every step
+
+    stopped = RowText(decode, eos_ids={25}, stops=["cd"])
+    for token in [0, 1, 2, 3, 4]:
+        stopped.add(token)
+    assert (stopped.text, stopped.ids, stopped.finish_reason) == ("ab", [0, 1, 2, 3], "stop")
+
+
+def test_min_new_tokens_masks_end_of_sequence_only_when_it_would_win():
+    from softprompt.runtime.sampling import chooser
+
+    logits = np.array([[0.0, 5.0, 9.0, 1.0], [7.0, 2.0, 3.0, 0.0]], np.float32)  # row 0: EOS (2) wins
+    choose = chooser(eos=[2], max_new_tokens=4, min_new_tokens=2)
+    assert choose(logits).tolist() == [1, 0]  # masked: the best other token
+    assert choose(logits).tolist() == [1, 0]
+    assert choose(logits).tolist() == [2, 0]  # from min_new_tokens on, EOS may win
+    assert logits[0, 2] == 9.0  # the caller's logits are left alone
