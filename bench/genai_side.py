@@ -7,7 +7,8 @@ Set up once (bench/serve.py prints these lines when the environment is missing):
     /tmp/genai-venv/bin/python -m onnxruntime_genai.models.builder -i HF_FOLDER -o GENAI_MODEL -p fp32 -e cpu
 
     /tmp/genai-venv/bin/python bench/genai_side.py GENAI_MODEL --ids 1,2,3 --new-tokens 64 --threads 2
-prints one JSON line: decode tokens/s (median), first-token ms and the tokens.
+prints one JSON line: decode tokens/s (median), first-token ms and the tokens; with --serve it stays
+alive and prints one such line per 'run' line on stdin.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import onnxruntime_genai as og
@@ -27,6 +29,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--serve", action="store_true",
+                        help="stay alive: measure once per 'run' line on stdin (bench/generate.py's protocol)")
     args = parser.parse_args()
     ids = [int(x) for x in args.ids.split(",")]
     config = og.Config(args.model)
@@ -35,8 +39,8 @@ def main() -> None:
         "intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
     model = og.Model(config)
     total = len(ids) + args.new_tokens
-    rates, firsts, tokens = [], [], []
-    for repeat in range(args.repeats + 1):
+
+    def once() -> tuple[float, float, list[int]]:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=total, min_length=total, do_sample=False)
         generator = og.Generator(model, params)
@@ -44,15 +48,25 @@ def main() -> None:
         generator.append_tokens([ids])  # runs the prompt and yields the first token's logits
         stamps = []
         while not generator.is_done():
-            generator.generate_next_token()
+            generator.generate_next_token()  # the first call only picks; each later one runs a step first
             stamps.append(time.perf_counter())
         tokens = [int(t) for t in generator.get_sequence(0)][len(ids):]
-        if repeat == 0:
-            continue
-        firsts.append(stamps[0] - start)
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    print(json.dumps({"decode_tokens_per_s": statistics.median(rates), "first_token_ms": 1000 * statistics.median(firsts),
-                      "tokens": tokens}))
+        return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
+
+    def measure() -> dict:
+        runs = [once() for _ in range(args.repeats)]
+        return {"decode_tokens_per_s": statistics.median(r[1] for r in runs),
+                "first_token_ms": 1000 * statistics.median(r[0] for r in runs), "tokens": runs[-1][2]}
+
+    once()  # warm-up
+    if not args.serve:
+        print(json.dumps(measure()))
+        return
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps(measure()), flush=True)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def new_steps(steps):
             yield states
 
 
-def run_onnx(args) -> dict:
+def onnx_side(args):
+    """Load the runtime once and warm it up; returns `measure()`, which times `args.inner` generations."""
     from softprompt.runtime import load
 
     model = load(args.export, bank=args.bank, providers="cpu", threads=args.threads)
@@ -71,8 +72,21 @@ def run_onnx(args) -> dict:
         return start, stamps, [s.ids for s in states]
 
     once()  # warm-up: first-run allocations and onnxruntime's lazy initialisation
-    results = [once() for _ in range(args.inner)]
-    return summarise(results, args)
+    return lambda: summarise([once() for _ in range(args.inner)], args)
+
+
+def run_onnx(args) -> dict:
+    return onnx_side(args)()
+
+
+def serve(measure) -> None:
+    """Measure once per 'run' line on stdin, one JSON line each: a side kept alive between the rounds of
+    a comparison (loading a model every round costs more than the round, and the load here drifts)."""
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps(measure()), flush=True)
 
 
 def run_torch(args) -> dict:
@@ -162,11 +176,16 @@ def make_prompt(args) -> None:
                 fingerprint=backbone.config.fingerprint, init="vocab", source="bench/generate.py")
 
 
-def child(side: str, args, batch: int) -> dict:
+def side_command(side: str, args, batch: int) -> tuple[list[str], dict]:
+    """The command line and environment of one side's process."""
     command = [sys.executable, __file__, "--side", side, "--batch", str(batch), "--bank", str(args.bank)]
     for key in ("export", "model", "threads", "input_tokens", "new_tokens", "inner", "prompt_length"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}  # threads: set in each side
+    return command, {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}  # threads: set in each side
+
+
+def child(side: str, args, batch: int) -> dict:
+    command, env = side_command(side, args, batch)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{side} side failed:\n{result.stderr[-3000:]}")
@@ -188,8 +207,12 @@ def main() -> int:
     parser.add_argument("--side", choices=["onnx", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bank", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.side == "onnx" and args.serve:
+        serve(onnx_side(args))
+        return 0
     if args.side:
         print(json.dumps((run_onnx if args.side == "onnx" else run_torch)(args)))
         return 0

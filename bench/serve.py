@@ -5,8 +5,9 @@ Workload: 32 input tokens per row, 64 new tokens (end-of-sequence held off), gre
 `--threads` onnxruntime threads. Everything runs in this process on the CPU provider, one
 measurement after another, and prints medians and ratios; PyTorch + PEFT runs in a subprocess
 through bench/generate.py's side so that its threads and memory are its own. Against
-onnxruntime-genai (its own environment, a fresh process each round) the runtime's side is a fresh
-process each round too, so the comparison is symmetric.
+onnxruntime-genai (its own environment) the runtime runs in a process of its own too, and both stay
+alive through `--genai-rounds` alternating rounds, so the comparison is symmetric and long enough
+to see through this machine's drifting load.
 
     python bench/serve.py --export exports/smollm2
 
@@ -37,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import child, machine, new_steps, workload  # noqa: E402  (bench/generate.py)
+from generate import child, machine, new_steps, side_command, workload  # noqa: E402  (bench/generate.py)
 
 
 class RunTimer:
@@ -149,6 +150,37 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> dict:
             "python_share": statistics.median(shares)}
 
 
+class Worker:
+    """A measuring process kept alive between rounds (bench/generate.py's `--serve` protocol): 'run' in,
+    one JSON line out. Each measurement waits a moment first, so that the other side's onnxruntime
+    threads, which spin for a while after their last call, have gone to sleep."""
+
+    def __init__(self, command: list[str], env: dict | None = None, settle: float = 0.3):
+        self.settle = settle
+        self.errors = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                        text=True, env=env)
+        self._expect("ready")
+
+    def _expect(self, what: str) -> str:
+        line = self.process.stdout.readline()
+        if not line or (what and line.strip() != what):
+            self.errors.seek(0)
+            raise SystemExit(f"{self.process.args[:3]} failed:\n{self.errors.read()[-3000:]}")
+        return line
+
+    def run(self) -> dict:
+        time.sleep(self.settle)
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return json.loads(self._expect(""))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.errors.close()
+
+
 def paired(rounds: int, first, second) -> tuple[float, float, float, list[tuple[float, float]]]:
     """Alternate two measurements; their medians and the median of the per-round ratios first / second."""
     pairs = [(first(), second()) for _ in range(rounds)]
@@ -183,6 +215,8 @@ def main() -> int:
                              "beside --export, alternating")
     parser.add_argument("--genai-python", type=Path, default=Path("/tmp/genai-venv/bin/python"),
                         help="python of the onnxruntime-genai environment (see bench/genai_side.py)")
+    parser.add_argument("--genai-rounds", type=int, default=15,
+                        help="alternating rounds against onnxruntime-genai (two generations a side each)")
     parser.add_argument("--genai-model", type=Path, default=Path("/tmp/genai/smollm2-fp32"),
                         help="the default model built by onnxruntime-genai's model builder, fp32, cpu")
     args = parser.parse_args()
@@ -299,25 +333,31 @@ def main() -> int:
         print(f"PyTorch + PEFT, batch 1, same prompt: {torch_rate:.1f} tokens/s, the runtime {ours:.1f}: "
               f"runtime / PyTorch {ratio:.2f}x (target >= 1.3x)")
     if args.genai_python.is_file() and (args.genai_model / "genai_config.json").is_file():
-        command = [str(args.genai_python), str(Path(__file__).parent / "genai_side.py"), str(args.genai_model),
-                   "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens),
-                   "--threads", str(args.threads), "--repeats", "2"]
+        # Both sides are processes of their own (genai lives in its own environment), kept alive through
+        # the rounds and each measuring alternately; no prompt on either side.
+        args.bank, args.inner, args.prompt_length = bank, 2, 0
+        command, env = side_command("onnx", args, 1)
+        ours_worker = Worker([*command, "--serve"], env=env)
+        genai_worker = Worker([str(args.genai_python), str(Path(__file__).parent / "genai_side.py"), str(args.genai_model),
+                               "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens),
+                               "--threads", str(args.threads), "--repeats", "2", "--serve"])
         runs: list[dict] = []
 
         def genai_rate() -> float:
-            runs.append(json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]))
+            runs.append(genai_worker.run())
             return runs[-1]["decode_tokens_per_s"]
 
-        # Both sides start a fresh process every round (genai must: it lives in its own environment), so
-        # neither carries this process's history; no prompt on either side.
-        args.bank, args.inner, args.prompt_length = bank, 2, 0
-        ours_rate, genai_rate_, ratio, pairs = paired(
-            args.repeats + 2, lambda: child("onnx", args, 1)["decode_tokens_per_s"], genai_rate)
+        try:
+            ours_rate, genai_rate_, ratio, pairs = paired(args.genai_rounds, lambda: ours_worker.run()["decode_tokens_per_s"],
+                                                          genai_rate)
+        finally:
+            ours_worker.close()
+            genai_worker.close()
         ours = model.complete_ids(one, None, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0].token_ids
         same = next((i for i, (a, b) in enumerate(zip(ours, runs[-1]["tokens"])) if a != b), None)
         print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai_rate_:.1f} tokens/s, first token "
               f"{statistics.median(r['first_token_ms'] for r in runs):.0f} ms; the runtime {ours_rate:.1f}: runtime / genai "
-              f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x); rounds "
+              f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x; {len(pairs)} rounds) "
               + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in pairs) + "; "
               + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}"))
     else:
