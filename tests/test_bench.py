@@ -1,0 +1,59 @@
+"""The benchmarks' own counting and worker protocol (bench/generate.py, bench/serve.py): figures in
+docs/BENCHMARKS.md are only as good as these."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TEXTS
+
+from softprompt.runtime import load
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _module(name: str):
+    sys.path.insert(0, str(BENCH))  # bench/serve.py imports bench/generate.py as `generate`
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_one_step_per_generated_token(llama_export):
+    """The runtime yields once more after the last token (the finished rows); counted as a step it
+    would add a token that took no time."""
+    generate = _module("generate")
+    model = load(llama_export)
+    ids = [model.encode(TEXTS[0])]
+    yields = list(model._run(ids, [None], max_new_tokens=5, min_new_tokens=5))
+    steps = generate.new_steps(model._run(ids, [None], max_new_tokens=5, min_new_tokens=5))
+    made = [len(states[0].ids) for states in steps]
+    assert len(yields) == 6 and made == [1, 2, 3, 4, 5]
+
+
+def test_worker_process_measures_on_request_and_reports_failures(llama_export, tmp_path):
+    serve = _module("serve")
+    generate = _module("generate")
+    args = argparse.Namespace(export=llama_export, model="unused", threads=1, input_tokens=4, new_tokens=6, inner=1,
+                              prompt_length=0, bank=tmp_path)
+    command, env = generate.side_command("onnx", args, 1)
+    worker = serve.Worker([*command, "--serve"], env=env, settle=0)
+    try:
+        first, second = worker.run(), worker.run()
+    finally:
+        worker.close()
+    for result in (first, second):
+        assert result["decode_tokens_per_s"] > 0 and len(result["tokens"][0]) == 6
+    assert first["tokens"] == second["tokens"]
+
+    args.export = tmp_path / "no-such-export"
+    with pytest.raises(SystemExit, match="no-such-export"):  # the side's own error, from its stderr
+        serve.Worker([*generate.side_command("onnx", args, 1)[0], "--serve"], env=env)
