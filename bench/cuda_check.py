@@ -23,9 +23,14 @@ import shutil
 import statistics
 import tempfile
 import time
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generate import new_steps  # noqa: E402  (bench/generate.py)
 
 WEIGHTS = "weights.bin"
 KEPT = ("cos", "sin")  # rotary tables: computed, not learned; random values would break positions
@@ -129,10 +134,8 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> float:
     found = model._resolve(tasks)
     rates = []
     for repeat in range(repeats + 1):
-        stamps = []
-        for states in model._run(rows, found, max_new_tokens=new_tokens, min_new_tokens=new_tokens):
-            if len(states[0].ids) > len(stamps):  # the last yield repeats the last step (finished): not a step
-                stamps.append(time.perf_counter())
+        steps = new_steps(model._run(rows, found, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+        stamps = [time.perf_counter() for _ in steps]
         if repeat:
             rates.append((len(stamps) - 1) * len(rows) / (stamps[-1] - stamps[0]))
     return statistics.median(rates)
