@@ -18,8 +18,13 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import onnxruntime_genai as og
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generate import serve  # noqa: E402  (bench/generate.py: standard library only at import)
 
 
 def main() -> None:
@@ -59,14 +64,10 @@ def main() -> None:
                 "first_token_ms": 1000 * statistics.median(r[0] for r in runs), "tokens": runs[-1][2]}
 
     once()  # warm-up
-    if not args.serve:
+    if args.serve:
+        serve(measure)
+    else:
         print(json.dumps(measure()))
-        return
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        print(json.dumps(measure()), flush=True)
 
 
 if __name__ == "__main__":
