@@ -144,8 +144,20 @@ def summarise(results, args) -> dict:
         "first_token_ms": 1000 * statistics.median(first),
         "decode_tokens_per_s": statistics.median(decode),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "huge_pages_mb": huge_pages_mb(),
         "tokens": results[-1][2],
     }
+
+
+def huge_pages_mb() -> float:
+    """This process's memory on transparent huge pages (Linux; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def machine() -> str:

@@ -181,9 +181,19 @@ class Worker:
         self.errors.close()
 
 
+def rounds_of(rounds: int, *measures) -> list[tuple[float, ...]]:
+    """Each round runs every measurement once, starting one later each round (no side always goes first)."""
+    results = []
+    for r in range(rounds):
+        order = [(r + i) % len(measures) for i in range(len(measures))]
+        values = {i: measures[i]() for i in order}
+        results.append(tuple(values[i] for i in range(len(measures))))
+    return results
+
+
 def paired(rounds: int, first, second) -> tuple[float, float, float, list[tuple[float, float]]]:
     """Alternate two measurements; their medians and the median of the per-round ratios first / second."""
-    pairs = [(first(), second()) for _ in range(rounds)]
+    pairs = rounds_of(rounds, first, second)
     return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
             statistics.median(a / b for a, b in pairs), pairs)
 
@@ -338,21 +348,32 @@ def main() -> int:
         args.bank, args.inner, args.prompt_length = bank, 2, 0
         command, env = side_command("onnx", args, 1)
         ours_worker = Worker([*command, "--serve"], env=env)
+        # The runtime as it was before it asked for huge pages (runtime/hugepages.py), for the record:
+        # onnxruntime-genai does not ask for them.
+        plain_worker = Worker([*command, "--serve"], env={**env, "SOFTPROMPT_HUGE_PAGES": "0"})
         genai_worker = Worker([str(args.genai_python), str(Path(__file__).parent / "genai_side.py"), str(args.genai_model),
                                "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens),
                                "--threads", str(args.threads), "--repeats", "2", "--serve"])
         runs: list[dict] = []
+        huge_mb: list[float] = []
 
         def genai_rate() -> float:
             runs.append(genai_worker.run())
             return runs[-1]["decode_tokens_per_s"]
 
+        def ours_rate_() -> float:
+            result = ours_worker.run()
+            huge_mb.append(result["huge_pages_mb"])
+            return result["decode_tokens_per_s"]
+
         try:
-            ours_rate, genai_rate_, ratio, pairs = paired(args.genai_rounds, lambda: ours_worker.run()["decode_tokens_per_s"],
-                                                          genai_rate)
+            triples = rounds_of(args.genai_rounds, ours_rate_, lambda: plain_worker.run()["decode_tokens_per_s"], genai_rate)
         finally:
-            ours_worker.close()
-            genai_worker.close()
+            for worker in (ours_worker, plain_worker, genai_worker):
+                worker.close()
+        pairs = [(a, c) for a, _, c in triples]
+        ours_rate, plain_rate_, genai_rate_ = (statistics.median(t[i] for t in triples) for i in range(3))
+        ratio = statistics.median(a / c for a, _, c in triples)
         ours = model.complete_ids(one, None, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0].token_ids
         same = next((i for i, (a, b) in enumerate(zip(ours, runs[-1]["tokens"])) if a != b), None)
         print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai_rate_:.1f} tokens/s, first token "
@@ -360,6 +381,9 @@ def main() -> int:
               f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x; {len(pairs)} rounds) "
               + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in pairs) + "; "
               + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}"))
+        print(f"  weights on huge pages: {min(huge_mb):.0f} MB; the runtime without them (SOFTPROMPT_HUGE_PAGES=0) "
+              f"{plain_rate_:.1f} tokens/s: / genai {statistics.median(b / c for _, b, c in triples):.2f}x, "
+              f"with / without {statistics.median(a / b for a, b, _ in triples):.3f}x (same rounds)")
     else:
         print(f"onnxruntime-genai: skipped ({args.genai_python} or {args.genai_model} missing; see bench/genai_side.py)")
     shutil.rmtree(bank, ignore_errors=True)
