@@ -7,7 +7,8 @@ measurement after another, and prints medians and ratios; PyTorch + PEFT runs in
 through bench/generate.py's side so that its threads and memory are its own. Against
 onnxruntime-genai (its own environment) the runtime runs in a process of its own too, and both stay
 alive through `--genai-rounds` alternating rounds, so the comparison is symmetric and long enough
-to see through this machine's drifting load.
+to see through this machine's drifting load; a third process runs the runtime without huge pages
+for its weights (SOFTPROMPT_HUGE_PAGES=0, as onnxruntime-genai runs), to show what they buy.
 
     python bench/serve.py --export exports/smollm2
 

@@ -57,3 +57,16 @@ def test_worker_process_measures_on_request_and_reports_failures(llama_export, t
     args.export = tmp_path / "no-such-export"
     with pytest.raises(SystemExit, match="no-such-export"):  # the side's own error, from its stderr
         serve.Worker([*generate.side_command("onnx", args, 1)[0], "--serve"], env=env)
+
+
+def test_rounds_rotate_which_side_goes_first_and_keep_each_sides_values_apart():
+    """A side always measured first (or right after another's spinning threads) would be favoured."""
+    serve = _module("serve")
+    calls: list[str] = []
+
+    def side(name: str, value: float):
+        return lambda: calls.append(name) or value
+
+    rounds = serve.rounds_of(3, side("a", 1.0), side("b", 2.0), side("c", 3.0))
+    assert rounds == [(1.0, 2.0, 3.0)] * 3
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
