@@ -73,7 +73,8 @@ def new_ranges(before: list[Mapping], after: list[Mapping]) -> list[tuple[int, i
 
 
 def read_mappings() -> list[Mapping] | None:
-    """This process's anonymous mappings, or None where huge pages cannot be asked for."""
+    """This process's anonymous mappings, or None where huge pages are not to be asked for
+    (switched off, not Linux, transparent huge pages set to `never`)."""
     if sys.platform != "linux" or os.environ.get("SOFTPROMPT_HUGE_PAGES", "1") == "0":
         return None
     try:

@@ -58,9 +58,10 @@ def create_session(model_path: Path, providers: list[str], threads: int | None =
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
     with_options = [(name, CUDA_OPTIONS) if name == CUDA else name for name in providers]
-    before = read_mappings() if providers == [CPU] else None
+    before = read_mappings()
     session = ort.InferenceSession(str(model_path), options, providers=with_options)
-    advise_new_memory(before)
+    if session.get_providers() == [CPU]:  # CUDA keeps the weights on the device
+        advise_new_memory(before)
     if CUDA in providers and CUDA not in session.get_providers():
         warnings.warn(
             f"CUDAExecutionProvider was requested but the session runs on {session.get_providers()}; "

@@ -6,6 +6,7 @@ import mmap
 import platform
 import re
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -91,3 +92,26 @@ def test_memory_that_appears_between_the_two_calls_ends_on_huge_pages():
         pytest.skip(f"Linux {platform.release()} has no MADV_COLLAPSE (6.1+): khugepaged collapses the memory later")
     assert _huge_bytes_at(weights.ctypes.data) >= 60 * MB
     assert float(weights.sum()) == weights.size  # the contents survive the collapse
+
+
+@pytest.mark.parametrize("runs_on, advised", [(["CPUExecutionProvider"], True),
+                                              (["CUDAExecutionProvider", "CPUExecutionProvider"], False)])
+def test_a_session_that_runs_on_the_cpu_has_its_new_memory_advised(monkeypatch, llama_export, runs_on, advised):
+    """Whatever was asked for: a CUDA request that fell back to the CPU reads its weights from host memory too."""
+    from softprompt.runtime import session as session_module
+
+    class Session:
+        def __init__(self, path, options, providers):
+            pass
+
+        def get_providers(self):
+            return runs_on
+
+    calls = []
+    monkeypatch.setattr(session_module.ort, "InferenceSession", Session)
+    monkeypatch.setattr(session_module, "read_mappings", lambda: "before")
+    monkeypatch.setattr(session_module, "advise_new_memory", calls.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the CUDA fallback's warning, tested in test_runtime
+        session_module.create_session(llama_export / "model.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert calls == (["before"] if advised else [])
