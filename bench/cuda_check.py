@@ -21,9 +21,9 @@ import json
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -355,20 +355,14 @@ def main() -> int:
         genai_worker = Worker([str(args.genai_python), str(Path(__file__).parent / "genai_side.py"), str(args.genai_model),
                                "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens),
                                "--threads", str(args.threads), "--repeats", "2", "--serve"])
-        runs: list[dict] = []
-        huge_mb: list[float] = []
+        runs: list[dict] = []  # genai's results, for its tokens and first-token times
+        ours_runs: list[dict] = []  # for the memory on huge pages
 
-        def genai_rate() -> float:
-            runs.append(genai_worker.run())
-            return runs[-1]["decode_tokens_per_s"]
-
-        def ours_rate_() -> float:
-            result = ours_worker.run()
-            huge_mb.append(result["huge_pages_mb"])
-            return result["decode_tokens_per_s"]
+        def rate(worker: Worker, kept: list[dict]):
+            return lambda: kept.append(worker.run()) or kept[-1]["decode_tokens_per_s"]
 
         try:
-            triples = rounds_of(args.genai_rounds, ours_rate_, lambda: plain_worker.run()["decode_tokens_per_s"], genai_rate)
+            triples = rounds_of(args.genai_rounds, rate(ours_worker, ours_runs), rate(plain_worker, []), rate(genai_worker, runs))
         finally:
             for worker in (ours_worker, plain_worker, genai_worker):
                 worker.close()
@@ -382,7 +376,7 @@ def main() -> int:
               f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x; {len(pairs)} rounds) "
               + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in pairs) + "; "
               + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}"))
-        print(f"  weights on huge pages: {min(huge_mb):.0f} MB; the runtime without them (SOFTPROMPT_HUGE_PAGES=0) "
+        print(f"  weights on huge pages: {min(r['huge_pages_mb'] for r in ours_runs):.0f} MB; the runtime without them (SOFTPROMPT_HUGE_PAGES=0) "
               f"{plain_rate_:.1f} tokens/s: / genai {statistics.median(b / c for _, b, c in triples):.2f}x, "
               f"with / without {statistics.median(a / b for a, b, _ in triples):.3f}x (same rounds)")
     else:
