@@ -80,13 +80,14 @@ def run_onnx(args) -> dict:
 
 
 def serve(measure) -> None:
-    """Measure once per 'run' line on stdin, one JSON line each: a side kept alive between the rounds of
-    a comparison (loading a model every round costs more than the round, and the load here drifts)."""
+    """Measure once per 'run' line on stdin, one JSON line each (with this process's id): a side kept alive
+    between the rounds of a comparison (loading a model every round costs more than the round, and the
+    load here drifts)."""
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
             break
-        print(json.dumps(measure()), flush=True)
+        print(json.dumps({**measure(), "pid": os.getpid()}), flush=True)
 
 
 def run_torch(args) -> dict:

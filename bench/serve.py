@@ -8,7 +8,9 @@ through bench/generate.py's side so that its threads and memory are its own. Aga
 onnxruntime-genai (its own environment) the runtime runs in a process of its own too, and both stay
 alive through `--genai-rounds` alternating rounds, so the comparison is symmetric and long enough
 to see through this machine's drifting load; a third process runs the runtime without huge pages
-for its weights (SOFTPROMPT_HUGE_PAGES=0, as onnxruntime-genai runs), to show what they buy.
+for its weights (SOFTPROMPT_HUGE_PAGES=0, as onnxruntime-genai runs), to show what they buy. The
+three are started afresh `--genai-processes` times: a process keeps its speed for life, and
+identical ones differ by several per cent here.
 
     python bench/serve.py --export exports/smollm2
 
@@ -212,6 +214,40 @@ def first_token_ms(model, rows, task) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
+def against_genai(args, genai: list[str]) -> list[list[tuple[tuple[float, float, float], dict]]]:
+    """Rounds of the runtime, the runtime without huge pages and onnxruntime-genai, each a process of its own
+    (genai lives in its own environment) kept alive through `--genai-rounds` rounds, no prompt on either side;
+    then all three are started afresh, `--genai-processes` times.
+
+    Why fresh processes: on this machine identical processes run at different speeds for their whole life
+    (three workers of the same runtime measured 0.94x, 0.99x and 0.99x genai over the same 30 rounds),
+    most likely from where their weights land in memory. One set of processes is one draw of that; the
+    median over several sets is the comparison, and each set's own median shows the spread.
+    `genai` is the command line of genai's side (bench/genai_side.py --serve). Returns per set, per round:
+    ((runtime, runtime without huge pages, genai) tokens/s, {"ours", "plain", "genai"}: each side's result).
+    """
+    command, env = side_command("onnx", args, 1)
+    sets = []
+    for _ in range(args.genai_processes):
+        workers = {"ours": Worker([*command, "--serve"], env=env),
+                   # the runtime as it was before it asked for huge pages (runtime/hugepages.py); genai does not ask
+                   "plain": Worker([*command, "--serve"], env={**env, "SOFTPROMPT_HUGE_PAGES": "0"}),
+                   "genai": Worker(genai)}
+        kept: dict[str, list[dict]] = {name: [] for name in workers}
+
+        def measure(name: str):
+            return lambda: kept[name].append(workers[name].run()) or kept[name][-1]["decode_tokens_per_s"]
+
+        try:
+            triples = rounds_of(args.genai_rounds, measure("ours"), measure("plain"), measure("genai"))
+        finally:
+            for worker in workers.values():
+                worker.close()
+        results = [dict(zip(kept, round_results)) for round_results in zip(*kept.values())]
+        sets.append(list(zip(triples, results)))
+    return sets
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export", type=Path, default=Path("exports/smollm2"))
@@ -226,8 +262,10 @@ def main() -> int:
                              "beside --export, alternating")
     parser.add_argument("--genai-python", type=Path, default=Path("/tmp/genai-venv/bin/python"),
                         help="python of the onnxruntime-genai environment (see bench/genai_side.py)")
-    parser.add_argument("--genai-rounds", type=int, default=15,
-                        help="alternating rounds against onnxruntime-genai (two generations a side each)")
+    parser.add_argument("--genai-rounds", type=int, default=6,
+                        help="alternating rounds against onnxruntime-genai per set of processes (two generations a side each)")
+    parser.add_argument("--genai-processes", type=int, default=4,
+                        help="sets of fresh processes for the comparison with onnxruntime-genai")
     parser.add_argument("--genai-model", type=Path, default=Path("/tmp/genai/smollm2-fp32"),
                         help="the default model built by onnxruntime-genai's model builder, fp32, cpu")
     args = parser.parse_args()
@@ -344,40 +382,25 @@ def main() -> int:
         print(f"PyTorch + PEFT, batch 1, same prompt: {torch_rate:.1f} tokens/s, the runtime {ours:.1f}: "
               f"runtime / PyTorch {ratio:.2f}x (target >= 1.3x)")
     if args.genai_python.is_file() and (args.genai_model / "genai_config.json").is_file():
-        # Both sides are processes of their own (genai lives in its own environment), kept alive through
-        # the rounds and each measuring alternately; no prompt on either side.
         args.bank, args.inner, args.prompt_length = bank, 2, 0
-        command, env = side_command("onnx", args, 1)
-        ours_worker = Worker([*command, "--serve"], env=env)
-        # The runtime as it was before it asked for huge pages (runtime/hugepages.py), for the record:
-        # onnxruntime-genai does not ask for them.
-        plain_worker = Worker([*command, "--serve"], env={**env, "SOFTPROMPT_HUGE_PAGES": "0"})
-        genai_worker = Worker([str(args.genai_python), str(Path(__file__).parent / "genai_side.py"), str(args.genai_model),
-                               "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens),
-                               "--threads", str(args.threads), "--repeats", "2", "--serve"])
-        runs: list[dict] = []  # genai's results, for its tokens and first-token times
-        ours_runs: list[dict] = []  # for the memory on huge pages
-
-        def rate(worker: Worker, kept: list[dict]):
-            return lambda: kept.append(worker.run()) or kept[-1]["decode_tokens_per_s"]
-
-        try:
-            triples = rounds_of(args.genai_rounds, rate(ours_worker, ours_runs), rate(plain_worker, []), rate(genai_worker, runs))
-        finally:
-            for worker in (ours_worker, plain_worker, genai_worker):
-                worker.close()
-        pairs = [(a, c) for a, _, c in triples]
+        genai = [str(args.genai_python), str(Path(__file__).parent / "genai_side.py"), str(args.genai_model),
+                 "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+                 "--repeats", "2", "--serve"]
+        sets = against_genai(args, genai)
+        triples = [t for group in sets for t, _ in group]
+        runs = [r for group in sets for _, r in group]
         ours_rate, plain_rate_, genai_rate_ = (statistics.median(t[i] for t in triples) for i in range(3))
         ratio = statistics.median(a / c for a, _, c in triples)
+        per_set = [statistics.median(a / c for (a, _, c), _ in group) for group in sets]
         ours = model.complete_ids(one, None, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0].token_ids
-        same = next((i for i, (a, b) in enumerate(zip(ours, runs[-1]["tokens"])) if a != b), None)
+        same = next((i for i, (a, b) in enumerate(zip(ours, runs[-1]["genai"]["tokens"])) if a != b), None)
         print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai_rate_:.1f} tokens/s, first token "
-              f"{statistics.median(r['first_token_ms'] for r in runs):.0f} ms; the runtime {ours_rate:.1f}: runtime / genai "
-              f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x; {len(pairs)} rounds) "
-              + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in pairs) + "; "
+              f"{statistics.median(r['genai']['first_token_ms'] for r in runs):.0f} ms; the runtime {ours_rate:.1f}: runtime / genai "
+              f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x; {len(triples)} rounds over "
+              f"{len(sets)} sets of processes, whose own medians were " + ", ".join(f"{x:.2f}x" for x in per_set) + "); "
               + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}"))
-        print(f"  weights on huge pages: {min(r['huge_pages_mb'] for r in ours_runs):.0f} MB; the runtime without them (SOFTPROMPT_HUGE_PAGES=0) "
-              f"{plain_rate_:.1f} tokens/s: / genai {statistics.median(b / c for _, b, c in triples):.2f}x, "
+        print(f"  weights on huge pages: {min(r['ours']['huge_pages_mb'] for r in runs):.0f} MB; the runtime without them "
+              f"(SOFTPROMPT_HUGE_PAGES=0) {plain_rate_:.1f} tokens/s: / genai {statistics.median(b / c for _, b, c in triples):.2f}x, "
               f"with / without {statistics.median(a / b for a, b, _ in triples):.3f}x (same rounds)")
     else:
         print(f"onnxruntime-genai: skipped ({args.genai_python} or {args.genai_model} missing; see bench/genai_side.py)")

@@ -70,3 +70,25 @@ def test_rounds_rotate_which_side_goes_first_and_keep_each_sides_values_apart():
     rounds = serve.rounds_of(3, side("a", 1.0), side("b", 2.0), side("c", 3.0))
     assert rounds == [(1.0, 2.0, 3.0)] * 3
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_genai_comparison_starts_fresh_processes_for_each_set(llama_export, tmp_path):
+    """Identical processes keep different speeds for life here, so one set of processes is one draw:
+    each set must be new processes, kept through its rounds. The runtime's own side stands in for genai."""
+    serve = _module("serve")
+    generate = _module("generate")
+    args = argparse.Namespace(export=llama_export, model="unused", threads=1, input_tokens=4, new_tokens=5, inner=1,
+                              prompt_length=0, bank=tmp_path, genai_rounds=2, genai_processes=2)
+    stand_in = [*generate.side_command("onnx", args, 1)[0], "--serve"]
+    sets = serve.against_genai(args, stand_in)
+    assert [len(rounds) for rounds in sets] == [2, 2]
+    pids = [{name: {result["pid"] for _, results in rounds for result in [results[name]]} for name in ("ours", "plain", "genai")}
+            for rounds in sets]
+    for per_set in pids:
+        assert all(len(ids) == 1 for ids in per_set.values())  # kept alive through the set's rounds
+        assert len(set.union(*per_set.values())) == 3  # three processes
+    assert not set.union(*pids[0].values()) & set.union(*pids[1].values())  # the second set is new processes
+    for rounds in sets:
+        for rates, results in rounds:
+            assert rates == tuple(results[name]["decode_tokens_per_s"] for name in ("ours", "plain", "genai"))
+            assert results["ours"]["tokens"] == results["genai"]["tokens"]
