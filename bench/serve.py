@@ -214,7 +214,7 @@ def first_token_ms(model, rows, task) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
-def against_genai(args, genai: list[str]) -> list[list[tuple[tuple[float, float, float], dict]]]:
+def against_genai(args, genai: list[str]) -> list[list[dict[str, dict]]]:
     """Rounds of the runtime, the runtime without huge pages and onnxruntime-genai, each a process of its own
     (genai lives in its own environment) kept alive through `--genai-rounds` rounds, no prompt on either side;
     then all three are started afresh, `--genai-processes` times.
@@ -223,8 +223,8 @@ def against_genai(args, genai: list[str]) -> list[list[tuple[tuple[float, float,
     (three workers of the same runtime measured 0.94x, 0.99x and 0.99x genai over the same 30 rounds),
     most likely from where their weights land in memory. One set of processes is one draw of that; the
     median over several sets is the comparison, and each set's own median shows the spread.
-    `genai` is the command line of genai's side (bench/genai_side.py --serve). Returns per set, per round:
-    ((runtime, runtime without huge pages, genai) tokens/s, {"ours", "plain", "genai"}: each side's result).
+    `genai` is the command line of genai's side (bench/genai_side.py --serve). Returns per set, per round,
+    each side's result: {"ours": ..., "plain": ... (without huge pages), "genai": ...}.
     """
     command, env = side_command("onnx", args, 1)
     sets = []
@@ -239,12 +239,11 @@ def against_genai(args, genai: list[str]) -> list[list[tuple[tuple[float, float,
             return lambda: kept[name].append(workers[name].run()) or kept[name][-1]["decode_tokens_per_s"]
 
         try:
-            triples = rounds_of(args.genai_rounds, measure("ours"), measure("plain"), measure("genai"))
+            rounds_of(args.genai_rounds, measure("ours"), measure("plain"), measure("genai"))
         finally:
             for worker in workers.values():
                 worker.close()
-        results = [dict(zip(kept, round_results)) for round_results in zip(*kept.values())]
-        sets.append(list(zip(triples, results)))
+        sets.append([dict(zip(kept, results)) for results in zip(*kept.values())])
     return sets
 
 
@@ -387,11 +386,12 @@ def main() -> int:
                  "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
                  "--repeats", "2", "--serve"]
         sets = against_genai(args, genai)
-        triples = [t for group in sets for t, _ in group]
-        runs = [r for group in sets for _, r in group]
+        runs = [r for group in sets for r in group]
+        rates = [[tuple(r[name]["decode_tokens_per_s"] for name in ("ours", "plain", "genai")) for r in group] for group in sets]
+        triples = [t for group in rates for t in group]
         ours_rate, plain_rate_, genai_rate_ = (statistics.median(t[i] for t in triples) for i in range(3))
         ratio = statistics.median(a / c for a, _, c in triples)
-        per_set = [statistics.median(a / c for (a, _, c), _ in group) for group in sets]
+        per_set = [statistics.median(a / c for a, _, c in group) for group in rates]
         ours = model.complete_ids(one, None, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0].token_ids
         same = next((i for i, (a, b) in enumerate(zip(ours, runs[-1]["genai"]["tokens"])) if a != b), None)
         print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai_rate_:.1f} tokens/s, first token "

@@ -82,13 +82,11 @@ def test_genai_comparison_starts_fresh_processes_for_each_set(llama_export, tmp_
     stand_in = [*generate.side_command("onnx", args, 1)[0], "--serve"]
     sets = serve.against_genai(args, stand_in)
     assert [len(rounds) for rounds in sets] == [2, 2]
-    pids = [{name: {result["pid"] for _, results in rounds for result in [results[name]]} for name in ("ours", "plain", "genai")}
-            for rounds in sets]
+    pids = [{name: {results[name]["pid"] for results in rounds} for name in ("ours", "plain", "genai")} for rounds in sets]
     for per_set in pids:
         assert all(len(ids) == 1 for ids in per_set.values())  # kept alive through the set's rounds
         assert len(set.union(*per_set.values())) == 3  # three processes
     assert not set.union(*pids[0].values()) & set.union(*pids[1].values())  # the second set is new processes
     for rounds in sets:
-        for rates, results in rounds:
-            assert rates == tuple(results[name]["decode_tokens_per_s"] for name in ("ours", "plain", "genai"))
-            assert results["ours"]["tokens"] == results["genai"]["tokens"]
+        for results in rounds:
+            assert results["ours"]["decode_tokens_per_s"] > 0 and results["ours"]["tokens"] == results["genai"]["tokens"]
