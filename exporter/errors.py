@@ -1,7 +1,9 @@
 """Errors of the exporter; the CLI prints them as one `error:` line."""
 
+from softprompt.formats.errors import SoftpromptError
 
-class ExportError(Exception):
+
+class ExportError(SoftpromptError):
     """The model cannot be exported as asked (unknown source, unsupported architecture, existing output)."""
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from softprompt.prompt_bank import backbone_fingerprint
-from softprompt.runtime.config import CONFIG_FILE, ExportConfig
+from softprompt.formats.export_folder import CONFIG_FILE, ExportConfig
+from softprompt.formats.fingerprint import backbone_fingerprint
 
 from .encoder import (
     EncoderGraph, encoder_facts, encoder_tokens, export_encoder_graph, sentence_pooling, uses_token_types, validate_encoder,

@@ -1,11 +1,18 @@
-"""softprompt.prompt_bank: the soft-prompt bank format (numpy only), its checks, and PEFT conversion.
+"""softprompt.prompt_bank: prompt banks for users (numpy only): the bank format's API, checking a bank
+against an export, PEFT conversion, and the `prompt-bank` command.
+
+The format itself lives in softprompt.formats (the runtime and training read and write it there);
+its entry points are re-exported here because this is where users look for them.
 
 >>> from softprompt.prompt_bank import save_prompt, load_prompt   # doctest: +SKIP
 """
 
-from .errors import AdapterError, BackboneMismatchError, InvalidPromptError, PromptBankError, UnknownTaskError
-from .fingerprint import backbone_fingerprint
-from .format import Prompt, PromptMeta, list_tasks, load_bank, load_prompt, remove_prompt, save_prompt
+from softprompt.formats import (
+    BackboneMismatchError, InvalidPromptError, Prompt, PromptBankError, PromptMeta, UnknownTaskError,
+    backbone_fingerprint, list_tasks, load_bank, load_prompt, remove_prompt, save_prompt,
+)
+
+from .errors import AdapterError
 from .peft import read_peft_adapter
 
 __all__ = [

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BackboneMismatchError, PromptBankError
-from .fingerprint import short
-from .format import list_tasks, load_prompt, remove_prompt, save_prompt
+from softprompt.formats.bank import list_tasks, load_prompt, remove_prompt, save_prompt
+from softprompt.formats.errors import BackboneMismatchError, PromptBankError, SoftpromptError
+from softprompt.formats.export_folder import open_export, read_config
+from softprompt.formats.fingerprint import short
+
+from .peft import adapter_init, read_peft_adapter, write_peft_adapter
 
 EPILOG = """\
 A bank is a folder; a task is NAME.npy (a [P, E] float32/float16 soft prompt) plus NAME.json.
@@ -79,11 +82,9 @@ def _add_write_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from softprompt.runtime.errors import SoftpromptRuntimeError
-
     try:
         return COMMANDS[args.command](args)
-    except (PromptBankError, SoftpromptRuntimeError, OSError) as exc:
+    except (SoftpromptError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -120,8 +121,6 @@ def _show(args) -> int:
 def _verify(args) -> int:
     width = fingerprint = None
     if args.model:
-        from softprompt.runtime.config import read_config
-
         config = read_config(args.model)
         width, fingerprint = config.hidden_size, config.fingerprint
     tasks = list_tasks(args.bank)
@@ -143,10 +142,6 @@ def _verify(args) -> int:
 
 
 def _import_peft(args) -> int:
-    from softprompt.runtime.config import read_config
-
-    from .peft import adapter_init, read_peft_adapter
-
     config = read_config(args.model)
     adapter = read_peft_adapter(args.adapter)
     width = adapter.vectors.shape[1]
@@ -188,9 +183,7 @@ def _classifier_task(adapter, config, args) -> dict:
 
 
 def _from_text(args) -> int:
-    from softprompt.runtime.backbone import open_backbone
-
-    backbone = open_backbone(args.model)
+    backbone = open_export(args.model)
     ids = backbone.encode(args.text, add_special_tokens=False)
     if not ids:
         raise PromptBankError(f"text {args.text!r} has no tokens; expected a non-empty text")
@@ -204,15 +197,11 @@ def _from_text(args) -> int:
 
 
 def _export_peft(args) -> int:
-    from .peft import write_peft_adapter
-
     layers = heads = 0
     base = None
     fingerprint = None
     task_type = "CAUSAL_LM"
     if args.model:
-        from softprompt.runtime.config import read_config
-
         config = read_config(args.model)
         layers, heads, fingerprint = config.num_layers, config.num_heads, config.fingerprint
         base = config.source.get("path") or config.source.get("name")

@@ -1,23 +1,6 @@
-"""Errors raised by the prompt-bank format: each names the file, the value and what was expected."""
+"""Errors of the bank tools beyond the format's own (those live in softprompt.formats.errors)."""
 
-
-class PromptBankError(ValueError):
-    """A bank or one of its task files cannot be used as it is."""
-
-
-class InvalidPromptError(PromptBankError):
-    """A task's `.npy` or `.json` file is malformed, corrupt or inconsistent."""
-
-
-class BackboneMismatchError(PromptBankError):
-    """A prompt was made for another backbone (other width or fingerprint) than the one asked for."""
-
-
-class UnknownTaskError(PromptBankError, KeyError):
-    """The task asked for is not in the bank; the message lists those that are."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+from softprompt.formats.errors import PromptBankError
 
 
 class AdapterError(PromptBankError):

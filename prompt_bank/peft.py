@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_atomic
+from softprompt.formats.atomic import write_atomic
+
 from .errors import AdapterError
 from .safetensors_np import read_safetensors, safetensors_bytes
 

@@ -5,18 +5,21 @@
 >>> model.generate("Review: a gorgeous film. Sentiment:", task="sentiment", max_new_tokens=8)  # doctest: +SKIP
 """
 
-from .config import ExportConfig, read_config
+from softprompt.formats.export_folder import ExportConfig, read_config
+
 from .encoder import Encoder
 from .errors import ExportFormatError, InferenceError, ProviderError, RequestError, SoftpromptRuntimeError
 from .generate import Completion
 from .model import Model, load
 from .seq2seq import Seq2Seq
+from .settings import GenerationSettings
 
 __all__ = [
     "Completion",
     "Encoder",
     "ExportConfig",
     "ExportFormatError",
+    "GenerationSettings",
     "InferenceError",
     "Model",
     "ProviderError",

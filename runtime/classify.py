@@ -105,32 +105,42 @@ def classifiable(found: Sequence) -> Sequence:
     return found
 
 
-def classify_texts(texts: list[str], task, ensemble: str | None, resolve: Callable, probabilities: Callable) -> list[dict]:
-    """`classify` for a model that scores labels by verbalizers (decoders and encoder-decoders).
+# probabilities(texts, tasks) -> each row's label probabilities, in the order of its task's labels
+Probabilities = Callable[[Sequence[str], Sequence], list[np.ndarray]]
 
-    `resolve(names)` gives the tasks; `probabilities(texts, tasks)` gives each row's label
-    probabilities. Without an ensemble `task` is one name or one per text; with one, every text
-    runs under each member in one batch and the members' probabilities are combined.
-    """
-    if ensemble is None:
-        names = [task] * len(texts) if task is None or isinstance(task, str) else list(task)
-        if len(names) != len(texts):
-            raise RequestError(f"{len(names)} tasks for {len(texts)} inputs; give one task, or one per input")
-        found = resolve(names)
-        results = []
-        for t, probs in zip(found, probabilities(texts, found)):
-            labels = list(t.spec.labels)
-            results.append({"label": labels[int(probs.argmax())], "scores": {l: float(p) for l, p in zip(labels, probs)}})
-        return results
-    members = ensemble_members(task, ensemble)
-    found = classifiable(resolve(members))
+
+def classify_rows(texts: Sequence[str], found: Sequence, probabilities: Probabilities) -> list[dict]:
+    """One task per text: each text's winning label and every label's probability."""
+    classifiable(found)
+    results = []
+    for t, probs in zip(found, probabilities(texts, found)):
+        labels = list(t.spec.labels)
+        results.append({"label": labels[int(probs.argmax())], "scores": {l: float(p) for l, p in zip(labels, probs)}})
+    return results
+
+
+def classify_ensemble(texts: Sequence[str], found: Sequence, how: str, probabilities: Probabilities) -> list[dict]:
+    """Every text under each member task (one batch), the members' probabilities combined by `how`."""
+    classifiable(found)
     labels = list(found[0].spec.labels)
     odd = [t.name for t in found if list(t.spec.labels) != labels]
     if odd:
         raise RequestError(f"ensemble members {odd} have labels other than {found[0].name!r}'s {labels}")
     probs = probabilities([text for text in texts for _ in found], list(found) * len(texts))
-    return [ensemble_result(labels, [t.name for t in found], np.stack(probs[i * len(found): (i + 1) * len(found)]), ensemble)
+    return [ensemble_result(labels, [t.name for t in found], np.stack(probs[i * len(found): (i + 1) * len(found)]), how)
             for i in range(len(texts))]
+
+
+def label_probabilities(encode: Callable, logprobs: Callable) -> Probabilities:
+    """Verbalizer scoring as `probabilities`: `logprobs(inputs, verbalizers, tasks)` gives each row's summed
+    log-probability of each label's verbalizer ids after (or, for encoder-decoders, as the output of) its
+    templated input ids; the scores are normalised over the labels."""
+
+    def probabilities(texts: Sequence[str], found: Sequence) -> list[np.ndarray]:
+        inputs, verbalizers = verbalized(texts, found, encode)
+        return [normalise(row) for row in logprobs(inputs, verbalizers, found)]
+
+    return probabilities
 
 
 def verbalized(texts: Sequence[str], found: Sequence, encode: Callable) -> tuple[list[list[int]], list[list[list[int]]]]:

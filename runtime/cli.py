@@ -68,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if not texts:
         parser.error("no input: give TEXT arguments or lines on standard input")
 
-    from softprompt.prompt_bank import PromptBankError
+    from softprompt.formats.errors import SoftpromptError
 
-    from .errors import SoftpromptRuntimeError
     from .model import load
 
     settings = dict(
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write("\n")
             return 0
         completions = model.complete(texts, task=args.task, **settings)
-    except (SoftpromptRuntimeError, PromptBankError, OSError) as exc:
+    except (SoftpromptError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for completion in completions:

@@ -17,54 +17,35 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.prompt_bank.task import TaskSpec
+from softprompt.formats.export_folder import ExportFolder
 
-from .backbone import Backbone
-from .batch import embed_row
-from .classify import ensemble_members, ensemble_result, log_softmax
+from .classify import classify_ensemble, classify_rows, ensemble_members, log_softmax
 from .errors import InferenceError, RequestError
-from .tasks import ServesTasks, Task, TaskStore
+from .rows import as_texts, check_rows, embed_row, pad, tasks_for
+from .served import ServedExport
+from .tasks import Task
 
 # Cosine similarities lie in [-1, 1]; scaled by this before the softmax over labels, as
 # sentence-transformers scales them in its contrastive losses, so the scores read as probabilities.
 SIMILARITY_SCALE = 20.0
 
 
-class Encoder(ServesTasks):
+class Encoder(ServedExport):
     """A loaded encoder export: `embed` and `classify`, optionally under task prompts."""
 
-    def __init__(self, backbone: Backbone, session, bank: Path | None = None):
-        self.backbone = backbone
-        self.config = config = backbone.config
-        self.table = backbone.table
-        self.session = session
-        self.bank = bank
-        self._token_types = "token_type_ids" in config.input_names
-        self._pooler = "pooler_output" in config.output_names
+    def __init__(self, backbone: ExportFolder, session, bank: Path | None = None, batch_size: int = 32):
+        super().__init__(backbone, session, bank)
+        self.batch_size = batch_size
+        self._token_types = "token_type_ids" in self.config.input_names
+        self._pooler = "pooler_output" in self.config.output_names
         self._outputs = ["last_hidden_state", "pooler_output"] if self._pooler else ["last_hidden_state"]
-        self._store = TaskStore(bank, width=config.hidden_size, fingerprint=config.fingerprint, prefill=None)
-
-    def encode(self, text: str, task: str | None = None) -> list[int]:
-        """Token ids of `text` in the task's template, with the tokenizer's [CLS]/[SEP]."""
-        found = self._resolve([task])[0]
-        return self.backbone.encode((TaskSpec() if found is None else found.spec).apply(text))
 
     def embed(self, texts: str | Sequence[str], task: str | None | Sequence[str | None] = None,
-              normalize: bool = True, batch_size: int = 32) -> np.ndarray:
+              normalize: bool = True, batch_size: int | None = None) -> np.ndarray:
         """[N, E] sentence embeddings (one row per text; a str gives [1, E]) under the task's prompt."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise RequestError("no input given")
-        names = [task] * len(texts) if task is None or isinstance(task, str) else list(task)
-        if len(names) != len(texts):
-            raise RequestError(f"{len(names)} tasks for {len(texts)} inputs; give one task, or one per input")
-        found = self._resolve(names)
-        ids = [self.backbone.encode((TaskSpec() if t is None else t.spec).apply(text)) for text, t in zip(texts, found)]
-        out = np.concatenate([self._pooled(ids[i : i + batch_size], found[i : i + batch_size])
-                              for i in range(0, len(ids), batch_size)])
-        if normalize:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+        texts = as_texts(texts)
+        found = self._store.resolve(tasks_for(task, len(texts)))
+        return self._embed(self._encode_rows(texts, found), found, normalize, batch_size or self.batch_size)
 
     def classify(self, texts: str | Sequence[str], task, ensemble: str | None = None) -> list[dict]:
         """Label each text by the nearest label embedding (labels embedded without a prompt), or by
@@ -73,72 +54,54 @@ class Encoder(ServesTasks):
         Scores are a softmax over the labels of cosine similarity x 20 (or of the head's logits).
         `task` and `ensemble` work as in the decoder's `classify`.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        members = [task] if isinstance(task, str) or task is None else list(task)
+        texts = as_texts(texts)
         if ensemble is None:
-            names = [task] * len(texts) if isinstance(task, str) or task is None else members
-            if len(names) != len(texts):
-                raise RequestError(f"{len(names)} tasks for {len(texts)} inputs; give one task, or one per input")
-            results: list[dict] = [{} for _ in texts]
-            for name in dict.fromkeys(names):  # rows of one task share batches
-                rows = [i for i, n in enumerate(names) if n == name]
-                for i, result in zip(rows, self._scores([texts[i] for i in rows], name)):
-                    results[i] = result
-            return results
-        members = ensemble_members(task, ensemble)
-        per_member = [self._scores(texts, name) for name in members]
-        labels = list(per_member[0][0]["scores"])
-        return [ensemble_result(labels, members, np.array([[m[i]["scores"][label] for label in labels] for m in per_member]),
-                                ensemble) for i in range(len(texts))]
+            return classify_rows(texts, self._store.resolve(tasks_for(task, len(texts))), self._probabilities)
+        return classify_ensemble(texts, self._store.resolve(ensemble_members(task, ensemble)), ensemble,
+                                 self._probabilities)
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _scores(self, texts: list[str], task: str | None) -> list[dict]:
-        found = self._resolve([task])[0]
-        if found is None or not found.spec.labels:
-            raise RequestError(f"classify needs a classification task; {task!r} has no labels")
-        labels = list(found.spec.labels)
-        head = found.head
+    def _probabilities(self, texts: Sequence[str], found: Sequence[Task]) -> list[np.ndarray]:
+        """Each row's label probabilities; rows of one task share batches."""
+        out: list[np.ndarray] = [np.zeros(0)] * len(texts)
+        for task in dict.fromkeys(found):
+            rows = [i for i, t in enumerate(found) if t is task]
+            for i, probs in zip(rows, self._task_probabilities([texts[i] for i in rows], task)):
+                out[i] = probs
+        return out
+
+    def _task_probabilities(self, texts: list[str], task: Task) -> np.ndarray:
+        labels = list(task.spec.labels)
+        head = task.head
+        ids = self._encode_rows(texts, [task] * len(texts))
         if head is not None and head.pooling == "pooler":  # PEFT sequence classification: the pooler output
             if not self._pooler:
-                raise RequestError(f"task {task!r} classifies the pooler output; this export has none "
+                raise RequestError(f"task {task.name!r} classifies the pooler output; this export has none "
                                    "(re-export the model with this version of export-model)")
-            ids = [self.backbone.encode(found.spec.apply(text)) for text in texts]
-            pooled = np.concatenate([self._run(ids[i : i + 32], [found] * len(ids[i : i + 32]))[1]
-                                     for i in range(0, len(ids), 32)])
+            pooled = np.concatenate([self._run(ids[i : i + self.batch_size], [task] * len(ids[i : i + self.batch_size]))[1]
+                                     for i in range(0, len(ids), self.batch_size)])
             logits = pooled @ head.weight.T + head.bias
         elif head is not None:  # a trained linear classifier on the pooled embedding
-            logits = self.embed(texts, task) @ head.weight.T + head.bias
-        else:
-            vectors = self.embed(texts, task)  # the nearest label embedding, labels embedded without a prompt
-            logits = SIMILARITY_SCALE * (vectors @ self.embed([found.spec.labels[label].strip() or label for label in labels]).T)
-        probs = np.exp(log_softmax(logits.astype(np.float64)))
-        return [{"label": labels[int(row.argmax())], "scores": dict(zip(labels, map(float, row)))} for row in probs]
+            logits = self._embed(ids, [task] * len(ids), True, self.batch_size) @ head.weight.T + head.bias
+        else:  # the nearest label embedding, labels embedded without a prompt
+            vectors = self._embed(ids, [task] * len(ids), True, self.batch_size)
+            logits = SIMILARITY_SCALE * (vectors @ self.embed([task.spec.labels[label].strip() or label for label in labels]).T)
+        return np.exp(log_softmax(logits.astype(np.float64)))
 
-    def _pooled(self, ids: list[list[int]], found: list[Task | None]) -> np.ndarray:
-        """Each row's pooled last hidden state over its text tokens: [B, E]."""
-        return self._run(ids, found)[0]
+    def _embed(self, ids: list[list[int]], found: list[Task | None], normalize: bool, batch_size: int) -> np.ndarray:
+        out = np.concatenate([self._run(ids[i : i + batch_size], found[i : i + batch_size])[0]
+                              for i in range(0, len(ids), batch_size)])
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
 
     def _run(self, ids: list[list[int]], found: list[Task | None]) -> tuple[np.ndarray, np.ndarray | None]:
         """One graph call on right-padded rows: (pooled over each row's text tokens [B, E], pooler output [B, E] or None)."""
-        limit = self.config.max_positions
-        rows, spans = [], []
-        for i, (row_ids, task) in enumerate(zip(ids, found)):
-            prompt = None if task is None else task.vectors
-            start = 0 if prompt is None else prompt.shape[0]
-            if not row_ids:
-                raise RequestError(f"input {i} has no tokens")
-            if limit is not None and start + len(row_ids) > limit:
-                raise RequestError(f"input {i} needs {start} prompt + {len(row_ids)} input = {start + len(row_ids)} "
-                                   f"positions; the model has {limit}")
-            rows.append(embed_row(self.table, row_ids, prompt))
-            spans.append((start, start + len(row_ids)))
-        length = max(r.shape[0] for r in rows)
-        embeds = np.zeros((len(rows), length, self.table.shape[1]), dtype=np.float32)
-        mask = np.zeros((len(rows), length), dtype=np.int64)
-        for i, row in enumerate(rows):  # right padding, as encoders are trained
-            embeds[i, : row.shape[0]] = row
-            mask[i, : row.shape[0]] = 1
+        starts = [0 if task is None else task.length for task in found]
+        check_rows(ids, starts, vocab_size=self.config.vocab_size, limit=self.config.max_positions, need_tokens=True)
+        embeds, mask = pad([embed_row(self.table, row, None if t is None else t.vectors) for row, t in zip(ids, found)],
+                           "right")
         feeds = {"inputs_embeds": embeds, "attention_mask": mask}
         if self._token_types:
             feeds["token_type_ids"] = np.zeros_like(mask)
@@ -146,6 +109,7 @@ class Encoder(ServesTasks):
             outputs = self.session.run(self._outputs, feeds)
         except Exception as exc:  # onnxruntime raises its own types
             raise InferenceError(f"onnxruntime failed with inputs_embeds {embeds.shape}: {exc}") from exc
+        spans = [(start, start + len(row)) for start, row in zip(starts, ids)]
         pooled = pool(outputs[0], spans, self.config.pooling or "mean")
         return pooled, (outputs[1] if self._pooler else None)
 

@@ -1,12 +1,16 @@
-"""Errors of the runtime: one sentence each, raised with the value found and what was expected."""
+"""Errors of the runtime: one sentence each, raised with the value found and what was expected.
+
+An export folder or a bank file that cannot be read raises the formats' own errors
+(`ExportFormatError`, `PromptBankError`); everything shares the base `SoftpromptError`.
+"""
+
+from softprompt.formats.errors import ExportFormatError, SoftpromptError
+
+__all__ = ["ExportFormatError", "InferenceError", "ProviderError", "RequestError", "SoftpromptRuntimeError"]
 
 
-class SoftpromptRuntimeError(Exception):
-    """Base of the runtime's errors; the CLI prints these as one `error:` line."""
-
-
-class ExportFormatError(SoftpromptRuntimeError):
-    """An export folder is missing a file or its `softprompt.json` is not what this runtime reads."""
+class SoftpromptRuntimeError(SoftpromptError):
+    """Base of the runtime's own errors."""
 
 
 class ProviderError(SoftpromptRuntimeError):

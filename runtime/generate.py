@@ -1,22 +1,24 @@
-"""The decoding loop over a KV-cached ONNX decoder, and the per-row text bookkeeping around it.
+"""Generating text: the decoding loop over a KV-cached graph, the per-row text bookkeeping, and the
+`complete` / `generate` / `stream` front shared by decoders and encoder-decoders.
 
-One graph serves every step: the first step feeds the whole (prompt + text) embeddings with an
-empty past, later steps feed one token's embedding with the past returned by the step before.
+A request reads top to bottom: settings are checked once (GenerationSettings), the tasks resolved
+once (one version of each for the whole request), the rows encoded and checked, then the model's
+`_steps` runs the batch and yields every row's state after each token.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import numpy as np
 
-from softprompt.prompt_bank.task import TaskSpec
-
-from .batch import position_ids
+from .classify import classify_ensemble, classify_rows, ensemble_members, label_probabilities
 from .errors import RequestError
-from .tasks import tasks_for
+from .rows import as_texts, position_ids, tasks_for
+from .served import ServedExport
+from .settings import GenerationSettings
+from .tasks import Task
 
 # forward(inputs_embeds [B,S,E], attention_mask [B,T], position_ids [B,S], past) -> (last logits [B,V], present)
 Forward = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
@@ -35,15 +37,6 @@ class Completion:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def check_request(rows: int, max_new_tokens: int, min_new_tokens: int) -> None:
-    if not rows:
-        raise RequestError("no input given")
-    if max_new_tokens < 1:
-        raise RequestError(f"max_new_tokens {max_new_tokens}; expected at least 1")
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise RequestError(f"min_new_tokens {min_new_tokens}; expected 0..max_new_tokens ({max_new_tokens})")
 
 
 def decode_steps(
@@ -141,60 +134,89 @@ class RowText:
         return text[: len(text) - hold]
 
 
-def as_texts(texts: str | Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        return [texts]
-    texts = list(texts)
-    if not all(isinstance(t, str) for t in texts):
-        raise RequestError("texts must be a string or a list of strings")
-    return texts
+class TextModel(ServedExport):
+    """`complete`, `generate`, `stream` and `classify` for a model that generates text.
 
-
-def spec_of(task) -> TaskSpec:
-    """A task's template and labels; no task: the text as it is."""
-    return TaskSpec() if task is None else task.spec
-
-
-class GeneratesText:
-    """`complete`, `generate` and `stream` for a model (decoder or encoder-decoder) that provides
-    `_run(ids, tasks, **settings)`, yielding the rows' `RowText` states after every step (the last
-    yield final), besides `_resolve` (ServesTasks), `backbone` and `decode`.
+    A subclass provides `_steps(ids, tasks, settings)`, yielding the rows' `RowText` states after
+    every step (the last yield final), and `_label_logprobs(inputs, verbalizers, tasks)`, each
+    row's summed log-probability of each of its labels' verbalizer ids.
     """
 
-    backbone: Any
-    _resolve: Callable
-    _run: Callable[..., Iterator[list[RowText]]]
-
-    def complete(self, texts: str | Sequence[str], task=None, **settings) -> list[Completion]:
+    def complete(self, texts: str | Sequence[str], task=None, settings: GenerationSettings | None = None,
+                 **overrides) -> list[Completion]:
         """Generate for each text (one batch, rows may have different tasks); a `Completion` per text.
 
-        Settings: max_new_tokens=64, min_new_tokens=0, temperature=0 (greedy), top_k, top_p,
-        seed, stop (a string or a list of strings; the text is cut before it).
+        Settings (GenerationSettings, or its fields as keywords): max_new_tokens=64, min_new_tokens=0,
+        temperature=0 (greedy), top_k, top_p, seed, stop (a string or a list of strings; the text is
+        cut before it).
         """
+        settings = GenerationSettings.of(settings, **overrides)
         texts = as_texts(texts)
-        found = self._resolve(tasks_for(task, len(texts)))
-        ids = [self.backbone.encode(spec_of(t).apply(text)) for text, t in zip(texts, found)]
-        return self._complete(ids, found, texts, settings)
+        found = self._store.resolve(tasks_for(task, len(texts)))
+        return self._complete(self._encode_rows(texts, found), found, texts, settings)
 
-    def generate(self, text: str | Sequence[str], task=None, **settings) -> str | list[str]:
+    def complete_ids(self, ids: Sequence[Sequence[int]], task=None, settings: GenerationSettings | None = None,
+                     **overrides) -> list[Completion]:
+        """`complete` for inputs that are already token ids (no template is applied; `input` is their decoded text)."""
+        settings = GenerationSettings.of(settings, **overrides)
+        found = self._store.resolve(tasks_for(task, len(ids)))
+        return self._complete(ids, found, [self.decode(row) for row in ids], settings)
+
+    def generate(self, text: str | Sequence[str], task=None, settings: GenerationSettings | None = None,
+                 **overrides) -> str | list[str]:
         """Generated text for one text (a str) or for each of a list of texts (a list, one batch)."""
-        results = [c.text for c in self.complete(text, task, **settings)]
+        results = [c.text for c in self.complete(text, task, settings, **overrides)]
         return results[0] if isinstance(text, str) else results
 
-    def stream(self, text: str, task: str | None = None, **settings) -> Iterator[str]:
+    def stream(self, text: str, task: str | None = None, settings: GenerationSettings | None = None,
+               **overrides) -> Iterator[str]:
         """Yield pieces of the generated text as they are made (complete characters, stop strings held back)."""
         if not isinstance(text, str):
             raise RequestError("stream takes one text; use generate() or complete() for a batch")
-        found = self._resolve([task])
+        settings = GenerationSettings.of(settings, **overrides)
+        found = self._store.resolve([task])
         shown = 0
-        for rows in self._run([self.backbone.encode(spec_of(found[0]).apply(text))], found, **settings):
+        for rows in self._steps(self._encode_rows([text], found), found, settings):
             stable = rows[0].stable_text()
             if len(stable) > shown:
                 yield stable[shown:]
                 shown = len(stable)
 
-    def _complete(self, ids: Sequence[Sequence[int]], found: Sequence, inputs: Sequence[str], settings: dict) -> list[Completion]:
-        rows = list(self._run(ids, found, **settings))[-1]
+    def steps(self, ids: Sequence[Sequence[int]], task=None, settings: GenerationSettings | None = None,
+              **overrides) -> Iterator[list[RowText]]:
+        """Every row's state after each generated token, for token-id inputs (the last yield is final):
+        the step-by-step form of `complete_ids`, for callers that time or drive the loop themselves."""
+        settings = GenerationSettings.of(settings, **overrides)
+        return self._steps(ids, self._store.resolve(tasks_for(task, len(ids))), settings)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def classify(self, texts: str | Sequence[str], task, ensemble: str | None = None) -> list[dict]:
+        """Label each text by its task's verbalizers: `[{"label": ..., "scores": {label: probability}}]`.
+
+        A label's score is the summed log-probability of its words after the templated input (as
+        the output, for encoder-decoders), normalised over the labels. `task` is one task, or one
+        per text (rows of different tasks share batches). With `ensemble="vote"` or `"mean"`, `task`
+        lists several prompts of one task and each text runs under all of them in one batch; the
+        result adds `"votes"` and each member's label (`"members"`).
+        """
+        texts = as_texts(texts)
+        probabilities = label_probabilities(self.backbone.encode, self._label_logprobs)
+        if ensemble is None:
+            return classify_rows(texts, self._store.resolve(tasks_for(task, len(texts))), probabilities)
+        return classify_ensemble(texts, self._store.resolve(ensemble_members(task, ensemble)), ensemble, probabilities)
+
+    def _complete(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], inputs: Sequence[str],
+                  settings: GenerationSettings) -> list[Completion]:
+        rows = list(self._steps(ids, found, settings))[-1]
         return [Completion(inputs[i], None if found[i] is None else found[i].name, r.text, r.ids, r.finish_reason or "length")
                 for i, r in enumerate(rows)]
 
+    def _steps(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
+               settings: GenerationSettings) -> Iterator[list[RowText]]:
+        raise NotImplementedError
+
+    def _label_logprobs(self, inputs: list[list[int]], verbalizers: list[list[list[int]]],
+                        found: Sequence[Task]) -> list[np.ndarray]:
+        raise NotImplementedError

@@ -6,17 +6,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .errors import RequestError
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Refuse sampling values that would silently mean something else."""
-    if temperature < 0:
-        raise RequestError(f"temperature {temperature}; expected 0 (greedy) or more")
-    if top_k is not None and top_k < 1:
-        raise RequestError(f"top_k {top_k}; expected at least 1")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise RequestError(f"top_p {top_p}; expected a value in (0, 1]")
+from .settings import GenerationSettings
 
 
 def next_tokens(
@@ -54,26 +44,16 @@ def next_tokens(
     return np.minimum(picked, probs.shape[-1] - 1)
 
 
-def chooser(
-    *,
-    eos: Sequence[int],
-    max_new_tokens: int,
-    min_new_tokens: int = 0,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    forced_first: int | None = None,
-    forced_last: int | None = None,
-) -> Callable[[np.ndarray], np.ndarray]:
+def chooser(settings: GenerationSettings, eos: Sequence[int], *, forced_first: int | None = None,
+            forced_last: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """A per-request `choose(logits [B, V]) -> [B]` that counts its steps.
 
     As transformers' logits processors: end of sequence is masked until `min_new_tokens` tokens
     exist; `forced_first` / `forced_last` (a model's forced BOS / EOS, as BART and mBART set them)
     replace the first and the `max_new_tokens`-th choice.
     """
-    check_sampling(temperature, top_k, top_p)
-    rng = np.random.default_rng(seed)
+    temperature, top_k, top_p = settings.temperature, settings.top_k, settings.top_p
+    rng = np.random.default_rng(settings.seed)
     eos = sorted(eos)
     ends = set(eos)
     state = {"step": 0}
@@ -83,9 +63,9 @@ def chooser(
         state["step"] += 1
         if forced_first is not None and step == 0:
             return np.full(logits.shape[0], forced_first, dtype=np.int64)
-        if forced_last is not None and step == max_new_tokens - 1:
+        if forced_last is not None and step == settings.max_new_tokens - 1:
             return np.full(logits.shape[0], forced_last, dtype=np.int64)
-        if step < min_new_tokens and eos:
+        if step < settings.min_new_tokens and eos:
             if temperature == 0:  # greedy: mask only when an end-of-sequence token would win
                 tokens = logits.argmax(-1)
                 if not ends.intersection(tokens.tolist()):

@@ -18,29 +18,28 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import Backbone
-from .batch import embed_row
-from .classify import classify_texts, log_softmax, normalise, verbalized
-from .errors import InferenceError, RequestError
-from .generate import GeneratesText, RowText, as_texts, check_request, spec_of
+from softprompt.formats.export_folder import ExportFolder
+
+from .classify import log_softmax
+from .errors import InferenceError
+from .generate import RowText, TextModel
+from .rows import check_rows, embed_row, pad
 from .sampling import chooser
-from .tasks import ServesTasks, Task, TaskStore
+from .settings import GenerationSettings
+from .tasks import Task
 
 
-class Seq2Seq(ServesTasks, GeneratesText):
+class Seq2Seq(TextModel):
     """A loaded encoder-decoder export: `generate`, `stream`, `complete` and `classify` under task prompts.
 
     A model's forced first/last tokens (BART's forced BOS/EOS) apply as in transformers' `generate`.
     """
 
-    def __init__(self, backbone: Backbone, encoder, decoder, bank: Path | None = None):
-        self.backbone = backbone
-        self.config = config = backbone.config
-        self.table = backbone.table
-        self.session = decoder  # providers and device follow the decoder, where the time goes
+    def __init__(self, backbone: ExportFolder, encoder, decoder, bank: Path | None = None):
+        super().__init__(backbone, decoder, bank)  # providers and device follow the decoder, where the time goes
+        config = self.config
         self.encoder = encoder
         self.decoder = decoder
-        self.bank = bank
         self._cross_names = [o.name for o in encoder.get_outputs()]
         self._past_names = config.past_names
         self._present_names = config.present_names
@@ -49,39 +48,15 @@ class Seq2Seq(ServesTasks, GeneratesText):
         self._eos = set(config.eos_token_ids)
         self._start = config.bos_token_id
         self._device = "cuda" if "CUDAExecutionProvider" in decoder.get_providers() else "cpu"
-        self._store = TaskStore(bank, width=config.hidden_size, fingerprint=config.fingerprint, prefill=None)
-
-    # ---- tokens -------------------------------------------------------------------------------
-
-    def encode(self, text: str, task: str | None = None) -> list[int]:
-        """Encoder token ids of `text` in the task's template (the tokenizer's own special tokens included)."""
-        found = self._resolve([task])[0]
-        return self.backbone.encode(spec_of(found).apply(text))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def inputs_embeds(self, ids: Sequence[int], task: str | None = None) -> np.ndarray:
-        """[P + n, E]: the encoder input for `ids` under `task` (training builds the same)."""
-        return embed_row(self.table, ids, self.prompt(task))
-
-    # ---- generation (complete, generate, stream: GeneratesText over `_run`) and classification ----
-
-    def classify(self, texts: str | Sequence[str], task, ensemble: str | None = None) -> list[dict]:
-        """Label each text by the log-probability of each label's verbalizer as the decoder's output.
-
-        `task` and `ensemble` work as in the decoder `Model.classify`.
-        """
-        return classify_texts(as_texts(texts), task, ensemble, self._resolve, self._label_probabilities)
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _label_probabilities(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[np.ndarray]:
-        ids, targets = verbalized(texts, found, self.backbone.encode)
+    def _label_logprobs(self, inputs: list[list[int]], verbalizers: list[list[list[int]]],
+                        found: Sequence[Task]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
-        for start in range(0, len(ids), 16):
-            out += self._candidate_logprobs(ids[start : start + 16], found[start : start + 16], targets[start : start + 16])
-        return [normalise(row) for row in out]
+        for start in range(0, len(inputs), 16):
+            out += self._candidate_logprobs(inputs[start : start + 16], found[start : start + 16], verbalizers[start : start + 16])
+        return out
 
     def _candidate_logprobs(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
                             targets: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
@@ -109,26 +84,10 @@ class Seq2Seq(ServesTasks, GeneratesText):
 
     def _encoder(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None]) -> tuple[list, np.ndarray]:
         """Cross-attention keys/values of every decoder layer for the right-padded rows, and their mask."""
-        limit = self.config.max_positions
-        rows = []
-        for i, (row_ids, task) in enumerate(zip(ids, found)):
-            prompt = None if task is None else task.vectors
-            length = (0 if prompt is None else prompt.shape[0]) + len(row_ids)
-            if length == 0:
-                raise RequestError(f"input {i} is empty and has no task prompt")
-            if limit is not None and length > limit:
-                raise RequestError(f"input {i} needs {length - len(row_ids)} prompt + {len(row_ids)} input = {length} "
-                                   f"encoder positions; the model has {limit}")
-            bad = [t for t in row_ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise RequestError(f"input {i} has token ids {bad[:5]} outside [0, {self.config.vocab_size})")
-            rows.append(embed_row(self.table, row_ids, prompt))
-        width = max(r.shape[0] for r in rows)
-        embeds = np.zeros((len(rows), width, self.table.shape[1]), dtype=np.float32)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, row in enumerate(rows):
-            embeds[i, : row.shape[0]] = row
-            mask[i, : row.shape[0]] = 1
+        check_rows(ids, [0 if t is None else t.length for t in found], vocab_size=self.config.vocab_size,
+                   limit=self.config.max_positions, what="encoder positions")
+        embeds, mask = pad([embed_row(self.table, row, None if t is None else t.vectors) for row, t in zip(ids, found)],
+                           "right")
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("attention_mask", mask)
@@ -164,19 +123,15 @@ class Seq2Seq(ServesTasks, GeneratesText):
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, heads, 0, size), dtype=np.float32) for heads, size in self._past_shapes]
 
-    def _run(self, ids: Sequence[Sequence[int]], found: list[Task | None], *, max_new_tokens: int = 64,
-             min_new_tokens: int = 0, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, stop: str | Sequence[str] | None = None) -> Iterator[list[RowText]]:
+    def _steps(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
+               settings: GenerationSettings) -> Iterator[list[RowText]]:
         """Encode once, then decode token by token; yields the rows' states after every step (the last is final)."""
-        check_request(len(ids), max_new_tokens, min_new_tokens)
         generation = self.config.generation
-        choose = chooser(eos=self._eos, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                         forced_first=generation.get("forced_bos_token_id"),
+        choose = chooser(settings, self._eos, forced_first=generation.get("forced_bos_token_id"),
                          forced_last=generation.get("forced_eos_token_id"))
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        max_new_tokens = settings.max_new_tokens
         cross, mask = self._encoder(ids, found)
-        states = [RowText(self.decode, self._eos, stops) for _ in ids]
+        states = [RowText(self.decode, self._eos, settings.stop) for _ in ids]
         tokens = np.full(len(ids), self._start, dtype=np.int64)
         past: list = self._empty_past(len(ids))
         for step in range(max_new_tokens):

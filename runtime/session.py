@@ -15,7 +15,6 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .errors import ProviderError
-from .hugepages import advise_new_memory, read_mappings
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -45,10 +44,7 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
 
 
 def create_session(model_path: Path, providers: list[str], threads: int | None = None) -> ort.InferenceSession:
-    """Create the session with full graph optimisation; warn when CUDA was asked for but did not stick.
-
-    A CPU session's weights are put on huge pages (see hugepages.py).
-    """
+    """Create the session with full graph optimisation; warn when CUDA was asked for but did not stick."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is None and os.environ.get("SOFTPROMPT_THREADS"):
@@ -58,10 +54,7 @@ def create_session(model_path: Path, providers: list[str], threads: int | None =
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
     with_options = [(name, CUDA_OPTIONS) if name == CUDA else name for name in providers]
-    before = read_mappings()
     session = ort.InferenceSession(str(model_path), options, providers=with_options)
-    if session.get_providers() == [CPU]:  # CUDA keeps the weights on the device
-        advise_new_memory(before)
     if CUDA in providers and CUDA not in session.get_providers():
         warnings.warn(
             f"CUDAExecutionProvider was requested but the session runs on {session.get_providers()}; "

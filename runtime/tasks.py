@@ -1,13 +1,11 @@
 """The tasks a running model serves: a bank folder followed as its files change (hot swap).
 
-A `Task` is immutable once built (vectors, template and labels, and the prompt's cached keys and
-values); the store publishes a new name -> Task mapping by replacing one reference. A request takes
-that mapping once at its start, so it runs every row under one consistent version of each task
-even while files are being swapped, and readers never lock.
-
-A swapped task is served as soon as its files are read (about a millisecond); its prompt's keys
-and values are computed on a background thread meanwhile, and until they are ready the task runs
-its prompt with each request (the same results, a slower first token).
+A `Task` is immutable once built (vectors, template and labels, an encoder's head); the store
+publishes a new name -> Task mapping by replacing one reference. A request takes that mapping once
+at its start, so it runs every row under one consistent version of each task even while files are
+being swapped, and readers never lock. A swapped task is served as soon as its files are read
+(about a millisecond). The store knows nothing of models: what a model derives from a task (a
+decoder's cached prompt keys and values, prompt_cache.py) it keeps itself, keyed by the Task.
 
 Checking the folder costs one `os.scandir` and a stat per file (tens of microseconds for a few
 tasks), so it is done before every request. A file that fails validation never replaces a working
@@ -20,14 +18,15 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 
-from softprompt.prompt_bank import InvalidPromptError, PromptBankError, UnknownTaskError, load_prompt
-from softprompt.prompt_bank.task import TaskSpec
+from softprompt.formats.bank import load_prompt
+from softprompt.formats.errors import InvalidPromptError, PromptBankError, UnknownTaskError
+from softprompt.formats.task import TaskSpec
 
 from .errors import RequestError
 
@@ -35,8 +34,6 @@ log = logging.getLogger("softprompt.runtime")
 
 # (mtime_ns, size, inode) of NAME.npy and NAME.json; None where a file is absent.
 Stamp = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
-# Computes a prompt's cached keys/values (or returns None to run the prompt with every request).
-Prefill = Callable[[np.ndarray], "tuple[np.ndarray, ...] | None"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,9 +55,6 @@ class Task:
     name: str
     vectors: np.ndarray  # [P, E] float32, read-only
     spec: TaskSpec
-    # Keys and values of all P prompt rows, one [heads, P, head size] array per cache input. A
-    # request with an empty input uses the first P - 1 and feeds the last row, to have a position.
-    prefix: tuple[np.ndarray, ...] | None
     # An encoder task's optional linear classifier: weight [labels, E], bias [labels], and what it reads.
     head: "Head | None" = None
 
@@ -69,12 +63,11 @@ class Task:
         return int(self.vectors.shape[0])
 
 
-def build_task(name: str, vectors: np.ndarray, extra: Mapping, prefill: Prefill | None) -> Task:
+def build_task(name: str, vectors: np.ndarray, extra: Mapping) -> Task:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     vectors.setflags(write=False)
     spec = TaskSpec.from_extra(dict(extra), f"task {name!r}")
-    prefix = prefill(vectors) if prefill is not None else None
-    return Task(name, vectors, spec, prefix, _head(extra.get("head"), list(spec.labels), vectors.shape[1], name))
+    return Task(name, vectors, spec, _head(extra.get("head"), list(spec.labels), vectors.shape[1], name))
 
 
 def _head(data, names: list[str], width: int, name: str) -> Head | None:
@@ -101,18 +94,17 @@ def _head(data, names: list[str], width: int, name: str) -> Head | None:
 class TaskStore:
     """name -> Task for a bank folder, refreshed from the files when they change."""
 
-    def __init__(self, bank: Path | None, *, width: int, fingerprint: str | None, prefill: Prefill | None):
+    def __init__(self, bank: Path | None, *, width: int, fingerprint: str | None):
         self.bank = bank
         self._width = width
         self._fingerprint = fingerprint
-        self._prefill = prefill
         self._lock = threading.Lock()
         self._tasks: Mapping[str, Task] = MappingProxyType({})
         self._seen: dict[str, Stamp] = {}  # last stamps looked at, including ones that failed to load
         if bank is not None:
             if not Path(bank).is_dir():
                 raise InvalidPromptError(f"bank {bank} is not a folder")
-            self._refresh(strict=True, background=False)
+            self._refresh(strict=True)
 
     def current(self) -> Mapping[str, Task]:
         """The tasks to serve a request with, after picking up any change in the folder."""
@@ -143,7 +135,7 @@ class TaskStore:
         if self.bank is not None:
             with self._lock:
                 self._seen = {}
-                self._refresh(strict=False, everything=True, background=False)
+                self._refresh(strict=False, everything=True)
         return self._tasks
 
     # ---- internals ----------------------------------------------------------------------------
@@ -162,7 +154,7 @@ class TaskStore:
                 stamps[name] = (_entry_stat(entry), _entry_stat(meta) if meta is not None else None)
         return stamps
 
-    def _refresh(self, strict: bool, everything: bool = False, background: bool = True) -> None:
+    def _refresh(self, strict: bool, everything: bool = False) -> None:
         stamps = self._stamps()
         if stamps == self._seen and not everything:
             return  # another thread did it while this one waited for the lock
@@ -175,7 +167,7 @@ class TaskStore:
                 continue
             try:
                 prompt = load_prompt(self.bank, name, width=self._width, fingerprint=self._fingerprint)
-                task = build_task(name, prompt.vectors, prompt.meta.extra, None if background else self._prefill)
+                task = build_task(name, prompt.vectors, prompt.meta.extra)
             except (PromptBankError, OSError, ValueError) as exc:
                 if strict:
                     raise
@@ -185,21 +177,8 @@ class TaskStore:
             if name in tasks:
                 log.info("task %r reloaded from %s", name, self.bank)
             tasks[name] = task
-            if background and self._prefill is not None:
-                threading.Thread(target=self._add_prefix, args=(task,), name=f"prefill-{name}", daemon=True).start()
         self._seen = stamps
         self._tasks = MappingProxyType(tasks)
-
-    def _add_prefix(self, task: Task) -> None:
-        """Compute a swapped-in task's cached keys/values and publish them, unless it was replaced meanwhile."""
-        try:
-            prefix = self._prefill(task.vectors)
-        except Exception as exc:  # noqa: BLE001 - the task keeps working without its cache
-            log.error("task %r: computing its cached prompt failed (%s); it runs uncached", task.name, exc)
-            return
-        with self._lock:
-            if self._tasks.get(task.name) is task:
-                self._tasks = MappingProxyType({**self._tasks, task.name: dataclasses.replace(task, prefix=prefix)})
 
 
 def _entry_stat(entry: os.DirEntry) -> tuple[int, int, int] | None:
@@ -208,42 +187,3 @@ def _entry_stat(entry: os.DirEntry) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (info.st_mtime_ns, info.st_size, info.st_ino)
-
-
-class ServesTasks:
-    """What a loaded export says about its tasks, shared by the decoder `Model` and the `Encoder`.
-
-    Needs `self._store` (a TaskStore) and `self.session`.
-    """
-
-    _store: TaskStore
-
-    @property
-    def tasks(self) -> list[str]:
-        return sorted(self._store.current())
-
-    @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
-
-    def reload(self) -> list[str]:
-        """Re-read every task file of the bank now (changes are also picked up before each request)."""
-        return sorted(self._store.reload())
-
-    def prompt(self, task: str | None) -> np.ndarray | None:
-        """The [P, E] float32 soft prompt of `task`, or None for no prompt."""
-        found = self._store.resolve([task])[0]
-        return None if found is None else found.vectors
-
-    def _resolve(self, names: Sequence[str | None]) -> list[Task | None]:
-        return self._store.resolve(names)
-
-
-def tasks_for(task, count: int) -> list[str | None]:
-    """One task per row: a single task (or None) applies to every row; a list gives one per row."""
-    if task is None or isinstance(task, str):
-        return [task] * count
-    tasks = list(task)
-    if len(tasks) != count:
-        raise RequestError(f"{len(tasks)} tasks for {count} inputs; give one task, or one per input")
-    return tasks

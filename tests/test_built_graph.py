@@ -23,7 +23,7 @@ def test_built_graph_matches_transformers(name, tmp_path):
 
 
 def test_auto_builds_llama_and_traces_the_rest(llama_export, gpt2_export):
-    from softprompt.runtime.config import read_config
+    from softprompt.formats.export_folder import read_config
 
     assert read_config(llama_export).validation["graph"] == "built"
     assert read_config(gpt2_export).validation["graph"] == "traced"

@@ -12,7 +12,7 @@ from conftest import CORPUS, random_prompt
 
 from softprompt.exporter.export import export_model
 from softprompt.prompt_bank import save_prompt
-from softprompt.prompt_bank.task import TaskSpec
+from softprompt.formats.task import TaskSpec
 from softprompt.runtime import RequestError, load
 from softprompt.runtime.encoder import Encoder
 
@@ -143,8 +143,8 @@ def test_run_model_on_an_encoder_prints_embeddings(bert, capsys):
 @pytest.mark.parametrize("head", ["none", "linear"])
 def test_train_prompt_on_an_encoder(bert, tmp_path, head, capsys):
     """Encoder frozen; the runtime's classify reproduces the trainer's best evaluation accuracy."""
-    from softprompt.prompt_bank.train import load_backbone
-    from softprompt.prompt_bank.train_cli import main as train_main
+    from softprompt.training.train import load_backbone
+    from softprompt.training.cli import main as train_main
 
     hf, export = bert
     positive = ["a gorgeous film", "moving and bright", "a joy to watch", "warm, funny, lovely", "gorgeous and moving"]
@@ -170,7 +170,7 @@ def test_train_prompt_on_an_encoder(bert, tmp_path, head, capsys):
 
 
 def test_train_prompt_refuses_generation_data_and_head_on_decoders(bert, llama_dir, tmp_path, capsys):
-    from softprompt.prompt_bank.train_cli import main as train_main
+    from softprompt.training.cli import main as train_main
 
     hf, _ = bert
     gen = tmp_path / "gen.jsonl"

@@ -9,7 +9,7 @@ from conftest import TEXTS, random_prompt
 from softprompt.prompt_bank import UnknownTaskError, save_prompt
 from softprompt.runtime import ProviderError, RequestError, load
 from softprompt.runtime import session as session_module
-from softprompt.runtime.batch import left_pad, position_ids
+from softprompt.runtime.rows import pad, position_ids
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ def test_cuda_that_fell_back_to_cpu_warns(monkeypatch, llama_export):
 
 def test_positions_continue_over_real_tokens_only():
     rows = [np.ones((3, 2), np.float32), np.ones((5, 2), np.float32)]
-    embeds, mask = left_pad(rows)
+    embeds, mask = pad(rows, "left")
     assert embeds.shape == (2, 5, 2) and mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert position_ids(mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
     grown = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
@@ -197,9 +197,10 @@ def test_row_text_at_end_of_sequence_and_stop_strings():
 
 def test_min_new_tokens_masks_end_of_sequence_only_when_it_would_win():
     from softprompt.runtime.sampling import chooser
+    from softprompt.runtime.settings import GenerationSettings
 
     logits = np.array([[0.0, 5.0, 9.0, 1.0], [7.0, 2.0, 3.0, 0.0]], np.float32)  # row 0: EOS (2) wins
-    choose = chooser(eos=[2], max_new_tokens=4, min_new_tokens=2)
+    choose = chooser(GenerationSettings(max_new_tokens=4, min_new_tokens=2), eos=[2])
     assert choose(logits).tolist() == [1, 0]  # masked: the best other token
     assert choose(logits).tolist() == [1, 0]
     assert choose(logits).tolist() == [2, 0]  # from min_new_tokens on, EOS may win

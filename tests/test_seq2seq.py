@@ -15,7 +15,7 @@ from conftest import make_tokenizer, random_prompt
 
 from softprompt.exporter.export import export_model
 from softprompt.prompt_bank import load_prompt, save_prompt
-from softprompt.prompt_bank.task import TaskSpec
+from softprompt.formats.task import TaskSpec
 from softprompt.runtime import RequestError, load
 from softprompt.runtime.seq2seq import Seq2Seq
 
@@ -180,8 +180,8 @@ def test_prompt_counts_against_encoder_positions(seq2seq, tmp_path):
 
 
 def test_train_prompt_on_seq2seq_leaves_the_backbone_unchanged(seq2seq, tmp_path, capsys):
-    from softprompt.prompt_bank.data import read_jsonl
-    from softprompt.prompt_bank.train import TrainConfig, load_backbone, train_prompt
+    from softprompt.training.data import read_jsonl
+    from softprompt.training.train import TrainConfig, load_backbone, train_prompt
 
     _, hf, export = seq2seq
     texts = ["a gorgeous film", "dull and slow", "moving, gorgeous", "slow, dull film", "a moving story", "too long"]
@@ -206,7 +206,7 @@ def test_train_prompt_on_seq2seq_leaves_the_backbone_unchanged(seq2seq, tmp_path
 
 def test_checkpointing_keeps_seq2seq_loss_and_gradient(seq2seq):
     """BART's layers call dropout with their own training flag; checkpointing must not switch it on."""
-    from softprompt.prompt_bank.train import batch_loss, enable_checkpointing, load_backbone
+    from softprompt.training.train import batch_loss, enable_checkpointing, load_backbone
 
     _, hf, _ = seq2seq
     backbone = load_backbone(str(hf), log=lambda m: None)
@@ -227,8 +227,8 @@ def test_checkpointing_keeps_seq2seq_loss_and_gradient(seq2seq):
 
 
 def test_generation_training_lowers_the_loss(seq2seq, tmp_path):
-    from softprompt.prompt_bank.data import read_jsonl
-    from softprompt.prompt_bank.train import TrainConfig, load_backbone, train_prompt
+    from softprompt.training.data import read_jsonl
+    from softprompt.training.train import TrainConfig, load_backbone, train_prompt
 
     _, hf, _ = seq2seq
     rows = [{"input": t, "output": "positive"} for t in TEXTS]

@@ -11,14 +11,14 @@ import torch
 
 from softprompt.prompt_bank import load_prompt, save_prompt
 from softprompt.prompt_bank.cli import main as bank_main
-from softprompt.prompt_bank.data import DataError, read_jsonl
+from softprompt.training.data import DataError, read_jsonl
 from softprompt.prompt_bank.errors import PromptBankError
-from softprompt.prompt_bank.init import common_token_ids, init_prompt
-from softprompt.prompt_bank.task import TaskSpec
-from softprompt.prompt_bank.train import (
+from softprompt.training.init import common_token_ids, init_prompt
+from softprompt.formats.task import TaskSpec
+from softprompt.training.train import (
     TrainConfig, batch_loss, build_inputs_embeds, enable_checkpointing, encode_examples, load_backbone, train_prompt,
 )
-from softprompt.prompt_bank.train_cli import main as train_main
+from softprompt.training.cli import main as train_main
 from softprompt.runtime import RequestError, load
 from softprompt.runtime.cli import main as run_main
 
@@ -57,7 +57,7 @@ def test_training_freezes_the_backbone_and_saves_a_prompt_the_export_accepts(lla
     assert record["frozen_parameters"] == sum(t.numel() for t in before.values())
     assert record["steps"] == 12 and len(record["history"]) == 3 and record["best"]["step"] in (4, 8, 12)
     assert record["data_sha256"] == data.sha256
-    from softprompt.prompt_bank.train import save_trained
+    from softprompt.training.train import save_trained
 
     save_trained(tmp_path / "bank", "sentiment", vectors, llama_backbone, SPEC, record, "tiny", overwrite=False)
     model = load(llama_export, bank=tmp_path / "bank")  # same fingerprint as the export: accepted as is
@@ -71,7 +71,7 @@ def test_training_lowers_the_loss(llama_backbone, sentiment_data):
     config = TrainConfig(length=4, init="vocab", steps=15, batch_size=8, lr=0.1, seed=1)
     pairs = encode_examples(llama_backbone, data, SPEC, config.length)
     vectors, _ = train_prompt(llama_backbone, data, SPEC, config, progress=False)
-    from softprompt.prompt_bank.init import init_prompt as init
+    from softprompt.training.init import init_prompt as init
 
     start = init("vocab", 4, llama_backbone.table, encode=lambda t: llama_backbone.encode(t, False),
                  common_ids=common_token_ids(llama_backbone.tokenizer.to_str()), rng=np.random.default_rng(1))
@@ -89,9 +89,9 @@ def test_training_and_runtime_build_identical_inputs_embeds(llama_backbone, llam
     runtime_ids = [model.encode(t, "t") for t in texts]
     train_ids = [llama_backbone.encode(SPEC.apply(t)) for t in texts]
     assert runtime_ids == train_ids
-    from softprompt.runtime.batch import left_pad, position_ids
+    from softprompt.runtime.rows import pad, position_ids
 
-    expected, mask = left_pad([model.inputs_embeds(ids, "t") for ids in runtime_ids])
+    expected, mask = pad([model.inputs_embeds(ids, "t") for ids in runtime_ids], "left")
     with torch.no_grad():
         embeds, torch_mask, positions = build_inputs_embeds(llama_backbone.model, torch.from_numpy(prompt), train_ids)
     np.testing.assert_array_equal(embeds.numpy(), expected)
@@ -100,7 +100,7 @@ def test_training_and_runtime_build_identical_inputs_embeds(llama_backbone, llam
 
 
 def test_runtime_classify_matches_the_trainers_scores(llama_backbone, llama_export, tmp_path):
-    from softprompt.prompt_bank.train import evaluate
+    from softprompt.training.train import evaluate
 
     prompt = np.random.default_rng(4).standard_normal((3, 64)).astype(np.float32)
     save_prompt(tmp_path, "t", prompt, fingerprint=llama_backbone.fingerprint, extra=SPEC.to_extra())
@@ -112,7 +112,7 @@ def test_runtime_classify_matches_the_trainers_scores(llama_backbone, llama_expo
     # Training's evaluation scores the runtime's own predictions as 100% correct: same labels both ways.
     assert evaluate(llama_backbone.model, torch.from_numpy(prompt), pairs, data, SPEC, llama_backbone) == {"accuracy": 1.0}
     # And the scores themselves: the runtime's log-probabilities equal the trainer's torch ones.
-    from softprompt.prompt_bank.train import _forward_tail
+    from softprompt.training.train import _forward_tail
     from softprompt.runtime.classify import label_logprobs
 
     verbalizers = [llama_backbone.encode(w, add_special_tokens=False) for w in SPEC.labels.values()]
@@ -121,7 +121,7 @@ def test_runtime_classify_matches_the_trainers_scores(llama_backbone, llama_expo
     with torch.no_grad():
         torch_scores = label_logprobs(lambda rows, _: _forward_tail(llama_backbone.model, torch.from_numpy(prompt), rows, keep).numpy(),
                                       inputs, [verbalizers] * len(inputs))
-    onnx_scores = label_logprobs(lambda rows, _: model._logits_for_ids(rows, ["t"] * len(rows)), inputs, [verbalizers] * len(inputs))
+    onnx_scores = label_logprobs(lambda rows, _: model.logits_of_ids(rows, ["t"] * len(rows)), inputs, [verbalizers] * len(inputs))
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-4, atol=1e-4)
 
 
@@ -235,7 +235,7 @@ def test_checkpointing_keeps_loss_and_gradient_and_dropout_off(gpt2_dir, every):
 
 
 def test_ctrl_c_keeps_the_best_prompt_so_far(llama_backbone, sentiment_data, monkeypatch):
-    from softprompt.prompt_bank import train as train_module
+    from softprompt.training import train as train_module
 
     data = read_jsonl(sentiment_data)
     real = train_module.batch_loss

@@ -1,7 +1,6 @@
 """Prompt tuning (Lester et al. 2021): learn a task's [P, E] soft prompt with every backbone weight frozen.
 
-torch lives only in this module (and the CLI that calls it); the result is saved in the
-numpy-only bank format with the fingerprint that the same model's export carries. Rows are
+The result is saved in the numpy-only bank format (softprompt.formats) with the fingerprint that the same model's export carries. Rows are
 built exactly as the runtime builds them: prompt rows, then the embedding-table rows of the
 templated input's ids, left-padded, positions counted over real tokens.
 """
@@ -19,14 +18,21 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from softprompt.exporter.encoder import encoder_facts, sentence_pooling
+from softprompt.exporter.graph import probe_cache
+from softprompt.exporter.metadata import embedding_table, special_tokens, structural
+from softprompt.exporter.seq2seq import cross_layout, generation_tokens, seq2seq_facts
+from softprompt.exporter.sources import load_source
+from softprompt.formats.bank import PromptMeta, save_prompt
+
+from softprompt.formats.fingerprint import backbone_fingerprint
+from softprompt.formats.task import TaskSpec
 from softprompt.runtime.classify import label_logprobs
 
 from .data import Dataset
-from .errors import PromptBankError
-from .format import PromptMeta, save_prompt
+from .errors import TrainingError
 from .init import common_token_ids, init_prompt
-from .task import TaskSpec
-from .train_seq2seq import seq2seq_label_logprobs, seq2seq_loss_sum
+from .seq2seq import seq2seq_label_logprobs, seq2seq_loss_sum
 
 
 @dataclasses.dataclass
@@ -44,7 +50,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class Backbone:
+class FrozenModel:
     """The frozen model and what training needs of it."""
 
     model: torch.nn.Module
@@ -60,42 +66,31 @@ class Backbone:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
 
-def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> Backbone:
+def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> FrozenModel:
     """Load MODEL as export-model does and freeze it; compute the same fingerprint its export gets."""
-    from softprompt.exporter.graph import probe_cache
-    from softprompt.exporter.metadata import embedding_table, special_tokens, structural
-    from softprompt.exporter.sources import load_source
-    from softprompt.prompt_bank import backbone_fingerprint
-
     source = load_source(model_spec, log=log)
     model = source.model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     table = embedding_table(model)
     if source.kind == "encoder":
-        from softprompt.exporter.encoder import encoder_facts
-
         facts = encoder_facts(model, table)
         tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
         tokenizer.no_truncation()
         tokenizer.no_padding()
-        from softprompt.exporter.encoder import sentence_pooling
-
         pooling = sentence_pooling(Path(source.info["path"]) if source.info.get("path") else None)
-        return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], [], "encoder",
+        return FrozenModel(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], [], "encoder",
                         pooling)
     tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
     tokenizer.no_truncation()
     tokenizer.no_padding()
     if source.kind == "seq2seq":
-        from softprompt.exporter.seq2seq import cross_layout, generation_tokens, seq2seq_facts
-
         facts = seq2seq_facts(model, table, cross_layout(model)[0])
         eos = generation_tokens(model, source.tokenizer)["eos_token_ids"]
-        return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], eos, "seq2seq")
+        return FrozenModel(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], eos, "seq2seq")
     facts = structural(model, probe_cache(model), table)
     eos = special_tokens(model, source.tokenizer)["eos_token_ids"]
-    return Backbone(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], eos)
+    return FrozenModel(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], eos)
 
 
 def enable_checkpointing(model, every: int = 2) -> int:
@@ -160,7 +155,7 @@ def _forward_tail(model, prompt, rows, keep: int) -> torch.Tensor:
     return logits[:, -keep:]
 
 
-def encode_examples(backbone: Backbone, data: Dataset, spec: TaskSpec, prompt_length: int) -> list[tuple[list[int], list[int]]]:
+def encode_examples(backbone: FrozenModel, data: Dataset, spec: TaskSpec, prompt_length: int) -> list[tuple[list[int], list[int]]]:
     """(templated input ids, target ids) per example; targets are the verbalizer or output (+ end of sequence)."""
     verbalizers = spec.verbalizer_ids(backbone.encode)
     pairs = []
@@ -174,7 +169,7 @@ def encode_examples(backbone: Backbone, data: Dataset, spec: TaskSpec, prompt_le
         total = prompt_length + len(ids) + (0 if backbone.kind == "seq2seq" else len(target))
         if backbone.max_positions is not None and total > backbone.max_positions:
             what = "" if backbone.kind == "seq2seq" else f" + {len(target)} target"
-            raise PromptBankError(
+            raise TrainingError(
                 f"{data.path} example {number}: {prompt_length} prompt + {len(ids)} input{what} = "
                 f"{total} positions; the model has {backbone.max_positions}"
             )
@@ -212,7 +207,7 @@ def batch_loss(model, prompt, pairs) -> torch.Tensor:
     return target_loss_sum(model, prompt, pairs) / sum(len(t) for _, t in pairs)
 
 
-def evaluate(model, prompt, pairs, data: Dataset, spec: TaskSpec, backbone: Backbone) -> dict:
+def evaluate(model, prompt, pairs, data: Dataset, spec: TaskSpec, backbone: FrozenModel) -> dict:
     """Accuracy by the runtime's own scoring for classification; mean target loss for generation."""
     with torch.no_grad():
         if data.kind == "generation":
@@ -234,7 +229,7 @@ def evaluate(model, prompt, pairs, data: Dataset, spec: TaskSpec, backbone: Back
 
 
 def train_prompt(
-    backbone: Backbone,
+    backbone: FrozenModel,
     train: Dataset,
     spec: TaskSpec,
     config: TrainConfig,
@@ -245,14 +240,14 @@ def train_prompt(
 ) -> tuple[np.ndarray, dict]:
     """Train and return (best prompt [P, E] float32, training record). Ctrl-C stops and keeps the best so far."""
     if backbone.kind == "encoder":
-        raise PromptBankError("train_prompt trains decoder and encoder-decoder prompts; encoders go through "
+        raise TrainingError("train_prompt trains decoder and encoder-decoder prompts; encoders go through "
                               "train_encoder.train_encoder_prompt")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model
     frozen = sum(p.numel() for p in model.parameters())
     if any(p.requires_grad for p in model.parameters()):
-        raise PromptBankError("the backbone has trainable parameters; prompt tuning keeps every backbone weight frozen")
+        raise TrainingError("the backbone has trainable parameters; prompt tuning keeps every backbone weight frozen")
     start_values = starting_prompt(backbone, spec, config, rng)
     prompt = torch.nn.Parameter(torch.from_numpy(start_values.copy()))
     enable_checkpointing(model, config.checkpoint_every)
@@ -300,7 +295,7 @@ def train_prompt(
     return best.numpy().astype(np.float32), record
 
 
-def starting_prompt(backbone: Backbone, spec: TaskSpec, config: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+def starting_prompt(backbone: FrozenModel, spec: TaskSpec, config: TrainConfig, rng: np.random.Generator) -> np.ndarray:
     """The [P, E] prompt training starts from, by `config.init` (docs/TRAINING.md)."""
     return init_prompt(
         config.init, config.length, backbone.table,
@@ -325,7 +320,7 @@ def training_record(train: Dataset, eval_data: Dataset | None, config: TrainConf
     }
 
 
-def save_trained(bank: Path, task: str, vectors: np.ndarray, backbone: Backbone, spec: TaskSpec, record: dict,
+def save_trained(bank: Path, task: str, vectors: np.ndarray, backbone: FrozenModel, spec: TaskSpec, record: dict,
                  model_spec: str, overwrite: bool, head: dict | None = None) -> PromptMeta:
     extra = {**spec.to_extra(), **({"head": head} if head else {})}
     return save_prompt(bank, task, vectors, fingerprint=backbone.fingerprint, init=record["init"],
@@ -348,7 +343,7 @@ def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
 
         # As the prompt-tuning paper: a fixed learning rate, no parameter scaling.
         return Adafactor(params, lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False)
-    raise PromptBankError(f"optimizer {config.optimizer!r}; expected adamw or adafactor")
+    raise TrainingError(f"optimizer {config.optimizer!r}; expected adamw or adafactor")
 
 
 def _progress(total: int, enabled: bool):

@@ -1,12 +1,12 @@
 """Generation speed: this runtime against PyTorch + PEFT prompt tuning, side by side in one run.
 
-Workload (issue 2): the default model, a 20-vector soft prompt, 32 input tokens per row, exactly
+Workload: the default model, a 20-vector soft prompt, 32 input tokens per row, exactly
 64 new tokens (end-of-sequence is held off, as `min_new_tokens` does in transformers), greedy,
 2 threads, batch 1 and batch 8. Each measurement runs in its own subprocess so peak memory
 (max RSS) belongs to one side only; the sides alternate over the repeats so that a noisy
 neighbour hurts both alike, and medians are reported with the ratio runtime / PyTorch.
 
-    python bench/generate.py --export exports/smollm2        # after: export-model smollm2-135m exports/smollm2
+    python -m bench.speed.generate --export exports/smollm2        # after: export-model smollm2-135m exports/smollm2
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,36 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SOURCE_TEXT = (
-    "The film opens on a quiet harbour town where nothing much happens, and for a while the camera is content "
-    "to watch fishermen mend their nets, children chase gulls along the pier and an old woman sell bread from "
-    "a cart. Then a stranger arrives on the evening ferry, carrying a single suitcase and a letter addressed to "
-    "someone who died years ago. What follows is a patient, often funny and finally very moving story about "
-    "grief, small lies and the people who keep a place alive long after its best days are gone."
-)
-
-
-def workload(model, batch: int, input_tokens: int) -> list[list[int]]:
-    """`batch` rows of exactly `input_tokens` ids, each starting at a different word of the text."""
-    words = SOURCE_TEXT.split()
-    rows = []
-    for i in range(batch):
-        ids = model.encode(" ".join(words[i * 3 :] + words[: i * 3]))
-        if len(ids) < input_tokens:
-            raise SystemExit(f"the source text has only {len(ids)} tokens; need {input_tokens}")
-        rows.append(ids[:input_tokens])
-    return rows
-
-
-def new_steps(steps):
-    """The runtime's per-step yields, once per generated token: its last yield repeats the last step's
-    state (finished), which counted as a step would add a token that took no time."""
-    made = 0
-    for states in steps:
-        if len(states[0].ids) > made:
-            made = len(states[0].ids)
-            yield states
-
+from bench.harness import ROOT, machine, new_steps, serve, workload
 
 def onnx_side(args):
     """Load the runtime once and warm it up; returns `measure()`, which times `args.inner` generations."""
@@ -77,17 +47,6 @@ def onnx_side(args):
 
 def run_onnx(args) -> dict:
     return onnx_side(args)()
-
-
-def serve(measure) -> None:
-    """Measure once per 'run' line on stdin, one JSON line each (with this process's id): a side kept alive
-    between the rounds of a comparison (loading a model every round costs more than the round, and the
-    load here drifts)."""
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        print(json.dumps({**measure(), "pid": os.getpid()}), flush=True)
 
 
 def run_torch(args) -> dict:
@@ -145,35 +104,8 @@ def summarise(results, args) -> dict:
         "first_token_ms": 1000 * statistics.median(first),
         "decode_tokens_per_s": statistics.median(decode),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "huge_pages_mb": huge_pages_mb(),
         "tokens": results[-1][2],
     }
-
-
-def huge_pages_mb() -> float:
-    """This process's memory on transparent huge pages (Linux; 0 elsewhere)."""
-    try:
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            if line.startswith("AnonHugePages:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-
-    return (f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, "
-            f"onnxruntime {onnxruntime.__version__}")
 
 
 def make_prompt(args) -> None:
@@ -181,17 +113,17 @@ def make_prompt(args) -> None:
     import numpy as np
 
     from softprompt.prompt_bank import save_prompt
-    from softprompt.runtime.backbone import open_backbone
+    from softprompt.formats.export_folder import open_export
 
-    backbone = open_backbone(args.export)
+    backbone = open_export(args.export)
     rows = np.random.default_rng(0).integers(0, backbone.config.vocab_size, args.prompt_length)
     save_prompt(args.bank, "bench", np.asarray(backbone.table[rows], np.float32),
-                fingerprint=backbone.config.fingerprint, init="vocab", source="bench/generate.py")
+                fingerprint=backbone.config.fingerprint, init="vocab", source="bench/speed/generate.py")
 
 
 def side_command(side: str, args, batch: int) -> tuple[list[str], dict]:
     """The command line and environment of one side's process."""
-    command = [sys.executable, __file__, "--side", side, "--batch", str(batch), "--bank", str(args.bank)]
+    command = [sys.executable, "-m", "bench.speed.generate", "--side", side, "--batch", str(batch), "--bank", str(args.bank)]
     for key in ("export", "model", "threads", "input_tokens", "new_tokens", "inner", "prompt_length"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return command, {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}  # threads: set in each side
@@ -199,7 +131,7 @@ def side_command(side: str, args, batch: int) -> tuple[list[str], dict]:
 
 def child(side: str, args, batch: int) -> dict:
     command, env = side_command(side, args, batch)
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"{side} side failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

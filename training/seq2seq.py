@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from softprompt.exporter.seq2seq import input_scales
+
 
 def encoder_inputs(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded [B, P + T, E] encoder embeddings and their mask."""
-    from softprompt.exporter.seq2seq import input_scales
-
     embed = model.get_input_embeddings()
     length = max(len(r) for r in rows) + prompt.shape[0]
     embeds = prompt.new_zeros((len(rows), length, prompt.shape[1]))

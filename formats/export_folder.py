@@ -1,15 +1,22 @@
-"""`softprompt.json`: what an export folder promises the runtime (shapes, names, tokens, fingerprint).
+"""The export folder: `softprompt.json` (shapes, graph names, tokens, fingerprint) and the files beside it.
 
 The exporter writes it and the runtime trusts nothing it does not check here, so a folder from
-another version or a hand-edited file fails at load with the field that is wrong.
+another version or a hand-edited file fails at load with the field that is wrong. The graphs'
+cache inputs and outputs are named here, once, for the exporter that writes them and the runtime
+that feeds them. `open_export` reads the folder's numpy side (config, memory-mapped embedding
+table, tokenizer) without loading a graph, for tools that need only the embedding space.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
 
 from .errors import ExportFormatError
 
@@ -20,6 +27,14 @@ POOLINGS = ("mean", "cls", "max", "lasttoken")
 # The files each kind of export must hold (keys of `files`).
 FILES = {"decoder": ("model", "embeddings", "tokenizer"), "encoder": ("model", "embeddings", "tokenizer"),
          "seq2seq": ("encoder", "decoder", "embeddings", "tokenizer")}
+PAST = "past_key_values."  # decoder inputs: the self-attention cache before a step
+PRESENT = "present."  # decoder outputs: the cache after it
+CROSS = "cross."  # encoder-decoders: the encoder graph's cross-attention keys/values, read by every decoder step
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    """`{prefix}{i}.key`, `{prefix}{i}.value` for every layer, in the order the graphs list them."""
+    return [f"{prefix}{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +70,11 @@ class ExportConfig:
 
     @property
     def past_names(self) -> list[str]:
-        return [name for name in self.input_names if name.startswith("past_key_values.")]
+        return [name for name in self.input_names if name.startswith(PAST)]
 
     @property
     def present_names(self) -> list[str]:
-        return [name for name in self.output_names if name.startswith("present.")]
+        return [name for name in self.output_names if name.startswith(PRESENT)]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -105,3 +120,45 @@ def read_config(export_dir: str | Path) -> ExportConfig:
     except json.JSONDecodeError as exc:
         raise ExportFormatError(f"{path}: not valid JSON ({exc})") from None
     return ExportConfig.from_dict(data, str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFolder:
+    """An export folder's numpy side: what `open_export` checked and opened."""
+
+    folder: Path
+    config: ExportConfig
+    table: np.ndarray  # [vocab, hidden] float32, memory-mapped and read-only
+    tokenizer: Tokenizer
+
+    def file(self, key: str) -> Path:
+        return self.folder / self.config.files[key]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def open_export(export_dir: str | os.PathLike) -> ExportFolder:
+    """Read `softprompt.json`, map `embeddings.npy` and load the tokenizer, checking each against the config."""
+    folder = Path(export_dir)
+    config = read_config(folder)
+    for key in FILES[config.kind]:
+        name = config.files.get(key)
+        if not name or not (folder / name).is_file():
+            raise ExportFormatError(f"{folder}: the {key} file {name!r} named in softprompt.json is missing")
+    path = folder / config.files["embeddings"]
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise ExportFormatError(f"{path}: not a readable .npy table ({exc})") from None
+    if table.shape != (config.vocab_size, config.hidden_size) or table.dtype != np.float32:
+        raise ExportFormatError(
+            f"{path}: {table.dtype} {table.shape}; softprompt.json expects float32 "
+            f"({config.vocab_size}, {config.hidden_size})"
+        )
+    # A plain ndarray over the same mapping: numpy.memmap's Python-level indexing costs ~30 us a decode step.
+    table = table.view(np.ndarray)
+    tokenizer = Tokenizer.from_file(str(folder / config.files["tokenizer"]))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return ExportFolder(folder, config, table, tokenizer)

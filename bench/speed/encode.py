@@ -4,7 +4,7 @@ Batch 32 sentences, a 20-vector soft prompt on both sides (PyTorch gets it throu
 prompt rows, then the word embeddings of [CLS] text [SEP], right-padded; mean pooling over the
 text tokens; L2 normalisation), 2 threads each. The sides alternate over the repeats; medians.
 
-    python bench/encode.py --export exports/minilm      # after: export-model minilm-l6 exports/minilm
+    python -m bench.speed.encode --export exports/minilm      # after: export-model minilm-l6 exports/minilm
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from generate import machine  # noqa: E402
+from bench.harness import machine
 
 SENTENCES = [
     "A man is playing a guitar on the street corner.", "The new phone has a brilliant screen but a weak battery.",
@@ -46,11 +44,11 @@ def main() -> int:
     from softprompt.exporter.sources import resolve
     from softprompt.prompt_bank import save_prompt
     from softprompt.runtime import load
-    from softprompt.runtime.backbone import open_backbone
+    from softprompt.formats.export_folder import open_export
 
     torch.set_num_threads(args.threads)
     texts = [SENTENCES[i % len(SENTENCES)] for i in range(args.batch)]
-    backbone = open_backbone(args.export)
+    backbone = open_export(args.export)
     bank = Path(tempfile.mkdtemp(prefix="encode-bank-"))
     rows = np.random.default_rng(0).integers(0, backbone.config.vocab_size, args.prompt_length)
     prompt = np.asarray(backbone.table[rows], np.float32)

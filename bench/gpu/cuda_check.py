@@ -1,11 +1,11 @@
-"""CUDA check (issue 4, part 6): greedy tokens on CUDA equal the CPU's, and decode tokens/s with the KV
+"""CUDA check: greedy tokens on CUDA equal the CPU's, and decode tokens/s with the KV
 cache kept on the GPU (I/O binding) against copying it to the host every step.
 
 Two steps, because the GPU machines lent to this project take 64 MiB a call and the default model's
 weights are 540 MB:
 
-    python bench/cuda_check.py skeleton --export exports/smollm2 --out build/cuda-skeleton   # here
-    python bench/cuda_check.py run --skeleton build/cuda-skeleton                           # GPU machine
+    python -m bench.gpu.cuda_check skeleton --export exports/smollm2 --out build/cuda-skeleton   # here
+    python -m bench.gpu.cuda_check run --skeleton build/cuda-skeleton                           # GPU machine
 
 `skeleton` copies an export without its large weight tensors (the graph, norm gains, rotary tables,
 tokenizer and config stay; 5 MB for SmolLM2). `run` fills them with seeded random values of the same
@@ -28,9 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from generate import new_steps  # noqa: E402  (bench/generate.py)
+from bench.harness import new_steps
 
 WEIGHTS = "weights.bin"
 KEPT = ("cos", "sin")  # rotary tables: computed, not learned; random values would break positions

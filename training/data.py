@@ -10,10 +10,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import PromptBankError
+from .errors import TrainingError
 
 
-class DataError(PromptBankError):
+class DataError(TrainingError):
     """A data file cannot be used for training; the message names the file and the line."""
 
 

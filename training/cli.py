@@ -7,10 +7,12 @@ import os
 import sys
 from pathlib import Path
 
+from softprompt.formats.errors import SoftpromptError
+from softprompt.formats.task import TaskSpec, default_verbalizers, parse_verbalizers
+
 from .data import read_jsonl
-from .errors import PromptBankError
+from .errors import TrainingError
 from .init import check_init
-from .task import TaskSpec, default_verbalizers, parse_verbalizers
 
 EPILOG = """\
 Data is JSON Lines: {"text": ..., "label": ...} for classification (the loss is on the label's
@@ -70,28 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
+        from .encoder import train_encoder_prompt
         from .train import TrainConfig, load_backbone, save_trained, train_prompt
     except ImportError as exc:
         print(f"error: training needs torch and transformers ({exc.name} is missing): pip install 'softprompt-onnx[export]'",
               file=sys.stderr)
         return 1
-    from softprompt.exporter import ExportError
-
     try:
         # Everything about the inputs is checked before the model is loaded.
         if args.length < 1:
-            raise PromptBankError(f"--length {args.length}; expected at least 1")
+            raise TrainingError(f"--length {args.length}; expected at least 1")
         if (args.bank / f"{args.task}.npy").exists() and not args.force:
-            raise PromptBankError(f"{args.bank / (args.task + '.npy')} exists; pass --force to replace it")
+            raise TrainingError(f"{args.bank / (args.task + '.npy')} exists; pass --force to replace it")
         verbalizers = parse_verbalizers(args.verbalizer)
         train = read_jsonl(args.data, labels=list(verbalizers) or None)
         if train.kind == "classification":
             verbalizers = verbalizers or default_verbalizers(train.labels)
         elif verbalizers:
-            raise PromptBankError(f"{args.data} is generation data; --verbalizer is for classification")
+            raise TrainingError(f"{args.data} is generation data; --verbalizer is for classification")
         eval_data = read_jsonl(args.eval, labels=list(verbalizers) or None) if args.eval else None
         if eval_data and eval_data.kind != train.kind:
-            raise PromptBankError(f"{args.eval} is {eval_data.kind} data but {args.data} is {train.kind} data")
+            raise TrainingError(f"{args.eval} is {eval_data.kind} data but {args.data} is {train.kind} data")
         spec = TaskSpec(template=unescape(args.template), labels=verbalizers)
         if args.init:
             check_init(args.init)
@@ -104,16 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         backbone = load_backbone(args.model, log=log)
         head = None
         if backbone.kind == "encoder":
-            from .train_encoder import train_encoder_prompt
-
             vectors, record, head = train_encoder_prompt(backbone, train, spec, config, eval_data=eval_data,
                                                          head=args.head == "linear", progress=not args.quiet, log=log)
         elif args.head != "none":
-            raise PromptBankError("--head is for encoder models; a decoder's task is scored by its verbalizers")
+            raise TrainingError("--head is for encoder models; a decoder's task is scored by its verbalizers")
         else:
             vectors, record = train_prompt(backbone, train, spec, config, eval_data=eval_data, progress=not args.quiet, log=log)
         meta = save_trained(args.bank, args.task, vectors, backbone, spec, record, args.model, overwrite=True, head=head)
-    except (PromptBankError, ExportError, OSError) as exc:
+    except (SoftpromptError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     best = record["best"]

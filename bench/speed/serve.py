@@ -1,25 +1,21 @@
 """Serving speed on the default model: decode against the memory-bandwidth limit, the cached prompt,
-mixed-task batches, task switching and hot swap, side by side in one run (issue 4).
+mixed-task batches, task switching and hot swap, side by side in one run.
 
 Workload: 32 input tokens per row, 64 new tokens (end-of-sequence held off), greedy, fp32,
 `--threads` onnxruntime threads. Everything runs in this process on the CPU provider, one
 measurement after another, and prints medians and ratios; PyTorch + PEFT runs in a subprocess
-through bench/generate.py's side so that its threads and memory are its own. Against
+through bench/speed/generate.py's side so that its threads and memory are its own. Against
 onnxruntime-genai (its own environment) the runtime runs in a process of its own too, and both stay
 alive through `--genai-rounds` alternating rounds, so the comparison is symmetric and long enough
-to see through this machine's drifting load; a third process runs the runtime without huge pages
-for its weights (SOFTPROMPT_HUGE_PAGES=0, as onnxruntime-genai runs), to show what they buy. The
-three are started afresh `--genai-processes` times: a process keeps its speed for life, and
-identical ones differ by several per cent here.
+to see through a drifting load. The two are started afresh `--genai-processes` times: a process
+keeps its speed for life, and identical ones differ by several per cent on a shared virtual machine.
 
-    python bench/serve.py --export exports/smollm2
+    python -m bench.speed.serve --export exports/smollm2
 
 The limit: a batch-1 decode step reads every weight once, so tokens/s cannot exceed
-(memory bandwidth) / (weight bytes). The bandwidth is measured here, in this run, as the issue
-defines it: numpy copying a buffer far larger than the caches on the same number of threads, in
-bytes copied per second. (The issue's figures fix that convention: onnxruntime-genai reading
-22.3 GB/s of weights "against a measured 22.5 GB/s copy bandwidth, so it sits at the limit". Counting
-the copy's reads and writes both would double the yardstick and put genai at half of it.)
+(memory bandwidth) / (weight bytes). The bandwidth is measured here, in this run: numpy copying a
+buffer far larger than the caches on the same number of threads, in bytes copied per second
+(counting the copy's reads and writes both would double the yardstick).
 A second yardstick, also measured here: onnxruntime running only the export's weight MatMuls
 (every matrix once, from a one-row input), the floor of any graph of these weights.
 """
@@ -39,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from generate import child, machine, new_steps, side_command, workload  # noqa: E402  (bench/generate.py)
+from bench.harness import ROOT, machine, new_steps, workload
+from bench.speed.generate import child, side_command
 
 
 class RunTimer:
@@ -154,7 +149,7 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> dict:
 
 
 class Worker:
-    """A measuring process kept alive between rounds (bench/generate.py's `--serve` protocol): 'run' in,
+    """A measuring process kept alive between rounds (bench.harness.serve's protocol): 'run' in,
     one JSON line out. Each measurement waits a moment first, so that the other side's onnxruntime
     threads, which spin for a while after their last call, have gone to sleep."""
 
@@ -162,7 +157,7 @@ class Worker:
         self.settle = settle
         self.errors = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
-                                        text=True, env=env)
+                                        text=True, env=env, cwd=ROOT)
         self._expect("ready")
 
     def _expect(self, what: str) -> str:
@@ -215,31 +210,28 @@ def first_token_ms(model, rows, task) -> float:
 
 
 def against_genai(args, genai: list[str]) -> list[list[dict[str, dict]]]:
-    """Rounds of the runtime, the runtime without huge pages and onnxruntime-genai, each a process of its own
-    (genai lives in its own environment) kept alive through `--genai-rounds` rounds, no prompt on either side;
-    then all three are started afresh, `--genai-processes` times.
+    """Rounds of the runtime and onnxruntime-genai, each a process of its own (genai lives in its own
+    environment) kept alive through `--genai-rounds` rounds, no prompt on either side; then both are started
+    afresh, `--genai-processes` times.
 
-    Why fresh processes: on this machine identical processes run at different speeds for their whole life
-    (three workers of the same runtime measured 0.94x, 0.99x and 0.99x genai over the same 30 rounds),
-    most likely from where their weights land in memory. One set of processes is one draw of that; the
-    median over several sets is the comparison, and each set's own median shows the spread.
-    `genai` is the command line of genai's side (bench/genai_side.py --serve). Returns per set, per round,
-    each side's result: {"ours": ..., "plain": ... (without huge pages), "genai": ...}.
+    Why fresh processes: on a shared virtual machine identical processes can run at different speeds for
+    their whole life (three workers of the same runtime measured 0.94x, 0.99x and 0.99x genai over the same
+    30 rounds), most likely from where their weights land in memory. One set of processes is one draw of
+    that; the median over several sets is the comparison, and each set's own median shows the spread.
+    `genai` is the command line of genai's side (bench.speed.genai_side --serve). Returns per set, per
+    round, each side's result: {"ours": ..., "genai": ...}.
     """
     command, env = side_command("onnx", args, 1)
     sets = []
     for _ in range(args.genai_processes):
-        workers = {"ours": Worker([*command, "--serve"], env=env),
-                   # the runtime as it was before it asked for huge pages (runtime/hugepages.py); genai does not ask
-                   "plain": Worker([*command, "--serve"], env={**env, "SOFTPROMPT_HUGE_PAGES": "0"}),
-                   "genai": Worker(genai)}
+        workers = {"ours": Worker([*command, "--serve"], env=env), "genai": Worker(genai)}
         kept: dict[str, list[dict]] = {name: [] for name in workers}
 
         def measure(name: str):
             return lambda: kept[name].append(workers[name].run()) or kept[name][-1]["decode_tokens_per_s"]
 
         try:
-            rounds_of(args.genai_rounds, measure("ours"), measure("plain"), measure("genai"))
+            rounds_of(args.genai_rounds, measure("ours"), measure("genai"))
         finally:
             for worker in workers.values():
                 worker.close()
@@ -260,7 +252,7 @@ def main() -> int:
                         help="another export of the same model (e.g. --graph traced, or --fuse), measured at batch 1 "
                              "beside --export, alternating")
     parser.add_argument("--genai-python", type=Path, default=Path("/tmp/genai-venv/bin/python"),
-                        help="python of the onnxruntime-genai environment (see bench/genai_side.py)")
+                        help="python of the onnxruntime-genai environment (see bench/speed/genai_side.py)")
     parser.add_argument("--genai-rounds", type=int, default=6,
                         help="alternating rounds against onnxruntime-genai per set of processes (two generations a side each)")
     parser.add_argument("--genai-processes", type=int, default=4,
@@ -271,13 +263,13 @@ def main() -> int:
 
     from softprompt.prompt_bank import save_prompt
     from softprompt.runtime import load
-    from softprompt.runtime.backbone import open_backbone
+    from softprompt.formats.export_folder import open_export
 
     print(f"{dt.date.today()}  {machine()}  threads {args.threads}; every comparison alternates its two sides over "
           f"{args.repeats} rounds and reports the median of the per-round ratios (the load on this machine drifts)")
     weights = weight_bytes(args.export)
 
-    backbone = open_backbone(args.export)
+    backbone = open_export(args.export)
     bank = Path(tempfile.mkdtemp(prefix="serve-bank-"))
     rng = np.random.default_rng(0)
     lengths = {"bench": 20, "p100": 100, **{f"t{i}": 20 for i in range(8)}}
@@ -382,28 +374,25 @@ def main() -> int:
               f"runtime / PyTorch {ratio:.2f}x (target >= 1.3x)")
     if args.genai_python.is_file() and (args.genai_model / "genai_config.json").is_file():
         args.bank, args.inner, args.prompt_length = bank, 2, 0
-        genai = [str(args.genai_python), str(Path(__file__).parent / "genai_side.py"), str(args.genai_model),
+        genai = [str(args.genai_python), "-m", "bench.speed.genai_side", str(args.genai_model),
                  "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
                  "--repeats", "2", "--serve"]
         sets = against_genai(args, genai)
         runs = [r for group in sets for r in group]
-        rates = [[tuple(r[name]["decode_tokens_per_s"] for name in ("ours", "plain", "genai")) for r in group] for group in sets]
-        triples = [t for group in rates for t in group]
-        ours_rate, plain_rate_, genai_rate_ = (statistics.median(t[i] for t in triples) for i in range(3))
-        ratio = statistics.median(a / c for a, _, c in triples)
-        per_set = [statistics.median(a / c for a, _, c in group) for group in rates]
+        rates = [[tuple(r[name]["decode_tokens_per_s"] for name in ("ours", "genai")) for r in group] for group in sets]
+        pairs = [t for group in rates for t in group]
+        ours_rate, genai_rate_ = (statistics.median(t[i] for t in pairs) for i in range(2))
+        ratio = statistics.median(a / b for a, b in pairs)
+        per_set = [statistics.median(a / b for a, b in group) for group in rates]
         ours = model.complete_ids(one, None, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0].token_ids
         same = next((i for i, (a, b) in enumerate(zip(ours, runs[-1]["genai"]["tokens"])) if a != b), None)
         print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai_rate_:.1f} tokens/s, first token "
               f"{statistics.median(r['genai']['first_token_ms'] for r in runs):.0f} ms; the runtime {ours_rate:.1f}: runtime / genai "
-              f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x; {len(triples)} rounds over "
+              f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x; {len(pairs)} rounds over "
               f"{len(sets)} sets of processes, whose own medians were " + ", ".join(f"{x:.2f}x" for x in per_set) + "); "
               + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}"))
-        print(f"  weights on huge pages: {min(r['ours']['huge_pages_mb'] for r in runs):.0f} MB; the runtime without them "
-              f"(SOFTPROMPT_HUGE_PAGES=0) {plain_rate_:.1f} tokens/s: / genai {statistics.median(b / c for _, b, c in triples):.2f}x, "
-              f"with / without {statistics.median(a / b for a, b, _ in triples):.3f}x (same rounds)")
     else:
-        print(f"onnxruntime-genai: skipped ({args.genai_python} or {args.genai_model} missing; see bench/genai_side.py)")
+        print(f"onnxruntime-genai: skipped ({args.genai_python} or {args.genai_model} missing; see bench/speed/genai_side.py)")
     shutil.rmtree(bank, ignore_errors=True)
     return 0
 

@@ -1,4 +1,4 @@
-"""bench/cuda_check.py: the export skeleton that travels to a GPU machine, its refilling, and the check itself
+"""bench/gpu/cuda_check.py: the export skeleton that travels to a GPU machine, its refilling, and the check itself
 (run here on the CPU provider with the CUDA code path, I/O binding, forced)."""
 
 from __future__ import annotations

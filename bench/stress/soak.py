@@ -1,4 +1,4 @@
-"""Hot-swap soak (issue 4, part 4): 8 threads of requests while another thread swaps a task's files.
+"""Hot-swap soak: 8 threads of requests while another thread swaps a task's files.
 
 For `--seconds` (default 60) eight threads generate with task "task" from one loaded model while a
 ninth replaces task.npy/task.json in the bank folder, back and forth between two prompts, the way
@@ -7,7 +7,7 @@ old or the new prompt gives alone (computed first, each by a model of its own), 
 no request may fail. The test suite runs the same check for 3 seconds on a tiny model; this runs
 it on a real export, long enough for the rare interleavings.
 
-    python bench/soak.py --export exports/smollm2 --bank banks/smollm2-135m --tasks sentiment,define
+    python -m bench.stress.soak --export exports/smollm2 --bank banks/smollm2-135m --tasks sentiment,define
 
 Exits 1 if any request failed or returned a mix. Prints requests, swaps and latency percentiles.
 """
@@ -23,12 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from generate import machine  # noqa: E402  (bench/generate.py)
-
-from softprompt.prompt_bank import load_prompt, save_prompt  # noqa: E402
-from softprompt.runtime import load  # noqa: E402
+from bench.harness import machine
+from softprompt.prompt_bank import load_prompt, save_prompt
+from softprompt.runtime import load
 
 TEXTS = ["Committee, n.", "a gorgeous, moving film", "Text: dull and slow\nSentiment:"]
 

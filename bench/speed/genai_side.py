@@ -1,12 +1,12 @@
-"""onnxruntime-genai's side of bench/serve.py, run in its own environment (its model builder needs
+"""onnxruntime-genai's side of bench/speed/serve.py, run in its own environment (its model builder needs
 transformers 5, which the project's optimum-onnx cannot use). It takes no soft prompt.
 
-Set up once (bench/serve.py prints these lines when the environment is missing):
+Set up once (bench.speed.serve prints these lines when the environment is missing):
     python3.11 -m venv /tmp/genai-venv
     /tmp/genai-venv/bin/pip install torch==2.13.0 "transformers>=5,<6" onnx-ir onnx onnxruntime-genai==0.18.0
     /tmp/genai-venv/bin/python -m onnxruntime_genai.models.builder -i HF_FOLDER -o GENAI_MODEL -p fp32 -e cpu
 
-    /tmp/genai-venv/bin/python bench/genai_side.py GENAI_MODEL --ids 1,2,3 --new-tokens 64 --threads 2
+    /tmp/genai-venv/bin/python -m bench.speed.genai_side GENAI_MODEL --ids 1,2,3 --new-tokens 64 --threads 2
 prints one JSON line: decode tokens/s (median), first-token ms and the tokens; with --serve it stays
 alive and prints one such line per 'run' line on stdin.
 """
@@ -22,9 +22,7 @@ from pathlib import Path
 
 import onnxruntime_genai as og
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from generate import serve  # noqa: E402  (bench/generate.py: standard library only at import)
+from bench.harness import serve  # standard library only at import
 
 
 def main() -> None:
@@ -35,7 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--serve", action="store_true",
-                        help="stay alive: measure once per 'run' line on stdin (bench/generate.py's protocol)")
+                        help="stay alive: measure once per 'run' line on stdin (bench.harness.serve's protocol)")
     args = parser.parse_args()
     ids = [int(x) for x in args.ids.split(",")]
     config = og.Config(args.model)

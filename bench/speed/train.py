@@ -4,7 +4,7 @@ Same data (Pang & Lee sentences in the sentiment template), batch size, prompt l
 optimizer (AdamW) on each side. Each side runs in its own subprocess so its peak memory (max
 RSS) is its own; steps per second is the median over timed steps after warm-up steps.
 
-    python bench/train.py [--steps 8 --batch-size 16 --length 20 --threads 2]
+    python -m bench.speed.train [--steps 8 --batch-size 16 --length 20 --threads 2]
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.harness import ROOT
+
 
 TEMPLATE = "Review: {text}\nSentiment:"
 VERBALIZERS = {"positive": " positive", "negative": " negative"}
 
 
 def examples(count: int):
-    import datasets
+    from bench.quality import datasets
 
     rows = datasets.split(datasets.pang_lee(), (count,), seed=0)[0]
     return [(TEMPLATE.replace("{text}", text), VERBALIZERS[label]) for text, label in rows]
@@ -48,7 +49,7 @@ def side_ours(args) -> float:
     """train-prompt's own loop: left-padded rows, loss on the verbalizer tokens, logits for the tail only."""
     import torch
 
-    from softprompt.prompt_bank.train import batch_loss, enable_checkpointing, load_backbone
+    from softprompt.training.train import batch_loss, enable_checkpointing, load_backbone
 
     backbone = load_backbone(args.model, log=lambda m: None)
     enable_checkpointing(backbone.model, args.checkpoint_every)
@@ -132,9 +133,9 @@ def main() -> int:
           f"batch {args.batch_size}, prompt {args.length}, {args.steps} timed steps after {args.warmup}, {args.threads} threads")
     results = {}
     for side in SIDES:
-        command = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "side"]
+        command = [sys.executable, "-m", "bench.speed.train", "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "side"]
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run(command, capture_output=True, text=True, env=env)
+        out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
         if out.returncode:
             raise SystemExit(f"{side} failed:\n{out.stderr[-2000:]}")
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """A small SVG line plot (no plotting library needed): accuracy against prompt length, one line per init.
 
-    python bench/plot.py bench/results/quality.json docs/quality-lengths.svg
+    python -m bench.quality.plot bench/results/quality.json docs/quality-lengths.svg
 """
 
 from __future__ import annotations

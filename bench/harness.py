@@ -1,0 +1,72 @@
+"""What every benchmark shares: the machine line, the workload text, step counting and the worker protocol.
+
+Standard library only at import, so a side that runs in another environment (onnxruntime-genai's)
+can use it too. Benchmarks run as modules from the repository root: `python -m bench.speed.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: where `python -m bench....` runs
+
+SOURCE_TEXT = (
+    "The film opens on a quiet harbour town where nothing much happens, and for a while the camera is content "
+    "to watch fishermen mend their nets, children chase gulls along the pier and an old woman sell bread from "
+    "a cart. Then a stranger arrives on the evening ferry, carrying a single suitcase and a letter addressed to "
+    "someone who died years ago. What follows is a patient, often funny and finally very moving story about "
+    "grief, small lies and the people who keep a place alive long after its best days are gone."
+)
+
+
+def workload(model, batch: int, input_tokens: int) -> list[list[int]]:
+    """`batch` rows of exactly `input_tokens` ids, each starting at a different word of the text."""
+    words = SOURCE_TEXT.split()
+    rows = []
+    for i in range(batch):
+        ids = model.encode(" ".join(words[i * 3 :] + words[: i * 3]))
+        if len(ids) < input_tokens:
+            raise SystemExit(f"the source text has only {len(ids)} tokens; need {input_tokens}")
+        rows.append(ids[:input_tokens])
+    return rows
+
+
+def new_steps(steps):
+    """The runtime's per-step yields, once per generated token: its last yield repeats the last step's
+    state (finished), which counted as a step would add a token that took no time."""
+    made = 0
+    for states in steps:
+        if len(states[0].ids) > made:
+            made = len(states[0].ids)
+            yield states
+
+
+def serve(measure) -> None:
+    """Measure once per 'run' line on stdin, one JSON line each (with this process's id): a side kept alive
+    between the rounds of a comparison (loading a model every round costs more than the round, and the
+    load here drifts)."""
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps({**measure(), "pid": os.getpid()}), flush=True)
+
+
+def machine() -> str:
+    """CPU model, visible cores, Python and onnxruntime versions: printed with every result."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return (f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, "
+            f"onnxruntime {onnxruntime.__version__}")

@@ -1,0 +1,81 @@
+"""One call of a KV-cached decoder graph, on the CPU or on CUDA, and the past it starts from.
+
+The present keys/values stay onnxruntime values and go back in as the next step's past as they
+are, instead of being copied into numpy arrays and back every step. On the CPU they travel
+through `run_with_ort_values` (one call); with CUDA through I/O binding, which is what keeps them
+on the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from onnxruntime import OrtValue
+
+from softprompt.formats.export_folder import ExportConfig
+
+from .errors import InferenceError
+
+
+class DecoderGraph:
+    """`forward(inputs_embeds, attention_mask, position_ids, past) -> (logits, present)` over one session."""
+
+    def __init__(self, session, config: ExportConfig):
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        self._feeds_positions = "position_ids" in inputs
+        self._keeps_logits = "logits_to_keep" in inputs  # built graphs: logits of the last position only
+        self.past_names = config.past_names
+        self.output_names = ["logits", *config.present_names]
+        # Per-layer cache shape [heads, head size], read from the graph so unusual layouts still work.
+        self._past_shapes = [tuple(inputs[name].shape[1::2]) for name in self.past_names]
+        # Where present keys/values live between steps: on the GPU when the session runs there.
+        self.cache_device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+        self.binds = self.cache_device != "cpu"  # I/O binding: what keeps the cache on the GPU
+
+    def forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence,
+                all_logits: bool = False) -> tuple[np.ndarray, list]:
+        """One graph call; the last position's logits [B, V] (all of them, [B, T, V], with `all_logits`) and
+        the present. `past` holds numpy arrays or the values an earlier call returned."""
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask}
+        if self._feeds_positions:
+            feeds["position_ids"] = positions
+        if self._keeps_logits:
+            feeds["logits_to_keep"] = np.array([0 if all_logits else 1], np.int64)
+        try:
+            outputs = self._run_bound(feeds, past) if self.binds else self._run_values(feeds, past)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+            shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+            raise InferenceError(f"onnxruntime failed with inputs {shapes}: {exc}") from exc
+        logits, *present = outputs
+        logits = logits.numpy()
+        return (logits if all_logits else logits[:, -1]), present
+
+    def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
+        return [np.zeros((batch, heads, length, size), dtype=np.float32) for heads, size in self._past_shapes]
+
+    def _run_values(self, feeds: dict[str, np.ndarray], past: Sequence) -> list:
+        values = {name: ort_value(value) for name, value in feeds.items()}
+        values.update((name, ort_value(value)) for name, value in zip(self.past_names, past))
+        return self.session.run_with_ort_values(self.output_names, values)
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], past: Sequence) -> list:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in zip(self.past_names, past):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.cache_device)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+
+def ort_value(value):
+    """An onnxruntime value for a numpy array (sharing its memory), or the value itself."""
+    return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value

@@ -1,0 +1,94 @@
+"""A request's rows, for every kind of model: one task per row, the checks every row must pass, and the
+padded batch of `inputs_embeds` (soft prompt rows, then the token embeddings).
+
+Pure functions over arrays, so that training (which must build the very same `inputs_embeds`) and
+tests can call them without a session. Decoders pad on the left (the last column of every row is
+a real token, where generation continues); encoders and encoder-decoders pad on the right, as
+they are trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import RequestError
+
+
+def as_texts(texts: str | Sequence[str]) -> list[str]:
+    """A text or a list of texts as a list, refusing anything else."""
+    if isinstance(texts, str):
+        return [texts]
+    texts = list(texts)
+    if not texts:
+        raise RequestError("no input given")
+    if not all(isinstance(t, str) for t in texts):
+        raise RequestError("texts must be a string or a list of strings")
+    return texts
+
+
+def tasks_for(task, count: int) -> list[str | None]:
+    """One task per row: a single task (or None) applies to every row; a list gives one per row."""
+    if task is None or isinstance(task, str):
+        return [task] * count
+    tasks = list(task)
+    if len(tasks) != count:
+        raise RequestError(f"{len(tasks)} tasks for {count} inputs; give one task, or one per input")
+    return tasks
+
+
+def check_rows(ids: Sequence[Sequence[int]], prompt_lengths: Sequence[int], *, vocab_size: int, limit: int | None,
+               new_tokens: int = 0, what: str = "positions", need_tokens: bool = False) -> None:
+    """Refuse a row before anything runs: no tokens and no prompt, longer than the model, ids out of range.
+
+    `new_tokens` counts against the same positions (decoders); `need_tokens` refuses a row without
+    tokens even under a prompt (encoders pool over the text's tokens).
+    """
+    if not ids:
+        raise RequestError("no input given")
+    for i, (row, prompt) in enumerate(zip(ids, prompt_lengths)):
+        if need_tokens and not row:
+            raise RequestError(f"input {i} has no tokens")
+        if prompt + len(row) == 0:
+            raise RequestError(f"input {i} is empty and has no task prompt: nothing to continue from")
+        total = prompt + len(row) + new_tokens
+        if limit is not None and total > limit:
+            new = f" + {new_tokens} new" if new_tokens else ""
+            raise RequestError(f"input {i} needs {prompt} prompt + {len(row)} input{new} = {total} {what}; "
+                               f"the model has {limit}")
+        bad = [t for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"input {i} has token ids {bad[:5]} outside [0, {vocab_size})")
+
+
+def embed_row(table: np.ndarray, ids: Sequence[int], prompt: np.ndarray | None) -> np.ndarray:
+    """[P + n, E] float32: the task's prompt rows, then the embeddings of `ids` from the table."""
+    tokens = np.asarray(table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+    if prompt is None:
+        return tokens
+    return np.concatenate([np.asarray(prompt, dtype=np.float32), tokens], axis=0)
+
+
+def pad(rows: Sequence[np.ndarray], side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stack [T_i, E] rows into [B, T, E] padded on `side` ("left" or "right"), and the [B, T] int64 mask."""
+    width = rows[0].shape[1]
+    length = max(row.shape[0] for row in rows)
+    embeds = np.zeros((len(rows), length, width), dtype=np.float32)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for i, row in enumerate(rows):
+        span = slice(length - row.shape[0], length) if side == "left" else slice(0, row.shape[0])
+        embeds[i, span] = row
+        mask[i, span] = 1
+    return embeds, mask
+
+
+def position_ids(mask: np.ndarray, past_length: int = 0) -> np.ndarray:
+    """Positions counted over real tokens only, so a left-padded row sees 0, 1, 2, ... like alone.
+
+    `mask` covers past and new tokens; the result covers the new ones (its last columns).
+    Padding gets position 1, as transformers does, which the mask makes irrelevant.
+    """
+    positions = np.cumsum(mask, axis=-1) - 1
+    positions = np.where(mask == 0, 1, positions)
+    return positions[:, past_length:].astype(np.int64)

@@ -1,0 +1,63 @@
+"""What every loaded export has, whatever its kind: the folder it came from, its tasks, its session."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from softprompt.formats.export_folder import ExportFolder
+from softprompt.formats.task import TaskSpec
+
+from .rows import embed_row
+from .tasks import Task, TaskStore
+
+
+class ServedExport:
+    """An export folder and the bank it serves (followed as its files change), on one onnxruntime session."""
+
+    def __init__(self, backbone: ExportFolder, session, bank: Path | None):
+        self.backbone = backbone
+        self.config = backbone.config
+        self.table = backbone.table
+        self.session = session
+        self.bank = bank
+        self._store = TaskStore(bank, width=self.config.hidden_size, fingerprint=self.config.fingerprint)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self._store.current())
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def reload(self) -> list[str]:
+        """Re-read every task file of the bank now (changes are also picked up before each request)."""
+        return sorted(self._store.reload())
+
+    def prompt(self, task: str | None) -> np.ndarray | None:
+        """The [P, E] float32 soft prompt of `task`, or None for no prompt."""
+        found = self._store.resolve([task])[0]
+        return None if found is None else found.vectors
+
+    def task_spec(self, task: str | None) -> TaskSpec:
+        """The task's template and labels (no task: the text as it is, no labels)."""
+        return spec_of(self._store.resolve([task])[0])
+
+    def encode(self, text: str, task: str | None = None) -> list[int]:
+        """Token ids of `text` wrapped in the task's template, as the model's own tokenizer makes them."""
+        return self.backbone.encode(self.task_spec(task).apply(text))
+
+    def inputs_embeds(self, ids: Sequence[int], task: str | None = None) -> np.ndarray:
+        """[P + n, E]: exactly what the model is fed for `ids` under `task` (training builds the same)."""
+        return embed_row(self.table, ids, self.prompt(task))
+
+    def _encode_rows(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[list[int]]:
+        return [self.backbone.encode(spec_of(task).apply(text)) for text, task in zip(texts, found)]
+
+
+def spec_of(task: Task | None) -> TaskSpec:
+    """A task's template and labels; no task: the text as it is."""
+    return TaskSpec() if task is None else task.spec

@@ -1,0 +1,48 @@
+"""Generation settings: checked once, when a request arrives, then passed down as one frozen value."""
+
+from __future__ import annotations
+
+import dataclasses
+from .errors import RequestError
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """How to generate: `max_new_tokens` at most (64), `min_new_tokens` before end-of-sequence is allowed,
+    `temperature` 0 for greedy (else sampled, optionally from the `top_k` tokens or the `top_p` mass),
+    `seed` for sampling, and `stop` strings (the text is cut before the first one found)."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        if self.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens {self.max_new_tokens}; expected at least 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise RequestError(f"min_new_tokens {self.min_new_tokens}; expected 0..max_new_tokens ({self.max_new_tokens})")
+        if self.temperature < 0:
+            raise RequestError(f"temperature {self.temperature}; expected 0 (greedy) or more")
+        if self.top_k is not None and self.top_k < 1:
+            raise RequestError(f"top_k {self.top_k}; expected at least 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p {self.top_p}; expected a value in (0, 1]")
+
+    @classmethod
+    def of(cls, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
+        """`settings` (or the defaults) with `overrides` applied; an unknown name is refused, with the known ones."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise RequestError(f"unknown generation settings {unknown}; expected some of {sorted(known)}")
+        base = settings if settings is not None else cls()
+        return dataclasses.replace(base, **overrides) if overrides else base
+
