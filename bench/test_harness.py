@@ -1,47 +1,31 @@
-"""The benchmarks' own counting and worker protocol (bench/generate.py, bench/serve.py): figures in
-docs/BENCHMARKS.md are only as good as these."""
+"""The benchmarks' own counting and worker protocol (bench.harness, bench/speed/generate.py and serve.py):
+figures in docs/BENCHMARKS.md are only as good as these."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import TEXTS
 
+from bench.harness import new_steps
+from bench.speed import generate, serve
 from softprompt.runtime import load
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _module(name: str):
-    sys.path.insert(0, str(BENCH))  # bench/serve.py imports bench/generate.py as `generate`
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+TEXT = "Review: a gorgeous film. Sentiment:"
 
 
 def test_one_step_per_generated_token(llama_export):
     """The runtime yields once more after the last token (the finished rows); counted as a step it
     would add a token that took no time."""
-    generate = _module("generate")
     model = load(llama_export)
-    ids = [model.encode(TEXTS[0])]
-    yields = list(model._run(ids, [None], max_new_tokens=5, min_new_tokens=5))
-    steps = generate.new_steps(model._run(ids, [None], max_new_tokens=5, min_new_tokens=5))
+    ids = [model.encode(TEXT)]
+    yields = list(model.steps(ids, max_new_tokens=5, min_new_tokens=5))
+    steps = new_steps(model.steps(ids, max_new_tokens=5, min_new_tokens=5))
     made = [len(states[0].ids) for states in steps]
     assert len(yields) == 6 and made == [1, 2, 3, 4, 5]
 
 
 def test_worker_process_measures_on_request_and_reports_failures(llama_export, tmp_path):
-    serve = _module("serve")
-    generate = _module("generate")
     args = argparse.Namespace(export=llama_export, model="unused", threads=1, input_tokens=4, new_tokens=6, inner=1,
                               prompt_length=0, bank=tmp_path)
     command, env = generate.side_command("onnx", args, 1)
@@ -61,7 +45,6 @@ def test_worker_process_measures_on_request_and_reports_failures(llama_export, t
 
 def test_rounds_rotate_which_side_goes_first_and_keep_each_sides_values_apart():
     """A side always measured first (or right after another's spinning threads) would be favoured."""
-    serve = _module("serve")
     calls: list[str] = []
 
     def side(name: str, value: float):
@@ -75,17 +58,15 @@ def test_rounds_rotate_which_side_goes_first_and_keep_each_sides_values_apart():
 def test_genai_comparison_starts_fresh_processes_for_each_set(llama_export, tmp_path):
     """Identical processes keep different speeds for life here, so one set of processes is one draw:
     each set must be new processes, kept through its rounds. The runtime's own side stands in for genai."""
-    serve = _module("serve")
-    generate = _module("generate")
     args = argparse.Namespace(export=llama_export, model="unused", threads=1, input_tokens=4, new_tokens=5, inner=1,
                               prompt_length=0, bank=tmp_path, genai_rounds=2, genai_processes=2)
     stand_in = [*generate.side_command("onnx", args, 1)[0], "--serve"]
     sets = serve.against_genai(args, stand_in)
     assert [len(rounds) for rounds in sets] == [2, 2]
-    pids = [{name: {results[name]["pid"] for results in rounds} for name in ("ours", "plain", "genai")} for rounds in sets]
+    pids = [{name: {results[name]["pid"] for results in rounds} for name in ("ours", "genai")} for rounds in sets]
     for per_set in pids:
         assert all(len(ids) == 1 for ids in per_set.values())  # kept alive through the set's rounds
-        assert len(set.union(*per_set.values())) == 3  # three processes
+        assert len(set.union(*per_set.values())) == 2  # two processes
     assert not set.union(*pids[0].values()) & set.union(*pids[1].values())  # the second set is new processes
     for rounds in sets:
         for results in rounds:

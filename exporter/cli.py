@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     try:
-        from .export import export_model
         from .errors import ExportError
+        from .export import export_model
     except ImportError as exc:
         print(f"error: export needs torch and transformers ({exc.name} is missing): "
               "pip install 'softprompt-onnx[export]'", file=sys.stderr)

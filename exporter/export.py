@@ -22,16 +22,27 @@ from softprompt.formats.export_folder import CONFIG_FILE, ExportConfig
 from softprompt.formats.fingerprint import backbone_fingerprint
 
 from .encoder import (
-    EncoderGraph, encoder_facts, encoder_tokens, export_encoder_graph, sentence_pooling, uses_token_types, validate_encoder,
+    EncoderGraph,
+    encoder_facts,
+    encoder_tokens,
+    export_encoder_graph,
+    sentence_pooling,
+    uses_token_types,
+    validate_encoder,
 )
 from .errors import ExportError, ExportValidationError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph, probe_cache
 from .llama_graph import build, read_weights, unsupported
-from .seq2seq import (
-    check_shared_embeddings, cross_layout, export_seq2seq_graphs, generation_tokens, seq2seq_facts, validate_seq2seq,
-)
 from .metadata import embedding_table, special_tokens, structural
+from .seq2seq import (
+    check_shared_embeddings,
+    cross_layout,
+    export_seq2seq_graphs,
+    generation_tokens,
+    seq2seq_facts,
+    validate_seq2seq,
+)
 from .sources import load_source
 from .validate import validate
 

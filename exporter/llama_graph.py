@@ -90,7 +90,7 @@ def unsupported(model) -> str | None:
             hasattr(mlp, f"{p}_proj") for p in ("gate", "up", "down")
         ):
             return f"{type(layer).__name__} has other projections than q/k/v/o and gate/up/down"
-        if hasattr(attention, "q_norm") or getattr(mlp, "gate_proj").bias is not None:
+        if hasattr(attention, "q_norm") or mlp.gate_proj.bias is not None:
             return "query/key norms or MLP biases"
     return None
 

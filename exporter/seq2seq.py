@@ -251,7 +251,7 @@ def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -
     for i in range(layers):
         torch_cross.update(torch.from_numpy(want_cross[2 * i]), torch.from_numpy(want_cross[2 * i + 1]), i)
     worst = 0.0
-    for step in range(2):
+    for _ in range(2):
         step_embeds = table[tokens].astype(np.float32)
         feeds = {"inputs_embeds": step_embeds, "encoder_attention_mask": mask,
                  **dict(zip(n["past"], past)), **dict(zip(n["cross"], cross))}

@@ -11,7 +11,12 @@ training all import this.
 
 from .bank import Prompt, PromptMeta, list_tasks, load_bank, load_prompt, remove_prompt, save_prompt
 from .errors import (
-    BackboneMismatchError, ExportFormatError, InvalidPromptError, PromptBankError, SoftpromptError, UnknownTaskError,
+    BackboneMismatchError,
+    ExportFormatError,
+    InvalidPromptError,
+    PromptBankError,
+    SoftpromptError,
+    UnknownTaskError,
 )
 from .export_folder import ExportConfig, ExportFolder, open_export, read_config
 from .fingerprint import backbone_fingerprint

@@ -80,7 +80,7 @@ class ExportConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = CONFIG_FILE) -> "ExportConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = CONFIG_FILE) -> ExportConfig:
         if data.get("format_version") != FORMAT_VERSION:
             raise ExportFormatError(
                 f"{where}: format_version {data.get('format_version')!r}; this runtime reads "

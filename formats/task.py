@@ -44,7 +44,7 @@ class TaskSpec:
         return {"template": self.template, "labels": dict(self.labels), "kind": self.kind}
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, Any] | None, where: str = "task record") -> "TaskSpec":
+    def from_extra(cls, extra: Mapping[str, Any] | None, where: str = "task record") -> TaskSpec:
         extra = extra or {}
         template = extra.get("template", PLACEHOLDER)
         labels = extra.get("labels") or {}

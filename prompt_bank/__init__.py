@@ -8,8 +8,18 @@ its entry points are re-exported here because this is where users look for them.
 """
 
 from softprompt.formats import (
-    BackboneMismatchError, InvalidPromptError, Prompt, PromptBankError, PromptMeta, UnknownTaskError,
-    backbone_fingerprint, list_tasks, load_bank, load_prompt, remove_prompt, save_prompt,
+    BackboneMismatchError,
+    InvalidPromptError,
+    Prompt,
+    PromptBankError,
+    PromptMeta,
+    UnknownTaskError,
+    backbone_fingerprint,
+    list_tasks,
+    load_bank,
+    load_prompt,
+    remove_prompt,
+    save_prompt,
 )
 
 from .errors import AdapterError

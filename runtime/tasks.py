@@ -56,7 +56,7 @@ class Task:
     vectors: np.ndarray  # [P, E] float32, read-only
     spec: TaskSpec
     # An encoder task's optional linear classifier: weight [labels, E], bias [labels], and what it reads.
-    head: "Head | None" = None
+    head: Head | None = None
 
     @property
     def length(self) -> int:

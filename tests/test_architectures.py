@@ -7,10 +7,11 @@ Four run in every `make test`; the rest of tests/architectures.py is the sweep (
 from __future__ import annotations
 
 import pytest
-from architectures import build, configs, greedy_matches
-from conftest import TEXTS
 
 from softprompt.exporter import export_model
+
+from architectures import build, configs, greedy_matches
+from conftest import TEXTS
 
 EVERY_RUN = ("qwen2", "gemma3_text", "falcon", "bloom")
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from architectures import build, greedy_matches
-from conftest import TEXTS
 
 from softprompt.exporter import ExportError, export_model
 from softprompt.exporter.errors import ExportValidationError
+
+from architectures import build, greedy_matches
+from conftest import TEXTS
 
 
 @pytest.mark.parametrize("name", ["llama-variant", "qwen2", "mistral"])

@@ -10,13 +10,14 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TEXTS, random_prompt
 
 from softprompt.exporter.cli import main as export_main
 from softprompt.prompt_bank import save_prompt
 from softprompt.prompt_bank.cli import main as bank_main
 from softprompt.runtime import read_config
 from softprompt.runtime.cli import main as run_main
+
+from conftest import TEXTS, random_prompt
 
 
 @pytest.fixture

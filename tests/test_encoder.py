@@ -8,13 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, random_prompt
 
 from softprompt.exporter.export import export_model
-from softprompt.prompt_bank import save_prompt
 from softprompt.formats.task import TaskSpec
+from softprompt.prompt_bank import save_prompt
 from softprompt.runtime import RequestError, load
 from softprompt.runtime.encoder import Encoder
+
+from conftest import CORPUS, random_prompt
 
 TEXTS = ["a gorgeous, moving film", "dull, slow and far too long", "the quick brown fox", "soft prompts"]
 
@@ -143,8 +144,8 @@ def test_run_model_on_an_encoder_prints_embeddings(bert, capsys):
 @pytest.mark.parametrize("head", ["none", "linear"])
 def test_train_prompt_on_an_encoder(bert, tmp_path, head, capsys):
     """Encoder frozen; the runtime's classify reproduces the trainer's best evaluation accuracy."""
-    from softprompt.training.train import load_backbone
     from softprompt.training.cli import main as train_main
+    from softprompt.training.train import load_backbone
 
     hf, export = bert
     positive = ["a gorgeous film", "moving and bright", "a joy to watch", "warm, funny, lovely", "gorgeous and moving"]

@@ -17,6 +17,8 @@ from softprompt.exporter.validate import validate
 from softprompt.prompt_bank import backbone_fingerprint
 from softprompt.runtime import read_config
 
+from conftest import random_prompt
+
 
 def test_export_folder_contents_and_config(arch):
     from transformers import AutoModelForCausalLM
@@ -119,3 +121,15 @@ def test_folder_without_config_is_refused(tmp_path):
     (tmp_path / "model").mkdir()
     with pytest.raises(ExportError, match="no config.json"):
         export_model(str(tmp_path / "model"), tmp_path / "out", log=lambda m: None)
+
+
+def test_bank_of_another_backbone_is_refused_at_load(llama_export, gpt2_export, tmp_path):
+    from softprompt.prompt_bank import BackboneMismatchError, save_prompt
+    from softprompt.runtime import load, read_config
+
+    config = read_config(llama_export)
+    save_prompt(tmp_path, "foreign", random_prompt(3, config.hidden_size), fingerprint="sha256:" + "0" * 64)
+    with pytest.raises(BackboneMismatchError, match="foreign.json: made for backbone"):
+        load(llama_export, bank=tmp_path)
+    with pytest.raises(BackboneMismatchError, match="E=64; the backbone's embedding width is 48"):
+        load(gpt2_export, bank=tmp_path)

@@ -31,7 +31,7 @@ def test_importing_runtime_and_bank_loads_no_heavy_module():
 
 def test_runtime_generates_with_torch_and_transformers_blocked(llama_export, tmp_path):
     """Make the heavy packages unimportable, as on a device, then load, import a bank task and generate."""
-    block = "for name in {heavy!r}: sys.modules[name] = None".format(heavy=HEAVY)
+    block = f"for name in {HEAVY!r}: sys.modules[name] = None"
     work = f"""
 from softprompt.prompt_bank.cli import main as bank_main
 assert bank_main(["from-text", {str(llama_export)!r}, {str(tmp_path)!r}, "--task", "t", "hello there"]) == 0
@@ -45,5 +45,5 @@ assert len(out) == 2 and all(len(c.token_ids) >= 1 for c in out)
 
 def test_seq2seq_and_encoder_runtimes_import_without_heavy_modules():
     """The modules `load` picks for encoder and encoder-decoder exports are device code too."""
-    block = "for name in {heavy!r}: sys.modules[name] = None".format(heavy=HEAVY)
+    block = f"for name in {HEAVY!r}: sys.modules[name] = None"
     assert run_probe(setup=block, work="import softprompt.runtime.seq2seq, softprompt.runtime.encoder") == []

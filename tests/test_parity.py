@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
 
 from softprompt.prompt_bank.cli import main as bank_main
 from softprompt.runtime import load
+
+from conftest import TEXTS
 
 peft = pytest.importorskip("peft")
 

@@ -11,13 +11,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tokenizer, random_prompt
 
 from softprompt.exporter.export import export_model
-from softprompt.prompt_bank import load_prompt, save_prompt
 from softprompt.formats.task import TaskSpec
+from softprompt.prompt_bank import load_prompt, save_prompt
 from softprompt.runtime import RequestError, load
 from softprompt.runtime.seq2seq import Seq2Seq
+
+from conftest import make_tokenizer, random_prompt
 
 TEXTS = ["a gorgeous, moving film", "dull, slow and far too long", "the quick brown fox", "Tell me a story"]
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_tokenizer
 
 from softprompt.exporter import export_model
 from softprompt.prompt_bank import save_prompt
 from softprompt.runtime import load
+
+from conftest import make_tokenizer
 
 TEXTS = ["a gorgeous, moving film", "dull and slow", "the quick brown fox jumps over"]
 COMMON = dict(vocab_size=320, pad_token_id=0, eos_token_id=2)

@@ -9,11 +9,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TEXTS, random_prompt
 
-from softprompt.prompt_bank import UnknownTaskError, remove_prompt, save_prompt
 from softprompt.formats.task import TaskSpec
+from softprompt.prompt_bank import UnknownTaskError, remove_prompt, save_prompt
 from softprompt.runtime import RequestError, load, read_config
+
+from conftest import TEXTS, random_prompt
 
 SENTIMENT = TaskSpec(template="Review: {text}\nSentiment:", labels={"positive": " good", "negative": " bad mess"})
 LENGTHS = {"one": 1, "three": 3, "seven": 7}

@@ -9,18 +9,24 @@ import numpy as np
 import pytest
 import torch
 
+from softprompt.formats.task import TaskSpec
 from softprompt.prompt_bank import load_prompt, save_prompt
 from softprompt.prompt_bank.cli import main as bank_main
-from softprompt.training.data import DataError, read_jsonl
 from softprompt.prompt_bank.errors import PromptBankError
-from softprompt.training.init import common_token_ids, init_prompt
-from softprompt.formats.task import TaskSpec
-from softprompt.training.train import (
-    TrainConfig, batch_loss, build_inputs_embeds, enable_checkpointing, encode_examples, load_backbone, train_prompt,
-)
-from softprompt.training.cli import main as train_main
 from softprompt.runtime import RequestError, load
 from softprompt.runtime.cli import main as run_main
+from softprompt.training.cli import main as train_main
+from softprompt.training.data import read_jsonl
+from softprompt.training.init import common_token_ids, init_prompt
+from softprompt.training.train import (
+    TrainConfig,
+    batch_loss,
+    build_inputs_embeds,
+    enable_checkpointing,
+    encode_examples,
+    load_backbone,
+    train_prompt,
+)
 
 TEMPLATE = "Review: {text}\nSentiment:"
 POSITIVE = ["a gorgeous film", "moving and bright", "a joy to watch", "warm, funny, lovely"]
@@ -112,8 +118,8 @@ def test_runtime_classify_matches_the_trainers_scores(llama_backbone, llama_expo
     # Training's evaluation scores the runtime's own predictions as 100% correct: same labels both ways.
     assert evaluate(llama_backbone.model, torch.from_numpy(prompt), pairs, data, SPEC, llama_backbone) == {"accuracy": 1.0}
     # And the scores themselves: the runtime's log-probabilities equal the trainer's torch ones.
-    from softprompt.training.train import _forward_tail
     from softprompt.runtime.classify import label_logprobs
+    from softprompt.training.train import _forward_tail
 
     verbalizers = [llama_backbone.encode(w, add_special_tokens=False) for w in SPEC.labels.values()]
     inputs = [ids for ids, _ in pairs]

@@ -21,14 +21,20 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-
 from softprompt.formats.task import TaskSpec
 from softprompt.runtime.encoder import SIMILARITY_SCALE
 
 from .data import Dataset
 from .errors import TrainingError
 from .train import (
-    FrozenModel, TrainConfig, _better, _optimizer, _progress, shuffled_batches, starting_prompt, training_record,
+    FrozenModel,
+    TrainConfig,
+    _better,
+    _optimizer,
+    _progress,
+    shuffled_batches,
+    starting_prompt,
+    training_record,
 )
 
 

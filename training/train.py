@@ -24,7 +24,6 @@ from softprompt.exporter.metadata import embedding_table, special_tokens, struct
 from softprompt.exporter.seq2seq import cross_layout, generation_tokens, seq2seq_facts
 from softprompt.exporter.sources import load_source
 from softprompt.formats.bank import PromptMeta, save_prompt
-
 from softprompt.formats.fingerprint import backbone_fingerprint
 from softprompt.formats.task import TaskSpec
 from softprompt.runtime.classify import label_logprobs

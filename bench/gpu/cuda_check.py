@@ -21,7 +21,6 @@ import json
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -129,10 +128,9 @@ def placement(model_path: Path) -> dict[str, dict[str, int]]:
 
 def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> float:
     """Median tokens/s after the first token."""
-    found = model._resolve(tasks)
     rates = []
     for repeat in range(repeats + 1):
-        steps = new_steps(model._run(rows, found, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+        steps = new_steps(model.steps(rows, tasks, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
         stamps = [time.perf_counter() for _ in steps]
         if repeat:
             rates.append((len(stamps) - 1) * len(rows) / (stamps[-1] - stamps[0]))
@@ -164,10 +162,10 @@ def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False
 
     cpu = load(export, bank=bank, providers="cpu")
     gpu = load(export, bank=bank, providers="cpu" if dry_run else "cuda")
-    gpu._bind = gpu._bind or dry_run  # the dry run takes the CUDA code path (I/O binding) on the CPU
+    gpu.graph.binds = gpu.graph.binds or dry_run  # the dry run takes the CUDA code path (I/O binding) on the CPU
     print(f"CUDA session providers {gpu.session.get_providers()}; use_tf32 = "
           f"{gpu.session.get_provider_options().get('CUDAExecutionProvider', {}).get('use_tf32')}")
-    assert gpu._bind, "a CUDA session must keep the cache on the device"
+    assert gpu.graph.binds, "a CUDA session must keep the cache on the device"
 
     # Parity: a mixed-task batch (prompts of 20, 100, 7 vectors and none, cached; inputs of different
     # lengths) greedy on both providers, and each row alone on CUDA.
@@ -180,7 +178,7 @@ def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False
     same_batch = [a.token_ids == b.token_ids for a, b in zip(on_cpu, on_gpu)]
     same_alone = [a.token_ids == b.token_ids for a, b in zip(alone, on_gpu)]
     ids = [cpu.encode(text, task) for text, task in zip(texts, tasks)]
-    diff = np.abs(cpu._logits_for_ids(ids, tasks) - gpu._logits_for_ids(ids, tasks)).max()
+    diff = np.abs(cpu.logits_of_ids(ids, tasks) - gpu.logits_of_ids(ids, tasks)).max()
     print(f"parity, {new_tokens} greedy tokens: CUDA batch == CPU batch per row {same_batch}; CUDA row alone == CUDA "
           f"batch {same_alone}; input logits max |CUDA - CPU| {diff:.2e}; distinct tokens per row "
           f"{[len(set(r.token_ids)) for r in on_gpu]} (random weights can repeat a token, which would make parity cheap)")
@@ -191,11 +189,11 @@ def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False
     eight = [list(rng.integers(0, vocab, 32)) for _ in range(8)]
     for label, rows, row_tasks in (("batch 1, no prompt", one, [None]), ("batch 1, 20-vector prompt", one, ["p20"]),
                                    ("batch 8, no prompt", eight, [None] * 8)):
-        gpu._bind = True
+        gpu.graph.binds = True
         bound = decode_rate(gpu, rows, row_tasks, new_tokens, repeats)
-        gpu._bind = False
+        gpu.graph.binds = False
         copied = decode_rate(gpu, rows, row_tasks, new_tokens, repeats)
-        gpu._bind = True
+        gpu.graph.binds = True
         host = decode_rate(cpu, rows, row_tasks, new_tokens, 1)
         print(f"{label}: CUDA, cache on the device {bound:.0f} tokens/s; cache copied to the host each step "
               f"{copied:.0f} ({bound / copied:.2f}x); CPU provider on this machine {host:.0f}")

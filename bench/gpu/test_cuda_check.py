@@ -3,27 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import onnx
-import pytest
 
+from bench.gpu import cuda_check
 from softprompt.runtime import load
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "cuda_check.py"
 
-
-@pytest.fixture(scope="module")
-def cuda_check():
-    spec = importlib.util.spec_from_file_location("cuda_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_skeleton_drops_the_weights_and_fill_restores_a_runnable_export(cuda_check, llama_export, tmp_path):
+def test_skeleton_drops_the_weights_and_fill_restores_a_runnable_export(llama_export, tmp_path):
     skeleton = tmp_path / "skeleton"
     cuda_check.skeleton(llama_export, skeleton, keep_below=256)
     assert not (skeleton / "embeddings.npy").exists() and not (skeleton / cuda_check.WEIGHTS).exists()
@@ -42,7 +30,7 @@ def test_skeleton_drops_the_weights_and_fill_restores_a_runnable_export(cuda_che
     assert len(result.token_ids) == 4
 
 
-def test_the_check_passes_on_the_cpu_with_the_binding_path(cuda_check, llama_export, tmp_path, capsys):
+def test_the_check_passes_on_the_cpu_with_the_binding_path(llama_export, tmp_path, capsys):
     skeleton = tmp_path / "skeleton"
     cuda_check.skeleton(llama_export, skeleton, keep_below=256)
     assert cuda_check.run(skeleton, new_tokens=4, repeats=1, dry_run=True, prompt_lengths=(5, 9, 3)) == 0

@@ -27,12 +27,17 @@ import numpy as np
 import torch
 
 from bench.quality import datasets
-
+from softprompt.formats.task import TaskSpec
 from softprompt.prompt_bank import load_prompt, save_prompt
 from softprompt.training.data import read_jsonl
-from softprompt.formats.task import TaskSpec
 from softprompt.training.train import (
-    TrainConfig, batch_loss, encode_examples, evaluate, load_backbone, shuffled_batches, train_prompt,
+    TrainConfig,
+    batch_loss,
+    encode_examples,
+    evaluate,
+    load_backbone,
+    shuffled_batches,
+    train_prompt,
 )
 
 SPEC = TaskSpec(template="Review: {text}\nSentiment:", labels={"positive": " positive", "negative": " negative"})
@@ -158,8 +163,8 @@ def main() -> int:
 
 def minilm(train, test_rows, ood_rows, args, record) -> None:
     """The encoder built-in: no prompt (nearest label embedding), a trained prompt, and prompt + linear head."""
-    from softprompt.training.encoder import train_encoder_prompt
     from softprompt.runtime import load
+    from softprompt.training.encoder import train_encoder_prompt
 
     spec = TaskSpec(labels={"positive": "positive", "negative": "negative"})
     backbone = load_backbone("minilm-l6", log=lambda m: None)

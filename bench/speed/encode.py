@@ -42,9 +42,9 @@ def main() -> int:
     from transformers import AutoModel
 
     from softprompt.exporter.sources import resolve
+    from softprompt.formats.export_folder import open_export
     from softprompt.prompt_bank import save_prompt
     from softprompt.runtime import load
-    from softprompt.formats.export_folder import open_export
 
     torch.set_num_threads(args.threads)
     texts = [SENTENCES[i % len(SENTENCES)] for i in range(args.batch)]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench.harness import ROOT, machine, new_steps, serve, workload
 
+
 def onnx_side(args):
     """Load the runtime once and warm it up; returns `measure()`, which times `args.inner` generations."""
     from softprompt.runtime import load
@@ -36,8 +37,8 @@ def onnx_side(args):
     def once():
         start = time.perf_counter()
         stamps = []
-        tasks = model._resolve(["bench" if args.prompt_length else None] * len(rows))
-        for states in new_steps(model._run(rows, tasks, **settings)):
+        states = []
+        for states in new_steps(model.steps(rows, "bench" if args.prompt_length else None, **settings)):  # noqa: B007
             stamps.append(time.perf_counter())
         return start, stamps, [s.ids for s in states]
 
@@ -112,8 +113,8 @@ def make_prompt(args) -> None:
     """A 20-row prompt sampled from the vocabulary's embeddings (realistic scale), shared by both sides."""
     import numpy as np
 
-    from softprompt.prompt_bank import save_prompt
     from softprompt.formats.export_folder import open_export
+    from softprompt.prompt_bank import save_prompt
 
     backbone = open_export(args.export)
     rows = np.random.default_rng(0).integers(0, backbone.config.vocab_size, args.prompt_length)

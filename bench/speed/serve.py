@@ -42,13 +42,13 @@ from bench.speed.generate import child, side_command
 class RunTimer:
     """Time spent inside the model's graph calls, to find the Python time around them.
 
-    The runtime calls onnxruntime through `model._run_ort` on the CPU (the session's C entry
-    point) and `session.run_with_iobinding` with CUDA; both are timed.
+    The runtime calls onnxruntime through `session.run_with_ort_values` on the CPU and
+    `session.run_with_iobinding` with CUDA; both are timed.
     """
 
     def __init__(self, model):
         self.inside = 0.0
-        model._run_ort = self._timed(model._run_ort)
+        model.session.run_with_ort_values = self._timed(model.session.run_with_ort_values)
         model.session.run_with_iobinding = self._timed(model.session.run_with_iobinding)
 
     def _timed(self, call):
@@ -129,14 +129,13 @@ def weight_bytes(export: Path) -> int:
 
 def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> dict:
     """Median decode tokens/s (after the first token), first-token ms and Python share of a step."""
-    found = model._resolve(tasks)
     timed = model.timer
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     rates, firsts, shares = [], [], []
     for repeat in range(repeats + 1):
         start = time.perf_counter()
         stamps, inside = [], []
-        for _ in new_steps(model._run(rows, found, **settings)):
+        for _ in new_steps(model.steps(rows, tasks, **settings)):
             stamps.append(time.perf_counter())
             inside.append(timed.inside)
         if repeat == 0:
@@ -202,9 +201,8 @@ def median_of(runs: list[dict]) -> dict:
 
 def first_token_ms(model, rows, task) -> float:
     """One request's first token (the whole first step: embedding, cached past, session.run, choice)."""
-    found = model._resolve([task] * len(rows))
     start = time.perf_counter()
-    for _ in model._run(rows, found, max_new_tokens=1):
+    for _ in model.steps(rows, task, max_new_tokens=1):
         pass
     return 1000 * (time.perf_counter() - start)
 
@@ -227,11 +225,11 @@ def against_genai(args, genai: list[str]) -> list[list[dict[str, dict]]]:
         workers = {"ours": Worker([*command, "--serve"], env=env), "genai": Worker(genai)}
         kept: dict[str, list[dict]] = {name: [] for name in workers}
 
-        def measure(name: str):
-            return lambda: kept[name].append(workers[name].run()) or kept[name][-1]["decode_tokens_per_s"]
+        def measure(name: str, worker: Worker, results: list[dict]):
+            return lambda: results.append(worker.run()) or results[-1]["decode_tokens_per_s"]
 
         try:
-            rounds_of(args.genai_rounds, measure("ours"), measure("genai"))
+            rounds_of(args.genai_rounds, *(measure(name, workers[name], kept[name]) for name in workers))
         finally:
             for worker in workers.values():
                 worker.close()
@@ -261,9 +259,9 @@ def main() -> int:
                         help="the default model built by onnxruntime-genai's model builder, fp32, cpu")
     args = parser.parse_args()
 
+    from softprompt.formats.export_folder import open_export
     from softprompt.prompt_bank import save_prompt
     from softprompt.runtime import load
-    from softprompt.formats.export_folder import open_export
 
     print(f"{dt.date.today()}  {machine()}  threads {args.threads}; every comparison alternates its two sides over "
           f"{args.repeats} rounds and reports the median of the per-round ratios (the load on this machine drifts)")
@@ -293,7 +291,6 @@ def main() -> int:
     bandwidth *= weights
     floor_seconds = matmul_floor(args.export, args.threads)
     _, floor_rate, of_floor, _ = paired(args.repeats, plain_rate, lambda: 1 / floor_seconds())
-    del floor_seconds
     plain = median_of(plain_runs)
     print(f"memory bandwidth (bytes copied per second, {args.threads} threads) {bandwidth / 1e9:.1f} GB/s, weights "
           f"{weights / 1e6:.0f} MB -> limit {limit:.1f} tokens/s at batch 1; the weight MatMuls alone: "
@@ -326,8 +323,7 @@ def main() -> int:
     def one_after_another() -> float:
         start = time.perf_counter()
         for i, row in enumerate(eight):
-            for _ in model._run([row], model._resolve([f"t{i}"]), max_new_tokens=args.new_tokens,
-                                min_new_tokens=args.new_tokens):
+            for _ in model.steps([row], f"t{i}", max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens):
                 pass
         return 8 * args.new_tokens / (time.perf_counter() - start)
 
@@ -341,12 +337,12 @@ def main() -> int:
     switches = []
     for i in range(2000):
         start = time.perf_counter()
-        model._resolve([f"t{i % 8}"])
+        model.prompt(f"t{i % 8}")
         switches.append(time.perf_counter() - start)
     print(f"switching task (bank check + lookup): median {1e6 * statistics.median(switches):.0f} us (target < 1 ms)")
 
     served, written, cached = [], [], []
-    for i in range(7):
+    for _ in range(7):
         rows = rng.integers(0, backbone.config.vocab_size, 20)
         vectors = np.asarray(backbone.table[rows], np.float32)
         start = time.perf_counter()
@@ -355,8 +351,8 @@ def main() -> int:
         while not np.array_equal(model.prompt("t0"), vectors):
             pass
         seen = time.perf_counter()
-        while model._resolve(["t0"])[0].prefix is None:
-            time.sleep(0.0005)
+        model.logits_of_ids([[0]], "t0")  # its first request starts computing the cached prompt
+        model.wait_for_prompt_cache()
         ready = time.perf_counter()
         written.append(in_place - start)
         served.append(seen - in_place)

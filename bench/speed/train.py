@@ -18,10 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from bench.harness import ROOT
-
 
 TEMPLATE = "Review: {text}\nSentiment:"
 VERBALIZERS = {"positive": " positive", "negative": " negative"}
