@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from softprompt.formats.export_folder import PAST, PRESENT, cache_names
+
 from .errors import ExportError
 
 
@@ -30,10 +32,10 @@ class CacheLayout:
         return len(self.shapes)
 
     def input_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+        return cache_names(PAST, self.num_layers)
 
     def output_names(self) -> list[str]:
-        return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+        return cache_names(PRESENT, self.num_layers)
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:

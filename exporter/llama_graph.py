@@ -29,6 +29,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from softprompt.formats.export_folder import PAST, PRESENT, cache_names
+
 from .graph import CacheLayout
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -192,11 +194,9 @@ def _interface(w: Weights) -> tuple[list, list]:
         helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", V])]
-    for i in range(len(w.layers)):
-        for kind in ("key", "value"):
-            shape = [w.kv_heads, w.head_size]
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, ["batch", shape[0], "past_sequence", shape[1]]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, ["batch", shape[0], "total_sequence", shape[1]]))
+    for past, present in zip(cache_names(PAST, len(w.layers)), cache_names(PRESENT, len(w.layers))):
+        inputs.append(helper.make_tensor_value_info(past, f32, ["batch", w.kv_heads, "past_sequence", w.head_size]))
+        outputs.append(helper.make_tensor_value_info(present, f32, ["batch", w.kv_heads, "total_sequence", w.head_size]))
     inputs.append(helper.make_tensor_value_info("logits_to_keep", i64, [1]))
     return inputs, outputs
 
@@ -237,6 +237,7 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
     mlp_split = b.const("mlp_split", np.array([w.layers[0].down.shape[0]] * 2))
     norm = dict(epsilon=w.eps)
     residual = "inputs_embeds"
+    past, present = cache_names(PAST, len(w.layers)), cache_names(PRESENT, len(w.layers))
     hidden = b.one("SimplifiedLayerNormalization", [residual, b.const("norm", w.layers[0].input_norm)], axis=-1, stash_type=1, **norm)
     for i, layer in enumerate(w.layers):
         qkv = b.one("MatMul", [hidden, b.const(f"layers.{i}.qkv", layer.qkv)])
@@ -246,8 +247,7 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
         q = b.one("RotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, num_heads=w.heads)
         k = b.one("RotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, num_heads=w.kv_heads)
         # ONNX's Attention (opset 23): grouped-query heads, past + new keys/values -> present, additive mask.
-        attn = b.op("Attention", [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
-                    [b.name("attention"), f"present.{i}.key", f"present.{i}.value"],
+        attn = b.op("Attention", [q, k, v, mask, *past[2 * i : 2 * i + 2]], [b.name("attention"), *present[2 * i : 2 * i + 2]],
                     q_num_heads=w.heads, kv_num_heads=w.kv_heads, scale=1.0)[0]
         attn = b.one("MatMul", [attn, b.const(f"layers.{i}.out", layer.out)])
         if layer.out_bias is not None:

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from softprompt.formats.export_folder import CROSS, PAST, PRESENT, cache_names
+
 from .errors import ExportError
 from .graph import cache_tensors, onnx_export
 
@@ -173,12 +175,7 @@ class DecoderGraph(torch.nn.Module):
 
 
 def names(layers: int) -> dict[str, list[str]]:
-    pairs = [(i, kind) for i in range(layers) for kind in ("key", "value")]
-    return {
-        "past": [f"past_key_values.{i}.{k}" for i, k in pairs],
-        "present": [f"present.{i}.{k}" for i, k in pairs],
-        "cross": [f"cross.{i}.{k}" for i, k in pairs],
-    }
+    return {"past": cache_names(PAST, layers), "present": cache_names(PRESENT, layers), "cross": cache_names(CROSS, layers)}
 
 
 def export_seq2seq_graphs(model, folder: Path, opset: int, external_data: bool,
