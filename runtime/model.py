@@ -181,7 +181,7 @@ class Model(TextModel):
         choose = chooser(settings, self._eos)
         embeds, mask, past = self._first_step(ids, found, settings.max_new_tokens)
         states = [RowText(self.decode, self._eos, settings.stop) for _ in ids]
-        for tokens in decode_steps(self.forward, self.table, embeds, mask, past, choose, settings.max_new_tokens):
+        for tokens in decode_steps(self.graph.forward, self.table, embeds, mask, past, choose, settings.max_new_tokens):
             for state, token in zip(states, tokens.tolist()):
                 state.add(token)
             if all(state.done for state in states):
