@@ -144,8 +144,7 @@ def label_probabilities(encode: Callable, logprobs: Callable) -> Probabilities:
 
 
 def verbalized(texts: Sequence[str], found: Sequence, encode: Callable) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """(templated input ids, each label's verbalizer ids) per row, for classification tasks only."""
-    classifiable(found)
+    """(templated input ids, each label's verbalizer ids) per row; `found` are classification tasks (classifiable)."""
     verbalizers = []
     for task in found:
         by_label = task.spec.verbalizer_ids(encode)

@@ -52,7 +52,9 @@ class PromptCache:
     def fill(self, tasks: Iterable[Task]) -> None:
         """Compute the prompts of `tasks` that are not cached yet, now."""
         for task in tasks:
-            if task not in self._ready:
+            with self._lock:
+                cached = task in self._ready
+            if not cached:
                 prefix = prefill(self._graph, task.vectors)
                 with self._lock:
                     self._ready[task] = prefix
