@@ -1,5 +1,9 @@
 """`export_model`: one call from a model name to a validated export folder.
 
+Every kind of model goes through the same stages: load, describe (embedding table, facts,
+tokens: `backbone.describe`), write the graphs and validate them against PyTorch (the one
+kind-specific stage: `WRITERS`), write `softprompt.json`, move into place.
+
 The folder is built under a hidden temporary name beside OUT_DIR and renamed into place only
 after validation passed, so a failed or interrupted export never leaves a half-written folder
 and never destroys a previous good one.
@@ -8,6 +12,7 @@ and never destroys a previous good one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -19,30 +24,14 @@ import numpy as np
 import onnx
 
 from softprompt.formats.export_folder import CONFIG_FILE, ExportConfig
-from softprompt.formats.fingerprint import backbone_fingerprint
 
-from .encoder import (
-    EncoderGraph,
-    encoder_facts,
-    encoder_tokens,
-    export_encoder_graph,
-    sentence_pooling,
-    uses_token_types,
-    validate_encoder,
-)
+from .backbone import Backbone, describe
+from .encoder import EncoderModule, export_encoder_graph, uses_token_types, validate_encoder
 from .errors import ExportError, ExportValidationError
 from .fuse import fuse_for_onnxruntime
-from .graph import CachedDecoder, export_graph, probe_cache
+from .graph import CachedDecoder, export_graph
 from .llama_graph import build, read_weights, unsupported
-from .metadata import embedding_table, special_tokens, structural
-from .seq2seq import (
-    check_shared_embeddings,
-    cross_layout,
-    export_seq2seq_graphs,
-    generation_tokens,
-    seq2seq_facts,
-    validate_seq2seq,
-)
+from .seq2seq import export_seq2seq_graphs, validate_seq2seq
 from .sources import load_source
 from .validate import validate
 
@@ -108,45 +97,27 @@ def export_model(
     try:
         step(f"loading {model}")
         source = load_source(model, attention=attention, cache_dir=cache_dir, log=lambda m: log(f"      {m}"), kind=kind)
-        torch_model = source.model
-        for parameter in torch_model.parameters():
-            parameter.requires_grad_(False)
-        if source.kind in ("encoder", "seq2seq"):
-            export = _export_encoder if source.kind == "encoder" else _export_seq2seq
-            config = export(source, staging, opset, tolerance, fuse, step, log)
-            step(f"moving the export into {out}")
-            _replace_dir(staging, out)
-            step("")
-            return config
 
         step("writing the embedding table and tokenizer")
-        layout = probe_cache(torch_model)
-        table = embedding_table(torch_model)
-        np.save(staging / "embeddings.npy", table, allow_pickle=False)
+        backbone = describe(source)
+        np.save(staging / "embeddings.npy", backbone.table, allow_pickle=False)
         source.tokenizer.save_pretrained(staging, legacy_format=False)  # tokenizer.json only: all the runtime reads
-        facts = structural(torch_model, layout, table)
-        fingerprint = backbone_fingerprint(table, facts)
 
-        size = sum(p.numel() * p.element_size() for p in torch_model.parameters())
-        wrapper = CachedDecoder(torch_model, layout)
-        report = _decoder_graph(wrapper, table, staging / "model.onnx", graph, opset, tolerance, fuse,
-                                size, step, log)
+        options = GraphOptions(opset, tolerance, fuse, graph, backbone.weight_bytes > EXTERNAL_DATA_BYTES)
+        files, report = WRITERS[backbone.kind](backbone, staging, options, step, log)
 
         step("writing softprompt.json")
-        written_model = onnx.load(str(staging / "model.onnx"), load_external_data=False)
-        written = written_model.graph
         config = ExportConfig(
-            kind="decoder",
-            **facts,
-            **special_tokens(torch_model, source.tokenizer),
-            input_names=[i.name for i in written.input],
-            output_names=[o.name for o in written.output],
-            opset=next(o.version for o in written_model.opset_import if o.domain in ("", "ai.onnx")),
+            kind=backbone.kind,
+            **backbone.facts,
+            **backbone.tokens,
+            **_interface(staging / files["decoder" if backbone.kind == "seq2seq" else "model"]),
             dtype="float32",
-            fingerprint=fingerprint,
-            files={"model": "model.onnx", "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
+            fingerprint=backbone.fingerprint,
+            files={**files, "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
             source=source.info,
             validation=report,
+            **backbone.fields,
         )
         (staging / CONFIG_FILE).write_text(config.to_json())
 
@@ -159,126 +130,117 @@ def export_model(
         raise
 
 
-def _decoder_graph(wrapper: CachedDecoder, table: np.ndarray, path: Path, graph: str, opset: int, tolerance: float,
-                   fuse: bool, size: int, step, log) -> dict:
-    """Write and validate the decoder graph the way `graph` asks; returns the validation report."""
-    model, large = wrapper.model, size > EXTERNAL_DATA_BYTES
-    reason = unsupported(model) if graph != "traced" else "--graph traced"
+@dataclasses.dataclass(frozen=True)
+class GraphOptions:
+    """How export-model was asked to make and check the graphs."""
+
+    opset: int
+    tolerance: float
+    fuse: bool
+    graph: str  # decoders: "auto", "built" or "traced"
+    external_data: bool  # weights above EXTERNAL_DATA_BYTES go to a .data file beside the graph
+
+
+def _interface(path: Path) -> dict:
+    """The input and output names and the opset of the graph the runtime steps through, as written."""
+    written = onnx.load(str(path), load_external_data=False)
+    return {
+        "input_names": [i.name for i in written.graph.input],
+        "output_names": [o.name for o in written.graph.output],
+        "opset": next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx")),
+    }
+
+
+def _mib(backbone: Backbone) -> str:
+    return f"{backbone.weight_bytes / 2**20:.0f} MiB of weights"
+
+
+def _decoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict]:
+    """model.onnx built op by op or traced, as `options.graph` asks; returns its files and validation report."""
+    model, path = backbone.model, staging / "model.onnx"
+    wrapper = CachedDecoder(model, backbone.layout)
+    validating = f"validating against PyTorch (tolerance {options.tolerance:g} relative to the logits' scale)"
+    reason = unsupported(model) if options.graph != "traced" else "--graph traced"
     weights = None
     if reason is None:
         try:
-            weights = read_weights(model, wrapper.layout)
+            weights = read_weights(model, backbone.layout)
         except ValueError as exc:
             reason = str(exc)
-    if graph == "built" and weights is None:
+    if options.graph == "built" and weights is None:
         raise ExportError(f"--graph built cannot build {type(model).__name__}: {reason}; use --graph traced")
+    files = {"model": "model.onnx"}
     if weights is not None:
-        step(f"building the ONNX graph op by op ({size / 2**20:.0f} MiB of weights, Llama family, fused onnxruntime ops)")
-        build(weights, path, external_data=large)
-        if fuse:
+        step(f"building the ONNX graph op by op ({_mib(backbone)}, Llama family, fused onnxruntime ops)")
+        build(weights, path, external_data=options.external_data)
+        if options.fuse:
             log("      --fuse is for traced graphs; the built graph already uses onnxruntime's fused ops")
-        step(f"validating against PyTorch (tolerance {tolerance:g} relative to the logits' scale)")
+        step(validating)
         try:
-            report = validate(path, wrapper, table, tolerance)
+            report = validate(path, wrapper, backbone.table, options.tolerance)
         except ExportValidationError as exc:
-            if graph == "built":
+            if options.graph == "built":
                 raise
             log(f"      the built graph does not match PyTorch, so it is traced instead: {' '.join(str(exc).split())}")
             step.more(2)
         else:
             _log_report(report, log)
-            return {**report, "graph": "built"}
-    if graph == "auto" and reason:
+            return files, {**report, "graph": "built"}
+    if options.graph == "auto" and reason:
         log(f"      graph traced through PyTorch: {reason}")
-    step(f"exporting the ONNX graph through PyTorch ({size / 2**20:.0f} MiB of weights, opset {opset}; the longest step)")
-    export_graph(wrapper, table.shape[1], path, opset, external_data=large)
-    fusions = None
-    if fuse:
-        log("      fusing normalisation, rotary embeddings and attention into onnxruntime contrib ops")
-        fusions = fuse_for_onnxruntime(path, external_data=large)
-        log("      " + (", ".join(f"{name}: {count}" for name, count in fusions.items()) or "nothing to fuse"))
-    step(f"validating against PyTorch (tolerance {tolerance:g} relative to the logits' scale)")
-    report = validate(path, wrapper, table, tolerance)
+    step(f"exporting the ONNX graph through PyTorch ({_mib(backbone)}, opset {options.opset}; the longest step)")
+    export_graph(wrapper, backbone.table.shape[1], path, options.opset, external_data=options.external_data)
+    fusions = _fuse(staging, files, options, log)
+    step(validating)
+    report = validate(path, wrapper, backbone.table, options.tolerance)
+    return files, _finish(report, fusions, log, graph="traced")
+
+
+def _encoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict]:
+    """model.onnx from inputs_embeds to the last hidden state (and the pooler's output where there is one)."""
+    log(f"      sentence embeddings: {backbone.fields['pooling']} pooling over the text's tokens")
+    step(f"exporting the encoder graph ({_mib(backbone)}, opset {options.opset})")
+    module = EncoderModule(backbone.model, uses_token_types(backbone.model))
+    export_encoder_graph(module, backbone.table.shape[1], staging / "model.onnx", options.opset, options.external_data)
+    files = {"model": "model.onnx"}
+    fusions = _fuse(staging, files, options, log)
+    step(f"validating against PyTorch (tolerance {options.tolerance:g} relative to the hidden states' scale)")
+    return files, _finish(validate_encoder(staging / "model.onnx", module, backbone.table, options.tolerance), fusions, log)
+
+
+def _seq2seq_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict]:
+    """encoder.onnx (input to cross-attention keys/values) and decoder.onnx (one cached step)."""
+    step(f"exporting the encoder and decoder graphs ({_mib(backbone)}, opset {options.opset})")
+    export_seq2seq_graphs(backbone.model, staging, options.opset, external_data=options.external_data, layout=backbone.layout)
+    files = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
+    fusions = _fuse(staging, files, options, log)
+    step(f"validating against PyTorch (tolerance {options.tolerance:g} relative to each output's scale)")
+    return files, _finish(validate_seq2seq(staging, backbone.model, backbone.table, options.tolerance), fusions, log)
+
+
+WRITERS = {"decoder": _decoder_graphs, "encoder": _encoder_graphs, "seq2seq": _seq2seq_graphs}
+
+
+def _fuse(staging: Path, files: dict[str, str], options: GraphOptions, log) -> dict[str, int] | None:
+    """--fuse: rewrite each traced graph with onnxruntime's contrib ops, before it is validated."""
+    if not options.fuse:
+        return None
+    log("      fusing normalisation, rotary embeddings and attention into onnxruntime contrib ops")
+    counts = {}
+    for key, name in files.items():
+        found = fuse_for_onnxruntime(staging / name, options.external_data)
+        counts.update({(f"{key}: {fusion}" if len(files) > 1 else fusion): n for fusion, n in found.items()})
+    log("      " + (", ".join(f"{name}: {count}" for name, count in counts.items()) or "nothing to fuse"))
+    return counts
+
+
+def _finish(report: dict, fusions: dict[str, int] | None, log, **extra) -> dict:
     _log_report(report, log)
-    report["graph"] = "traced"
-    if fusions is not None:
-        report["fusions"] = fusions
-    return report
+    return {**report, **extra, **({"fusions": fusions} if fusions is not None else {})}
 
 
 def _log_report(report: dict, log) -> None:
     log("      " + ", ".join(f"{name}: {diff:.1e}" for name, diff in report["max_relative_diff"].items()))
-
-
-def _export_encoder(source, staging: Path, opset: int, tolerance: float, fuse: bool, step, log) -> ExportConfig:
-    """The encoder path: embeddings, graph to the last hidden state, validation, softprompt.json."""
-    model = source.model
-    step("writing the embedding table and tokenizer")
-    table = embedding_table(model)
-    np.save(staging / "embeddings.npy", table, allow_pickle=False)
-    source.tokenizer.save_pretrained(staging, legacy_format=False)
-    facts = encoder_facts(model, table)
-    pooling = sentence_pooling(Path(source.info["path"]) if source.info.get("path") else None)
-    log(f"      sentence embeddings: {pooling} pooling over the text's tokens")
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    step(f"exporting the encoder graph ({size / 2**20:.0f} MiB of weights, opset {opset})")
-    graph = EncoderGraph(model, uses_token_types(model))
-    inputs = export_encoder_graph(graph, table.shape[1], staging / "model.onnx", opset, external_data=size > EXTERNAL_DATA_BYTES)
-    fusions = fuse_for_onnxruntime(staging / "model.onnx", size > EXTERNAL_DATA_BYTES) if fuse else None
-    step(f"validating against PyTorch (tolerance {tolerance:g} relative to the hidden states' scale)")
-    report = validate_encoder(staging / "model.onnx", graph, table, tolerance)
-    _log_report(report, log)
-    if fusions is not None:
-        report["fusions"] = fusions
-    step("writing softprompt.json")
-    config = ExportConfig(
-        kind="encoder", **facts, **encoder_tokens(source.tokenizer), input_names=inputs,
-        output_names=graph.output_names, opset=opset, dtype="float32", pooling=pooling,
-        fingerprint=backbone_fingerprint(table, facts),
-        files={"model": "model.onnx", "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
-        source=source.info, validation=report,
-    )
-    (staging / CONFIG_FILE).write_text(config.to_json())
-    return config
-
-
-def _export_seq2seq(source, staging: Path, opset: int, tolerance: float, fuse: bool, step, log) -> ExportConfig:
-    """The encoder-decoder path: one table for both sides, encoder.onnx, decoder.onnx, validation, softprompt.json."""
-    model = source.model
-    step("writing the embedding table and tokenizer")
-    table = embedding_table(model)
-    check_shared_embeddings(model, table)
-    np.save(staging / "embeddings.npy", table, allow_pickle=False)
-    source.tokenizer.save_pretrained(staging, legacy_format=False)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    step(f"exporting the encoder and decoder graphs ({size / 2**20:.0f} MiB of weights, opset {opset})")
-    large = size > EXTERNAL_DATA_BYTES
-    layout = cross_layout(model)
-    graph_names = export_seq2seq_graphs(model, staging, opset, external_data=large, layout=layout)
-    fusions = None
-    if fuse:
-        fusions = {f"{part}: {name}": count for part in ("encoder", "decoder")
-                   for name, count in fuse_for_onnxruntime(staging / f"{part}.onnx", large).items()}
-    step(f"validating against PyTorch (tolerance {tolerance:g} relative to each output's scale)")
-    report = validate_seq2seq(staging, model, table, tolerance)
-    _log_report(report, log)
-    if fusions is not None:
-        report["fusions"] = fusions
-    step("writing softprompt.json")
-    facts = seq2seq_facts(model, table, layout[0])
-    tokens = generation_tokens(model, source.tokenizer)
-    forced = {key: tokens.pop(key) for key in ("forced_bos_token_id", "forced_eos_token_id")}
-    generation = {key: int(value) for key, value in forced.items() if value is not None}
-    config = ExportConfig(
-        kind="seq2seq", **facts, **tokens, input_names=graph_names["decoder_inputs"],
-        output_names=graph_names["decoder_outputs"], opset=opset, dtype="float32",
-        fingerprint=backbone_fingerprint(table, facts),
-        files={"encoder": "encoder.onnx", "decoder": "decoder.onnx", "embeddings": "embeddings.npy",
-               "tokenizer": "tokenizer.json"},
-        source=source.info, validation=report, generation=generation,
-    )
-    (staging / CONFIG_FILE).write_text(config.to_json())
-    return config
 
 
 def _replace_dir(staging: Path, out: Path) -> None:

@@ -18,6 +18,20 @@ from .errors import ExportValidationError
 from .graph import CachedDecoder
 
 
+def relative_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want|: one scale for every output, whatever its magnitude."""
+    return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-6))
+
+
+def passed(diffs: dict[str, float], tolerance: float) -> dict:
+    """The validation report for `diffs`, or ExportValidationError naming each one above `tolerance`."""
+    failed = {name: d for name, d in diffs.items() if not d <= tolerance}  # `not <=` catches NaN
+    if failed:
+        raise ExportValidationError("the ONNX graph does not reproduce PyTorch: " + ", ".join(
+            f"{name} differ(s) by {d:.2e} of the reference's scale" for name, d in failed.items()) + f" (tolerance {tolerance:g})")
+    return {"max_relative_diff": diffs, "tolerance": tolerance}
+
+
 @dataclasses.dataclass
 class Case:
     name: str
@@ -99,8 +113,7 @@ def validate(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, toleran
             if not np.isfinite(keep_g).all():
                 problems.append(f"{case.name}: {name} has non-finite values")
                 continue
-            scale = max(float(np.abs(keep_r).max()), 1e-6)
-            diff = float(np.abs(keep_g - keep_r).max()) / scale
+            diff = relative_diff(keep_g, keep_r)
             worst[case.name] = max(worst[case.name], diff)
             if diff > tolerance:
                 problems.append(f"{case.name}: {name} max |diff| / max |ref| = {diff:.2e} > {tolerance:.0e}")

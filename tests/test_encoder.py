@@ -290,3 +290,18 @@ def test_sentence_transformers_pooling_is_followed(bert, tmp_path, mode):
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(flags))
     with pytest.raises(Exception, match="pooling_mode_mean_sqrt_len_tokens"):
         export_model(str(folder), tmp_path / "export2", log=lambda m: None)
+
+
+def test_an_encoder_graph_that_differs_from_pytorch_is_an_export_validation_error(bert):
+    from transformers import AutoModel
+
+    from softprompt.exporter import ExportValidationError
+    from softprompt.exporter.encoder import EncoderModule, validate_encoder
+
+    hf, export = bert
+    model = AutoModel.from_pretrained(hf).eval()
+    with torch.no_grad():
+        model.encoder.layer[1].output.dense.weight.mul_(1.5)  # PyTorch now computes something the graph does not
+    table = np.load(export / "embeddings.npy")
+    with pytest.raises(ExportValidationError, match=r"last_hidden_state, padded rows differ\(s\) by .* \(tolerance 0.0001\)"):
+        validate_encoder(export / "model.onnx", EncoderModule(model, token_types=True), table, 1e-4)

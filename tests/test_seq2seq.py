@@ -285,3 +285,20 @@ def test_marian_scales_encoder_embeddings_in_the_graph(tmp_path):
             prompted = reference.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False, num_beams=1)[0, 1:].tolist()
         assert model.complete(text, max_new_tokens=8)[0].token_ids == plain  # the model's own ids path
         assert model.complete(text, task="t", max_new_tokens=8)[0].token_ids == prompted
+
+
+def test_a_seq2seq_graph_that_differs_from_pytorch_is_an_export_validation_error(seq2seq):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from softprompt.exporter import ExportValidationError
+    from softprompt.exporter.seq2seq import validate_seq2seq
+
+    _, hf, export = seq2seq
+    model = AutoModelForSeq2SeqLM.from_pretrained(hf).eval()
+    decoder = model.get_decoder()
+    last = decoder.layers[-1].fc2 if hasattr(decoder, "layers") else decoder.block[-1].layer[-1].DenseReluDense.wo
+    with torch.no_grad():
+        last.weight.mul_(1.5)  # PyTorch's decoder now computes something the graph does not
+    table = np.load(export / "embeddings.npy")
+    with pytest.raises(ExportValidationError, match=r"decoder logits, 2 cached steps differ\(s\) by"):
+        validate_seq2seq(export, model, table, 1e-4)

@@ -18,13 +18,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from softprompt.exporter.encoder import encoder_facts, sentence_pooling
-from softprompt.exporter.graph import probe_cache
-from softprompt.exporter.metadata import embedding_table, special_tokens, structural
-from softprompt.exporter.seq2seq import cross_layout, generation_tokens, seq2seq_facts
+from softprompt.exporter.backbone import describe
 from softprompt.exporter.sources import load_source
 from softprompt.formats.bank import PromptMeta, save_prompt
-from softprompt.formats.fingerprint import backbone_fingerprint
 from softprompt.formats.task import TaskSpec
 from softprompt.runtime.classify import label_logprobs
 
@@ -68,28 +64,13 @@ class FrozenModel:
 def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> FrozenModel:
     """Load MODEL as export-model does and freeze it; compute the same fingerprint its export gets."""
     source = load_source(model_spec, log=log)
-    model = source.model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    table = embedding_table(model)
-    if source.kind == "encoder":
-        facts = encoder_facts(model, table)
-        tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-        pooling = sentence_pooling(Path(source.info["path"]) if source.info.get("path") else None)
-        return FrozenModel(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], [], "encoder",
-                        pooling)
-    tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())
+    backbone = describe(source)
+    tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())  # the tokenizer.json the export writes
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    if source.kind == "seq2seq":
-        facts = seq2seq_facts(model, table, cross_layout(model)[0])
-        eos = generation_tokens(model, source.tokenizer)["eos_token_ids"]
-        return FrozenModel(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], eos, "seq2seq")
-    facts = structural(model, probe_cache(model), table)
-    eos = special_tokens(model, source.tokenizer)["eos_token_ids"]
-    return FrozenModel(model, tokenizer, table, backbone_fingerprint(table, facts), facts["max_positions"], eos)
+    return FrozenModel(backbone.model, tokenizer, backbone.table, backbone.fingerprint, backbone.facts["max_positions"],
+                       backbone.tokens["eos_token_ids"] if backbone.kind != "encoder" else [], backbone.kind,
+                       backbone.fields.get("pooling", "mean"))
 
 
 def enable_checkpointing(model, every: int = 2) -> int:

@@ -1,0 +1,66 @@
+"""`describe`: what an export records of a model, computed one way for export-model and train-prompt.
+
+A prompt trained on a model must carry the fingerprint the model's export gets, so both read
+the embedding table, the structural facts and the special tokens from here, for every kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softprompt.formats.fingerprint import backbone_fingerprint
+
+from .encoder import encoder_facts, encoder_tokens, sentence_pooling
+from .graph import CacheLayout, probe_cache
+from .metadata import embedding_table, special_tokens, structural
+from .seq2seq import check_shared_embeddings, cross_layout, generation_tokens, seq2seq_facts
+from .sources import Source
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A loaded, frozen model and the `softprompt.json` fields that describe it (not its graphs)."""
+
+    kind: str  # "decoder", "encoder" or "seq2seq"
+    model: torch.nn.Module
+    table: np.ndarray  # [V, E] float32: the model's input-embedding module applied to every id
+    facts: dict[str, Any]  # architecture and shapes: the fingerprint covers these and the table
+    tokens: dict[str, Any]  # bos_token_id, eos_token_ids, pad_token_id
+    fields: dict[str, Any]  # kind-specific softprompt.json fields: pooling, generation
+    layout: Any  # decoder: CacheLayout; seq2seq: (self, cross) shapes per layer; encoder: None
+
+    @property
+    def fingerprint(self) -> str:
+        return backbone_fingerprint(self.table, self.facts)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def describe(source: Source) -> Backbone:
+    """Freeze `source.model` and read everything an export of it records besides the graphs."""
+    model = source.model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    table = embedding_table(model)
+    if source.kind == "encoder":
+        folder = Path(source.info["path"]) if source.info.get("path") else None
+        return Backbone("encoder", model, table, encoder_facts(model, table), encoder_tokens(source.tokenizer),
+                        {"pooling": sentence_pooling(folder)}, None)
+    if source.kind == "seq2seq":
+        check_shared_embeddings(model, table)
+        layout = cross_layout(model)
+        tokens = generation_tokens(model, source.tokenizer)
+        forced = {key: tokens.pop(key) for key in ("forced_bos_token_id", "forced_eos_token_id")}
+        generation = {key: int(value) for key, value in forced.items() if value is not None}
+        return Backbone("seq2seq", model, table, seq2seq_facts(model, table, layout[0]), tokens,
+                        {"generation": generation}, layout)
+    layout: CacheLayout = probe_cache(model)
+    return Backbone("decoder", model, table, structural(model, layout, table), special_tokens(model, source.tokenizer),
+                    {}, layout)
