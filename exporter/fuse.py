@@ -11,6 +11,9 @@ That op reads sequence lengths instead of the attention mask, which breaks left-
 the runtime's cached prompts (masked columns between a prompt and a row's text): measured, the
 last logits of such a batch moved by 0.79 of their scale. MultiHeadAttention keeps the mask.
 The export's validation against PyTorch runs on the fused graph, padded rows included.
+
+The passes are onnxscript's public ones, in the order its own `optimize_for_ort` runs them (shape
+optimisation first, the pattern rules last), minus the GroupQueryAttention fusions.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ def fuse_for_onnxruntime(path: Path, external_data: bool) -> dict[str, int]:
     import onnx_ir.passes.common as common_passes
     from onnxscript.optimizer import optimize
     from onnxscript.rewriter import rewrite
-    from onnxscript.rewriter.ort_fusions import _core
+    from onnxscript.rewriter.ort_fusions import (
+        fused_matmul_rule_sets,
+        instance_to_group_normalization,
+        shape_optimization,
+        softmax,
+    )
     from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
     from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
     from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_partial_rotary_embedding, fuse_rotary_embedding
@@ -36,7 +44,11 @@ def fuse_for_onnxruntime(path: Path, external_data: bool) -> dict[str, int]:
         fuse_skip_rms_normalization,
     )
 
-    model = _core._pre_optimize(ir.load(str(path)))
+    model = ir.load(str(path))
+    common_passes.ShapeInferencePass()(model)
+    optimize(model)
+    shape_optimization.rules.apply_to_model(model)
+    optimize(model)
     counts = {
         "rms_normalization": fuse_rms_normalization(model),
         "skip_layer_normalization": fuse_skip_layer_normalization(model),
@@ -49,7 +61,8 @@ def fuse_for_onnxruntime(path: Path, external_data: bool) -> dict[str, int]:
     counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
     counts["multi_head_attention"] = replace_sdpa_by_mha(model)
     optimize(model)
-    rewrite(model, _core.ORT_PATTERN_REWRITE_RULES)
+    rewrite(model, [*softmax.rules.rules, *instance_to_group_normalization.rules.rules,
+                    *fused_matmul_rule_sets.fused_matmul_rule_sets()])
     # Written beside, then moved over: the loaded model still reads its weights from the old files.
     scratch = path.parent / f".{path.name}.fused"
     scratch.mkdir()

@@ -82,3 +82,17 @@ def test_built_graph_names_no_output_that_nothing_reads(llama_export):
     read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
     unread = [(node.op_type, name) for node in graph.node for name in node.output if name and name not in read]
     assert unread == []
+
+
+def test_fused_traced_graph_uses_contrib_ops_and_keeps_greedy_tokens(llama_dir, tmp_path):
+    """--fuse rewrites a traced graph into onnxruntime's fused ops; it still validates and decodes like transformers."""
+    import onnx
+
+    config = export_model(str(llama_dir), tmp_path / "fused", graph="traced", fuse=True, log=lambda m: None)
+    fusions = config.validation["fusions"]
+    for fusion in ("rms_normalization", "skip_rms_normalization", "rotary_embedding", "multi_head_attention"):
+        assert fusions.get(fusion, 0) > 0, f"{fusion} not applied: {fusions}"
+    ops = {node.op_type for node in onnx.load(tmp_path / "fused" / "model.onnx").graph.node}
+    assert {"SkipSimplifiedLayerNormalization", "RotaryEmbedding", "MultiHeadAttention"} <= ops
+    alone, batched = greedy_matches(llama_dir, tmp_path / "fused", TEXTS)
+    assert alone and batched
