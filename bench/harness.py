@@ -68,5 +68,4 @@ def machine() -> str:
         pass
     import onnxruntime
 
-    return (f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, "
-            f"onnxruntime {onnxruntime.__version__}")
+    return f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"

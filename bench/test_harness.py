@@ -26,8 +26,9 @@ def test_one_step_per_generated_token(llama_export):
 
 
 def test_worker_process_measures_on_request_and_reports_failures(llama_export, tmp_path):
-    args = argparse.Namespace(export=llama_export, model="unused", threads=1, input_tokens=4, new_tokens=6, inner=1,
-                              prompt_length=0, bank=tmp_path)
+    args = argparse.Namespace(
+        export=llama_export, model="unused", threads=1, input_tokens=4, new_tokens=6, inner=1, prompt_length=0, bank=tmp_path
+    )
     command, env = generate.side_command("onnx", args, 1)
     worker = serve.Worker([*command, "--serve"], env=env, settle=0)
     try:
@@ -58,8 +59,18 @@ def test_rounds_rotate_which_side_goes_first_and_keep_each_sides_values_apart():
 def test_genai_comparison_starts_fresh_processes_for_each_set(llama_export, tmp_path):
     """Identical processes keep different speeds for life here, so one set of processes is one draw:
     each set must be new processes, kept through its rounds. The runtime's own side stands in for genai."""
-    args = argparse.Namespace(export=llama_export, model="unused", threads=1, input_tokens=4, new_tokens=5, inner=1,
-                              prompt_length=0, bank=tmp_path, genai_rounds=2, genai_processes=2)
+    args = argparse.Namespace(
+        export=llama_export,
+        model="unused",
+        threads=1,
+        input_tokens=4,
+        new_tokens=5,
+        inner=1,
+        prompt_length=0,
+        bank=tmp_path,
+        genai_rounds=2,
+        genai_processes=2,
+    )
     stand_in = [*generate.side_command("onnx", args, 1)[0], "--serve"]
     sets = serve.against_genai(args, stand_in)
     assert [len(rounds) for rounds in sets] == [2, 2]

@@ -51,16 +51,25 @@ def describe(source: Source) -> Backbone:
     table = embedding_table(model)
     if source.kind == "encoder":
         folder = Path(source.info["path"]) if source.info.get("path") else None
-        return Backbone("encoder", model, table, encoder_facts(model, table), encoder_tokens(source.tokenizer),
-                        {"pooling": sentence_pooling(folder)}, None)
+        return Backbone(
+            "encoder",
+            model,
+            table,
+            encoder_facts(model, table),
+            encoder_tokens(source.tokenizer),
+            {"pooling": sentence_pooling(folder)},
+            None,
+        )
     if source.kind == "seq2seq":
         check_shared_embeddings(model, table)
         layout = cross_layout(model)
         tokens = generation_tokens(model, source.tokenizer)
         forced = {key: tokens.pop(key) for key in ("forced_bos_token_id", "forced_eos_token_id")}
         generation = {key: int(value) for key, value in forced.items() if value is not None}
-        return Backbone("seq2seq", model, table, seq2seq_facts(model, table, layout[0]), tokens,
-                        {"generation": generation}, layout)
+        return Backbone(
+            "seq2seq", model, table, seq2seq_facts(model, table, layout[0]), tokens, {"generation": generation}, layout
+        )
     layout: CacheLayout = probe_cache(model)
-    return Backbone("decoder", model, table, structural(model, layout, table), special_tokens(model, source.tokenizer),
-                    {}, layout)
+    return Backbone(
+        "decoder", model, table, structural(model, layout, table), special_tokens(model, source.tokenizer), {}, layout
+    )

@@ -34,36 +34,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="export-model",
         description="Export a frozen decoder, encoder or encoder-decoder to ONNX (inputs_embeds entry point) "
-                    "for soft-prompt serving.",
+        "for soft-prompt serving.",
         epilog=EPILOG.format(builtins=builtins),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help="built-in name, .gguf file, or Hugging Face model folder")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the export into")
-    parser.add_argument("--opset", type=int, default=18,
-                        help="ONNX opset of traced graphs (default: 18; built graphs use 23, the first with Attention)")
     parser.add_argument(
-        "--tolerance", type=float, default=1e-4,
+        "--opset",
+        type=int,
+        default=18,
+        help="ONNX opset of traced graphs (default: 18; built graphs use 23, the first with Attention)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
         help="largest allowed max|onnx - torch| / max|torch| for logits and cache in validation (default: 1e-4)",
     )
     parser.add_argument(
-        "--attention", choices=["sdpa", "eager"], default=None,
+        "--attention",
+        choices=["sdpa", "eager"],
+        default=None,
         help="attention implementation to trace (default: transformers' choice for the model)",
     )
     parser.add_argument(
-        "--graph", choices=["auto", "built", "traced"], default="auto",
+        "--graph",
+        choices=["auto", "built", "traced"],
+        default="auto",
         help="how a decoder's graph is made: built op by op with onnxruntime's fused ops (Llama, Mistral, "
-             "Qwen2: about 1.25x faster decoding), traced through PyTorch (any architecture), or auto "
-             "(built where supported and it validates, else traced; the default)",
+        "Qwen2: about 1.25x faster decoding), traced through PyTorch (any architecture), or auto "
+        "(built where supported and it validates, else traced; the default)",
     )
     parser.add_argument(
-        "--fuse", action="store_true",
+        "--fuse",
+        action="store_true",
         help="for traced graphs: fuse normalisation, rotary embeddings and attention into onnxruntime contrib ops "
-             "(8-11%% faster decoding in a quiet A/B run on 2 cores)",
+        "(8-11%% faster decoding in a quiet A/B run on 2 cores)",
     )
-    parser.add_argument("--task", choices=["auto", "decoder", "encoder", "seq2seq"], default="auto",
-                        help="what to export the model as (default: auto, from its config); e.g. --task encoder "
-                             "for an embedding model of a type not known as an encoder")
+    parser.add_argument(
+        "--task",
+        choices=["auto", "decoder", "encoder", "seq2seq"],
+        default="auto",
+        help="what to export the model as (default: auto, from its config); e.g. --task encoder "
+        "for an embedding model of a type not known as an encoder",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None, help="where converted GGUF models are cached")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -77,16 +92,26 @@ def main(argv: list[str] | None = None) -> int:
         from .errors import ExportError
         from .export import export_model
     except ImportError as exc:
-        print(f"error: export needs torch and transformers ({exc.name} is missing): "
-              "pip install 'softprompt-onnx[export]'", file=sys.stderr)
+        print(
+            f"error: export needs torch and transformers ({exc.name} is missing): pip install 'softprompt-onnx[export]'",
+            file=sys.stderr,
+        )
         return 1
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = export_model(
-            args.model, args.out_dir, opset=args.opset, tolerance=args.tolerance, overwrite=args.force,
-            attention=args.attention, fuse=args.fuse, cache_dir=args.cache_dir,
-            kind=None if args.task == "auto" else args.task, graph=args.graph, log=log,
+            args.model,
+            args.out_dir,
+            opset=args.opset,
+            tolerance=args.tolerance,
+            overwrite=args.force,
+            attention=args.attention,
+            fuse=args.fuse,
+            cache_dir=args.cache_dir,
+            kind=None if args.task == "auto" else args.task,
+            graph=args.graph,
+            log=log,
         )
     except (ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -94,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; OUT_DIR was left as it was", file=sys.stderr)
         return 130
-    log(f"exported {config.architecture} ({config.num_layers} layers, width {config.hidden_size}, "
-        f"vocab {config.vocab_size}) to {args.out_dir}")
+    log(
+        f"exported {config.architecture} ({config.num_layers} layers, width {config.hidden_size}, "
+        f"vocab {config.vocab_size}) to {args.out_dir}"
+    )
     print(args.out_dir)
     return 0
 

@@ -21,8 +21,18 @@ from .validate import passed, relative_diff
 
 # Model types loaded with AutoModel (no language-model head) and exported as encoders.
 ENCODER_TYPES = {
-    "bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2",
-    "camembert", "albert", "modernbert", "nomic_bert",
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "distilbert",
+    "electra",
+    "mpnet",
+    "deberta",
+    "deberta-v2",
+    "camembert",
+    "albert",
+    "modernbert",
+    "nomic_bert",
 }
 
 
@@ -56,8 +66,12 @@ class EncoderModule(torch.nn.Module):
         return (out.last_hidden_state, out.pooler_output) if self.pooler else out.last_hidden_state
 
 
-POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
-                 "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken"}
+POOLING_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 
 
 def sentence_pooling(folder: Path | None) -> str:
@@ -80,8 +94,10 @@ def sentence_pooling(folder: Path | None) -> str:
     chosen = [mode for key, mode in POOLING_MODES.items() if config.get(key)]
     others = sorted(k for k, v in config.items() if k.startswith("pooling_mode") and v and k not in POOLING_MODES)
     if len(chosen) != 1 or others:
-        raise ExportError(f"{folder}: sentence-transformers pooling {sorted(k for k, v in config.items() if k.startswith('pooling_mode') and v)}; "
-                          f"the runtime pools by exactly one of {sorted(POOLING_MODES)}")
+        raise ExportError(
+            f"{folder}: sentence-transformers pooling {sorted(k for k, v in config.items() if k.startswith('pooling_mode') and v)}; "
+            f"the runtime pools by exactly one of {sorted(POOLING_MODES)}"
+        )
     return chosen[0]
 
 
@@ -101,8 +117,7 @@ def export_encoder_graph(graph: EncoderModule, hidden: int, path: Path, opset: i
         example += (torch.zeros(2, 5, dtype=torch.long),)
         names.append("token_type_ids")
         dynamic["token_type_ids"] = {0: batch, 1: seq}
-    onnx_export(graph, example, path, opset, external_data, dynamic, names, graph.output_names,
-                what=type(graph.model).__name__)
+    onnx_export(graph, example, path, opset, external_data, dynamic, names, graph.output_names, what=type(graph.model).__name__)
 
 
 def validate_encoder(path: Path, graph: EncoderModule, table: np.ndarray, tolerance: float) -> dict:

@@ -61,8 +61,10 @@ def fuse_for_onnxruntime(path: Path, external_data: bool) -> dict[str, int]:
     counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
     counts["multi_head_attention"] = replace_sdpa_by_mha(model)
     optimize(model)
-    rewrite(model, [*softmax.rules.rules, *instance_to_group_normalization.rules.rules,
-                    *fused_matmul_rule_sets.fused_matmul_rule_sets()])
+    rewrite(
+        model,
+        [*softmax.rules.rules, *instance_to_group_normalization.rules.rules, *fused_matmul_rule_sets.fused_matmul_rule_sets()],
+    )
     # Written beside, then moved over: the loaded model still reads its weights from the old files.
     scratch = path.parent / f".{path.name}.fused"
     scratch.mkdir()

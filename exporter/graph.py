@@ -121,20 +121,50 @@ def export_graph(wrapper: CachedDecoder, hidden: int, path: Path, opset: int = 1
     }
     names_in = ["inputs_embeds", "attention_mask", "position_ids", *layout.input_names()]
     names_out = ["logits", *layout.output_names()]
-    onnx_export(wrapper, example_inputs(layout, hidden), path, opset, external_data, dynamic, names_in, names_out,
-                what=type(wrapper.model).__name__, hint=" Try --attention eager, or report the architecture.")
+    onnx_export(
+        wrapper,
+        example_inputs(layout, hidden),
+        path,
+        opset,
+        external_data,
+        dynamic,
+        names_in,
+        names_out,
+        what=type(wrapper.model).__name__,
+        hint=" Try --attention eager, or report the architecture.",
+    )
 
 
-def onnx_export(module, example, path: Path, opset: int, external_data: bool, dynamic, inputs: list[str],
-                outputs: list[str], *, what: str, hint: str = "") -> None:
+def onnx_export(
+    module,
+    example,
+    path: Path,
+    opset: int,
+    external_data: bool,
+    dynamic,
+    inputs: list[str],
+    outputs: list[str],
+    *,
+    what: str,
+    hint: str = "",
+) -> None:
     """torch.onnx.export(dynamo=True) with onnxruntime-ready optimisation, saved to `path`; failures as ExportError."""
     # torch logs a warning per torchvision op it cannot register; they concern no language model.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.export's tracing warnings are about internals, not the user's model
         try:
-            program = torch.onnx.export(module, example, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-                                        input_names=inputs, output_names=outputs, optimize=True, verbose=False)
+            program = torch.onnx.export(
+                module,
+                example,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic,
+                input_names=inputs,
+                output_names=outputs,
+                optimize=True,
+                verbose=False,
+            )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"torch.onnx.export failed for {what}: {first}.{hint}") from exc

@@ -132,19 +132,21 @@ def read_weights(model, layout: CacheLayout) -> Weights:
             qkv_bias[: sizes[0]] *= scale
         input_norm, eps = _gain(block.input_layernorm, width)
         post_norm, _ = _gain(block.post_attention_layernorm, width)
-        layers.append(Layer(
-            input_norm=input_norm,
-            qkv=np.ascontiguousarray(np.concatenate([q * scale, k, v], axis=1)),
-            qkv_bias=qkv_bias,
-            out=_matrix(attention.o_proj), out_bias=_bias(attention.o_proj),
-            post_norm=post_norm,
-            gate_up=np.ascontiguousarray(np.concatenate([_matrix(mlp.gate_proj), _matrix(mlp.up_proj)], axis=1)),
-            down=_matrix(mlp.down_proj),
-        ))
+        layers.append(
+            Layer(
+                input_norm=input_norm,
+                qkv=np.ascontiguousarray(np.concatenate([q * scale, k, v], axis=1)),
+                qkv_bias=qkv_bias,
+                out=_matrix(attention.o_proj),
+                out_bias=_bias(attention.o_proj),
+                post_norm=post_norm,
+                gate_up=np.ascontiguousarray(np.concatenate([_matrix(mlp.gate_proj), _matrix(mlp.up_proj)], axis=1)),
+                down=_matrix(mlp.down_proj),
+            )
+        )
     final_norm, _ = _gain(inner.norm, width)
     cos, sin = _rotary_tables(inner.rotary_emb, int(model.config.max_position_embeddings), head_size)
-    return Weights(layers, final_norm, _matrix(model.lm_head), _bias(model.lm_head), cos, sin, eps,
-                   heads, kv_heads, head_size)
+    return Weights(layers, final_norm, _matrix(model.lm_head), _bias(model.lm_head), cos, sin, eps, heads, kv_heads, head_size)
 
 
 def _rotary_tables(rotary, positions: int, head_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +156,9 @@ def _rotary_tables(rotary, positions: int, head_size: int) -> tuple[np.ndarray, 
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), ids)
     cos, sin = cos[0].float().numpy(), sin[0].float().numpy()
     half = head_size // 2
-    if cos.shape[-1] != head_size or not (np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])):
+    if cos.shape[-1] != head_size or not (
+        np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])
+    ):
         raise ValueError("the rotary tables are not in rotate-half form")
     return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
 
@@ -213,7 +217,9 @@ def _additive_mask(b: _Builder) -> str:
     key_columns = b.one("Range", [b.const("zero", np.array(0)), total, one])
     query_columns = b.one("Unsqueeze", [b.one("Range", [past, total, one]), b.const("axis1", np.array([1]))])
     # Query s sits at column past + s and sees keys 0 .. past + s.
-    causal = b.one("Where", [b.one("Greater", [key_columns, query_columns]), lowest, b.const("zero_f", np.array(0.0, np.float32))])
+    causal = b.one(
+        "Where", [b.one("Greater", [key_columns, query_columns]), lowest, b.const("zero_f", np.array(0.0, np.float32))]
+    )
     return b.one("Add", [padding, causal])
 
 
@@ -221,7 +227,9 @@ def _skip_norm(b: _Builder, x: str, residual: str, gain: np.ndarray, eps: float,
     """(normalised x + residual, x + residual). The optional mean and inverse-deviation outputs stay
     unnamed: named, onnxruntime writes them for every call, which doubled the op's cost in a decode step."""
     hidden, total = b.name("skipsimplifiedlayernormalization"), b.name("residual") if keep_sum else ""
-    b.op("SkipSimplifiedLayerNormalization", [x, residual, b.const("norm", gain)], [hidden, "", "", total], domain=MS, epsilon=eps)
+    b.op(
+        "SkipSimplifiedLayerNormalization", [x, residual, b.const("norm", gain)], [hidden, "", "", total], domain=MS, epsilon=eps
+    )
     return hidden, total
 
 
@@ -238,7 +246,9 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
     norm = dict(epsilon=w.eps)
     residual = "inputs_embeds"
     past, present = cache_names(PAST, len(w.layers)), cache_names(PRESENT, len(w.layers))
-    hidden = b.one("SimplifiedLayerNormalization", [residual, b.const("norm", w.layers[0].input_norm)], axis=-1, stash_type=1, **norm)
+    hidden = b.one(
+        "SimplifiedLayerNormalization", [residual, b.const("norm", w.layers[0].input_norm)], axis=-1, stash_type=1, **norm
+    )
     for i, layer in enumerate(w.layers):
         qkv = b.one("MatMul", [hidden, b.const(f"layers.{i}.qkv", layer.qkv)])
         if layer.qkv_bias is not None:
@@ -247,13 +257,21 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
         q = b.one("RotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, num_heads=w.heads)
         k = b.one("RotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, num_heads=w.kv_heads)
         # ONNX's Attention (opset 23): grouped-query heads, past + new keys/values -> present, additive mask.
-        attn = b.op("Attention", [q, k, v, mask, *past[2 * i : 2 * i + 2]], [b.name("attention"), *present[2 * i : 2 * i + 2]],
-                    q_num_heads=w.heads, kv_num_heads=w.kv_heads, scale=1.0)[0]
+        attn = b.op(
+            "Attention",
+            [q, k, v, mask, *past[2 * i : 2 * i + 2]],
+            [b.name("attention"), *present[2 * i : 2 * i + 2]],
+            q_num_heads=w.heads,
+            kv_num_heads=w.kv_heads,
+            scale=1.0,
+        )[0]
         attn = b.one("MatMul", [attn, b.const(f"layers.{i}.out", layer.out)])
         if layer.out_bias is not None:
             attn = b.one("Add", [attn, b.const(f"layers.{i}.out_bias", layer.out_bias)])
         hidden, residual = _skip_norm(b, attn, residual, layer.post_norm, w.eps)
-        gate, up = b.op("Split", [b.one("MatMul", [hidden, b.const(f"layers.{i}.gate_up", layer.gate_up)]), mlp_split], 2, axis=-1)
+        gate, up = b.op(
+            "Split", [b.one("MatMul", [hidden, b.const(f"layers.{i}.gate_up", layer.gate_up)]), mlp_split], 2, axis=-1
+        )
         act = b.one("Mul", [b.one("Mul", [gate, b.one("Sigmoid", [gate])]), up])  # SiLU(gate) * up
         mlp = b.one("MatMul", [act, b.const(f"layers.{i}.down", layer.down)])
         gain = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.final_norm
@@ -268,9 +286,16 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
         b.op("Add", [b.one("MatMul", [hidden, b.const("lm_head", w.lm_head)]), b.const("lm_bias", w.lm_bias)], ["logits"])
 
     graph = helper.make_graph(b.nodes, "softprompt_decoder", inputs, outputs, initializer=b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="softprompt-onnx")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], producer_name="softprompt-onnx"
+    )
     model.ir_version = 10
     path.unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=external_data, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external_data,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )

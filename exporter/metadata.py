@@ -37,8 +37,19 @@ def _as_list(value) -> list[int]:
 def special_tokens(model, tokenizer) -> dict[str, Any]:
     """End-of-sequence ids from the generation config first (where chat models list several)."""
     generation = getattr(model, "generation_config", None)
-    eos = _as_list(getattr(generation, "eos_token_id", None)) or _as_list(model.config.eos_token_id) or _as_list(tokenizer.eos_token_id)
-    pad = next((v for v in (getattr(generation, "pad_token_id", None), tokenizer.pad_token_id, model.config.pad_token_id) if v is not None), None)
+    eos = (
+        _as_list(getattr(generation, "eos_token_id", None))
+        or _as_list(model.config.eos_token_id)
+        or _as_list(tokenizer.eos_token_id)
+    )
+    pad = next(
+        (
+            v
+            for v in (getattr(generation, "pad_token_id", None), tokenizer.pad_token_id, model.config.pad_token_id)
+            if v is not None
+        ),
+        None,
+    )
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
     return {"bos_token_id": bos, "eos_token_ids": eos, "pad_token_id": pad if pad is not None else (eos[0] if eos else None)}
 

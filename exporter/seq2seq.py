@@ -34,8 +34,9 @@ from .validate import passed, relative_diff
 
 def cross_layout(model) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Per decoder layer [heads, head size] of the self- and cross-attention caches, from a real forward pass."""
-    self_cache, cross_cache = _run(model, _embed(model, [[3, 4, 5]]), torch.ones(1, 3, dtype=torch.long),
-                                   _embed(model, [[_start_id(model)]]))
+    self_cache, cross_cache = _run(
+        model, _embed(model, [[3, 4, 5]]), torch.ones(1, 3, dtype=torch.long), _embed(model, [[_start_id(model)]])
+    )
     shapes = []
     for tensors in (cache_tensors(self_cache), cache_tensors(cross_cache)):
         if not tensors or any(t is None or t.dim() != 4 for t in tensors):
@@ -52,8 +53,10 @@ def check_shared_embeddings(model, table: np.ndarray) -> None:
         with torch.no_grad():
             rows = module(ids)[0].float().numpy()
         if rows.shape != table.shape or not np.allclose(rows, table, rtol=0, atol=1e-6 * max(1.0, float(np.abs(table).max()))):
-            raise ExportError(f"{type(model).__name__}: the {side}'s input embeddings differ from the shared table; "
-                              "models with separate encoder and decoder vocabularies are not supported")
+            raise ExportError(
+                f"{type(model).__name__}: the {side}'s input embeddings differ from the shared table; "
+                "models with separate encoder and decoder vocabularies are not supported"
+            )
 
 
 def input_scales(model) -> tuple[float, float]:
@@ -82,8 +85,10 @@ def input_scales(model) -> tuple[float, float]:
             candidates = dict.fromkeys([1.0, float(getattr(module, "embed_scale", 1.0) or 1.0)])
             found = [c for c in candidates if torch.allclose(run(inputs_embeds=embeds * c), want, rtol=1e-4, atol=1e-5)]
             if not found:
-                raise ExportError(f"{type(model).__name__}: the {side} gives other outputs for token embeddings than for "
-                                  "token ids, by no factor this exporter knows; not supported")
+                raise ExportError(
+                    f"{type(model).__name__}: the {side} gives other outputs for token embeddings than for "
+                    "token ids, by no factor this exporter knows; not supported"
+                )
             scales.append(found[0])
     model._softprompt_input_scales = (scales[0], scales[1])
     return model._softprompt_input_scales
@@ -116,8 +121,14 @@ def _run(model, embeds, mask, decoder_embeds, self_cache=None, cross_cache=None,
     else:
         kwargs["inputs_embeds"] = embeds
     with torch.no_grad():
-        out = model(attention_mask=mask, decoder_inputs_embeds=decoder_embeds, past_key_values=cache,
-                    use_cache=True, return_dict=True, **kwargs)
+        out = model(
+            attention_mask=mask,
+            decoder_inputs_embeds=decoder_embeds,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+            **kwargs,
+        )
     if encoder_hidden is not None:
         return out
     return out.past_key_values.self_attention_cache, out.past_key_values.cross_attention_cache
@@ -138,8 +149,14 @@ class Seq2SeqEncoder(torch.nn.Module):
             inputs_embeds = inputs_embeds * self.scale
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         start = inputs_embeds.new_zeros((inputs_embeds.shape[0], 1, inputs_embeds.shape[2]))
-        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, decoder_inputs_embeds=start,
-                         past_key_values=cache, use_cache=True, return_dict=True)
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            decoder_inputs_embeds=start,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
         return tuple(cache_tensors(out.past_key_values.cross_attention_cache))
 
 
@@ -169,9 +186,14 @@ class Seq2SeqDecoder(torch.nn.Module):
         # still wants a tensor of the right shape to decide that cross-attention runs.
         shape = (encoder_attention_mask.shape[0], encoder_attention_mask.shape[1], inputs_embeds.shape[2])
         placeholder = inputs_embeds.new_zeros(shape)
-        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=placeholder),
-                         attention_mask=encoder_attention_mask, decoder_inputs_embeds=inputs_embeds,
-                         past_key_values=cache, use_cache=True, return_dict=True)
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=placeholder),
+            attention_mask=encoder_attention_mask,
+            decoder_inputs_embeds=inputs_embeds,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
         return (out.logits, *cache_tensors(out.past_key_values.self_attention_cache))
 
 
@@ -179,8 +201,9 @@ def names(layers: int) -> dict[str, list[str]]:
     return {"past": cache_names(PAST, layers), "present": cache_names(PRESENT, layers), "cross": cache_names(CROSS, layers)}
 
 
-def export_seq2seq_graphs(model, folder: Path, opset: int, external_data: bool,
-                          layout: tuple[list[tuple[int, int]], list[tuple[int, int]]]) -> None:
+def export_seq2seq_graphs(
+    model, folder: Path, opset: int, external_data: bool, layout: tuple[list[tuple[int, int]], list[tuple[int, int]]]
+) -> None:
     """Write encoder.onnx and decoder.onnx into `folder`.
 
     `layout` is `cross_layout(model)`: the self- and cross-attention cache shapes per layer.
@@ -196,22 +219,49 @@ def export_seq2seq_graphs(model, folder: Path, opset: int, external_data: bool,
     embeds = torch.randn(b, s, hidden) * 0.02
     mask = torch.ones(b, s, dtype=torch.long)
     encoder = Seq2SeqEncoder(model)
-    _export(encoder, (embeds, mask), folder / "encoder.onnx", opset, external_data,
-            {"inputs_embeds": {0: batch, 1: src}, "attention_mask": {0: batch, 1: src}},
-            ["inputs_embeds", "attention_mask"], n["cross"])
+    _export(
+        encoder,
+        (embeds, mask),
+        folder / "encoder.onnx",
+        opset,
+        external_data,
+        {"inputs_embeds": {0: batch, 1: src}, "attention_mask": {0: batch, 1: src}},
+        ["inputs_embeds", "attention_mask"],
+        n["cross"],
+    )
     cross = tuple(torch.randn(b, h, s, d) * 0.02 for h, d in cross_shapes for _ in range(2))
     pasts = tuple(torch.randn(b, h, p, d) * 0.02 for h, d in self_shapes for _ in range(2))
     decoder = Seq2SeqDecoder(model, layers)
-    _export(decoder, (torch.randn(b, t, hidden) * 0.02, mask, pasts, cross), folder / "decoder.onnx", opset, external_data,
-            {"inputs_embeds": {0: batch, 1: seq}, "encoder_attention_mask": {0: batch, 1: src},
-             "past": tuple({0: batch, 2: past} for _ in pasts), "cross": tuple({0: batch, 2: src} for _ in cross)},
-            ["inputs_embeds", "encoder_attention_mask", *n["past"], *n["cross"]], ["logits", *n["present"]])
+    _export(
+        decoder,
+        (torch.randn(b, t, hidden) * 0.02, mask, pasts, cross),
+        folder / "decoder.onnx",
+        opset,
+        external_data,
+        {
+            "inputs_embeds": {0: batch, 1: seq},
+            "encoder_attention_mask": {0: batch, 1: src},
+            "past": tuple({0: batch, 2: past} for _ in pasts),
+            "cross": tuple({0: batch, 2: src} for _ in cross),
+        },
+        ["inputs_embeds", "encoder_attention_mask", *n["past"], *n["cross"]],
+        ["logits", *n["present"]],
+    )
 
 
 def _export(module, example, path: Path, opset: int, external_data: bool, dynamic, inputs, outputs) -> None:
-    onnx_export(module, example, path, opset, external_data, dynamic, inputs, outputs,
-                what=f"the {path.stem} of {type(module.model).__name__}",
-                hint=" Try --attention eager, or report the architecture.")
+    onnx_export(
+        module,
+        example,
+        path,
+        opset,
+        external_data,
+        dynamic,
+        inputs,
+        outputs,
+        what=f"the {path.stem} of {type(module.model).__name__}",
+        hint=" Try --attention eager, or report the architecture.",
+    )
 
 
 def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -> dict:
@@ -229,8 +279,12 @@ def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -
     decoder = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
     cross = encoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask})
     encoder_scale, decoder_scale = input_scales(model)
-    self_cache, cross_cache = _run(model, torch.from_numpy(embeds) * encoder_scale, torch.from_numpy(mask),
-                                   torch.from_numpy(table[[[start], [start]]]) * decoder_scale)
+    self_cache, cross_cache = _run(
+        model,
+        torch.from_numpy(embeds) * encoder_scale,
+        torch.from_numpy(mask),
+        torch.from_numpy(table[[[start], [start]]]) * decoder_scale,
+    )
     want_cross = [t.numpy() for t in cache_tensors(cross_cache)]
     diffs = {"cross keys/values": _cache_diff(cross, want_cross, mask)}
     layers = len(cross) // 2
@@ -246,12 +300,17 @@ def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -
     worst = 0.0
     for _ in range(2):
         step_embeds = table[tokens].astype(np.float32)
-        feeds = {"inputs_embeds": step_embeds, "encoder_attention_mask": mask,
-                 **dict(zip(n["past"], past)), **dict(zip(n["cross"], cross))}
+        feeds = {
+            "inputs_embeds": step_embeds,
+            "encoder_attention_mask": mask,
+            **dict(zip(n["past"], past)),
+            **dict(zip(n["cross"], cross)),
+        }
         logits, *past = decoder.run(None, feeds)
         hidden = torch.zeros(2, 6, table.shape[1])
-        want = _run(model, None, torch.from_numpy(mask), torch.from_numpy(step_embeds) * decoder_scale, torch_self,
-                    torch_cross, hidden)
+        want = _run(
+            model, None, torch.from_numpy(mask), torch.from_numpy(step_embeds) * decoder_scale, torch_self, torch_cross, hidden
+        )
         torch_self = want.past_key_values.self_attention_cache
         expected = want.logits.numpy()
         worst = max(worst, relative_diff(logits, expected))

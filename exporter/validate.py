@@ -27,8 +27,11 @@ def passed(diffs: dict[str, float], tolerance: float) -> dict:
     """The validation report for `diffs`, or ExportValidationError naming each one above `tolerance`."""
     failed = {name: d for name, d in diffs.items() if not d <= tolerance}  # `not <=` catches NaN
     if failed:
-        raise ExportValidationError("the ONNX graph does not reproduce PyTorch: " + ", ".join(
-            f"{name} differ(s) by {d:.2e} of the reference's scale" for name, d in failed.items()) + f" (tolerance {tolerance:g})")
+        raise ExportValidationError(
+            "the ONNX graph does not reproduce PyTorch: "
+            + ", ".join(f"{name} differ(s) by {d:.2e} of the reference's scale" for name, d in failed.items())
+            + f" (tolerance {tolerance:g})"
+        )
     return {"max_relative_diff": diffs, "tolerance": tolerance}
 
 
@@ -94,14 +97,18 @@ def validate(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, toleran
 
     worst: dict[str, float] = {}
     for case in make_cases(wrapper, table):
-        feeds = {"inputs_embeds": case.embeds, "attention_mask": case.mask, "position_ids": case.positions,
-                 "logits_to_keep": np.array([0], np.int64)}
+        feeds = {
+            "inputs_embeds": case.embeds,
+            "attention_mask": case.mask,
+            "position_ids": case.positions,
+            "logits_to_keep": np.array([0], np.int64),
+        }
         feeds.update(zip(layout.input_names(), case.past))
         feeds = {k: v for k, v in feeds.items() if k in graph_inputs}
         got = session.run(expected_out, feeds)
         with torch.no_grad():
             ref = [t.numpy() for t in wrapper(*_torch_args(case))]
-        new_mask = case.mask[:, -case.embeds.shape[1]:].astype(bool)
+        new_mask = case.mask[:, -case.embeds.shape[1] :].astype(bool)
         key_mask = case.mask.astype(bool)
         worst[case.name] = 0.0
         for name, g, r in zip(expected_out, got, ref):
@@ -109,7 +116,11 @@ def validate(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, toleran
                 problems.append(f"{case.name}: {name} has shape {g.shape}, PyTorch gives {r.shape}")
                 continue
             # Compare only kept positions: logits at real new tokens, cache entries at real keys.
-            keep_g, keep_r = (g[new_mask], r[new_mask]) if name == "logits" else (g.transpose(0, 2, 1, 3)[key_mask], r.transpose(0, 2, 1, 3)[key_mask])
+            keep_g, keep_r = (
+                (g[new_mask], r[new_mask])
+                if name == "logits"
+                else (g.transpose(0, 2, 1, 3)[key_mask], r.transpose(0, 2, 1, 3)[key_mask])
+            )
             if not np.isfinite(keep_g).all():
                 problems.append(f"{case.name}: {name} has non-finite values")
                 continue

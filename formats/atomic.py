@@ -43,7 +43,7 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def write_atomic(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+def write_atomic(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
     """Call `write(handle)` on a temporary file and rename it to `path` once complete."""
     with atomic_writer(path, mode) as handle:
         write(handle)

@@ -84,8 +84,7 @@ def validate_vectors(vectors: np.ndarray, where: str) -> None:
         raise InvalidPromptError(f"{where}: object array; expected float32 or float16")
     if vectors.ndim != 2:
         raise InvalidPromptError(
-            f"{where}: shape {vectors.shape} has {vectors.ndim} dimensions; expected 2 "
-            "([prompt length, embedding width])"
+            f"{where}: shape {vectors.shape} has {vectors.ndim} dimensions; expected 2 ([prompt length, embedding width])"
         )
     if vectors.dtype.name not in ALLOWED_DTYPES:
         raise InvalidPromptError(f"{where}: dtype {vectors.dtype}; expected one of {ALLOWED_DTYPES}")
@@ -166,8 +165,7 @@ def read_vectors(path: Path) -> np.ndarray:
         text = str(exc)
         if "allow_pickle" in text or "Object arrays" in text:
             raise InvalidPromptError(
-                f"{path}: holds a pickled or object array; expected a plain float32/float16 array "
-                "(pickles are never loaded)"
+                f"{path}: holds a pickled or object array; expected a plain float32/float16 array (pickles are never loaded)"
             ) from None
         raise InvalidPromptError(f"{path}: not a readable .npy array ({text}); the file may be truncated") from None
     except (EOFError, OSError) as exc:
@@ -229,13 +227,10 @@ def load_prompt(
     found = (int(vectors.shape[0]), int(vectors.shape[1]), vectors.dtype.name)
     if found != (meta.length, meta.width, meta.dtype):
         raise InvalidPromptError(
-            f"{npy}: array is {found[0]}x{found[1]} {found[2]} but {meta_path.name} says "
-            f"{meta.length}x{meta.width} {meta.dtype}"
+            f"{npy}: array is {found[0]}x{found[1]} {found[2]} but {meta_path.name} says {meta.length}x{meta.width} {meta.dtype}"
         )
     if width is not None and meta.width != width:
-        raise BackboneMismatchError(
-            f"{npy}: prompt width E={meta.width}; the backbone's embedding width is {width}"
-        )
+        raise BackboneMismatchError(f"{npy}: prompt width E={meta.width}; the backbone's embedding width is {width}")
     if fingerprint is not None and meta.fingerprint != fingerprint:
         raise BackboneMismatchError(
             f"{meta_path}: made for backbone {short(meta.fingerprint)}; this model is {short(fingerprint)}. "
@@ -244,9 +239,7 @@ def load_prompt(
     return Prompt(meta=meta, vectors=vectors)
 
 
-def load_bank(
-    bank_dir: str | os.PathLike, *, width: int | None = None, fingerprint: str | None = None
-) -> dict[str, Prompt]:
+def load_bank(bank_dir: str | os.PathLike, *, width: int | None = None, fingerprint: str | None = None) -> dict[str, Prompt]:
     """Load and check every task of a bank at once, so a bad file is reported at load time."""
     return {name: load_prompt(bank_dir, name, width=width, fingerprint=fingerprint) for name in list_tasks(bank_dir)}
 

@@ -25,8 +25,11 @@ CONFIG_FILE = "softprompt.json"
 KINDS = ("decoder", "encoder", "seq2seq")
 POOLINGS = ("mean", "cls", "max", "lasttoken")
 # The files each kind of export must hold (keys of `files`).
-FILES = {"decoder": ("model", "embeddings", "tokenizer"), "encoder": ("model", "embeddings", "tokenizer"),
-         "seq2seq": ("encoder", "decoder", "embeddings", "tokenizer")}
+FILES = {
+    "decoder": ("model", "embeddings", "tokenizer"),
+    "encoder": ("model", "embeddings", "tokenizer"),
+    "seq2seq": ("encoder", "decoder", "embeddings", "tokenizer"),
+}
 PAST = "past_key_values."  # decoder inputs: the self-attention cache before a step
 PRESENT = "present."  # decoder outputs: the cache after it
 CROSS = "cross."  # encoder-decoders: the encoder graph's cross-attention keys/values, read by every decoder step
@@ -87,7 +90,11 @@ class ExportConfig:
                 f"version {FORMAT_VERSION}. Re-export the model with this version's export-model."
             )
         fields = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(data))
         if missing:
             raise ExportFormatError(f"{where}: missing fields {missing}")
@@ -101,7 +108,8 @@ class ExportConfig:
         if config.kind not in KINDS:
             raise ExportFormatError(f"{where}: kind {config.kind!r}; this runtime reads {', '.join(map(repr, KINDS))} exports")
         if config.kind != "encoder" and (
-                len(config.past_names) != 2 * config.num_layers or len(config.present_names) != 2 * config.num_layers):
+            len(config.past_names) != 2 * config.num_layers or len(config.present_names) != 2 * config.num_layers
+        ):
             raise ExportFormatError(
                 f"{where}: {len(config.past_names)} past and {len(config.present_names)} present names "
                 f"for {config.num_layers} layers; expected {2 * config.num_layers} of each"
@@ -153,8 +161,7 @@ def open_export(export_dir: str | os.PathLike) -> ExportFolder:
         raise ExportFormatError(f"{path}: not a readable .npy table ({exc})") from None
     if table.shape != (config.vocab_size, config.hidden_size) or table.dtype != np.float32:
         raise ExportFormatError(
-            f"{path}: {table.dtype} {table.shape}; softprompt.json expects float32 "
-            f"({config.vocab_size}, {config.hidden_size})"
+            f"{path}: {table.dtype} {table.shape}; softprompt.json expects float32 ({config.vocab_size}, {config.hidden_size})"
         )
     # A plain ndarray over the same mapping: numpy.memmap's Python-level indexing costs ~30 us a decode step.
     table = table.view(np.ndarray)

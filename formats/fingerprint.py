@@ -36,7 +36,7 @@ def backbone_fingerprint(table: np.ndarray, config: Mapping[str, Any]) -> str:
     # Hash in slices so a memory-mapped table of a large vocabulary is never copied whole.
     step = max(1, (64 << 20) // max(1, rows.strides[0]))
     for start in range(0, rows.shape[0], step):
-        digest.update(memoryview(np.ascontiguousarray(rows[start : start + step])).cast("B"))
+        digest.update(np.ascontiguousarray(rows[start : start + step]).data.cast("B"))
     return "sha256:" + digest.hexdigest()
 
 

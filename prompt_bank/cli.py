@@ -30,8 +30,10 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="prompt-bank", description="Manage banks of soft prompts for an exported backbone.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="prompt-bank",
+        description="Manage banks of soft prompts for an exported backbone.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -51,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", type=Path, metavar="BANK")
     p.add_argument("--task", required=True, help="name of the task to create")
     p.add_argument("--model", type=Path, required=True, metavar="EXPORT_DIR", help="export the adapter was trained for")
-    p.add_argument("--labels", default=None, metavar="A,B,...",
-                   help="a SEQ_CLS adapter's label names in its classifier's order (default: LABEL_0, LABEL_1, ...)")
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="A,B,...",
+        help="a SEQ_CLS adapter's label names in its classifier's order (default: LABEL_0, LABEL_1, ...)",
+    )
     _add_write_options(p)
 
     p = commands.add_parser("from-text", help="make a task whose prompt is the embeddings of a text")
@@ -66,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", type=Path, metavar="BANK")
     p.add_argument("task", metavar="TASK")
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="adapter folder to write (loads with PeftModel.from_pretrained)")
-    p.add_argument("--model", type=Path, metavar="EXPORT_DIR",
-                   help="export the task was made for: checks the fingerprint and records the layer and head counts")
+    p.add_argument(
+        "--model",
+        type=Path,
+        metavar="EXPORT_DIR",
+        help="export the task was made for: checks the fingerprint and records the layer and head counts",
+    )
 
     p = commands.add_parser("remove", help="delete a task's files")
     p.add_argument("bank", type=Path, metavar="BANK")
@@ -112,8 +122,12 @@ def _show(args) -> int:
     vectors = prompt.vectors.astype(np.float32)
     record = prompt.meta.to_json()
     norms = np.linalg.norm(vectors, axis=1)
-    record["stats"] = {"row_norm_mean": float(norms.mean()), "row_norm_min": float(norms.min()),
-                       "row_norm_max": float(norms.max()), "bytes": int(prompt.vectors.nbytes)}
+    record["stats"] = {
+        "row_norm_mean": float(norms.mean()),
+        "row_norm_min": float(norms.min()),
+        "row_norm_max": float(norms.max()),
+        "bytes": int(prompt.vectors.nbytes),
+    }
     print(json.dumps(record, indent=2))
     return 0
 
@@ -133,7 +147,9 @@ def _verify(args) -> int:
         except PromptBankError as exc:
             failed += 1
             print(f"FAIL  {name}: {exc}")
-    for orphan in sorted(p for p in args.bank.glob("*.json") if not p.name.startswith(".") and not p.with_suffix(".npy").exists()):
+    for orphan in sorted(
+        p for p in args.bank.glob("*.json") if not p.name.startswith(".") and not p.with_suffix(".npy").exists()
+    ):
         failed += 1
         print(f"FAIL  {orphan.stem}: {orphan} has no {orphan.stem}.npy")
     against = f" against {args.model}" if args.model else ""
@@ -149,16 +165,25 @@ def _import_peft(args) -> int:
         raise BackboneMismatchError(
             f"{adapter.weights_file}: prompt width E={width}; the export {args.model} has width {config.hidden_size}"
         )
-    peft_record = {k: adapter.config[k] for k in ("task_type", "base_model_name_or_path", "num_virtual_tokens") if k in adapter.config}
+    peft_record = {
+        k: adapter.config[k] for k in ("task_type", "base_model_name_or_path", "num_virtual_tokens") if k in adapter.config
+    }
     extra: dict = {"peft": peft_record}
     if adapter.classifier is not None:
         extra.update(_classifier_task(adapter, config, args))
     elif args.labels:
-        raise PromptBankError(f"--labels is for sequence-classification adapters; {args.adapter} is a "
-                              f"{adapter.config.get('task_type')} adapter")
+        raise PromptBankError(
+            f"--labels is for sequence-classification adapters; {args.adapter} is a {adapter.config.get('task_type')} adapter"
+        )
     meta = save_prompt(
-        args.bank, args.task, adapter.vectors, fingerprint=config.fingerprint, dtype=args.dtype,
-        overwrite=args.force, init=adapter_init(adapter.config), source=f"peft:{args.adapter.resolve()}",
+        args.bank,
+        args.task,
+        adapter.vectors,
+        fingerprint=config.fingerprint,
+        dtype=args.dtype,
+        overwrite=args.force,
+        init=adapter_init(adapter.config),
+        source=f"peft:{args.adapter.resolve()}",
         extra=extra,
     )
     print(f"imported {args.task}: {meta.length}x{meta.width} {meta.dtype} into {args.bank}")
@@ -169,17 +194,24 @@ def _classifier_task(adapter, config, args) -> dict:
     """Labels and head of a PEFT sequence-classification adapter: its classifier reads the pooler output."""
     weight, bias = adapter.classifier["weight"], adapter.classifier["bias"]
     if config.kind != "encoder" or "pooler_output" not in config.output_names:
-        raise BackboneMismatchError(f"{args.adapter} classifies an encoder's pooler output; the export {args.model} "
-                                    f"is a {config.kind} export without one (export the encoder with this version)")
+        raise BackboneMismatchError(
+            f"{args.adapter} classifies an encoder's pooler output; the export {args.model} "
+            f"is a {config.kind} export without one (export the encoder with this version)"
+        )
     if weight.shape[1] != config.hidden_size:
-        raise BackboneMismatchError(f"{adapter.weights_file}: classifier width {weight.shape[1]}; the export has "
-                                    f"width {config.hidden_size}")
+        raise BackboneMismatchError(
+            f"{adapter.weights_file}: classifier width {weight.shape[1]}; the export has width {config.hidden_size}"
+        )
     labels = [name.strip() for name in args.labels.split(",")] if args.labels else [f"LABEL_{i}" for i in range(len(bias))]
     if len(labels) != len(bias) or len(set(labels)) != len(labels) or not all(labels):
-        raise PromptBankError(f"--labels {args.labels!r}: {len(labels)} names for a classifier of {len(bias)} "
-                              "labels; give one distinct name per label, in the classifier's order")
-    return {"labels": {label: label for label in labels},
-            "head": {"labels": labels, "weight": weight.tolist(), "bias": bias.tolist(), "pooling": "pooler"}}
+        raise PromptBankError(
+            f"--labels {args.labels!r}: {len(labels)} names for a classifier of {len(bias)} "
+            "labels; give one distinct name per label, in the classifier's order"
+        )
+    return {
+        "labels": {label: label for label in labels},
+        "head": {"labels": labels, "weight": weight.tolist(), "bias": bias.tolist(), "pooling": "pooler"},
+    }
 
 
 def _from_text(args) -> int:
@@ -189,8 +221,15 @@ def _from_text(args) -> int:
         raise PromptBankError(f"text {args.text!r} has no tokens; expected a non-empty text")
     vectors = np.asarray(backbone.table[np.asarray(ids)], dtype=np.float32)
     meta = save_prompt(
-        args.bank, args.task, vectors, fingerprint=backbone.config.fingerprint, dtype=args.dtype,
-        overwrite=args.force, init="text", source=f"text:{args.text}", extra={"token_ids": ids},
+        args.bank,
+        args.task,
+        vectors,
+        fingerprint=backbone.config.fingerprint,
+        dtype=args.dtype,
+        overwrite=args.force,
+        init="text",
+        source=f"text:{args.text}",
+        extra={"token_ids": ids},
     )
     print(f"made {args.task}: {meta.length}x{meta.width} {meta.dtype} from {len(ids)} tokens into {args.bank}")
     return 0
@@ -207,8 +246,14 @@ def _export_peft(args) -> int:
         base = config.source.get("path") or config.source.get("name")
         task_type = {"encoder": "FEATURE_EXTRACTION", "seq2seq": "SEQ_2_SEQ_LM"}.get(config.kind, "CAUSAL_LM")
     prompt = load_prompt(args.bank, args.task, fingerprint=fingerprint)
-    write_peft_adapter(args.out, prompt.vectors.astype(np.float32), num_layers=layers, num_attention_heads=heads,
-                       base_model=base, task_type=task_type)
+    write_peft_adapter(
+        args.out,
+        prompt.vectors.astype(np.float32),
+        num_layers=layers,
+        num_attention_heads=heads,
+        base_model=base,
+        task_type=task_type,
+    )
     dropped = [k for k in ("template", "labels") if prompt.meta.extra.get(k) not in (None, {}, "{text}")]
     note = f" (PEFT has no place for the task's {' and '.join(dropped)}: apply them yourself)" if dropped else ""
     print(f"wrote {args.out}: {prompt.meta.length}x{prompt.meta.width} prompt of {args.task}{note}")
@@ -222,8 +267,13 @@ def _remove(args) -> int:
 
 
 COMMANDS = {
-    "list": _list, "show": _show, "verify": _verify, "import-peft": _import_peft,
-    "from-text": _from_text, "export-peft": _export_peft, "remove": _remove,
+    "list": _list,
+    "show": _show,
+    "verify": _verify,
+    "import-peft": _import_peft,
+    "from-text": _from_text,
+    "export-peft": _export_peft,
+    "remove": _remove,
 }
 
 if __name__ == "__main__":

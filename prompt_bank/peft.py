@@ -73,12 +73,15 @@ def _classifier(path: Path) -> dict[str, np.ndarray]:
     if path.suffix != ".safetensors":
         raise AdapterError(f"{path}: sequence-classification adapters are read from adapter_model.safetensors only")
     tensors = read_safetensors(path)
-    found = {key.rsplit(".", 1)[-1]: value for key, value in tensors.items()
-             if key.endswith(("classifier.weight", "classifier.bias"))}
+    found = {
+        key.rsplit(".", 1)[-1]: value for key, value in tensors.items() if key.endswith(("classifier.weight", "classifier.bias"))
+    }
     others = sorted(key for key in tensors if key != PROMPT_KEY and not key.endswith(("classifier.weight", "classifier.bias")))
     if set(found) != {"weight", "bias"} or others:
-        raise AdapterError(f"{path}: a SEQ_CLS adapter with tensors {sorted(tensors)}; only a single linear "
-                           "'classifier' on the pooler output (BERT-style) is supported")
+        raise AdapterError(
+            f"{path}: a SEQ_CLS adapter with tensors {sorted(tensors)}; only a single linear "
+            "'classifier' on the pooler output (BERT-style) is supported"
+        )
     weight, bias = found["weight"].astype(np.float32), found["bias"].astype(np.float32)
     if weight.ndim != 2 or bias.shape != (weight.shape[0],):
         raise AdapterError(f"{path}: classifier weight {weight.shape} / bias {bias.shape}; expected [labels, E] and [labels]")

@@ -33,7 +33,7 @@ def label_logprobs(
     """
     # (owner, label or None, row ids, words): an input whose labels are all one token needs one row,
     # whose next-token distribution scores every label at once; otherwise one row per label.
-    items = []
+    items: list[tuple[int, int | None, list[int], list[int]]] = []
     for i, (ids, labels) in enumerate(zip(inputs, verbalizers)):
         if all(len(words) == 1 for words in labels):
             items.append((i, None, list(ids), [words[0] for words in labels]))
@@ -127,8 +127,10 @@ def classify_ensemble(texts: Sequence[str], found: Sequence, how: str, probabili
     if odd:
         raise RequestError(f"ensemble members {odd} have labels other than {found[0].name!r}'s {labels}")
     probs = probabilities([text for text in texts for _ in found], list(found) * len(texts))
-    return [ensemble_result(labels, [t.name for t in found], np.stack(probs[i * len(found): (i + 1) * len(found)]), how)
-            for i in range(len(texts))]
+    return [
+        ensemble_result(labels, [t.name for t in found], np.stack(probs[i * len(found) : (i + 1) * len(found)]), how)
+        for i in range(len(texts))
+    ]
 
 
 def label_probabilities(encode: Callable, logprobs: Callable) -> Probabilities:
@@ -153,4 +155,3 @@ def verbalized(texts: Sequence[str], found: Sequence, encode: Callable) -> tuple
             raise RequestError(f"task {task.name!r}: verbalizers of {empty} have no tokens")
         verbalizers.append(list(by_label.values()))
     return [encode(task.spec.apply(text)) for text, task in zip(texts, found)], verbalizers
-

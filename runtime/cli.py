@@ -38,16 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens with this mass")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop when this text appears (repeatable); it is not included in the output")
-    parser.add_argument("--classify", action="store_true",
-                        help="label each text with the task's labels instead of generating (needs a classification task)")
-    parser.add_argument("--ensemble", choices=["vote", "mean"],
-                        help="with --classify and --task A,B,C: run every text under each prompt and combine them")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per input: input, task, output, token_ids, finish_reason")
-    parser.add_argument("--providers", default=None,
-                        help="comma-separated onnxruntime providers, e.g. cpu or cuda (default: CUDA if available, else CPU)")
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text appears (repeatable); it is not included in the output",
+    )
+    parser.add_argument(
+        "--classify",
+        action="store_true",
+        help="label each text with the task's labels instead of generating (needs a classification task)",
+    )
+    parser.add_argument(
+        "--ensemble",
+        choices=["vote", "mean"],
+        help="with --classify and --task A,B,C: run every text under each prompt and combine them",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per input: input, task, output, token_ids, finish_reason"
+    )
+    parser.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated onnxruntime providers, e.g. cpu or cuda (default: CUDA if available, else CPU)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
     return parser
 
@@ -70,11 +85,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from softprompt.formats.errors import SoftpromptError
 
+    from .encoder import Encoder
     from .model import load
 
     settings = dict(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
     )
     try:
         providers = args.providers.split(",") if args.providers else None
@@ -82,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.classify:
             task = members if args.ensemble else args.task
             return _print_labels(texts, args.task, model.classify(texts, task=task, ensemble=args.ensemble), args.json)
-        if model.config.kind == "encoder":  # an encoder makes sentence embeddings, not text
+        if isinstance(model, Encoder):  # an encoder makes sentence embeddings, not text
             for text, vector in zip(texts, model.embed(texts, task=args.task)):
                 print(json.dumps({"input": text, "task": args.task, "embedding": [round(float(x), 6) for x in vector]}))
             return 0

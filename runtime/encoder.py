@@ -40,8 +40,13 @@ class Encoder(ServedExport):
         self._pooler = "pooler_output" in self.config.output_names
         self._outputs = ["last_hidden_state", "pooler_output"] if self._pooler else ["last_hidden_state"]
 
-    def embed(self, texts: str | Sequence[str], task: str | None | Sequence[str | None] = None,
-              normalize: bool = True, batch_size: int | None = None) -> np.ndarray:
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        task: str | None | Sequence[str | None] = None,
+        normalize: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
         """[N, E] sentence embeddings (one row per text; a str gives [1, E]) under the task's prompt."""
         texts = as_texts(texts)
         found = self._store.resolve(tasks_for(task, len(texts)))
@@ -57,8 +62,7 @@ class Encoder(ServedExport):
         texts = as_texts(texts)
         if ensemble is None:
             return classify_rows(texts, self._store.resolve(tasks_for(task, len(texts))), self._probabilities)
-        return classify_ensemble(texts, self._store.resolve(ensemble_members(task, ensemble)), ensemble,
-                                 self._probabilities)
+        return classify_ensemble(texts, self._store.resolve(ensemble_members(task, ensemble)), ensemble, self._probabilities)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -77,10 +81,16 @@ class Encoder(ServedExport):
         ids = self._encode_rows(texts, [task] * len(texts))
         if head is not None and head.pooling == "pooler":  # PEFT sequence classification: the pooler output
             if not self._pooler:
-                raise RequestError(f"task {task.name!r} classifies the pooler output; this export has none "
-                                   "(re-export the model with this version of export-model)")
-            pooled = np.concatenate([self._run(ids[i : i + self.batch_size], [task] * len(ids[i : i + self.batch_size]))[1]
-                                     for i in range(0, len(ids), self.batch_size)])
+                raise RequestError(
+                    f"task {task.name!r} classifies the pooler output; this export has none "
+                    "(re-export the model with this version of export-model)"
+                )
+            pooled = np.concatenate(
+                [
+                    self._run(ids[i : i + self.batch_size], [task] * len(ids[i : i + self.batch_size]))[1]
+                    for i in range(0, len(ids), self.batch_size)
+                ]
+            )
             logits = pooled @ head.weight.T + head.bias
         elif head is not None:  # a trained linear classifier on the pooled embedding
             logits = self._embed(ids, [task] * len(ids), True, self.batch_size) @ head.weight.T + head.bias
@@ -90,8 +100,9 @@ class Encoder(ServedExport):
         return np.exp(log_softmax(logits.astype(np.float64)))
 
     def _embed(self, ids: list[list[int]], found: list[Task | None], normalize: bool, batch_size: int) -> np.ndarray:
-        out = np.concatenate([self._run(ids[i : i + batch_size], found[i : i + batch_size])[0]
-                              for i in range(0, len(ids), batch_size)])
+        out = np.concatenate(
+            [self._run(ids[i : i + batch_size], found[i : i + batch_size])[0] for i in range(0, len(ids), batch_size)]
+        )
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
@@ -100,8 +111,7 @@ class Encoder(ServedExport):
         """One graph call on right-padded rows: (pooled over each row's text tokens [B, E], pooler output [B, E] or None)."""
         starts = [0 if task is None else task.length for task in found]
         check_rows(ids, starts, vocab_size=self.config.vocab_size, limit=self.config.max_positions, need_tokens=True)
-        embeds, mask = pad([embed_row(self.table, row, None if t is None else t.vectors) for row, t in zip(ids, found)],
-                           "right")
+        embeds, mask = pad([embed_row(self.table, row, None if t is None else t.vectors) for row, t in zip(ids, found)], "right")
         feeds = {"inputs_embeds": embeds, "attention_mask": mask}
         if self._token_types:
             feeds["token_type_ids"] = np.zeros_like(mask)
@@ -127,4 +137,3 @@ def pool(hidden: np.ndarray, spans: list[tuple[int, int]], mode: str) -> np.ndar
     else:
         raise ValueError(f"pooling {mode!r}")
     return np.stack(rows).astype(np.float32)
-

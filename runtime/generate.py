@@ -142,8 +142,9 @@ class TextModel(ServedExport):
     row's summed log-probability of each of its labels' verbalizer ids.
     """
 
-    def complete(self, texts: str | Sequence[str], task=None, settings: GenerationSettings | None = None,
-                 **overrides) -> list[Completion]:
+    def complete(
+        self, texts: str | Sequence[str], task=None, settings: GenerationSettings | None = None, **overrides
+    ) -> list[Completion]:
         """Generate for each text (one batch, rows may have different tasks); a `Completion` per text.
 
         Settings (GenerationSettings, or its fields as keywords): max_new_tokens=64, min_new_tokens=0,
@@ -155,21 +156,24 @@ class TextModel(ServedExport):
         found = self._store.resolve(tasks_for(task, len(texts)))
         return self._complete(self._encode_rows(texts, found), found, texts, settings)
 
-    def complete_ids(self, ids: Sequence[Sequence[int]], task=None, settings: GenerationSettings | None = None,
-                     **overrides) -> list[Completion]:
+    def complete_ids(
+        self, ids: Sequence[Sequence[int]], task=None, settings: GenerationSettings | None = None, **overrides
+    ) -> list[Completion]:
         """`complete` for inputs that are already token ids (no template is applied; `input` is their decoded text)."""
         settings = GenerationSettings.of(settings, **overrides)
         found = self._store.resolve(tasks_for(task, len(ids)))
         return self._complete(ids, found, [self.decode(row) for row in ids], settings)
 
-    def generate(self, text: str | Sequence[str], task=None, settings: GenerationSettings | None = None,
-                 **overrides) -> str | list[str]:
+    def generate(
+        self, text: str | Sequence[str], task=None, settings: GenerationSettings | None = None, **overrides
+    ) -> str | list[str]:
         """Generated text for one text (a str) or for each of a list of texts (a list, one batch)."""
         results = [c.text for c in self.complete(text, task, settings, **overrides)]
         return results[0] if isinstance(text, str) else results
 
-    def stream(self, text: str, task: str | None = None, settings: GenerationSettings | None = None,
-               **overrides) -> Iterator[str]:
+    def stream(
+        self, text: str, task: str | None = None, settings: GenerationSettings | None = None, **overrides
+    ) -> Iterator[str]:
         """Yield pieces of the generated text as they are made (complete characters, stop strings held back)."""
         if not isinstance(text, str):
             raise RequestError("stream takes one text; use generate() or complete() for a batch")
@@ -182,8 +186,9 @@ class TextModel(ServedExport):
                 yield stable[shown:]
                 shown = len(stable)
 
-    def steps(self, ids: Sequence[Sequence[int]], task=None, settings: GenerationSettings | None = None,
-              **overrides) -> Iterator[list[RowText]]:
+    def steps(
+        self, ids: Sequence[Sequence[int]], task=None, settings: GenerationSettings | None = None, **overrides
+    ) -> Iterator[list[RowText]]:
         """Every row's state after each generated token, for token-id inputs (the last yield is final):
         the step-by-step form of `complete_ids`, for callers that time or drive the loop themselves."""
         settings = GenerationSettings.of(settings, **overrides)
@@ -207,16 +212,21 @@ class TextModel(ServedExport):
             return classify_rows(texts, self._store.resolve(tasks_for(task, len(texts))), probabilities)
         return classify_ensemble(texts, self._store.resolve(ensemble_members(task, ensemble)), ensemble, probabilities)
 
-    def _complete(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], inputs: Sequence[str],
-                  settings: GenerationSettings) -> list[Completion]:
+    def _complete(
+        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], inputs: Sequence[str], settings: GenerationSettings
+    ) -> list[Completion]:
         rows = list(self._steps(ids, found, settings))[-1]
-        return [Completion(inputs[i], None if found[i] is None else found[i].name, r.text, r.ids, r.finish_reason or "length")
-                for i, r in enumerate(rows)]
+        return [
+            Completion(text, None if task is None else task.name, r.text, r.ids, r.finish_reason or "length")
+            for text, task, r in zip(inputs, found, rows)
+        ]
 
-    def _steps(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
-               settings: GenerationSettings) -> Iterator[list[RowText]]:
+    def _steps(
+        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
+    ) -> Iterator[list[RowText]]:
         raise NotImplementedError
 
-    def _label_logprobs(self, inputs: list[list[int]], verbalizers: list[list[list[int]]],
-                        found: Sequence[Task]) -> list[np.ndarray]:
+    def _label_logprobs(
+        self, inputs: list[list[int]], verbalizers: list[list[list[int]]], found: Sequence[Task]
+    ) -> list[np.ndarray]:
         raise NotImplementedError

@@ -34,8 +34,9 @@ class DecoderGraph:
         self.cache_device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
         self.binds = self.cache_device != "cpu"  # I/O binding: what keeps the cache on the GPU
 
-    def forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence,
-                all_logits: bool = False) -> tuple[np.ndarray, list]:
+    def forward(
+        self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence, all_logits: bool = False
+    ) -> tuple[np.ndarray, list]:
         """One graph call; the last position's logits [B, V] (all of them, [B, T, V], with `all_logits`) and
         the present. `past` holds numpy arrays or the values an earlier call returned."""
         feeds = {"inputs_embeds": embeds, "attention_mask": mask}

@@ -60,8 +60,12 @@ def load(
     bank = Path(bank) if bank is not None else None
     chosen = resolve_providers(providers)
     if backbone.config.kind == "seq2seq":
-        return Seq2Seq(backbone, create_session(backbone.file("encoder"), chosen, threads),
-                       create_session(backbone.file("decoder"), chosen, threads), bank)
+        return Seq2Seq(
+            backbone,
+            create_session(backbone.file("encoder"), chosen, threads),
+            create_session(backbone.file("decoder"), chosen, threads),
+            bank,
+        )
     session = create_session(backbone.file("model"), chosen, threads)
     if backbone.config.kind == "encoder":
         return Encoder(backbone, session, bank)
@@ -79,8 +83,9 @@ class Model(TextModel):
         if self._prompts is not None:
             self._prompts.fill(self._store.current().values())
 
-    def forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence,
-                all_logits: bool = False) -> tuple[np.ndarray, list]:
+    def forward(
+        self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence, all_logits: bool = False
+    ) -> tuple[np.ndarray, list]:
         """One graph call (DecoderGraph.forward): the last position's logits [B, V], or all, and the present."""
         return self.graph.forward(embeds, mask, positions, past, all_logits)
 
@@ -101,7 +106,7 @@ class Model(TextModel):
     def is_cached(self, task: str) -> bool:
         """Whether `task`'s prompt keys and values are cached (then a request feeds only its tokens)."""
         found = self._store.resolve([task])[0]
-        return self._prompts is not None and self._prompts.get(found, start=False) is not None
+        return found is not None and self._prompts is not None and self._prompts.get(found, start=False) is not None
 
     def logits(self, texts: str | Sequence[str], task=None) -> np.ndarray:
         """Logits [B, P + T, V] of one forward pass over (whole prompt + templated text), left-padded.
@@ -118,15 +123,17 @@ class Model(TextModel):
         """Logits [B, T, V] of the input positions of token-id rows, after each task's cached prompt (left-padded)."""
         return self._logits_of(ids, self._store.resolve(tasks_for(task, len(ids))))
 
-    def first_step(self, ids: Sequence[Sequence[int]], task=None, max_new_tokens: int = 0,
-                   cached: bool = True) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    def first_step(
+        self, ids: Sequence[Sequence[int]], task=None, max_new_tokens: int = 0, cached: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """The first step's inputs for token-id rows: embeddings [B, S, E], mask [B, past + S] and past."""
         return self._first_step(ids, self._store.resolve(tasks_for(task, len(ids))), max_new_tokens, cached)
 
     # ---- the request pipeline's steps -------------------------------------------------------
 
-    def _label_logprobs(self, inputs: list[list[int]], verbalizers: list[list[list[int]]],
-                        found: Sequence[Task]) -> list[np.ndarray]:
+    def _label_logprobs(
+        self, inputs: list[list[int]], verbalizers: list[list[list[int]]], found: Sequence[Task]
+    ) -> list[np.ndarray]:
         return label_logprobs(lambda rows, owners: self._logits_of(rows, [found[i] for i in owners]), inputs, verbalizers)
 
     def _logits_of(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None]) -> np.ndarray:
@@ -134,8 +141,9 @@ class Model(TextModel):
         logits, _ = self.forward(embeds, mask, position_ids(mask, mask.shape[1] - embeds.shape[1]), past, all_logits=True)
         return logits
 
-    def _first_step(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], max_new_tokens: int,
-                    cached: bool = True) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    def _first_step(
+        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], max_new_tokens: int, cached: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """First step's embeddings [B, S, E], mask [B, past + S] and past.
 
         Rows whose task has a cached prompt take its keys/values as their past (left-padded to the
@@ -145,23 +153,28 @@ class Model(TextModel):
         rows feed their whole prompt. Positions count real columns, so they continue after the
         prompt either way.
         """
-        check_rows(ids, [0 if t is None else t.length for t in found], vocab_size=self.config.vocab_size,
-                   limit=self.config.max_positions, new_tokens=max_new_tokens)
-        use_cache = cached and self._prompts is not None
-        prefixes = [self._prompts.get(t) if use_cache and t is not None else None for t in found]
+        check_rows(
+            ids,
+            [0 if t is None else t.length for t in found],
+            vocab_size=self.config.vocab_size,
+            limit=self.config.max_positions,
+            new_tokens=max_new_tokens,
+        )
+        prompts = self._prompts if cached else None
+        prefixes = [None if prompts is None or t is None else prompts.get(t) for t in found]
         rows = []
         for row_ids, task, prefix in zip(ids, found, prefixes):
-            if prefix is None:
-                vectors = None if task is None else task.vectors
-            else:
-                vectors = None if len(row_ids) else task.vectors[-1:]
+            vectors = None if task is None else task.vectors
+            if prefix is not None and vectors is not None:  # the cache holds the prompt; a row without text re-feeds its last row
+                vectors = None if len(row_ids) else vectors[-1:]
             rows.append(embed_row(self.table, row_ids, vectors))
         embeds, mask = pad(rows, "left")
-        held = [0 if prefix is None else prefix[0].shape[1] - (0 if len(row_ids) else 1)
-                for prefix, row_ids in zip(prefixes, ids)]
+        held = [
+            0 if prefix is None else prefix[0].shape[1] - (0 if len(row_ids) else 1) for prefix, row_ids in zip(prefixes, ids)
+        ]
         width = max(held)
-        if len(rows) == 1 and width:
-            past = [layer[None, :, :width] for layer in prefixes[0]]  # one row: views of the cached arrays
+        if len(rows) == 1 and (only := prefixes[0]) is not None:
+            past = [layer[None, :, :width] for layer in only]  # one row: views of the cached arrays
         else:
             past = self.graph.empty_past(len(rows), width)
         if width:
@@ -175,8 +188,9 @@ class Model(TextModel):
             mask = np.concatenate([past_mask, mask], axis=1)
         return embeds, mask, past
 
-    def _steps(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
-               settings: GenerationSettings) -> Iterator[list[RowText]]:
+    def _steps(
+        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
+    ) -> Iterator[list[RowText]]:
         """Run the batch, yielding the rows' states after every step (the last yield is final)."""
         choose = chooser(settings, self._eos)
         embeds, mask, past = self._first_step(ids, found, settings.max_new_tokens)

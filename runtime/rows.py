@@ -38,8 +38,16 @@ def tasks_for(task, count: int) -> list[str | None]:
     return tasks
 
 
-def check_rows(ids: Sequence[Sequence[int]], prompt_lengths: Sequence[int], *, vocab_size: int, limit: int | None,
-               new_tokens: int = 0, what: str = "positions", need_tokens: bool = False) -> None:
+def check_rows(
+    ids: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    *,
+    vocab_size: int,
+    limit: int | None,
+    new_tokens: int = 0,
+    what: str = "positions",
+    need_tokens: bool = False,
+) -> None:
     """Refuse a row before anything runs: no tokens and no prompt, longer than the model, ids out of range.
 
     `new_tokens` counts against the same positions (decoders); `need_tokens` refuses a row without
@@ -55,8 +63,7 @@ def check_rows(ids: Sequence[Sequence[int]], prompt_lengths: Sequence[int], *, v
         total = prompt + len(row) + new_tokens
         if limit is not None and total > limit:
             new = f" + {new_tokens} new" if new_tokens else ""
-            raise RequestError(f"input {i} needs {prompt} prompt + {len(row)} input{new} = {total} {what}; "
-                               f"the model has {limit}")
+            raise RequestError(f"input {i} needs {prompt} prompt + {len(row)} input{new} = {total} {what}; the model has {limit}")
         bad = [t for t in row if not 0 <= t < vocab_size]
         if bad:
             raise RequestError(f"input {i} has token ids {bad[:5]} outside [0, {vocab_size})")

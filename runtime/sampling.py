@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -44,8 +44,9 @@ def next_tokens(
     return np.minimum(picked, probs.shape[-1] - 1)
 
 
-def chooser(settings: GenerationSettings, eos: Sequence[int], *, forced_first: int | None = None,
-            forced_last: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def chooser(
+    settings: GenerationSettings, eos: Collection[int], *, forced_first: int | None = None, forced_last: int | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
     """A per-request `choose(logits [B, V]) -> [B]` that counts its steps.
 
     As transformers' logits processors: end of sequence is masked until `min_new_tokens` tokens

@@ -51,15 +51,19 @@ class Seq2Seq(TextModel):
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _label_logprobs(self, inputs: list[list[int]], verbalizers: list[list[list[int]]],
-                        found: Sequence[Task]) -> list[np.ndarray]:
+    def _label_logprobs(
+        self, inputs: list[list[int]], verbalizers: list[list[list[int]]], found: Sequence[Task]
+    ) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         for start in range(0, len(inputs), 16):
-            out += self._candidate_logprobs(inputs[start : start + 16], found[start : start + 16], verbalizers[start : start + 16])
+            out += self._candidate_logprobs(
+                inputs[start : start + 16], found[start : start + 16], verbalizers[start : start + 16]
+            )
         return out
 
-    def _candidate_logprobs(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
-                            targets: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
+    def _candidate_logprobs(
+        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], targets: Sequence[Sequence[Sequence[int]]]
+    ) -> list[np.ndarray]:
         """Per input row, the summed log-probability of each candidate target (decoder ids) given the row."""
         cross, mask = self._encoder(ids, found)
         owners = [i for i, row in enumerate(targets) for _ in row]
@@ -84,10 +88,14 @@ class Seq2Seq(TextModel):
 
     def _encoder(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None]) -> tuple[list, np.ndarray]:
         """Cross-attention keys/values of every decoder layer for the right-padded rows, and their mask."""
-        check_rows(ids, [0 if t is None else t.length for t in found], vocab_size=self.config.vocab_size,
-                   limit=self.config.max_positions, what="encoder positions")
-        embeds, mask = pad([embed_row(self.table, row, None if t is None else t.vectors) for row, t in zip(ids, found)],
-                           "right")
+        check_rows(
+            ids,
+            [0 if t is None else t.length for t in found],
+            vocab_size=self.config.vocab_size,
+            limit=self.config.max_positions,
+            what="encoder positions",
+        )
+        embeds, mask = pad([embed_row(self.table, row, None if t is None else t.vectors) for row, t in zip(ids, found)], "right")
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("attention_mask", mask)
@@ -99,8 +107,9 @@ class Seq2Seq(TextModel):
             raise InferenceError(f"onnxruntime failed in the encoder with inputs_embeds {embeds.shape}: {exc}") from exc
         return binding.get_outputs(), mask
 
-    def _decoder_step(self, embeds: np.ndarray, mask: np.ndarray, past: Sequence, cross: Sequence,
-                      all_logits: bool = False) -> tuple[np.ndarray, list]:
+    def _decoder_step(
+        self, embeds: np.ndarray, mask: np.ndarray, past: Sequence, cross: Sequence, all_logits: bool = False
+    ) -> tuple[np.ndarray, list]:
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
         binding.bind_cpu_input("encoder_attention_mask", mask)
@@ -123,12 +132,17 @@ class Seq2Seq(TextModel):
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, heads, 0, size), dtype=np.float32) for heads, size in self._past_shapes]
 
-    def _steps(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None],
-               settings: GenerationSettings) -> Iterator[list[RowText]]:
+    def _steps(
+        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
+    ) -> Iterator[list[RowText]]:
         """Encode once, then decode token by token; yields the rows' states after every step (the last is final)."""
         generation = self.config.generation
-        choose = chooser(settings, self._eos, forced_first=generation.get("forced_bos_token_id"),
-                         forced_last=generation.get("forced_eos_token_id"))
+        choose = chooser(
+            settings,
+            self._eos,
+            forced_first=generation.get("forced_bos_token_id"),
+            forced_last=generation.get("forced_eos_token_id"),
+        )
         max_new_tokens = settings.max_new_tokens
         cross, mask = self._encoder(ids, found)
         states = [RowText(self.decode, self._eos, settings.stop) for _ in ids]

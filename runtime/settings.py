@@ -46,4 +46,3 @@ class GenerationSettings:
             raise RequestError(f"unknown generation settings {unknown}; expected some of {sorted(known)}")
         base = settings if settings is not None else cls()
         return dataclasses.replace(base, **overrides) if overrides else base
-

@@ -80,12 +80,16 @@ def _head(data, names: list[str], width: int, name: str) -> Head | None:
         order = [list(data["labels"]).index(label) for label in names]
         pooling = data.get("pooling", "mean")
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
-        raise InvalidPromptError(f"task {name!r}: head must be {{'labels': [...], 'weight': [[...]], 'bias': [...]}} "
-                                 f"naming the task's labels {names} ({exc})") from None
+        raise InvalidPromptError(
+            f"task {name!r}: head must be {{'labels': [...], 'weight': [[...]], 'bias': [...]}} "
+            f"naming the task's labels {names} ({exc})"
+        ) from None
     labels = len(names)
     if weight.shape != (labels, width) or bias.shape != (labels,) or not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-        raise InvalidPromptError(f"task {name!r}: head weight {weight.shape} / bias {bias.shape}; expected ({labels}, {width}) "
-                         f"and ({labels},) finite values")
+        raise InvalidPromptError(
+            f"task {name!r}: head weight {weight.shape} / bias {bias.shape}; expected ({labels}, {width}) "
+            f"and ({labels},) finite values"
+        )
     if pooling not in ("mean", "pooler"):
         raise InvalidPromptError(f"task {name!r}: head pooling {pooling!r}; expected 'mean' or 'pooler'")
     return Head(weight[order], bias[order], pooling)
@@ -116,7 +120,7 @@ class TaskStore:
     def resolve(self, names: Sequence[str | None]) -> list[Task | None]:
         """The Task objects of one request (None stays None), all from one version of the bank."""
         current = self.current()
-        found = []
+        found: list[Task | None] = []
         for name in names:
             if name is None:
                 found.append(None)

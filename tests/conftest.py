@@ -41,8 +41,7 @@ def make_tokenizer(folder: Path, add_bos: bool, template: str | None = None) -> 
     )
     tok.train_from_iterator(CORPUS, trainer)
     if template or add_bos:
-        tok.post_processor = processors.TemplateProcessing(single=template or "<s> $A",
-                                                           special_tokens=[("<s>", 1), ("</s>", 2)])
+        tok.post_processor = processors.TemplateProcessing(single=template or "<s> $A", special_tokens=[("<s>", 1), ("</s>", 2)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(folder)
 
@@ -54,15 +53,31 @@ def make_model(folder: Path, kind: str) -> Path:
     torch.manual_seed(0)
     if kind == "llama":
         config = LlamaConfig(
-            vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, bos_token_id=1,
-            eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            initializer_range=0.2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
         )
         model = LlamaForCausalLM(config)
     else:
         config = GPT2Config(
-            vocab_size=320, n_embd=48, n_layer=2, n_head=4, n_positions=96, initializer_range=0.2,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            vocab_size=320,
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
+            n_positions=96,
+            initializer_range=0.2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         )
         model = GPT2LMHeadModel(config)
     model.save_pretrained(folder)

@@ -32,12 +32,23 @@ def main() -> int:
     bank = FIXTURE / "bank"
     for name, length, seed, extra in (
         ("story", 5, 1, {"template": "Tell me a story about {text}."}),
-        ("sentiment", 4, 2, {"template": "Review: {text} Sentiment:",
-                             "labels": {"positive": " positive", "negative": " negative"}}),
+        (
+            "sentiment",
+            4,
+            2,
+            {"template": "Review: {text} Sentiment:", "labels": {"positive": " positive", "negative": " negative"}},
+        ),
         ("short", 2, 3, {}),
     ):
-        save_prompt(bank, name, random_prompt(length, config.hidden_size, seed=seed), fingerprint=config.fingerprint,
-                    init="random", source="tests/make_fixture.py", extra=extra)
+        save_prompt(
+            bank,
+            name,
+            random_prompt(length, config.hidden_size, seed=seed),
+            fingerprint=config.fingerprint,
+            init="random",
+            source="tests/make_fixture.py",
+            extra=extra,
+        )
     for path in sorted(FIXTURE.rglob("*")):
         if path.is_file():
             print(f"{path.stat().st_size:>8}  {path.relative_to(FIXTURE)}")

@@ -44,11 +44,17 @@ def test_run_model_json_one_object_per_input_in_order(llama_export, bank, capsys
 
 
 def test_run_model_options_after_texts_and_plain_output(llama_export, bank, capsys):
-    assert run_main([str(llama_export), TEXTS[0], TEXTS[1], "--bank", str(bank), "--task", "sentiment",
-                     "--max-new-tokens", "5"]) == 0
+    assert (
+        run_main([str(llama_export), TEXTS[0], TEXTS[1], "--bank", str(bank), "--task", "sentiment", "--max-new-tokens", "5"])
+        == 0
+    )
     plain = capsys.readouterr().out
-    assert run_main([str(llama_export), "--bank", str(bank), "--task", "sentiment", "--max-new-tokens", "5",
-                     "--json", TEXTS[0], TEXTS[1]]) == 0
+    assert (
+        run_main(
+            [str(llama_export), "--bank", str(bank), "--task", "sentiment", "--max-new-tokens", "5", "--json", TEXTS[0], TEXTS[1]]
+        )
+        == 0
+    )
     outputs = [json.loads(line)["output"] for line in capsys.readouterr().out.strip().splitlines()]
     assert plain == "".join(f"> {t}\n{o}\n\n" for t, o in zip(TEXTS[:2], outputs))
 
@@ -56,7 +62,10 @@ def test_run_model_options_after_texts_and_plain_output(llama_export, bank, caps
 def test_run_model_single_text_is_streamed_to_the_same_text(llama_export, bank, capsys):
     assert run_main([str(llama_export), "--bank", str(bank), "--task", "sentiment", "--max-new-tokens", "7", TEXTS[3]]) == 0
     streamed = capsys.readouterr().out
-    assert run_main([str(llama_export), "--bank", str(bank), "--task", "sentiment", "--max-new-tokens", "7", "--json", TEXTS[3]]) == 0
+    assert (
+        run_main([str(llama_export), "--bank", str(bank), "--task", "sentiment", "--max-new-tokens", "7", "--json", TEXTS[3]])
+        == 0
+    )
     assert streamed == json.loads(capsys.readouterr().out)["output"] + "\n"
 
 
@@ -150,15 +159,26 @@ def test_import_peft_refusals(llama_export, gpt2_export, tmp_path, capsys):
     model.save_pretrained(adapter)
     assert bank_main(["import-peft", str(adapter), str(tmp_path / "b"), "--task", "x", "--model", str(llama_export)]) == 1
     assert "peft_type is 'LORA'; expected 'PROMPT_TUNING'" in one_error_line(capsys)
-    assert bank_main(["import-peft", str(tmp_path / "missing"), str(tmp_path / "b"), "--task", "x", "--model", str(llama_export)]) == 1
+    assert (
+        bank_main(["import-peft", str(tmp_path / "missing"), str(tmp_path / "b"), "--task", "x", "--model", str(llama_export)])
+        == 1
+    )
     assert "no adapter_config.json" in one_error_line(capsys)
 
 
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 def test_import_peft_checks_width_and_reads_bin_and_bf16(llama_dir, llama_export, gpt2_export, tmp_path, capsys):
@@ -166,16 +186,25 @@ def test_import_peft_checks_width_and_reads_bin_and_bf16(llama_dir, llama_export
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
-                                peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(llama_dir), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
     weight = model.prompt_encoder["default"].embedding.weight.detach().numpy().copy()
     model.save_pretrained(tmp_path / "st")
     assert bank_main(["import-peft", str(tmp_path / "st"), str(tmp_path / "b"), "--task", "x", "--model", str(gpt2_export)]) == 1
     assert "prompt width E=64; the export" in one_error_line(capsys)
     model.save_pretrained(tmp_path / "bin", safe_serialization=False)
-    assert bank_main(["import-peft", str(tmp_path / "bin"), str(tmp_path / "b"), "--task", "frombin", "--model", str(llama_export)]) == 0
+    assert (
+        bank_main(["import-peft", str(tmp_path / "bin"), str(tmp_path / "b"), "--task", "frombin", "--model", str(llama_export)])
+        == 0
+    )
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    assert bank_main(["import-peft", str(tmp_path / "bf16"), str(tmp_path / "b"), "--task", "frombf16", "--model", str(llama_export)]) == 0
+    assert (
+        bank_main(
+            ["import-peft", str(tmp_path / "bf16"), str(tmp_path / "b"), "--task", "frombf16", "--model", str(llama_export)]
+        )
+        == 0
+    )
     from softprompt.prompt_bank import load_prompt
 
     np.testing.assert_array_equal(load_prompt(tmp_path / "b", "frombin").vectors, weight)
@@ -191,7 +220,8 @@ def test_console_scripts_are_installed_and_run(llama_export):
     names = {ep.name for ep in entry_points(group="console_scripts") if ep.value.startswith("softprompt.")}
     assert names == {"export-model", "prompt-bank", "run-model", "train-prompt"}
     script = Path(sys.executable).with_name("run-model")
-    result = subprocess.run([str(script), str(llama_export), "--max-new-tokens", "2", "--json", "hi"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(script), str(llama_export), "--max-new-tokens", "2", "--json", "hi"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["input"] == "hi"

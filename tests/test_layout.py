@@ -86,8 +86,10 @@ def test_every_room_is_a_package_and_listed_here():
 
 
 def test_rooms_import_only_the_rooms_below_them():
-    wrong = {room: {target: sorted(files) for target, files in room_imports(room).items() if target not in ALLOWED[room]}
-             for room in ROOMS}
+    wrong = {
+        room: {target: sorted(files) for target, files in room_imports(room).items() if target not in ALLOWED[room]}
+        for room in ROOMS
+    }
     assert not {room: found for room, found in wrong.items() if found}
 
 
@@ -145,5 +147,5 @@ def test_pyproject_declares_what_the_code_imports():
             assert name in gives[room], f"{sorted(files)} import {module}; declare it for {room}"
     for module in third_party(ROOT / "tests"):
         used.add(IMPORT_NAMES.get(module, module).lower())
-    never = (set().union(*declared.values()) - used - LOADED_BY_TRANSFORMERS - {"onnxruntime-gpu", "ruff", "softprompt-onnx"})
+    never = set().union(*declared.values()) - used - LOADED_BY_TRANSFORMERS - {"onnxruntime-gpu", "ruff", "softprompt-onnx"}
     assert not never, f"declared but imported by no code: {sorted(never)}"

@@ -38,8 +38,9 @@ def until_eos(ids: list[int], eos: int) -> list[int]:
 def test_peft_parity_logits_and_greedy_tokens(arch, tmp_path, length):
     hf_dir, export = arch
     peft_model = make_adapter(hf_dir, tmp_path / "adapter", length, seed=length)
-    assert bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "t",
-                      "--model", str(export)]) == 0
+    assert (
+        bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "t", "--model", str(export)]) == 0
+    )
     model = load(export, bank=tmp_path / "bank", providers="cpu")
     np.testing.assert_array_equal(model.prompt("t"), peft_model.prompt_encoder["default"].embedding.weight.detach().numpy())
     eos = model.config.eos_token_ids[0]
@@ -51,9 +52,10 @@ def test_peft_parity_logits_and_greedy_tokens(arch, tmp_path, length):
         assert got.shape == ref.shape == (length + ids.shape[1], model.config.vocab_size)
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), text
         with torch.no_grad():
-            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                      do_sample=False, pad_token_id=0)
-        expected = until_eos(out[0, ids.shape[1]:].tolist(), eos)
+            out = peft_model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0
+            )
+        expected = until_eos(out[0, ids.shape[1] :].tolist(), eos)
         assert model.complete(text, task="t", max_new_tokens=12)[0].token_ids == expected, text
 
 
@@ -66,9 +68,10 @@ def test_no_prompt_matches_the_plain_model(arch):
     for text in TEXTS:
         ids = torch.tensor([model.encode(text)])
         with torch.no_grad():
-            out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                     do_sample=False, pad_token_id=0)
-        assert model.complete(text, max_new_tokens=10)[0].token_ids == until_eos(out[0, ids.shape[1]:].tolist(), 2)
+            out = reference.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0
+            )
+        assert model.complete(text, max_new_tokens=10)[0].token_ids == until_eos(out[0, ids.shape[1] :].tolist(), 2)
 
 
 def test_text_prompt_equals_prepending_its_token_ids(arch, tmp_path):
@@ -84,8 +87,9 @@ def test_text_prompt_equals_prepending_its_token_ids(arch, tmp_path):
     for line in TEXTS:
         ids = torch.tensor([prefix + model.encode(line)])
         with torch.no_grad():
-            out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                     do_sample=False, pad_token_id=0)
-        expected = until_eos(out[0, ids.shape[1]:].tolist(), 2)
+            out = reference.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0
+            )
+        expected = until_eos(out[0, ids.shape[1] :].tolist(), 2)
         assert model.complete(line, task="intro", max_new_tokens=10)[0].token_ids == expected
         assert model.complete_ids([prefix + model.encode(line)], max_new_tokens=10)[0].token_ids == expected

@@ -28,15 +28,40 @@ def make_seq2seq(folder, kind: str):
 
     torch.manual_seed(0)
     if kind == "t5":
-        config = T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                          num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, initializer_factor=3.0)
+        config = T5Config(
+            vocab_size=320,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=2,
+            initializer_factor=3.0,
+        )
         model = T5ForConditionalGeneration(config)
         template = "$A </s>"  # T5's tokenizer ends every input with </s>
     else:
-        config = BartConfig(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                            max_position_embeddings=40, scale_embedding=True, init_std=0.2, pad_token_id=0,
-                            bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+        config = BartConfig(
+            vocab_size=320,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=40,
+            scale_embedding=True,
+            init_std=0.2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=2,
+        )
         model = BartForConditionalGeneration(config)
         template = "<s> $A </s>"
     model.save_pretrained(folder)
@@ -95,8 +120,13 @@ def test_greedy_tokens_match_peft_generate(seq2seq, tmp_path):
     for text in TEXTS:
         batch = tokenizer(text, return_tensors="pt")
         with torch.no_grad():
-            out = reference.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     max_new_tokens=10, do_sample=False, num_beams=1)
+            out = reference.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=10,
+                do_sample=False,
+                num_beams=1,
+            )
         want.append(out[0, 1:].tolist())  # without the decoder start token
     got = [c.token_ids for c in model.complete(TEXTS, task="t", max_new_tokens=10)]  # one padded batch
     assert got == want
@@ -160,8 +190,12 @@ def test_peft_adapter_round_trip_uses_the_first_block_only(seq2seq, tmp_path, ca
     with torch.no_grad():  # a distinct second block, which PEFT never reads, must not leak into the import
         reference.prompt_encoder["default"].embedding.weight[4:] = 9.0
     reference.save_pretrained(tmp_path / "adapter")
-    assert bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "imported",
-                      "--model", str(export)]) == 0
+    assert (
+        bank_main(
+            ["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "imported", "--model", str(export)]
+        )
+        == 0
+    )
     np.testing.assert_array_equal(load_prompt(tmp_path / "bank", "imported").vectors, prompt)
     assert bank_main(["export-peft", str(tmp_path / "bank"), "imported", str(tmp_path / "out"), "--model", str(export)]) == 0
     loaded = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(hf), tmp_path / "out")
@@ -265,10 +299,23 @@ def test_marian_scales_encoder_embeddings_in_the_graph(tmp_path):
     from transformers import AutoTokenizer, MarianConfig, MarianMTModel
 
     torch.manual_seed(0)
-    config = MarianConfig(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                          decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
-                          init_std=0.2, scale_embedding=True, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
-                          forced_eos_token_id=2)
+    config = MarianConfig(
+        vocab_size=320,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+        init_std=0.2,
+        scale_embedding=True,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+        forced_eos_token_id=2,
+    )
     MarianMTModel(config).save_pretrained(tmp_path / "hf")
     make_tokenizer(tmp_path / "hf", add_bos=False, template="$A </s>")
     exported = export_model(str(tmp_path / "hf"), tmp_path / "export", log=lambda m: None)

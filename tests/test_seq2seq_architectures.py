@@ -18,8 +18,18 @@ from conftest import make_tokenizer
 
 TEXTS = ["a gorgeous, moving film", "dull and slow", "the quick brown fox jumps over"]
 COMMON = dict(vocab_size=320, pad_token_id=0, eos_token_id=2)
-BART_LIKE = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                 encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64, init_std=0.2, scale_embedding=True)
+BART_LIKE = dict(
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    max_position_embeddings=64,
+    init_std=0.2,
+    scale_embedding=True,
+)
 T5_LIKE = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0, initializer_factor=3.0)
 
 
@@ -28,17 +38,32 @@ def family(name: str):
     import transformers as T
 
     return {
-        "t5-v1.1": (T.T5ForConditionalGeneration, T.T5Config(**{**T5_LIKE, "num_decoder_layers": 1}, feed_forward_proj="gated-gelu",
-                                                             tie_word_embeddings=False, **COMMON), "$A </s>"),
+        "t5-v1.1": (
+            T.T5ForConditionalGeneration,
+            T.T5Config(
+                **{**T5_LIKE, "num_decoder_layers": 1}, feed_forward_proj="gated-gelu", tie_word_embeddings=False, **COMMON
+            ),
+            "$A </s>",
+        ),
         "mt5": (T.MT5ForConditionalGeneration, T.MT5Config(**T5_LIKE, **COMMON), "$A </s>"),
         "longt5": (T.LongT5ForConditionalGeneration, T.LongT5Config(**T5_LIKE, **COMMON), "$A </s>"),
-        "mbart": (T.MBartForConditionalGeneration, T.MBartConfig(**BART_LIKE, bos_token_id=1, decoder_start_token_id=2,
-                                                                 forced_eos_token_id=2, forced_bos_token_id=5, **COMMON), "<s> $A </s>"),
-        "pegasus": (T.PegasusForConditionalGeneration, T.PegasusConfig(**BART_LIKE, decoder_start_token_id=0, forced_eos_token_id=2,
-                                                                       **COMMON), "$A </s>"),
-        "blenderbot-small": (T.BlenderbotSmallForConditionalGeneration,
-                             T.BlenderbotSmallConfig(**BART_LIKE, decoder_start_token_id=1, bos_token_id=1, forced_eos_token_id=2,
-                                                     **COMMON), "$A </s>"),
+        "mbart": (
+            T.MBartForConditionalGeneration,
+            T.MBartConfig(
+                **BART_LIKE, bos_token_id=1, decoder_start_token_id=2, forced_eos_token_id=2, forced_bos_token_id=5, **COMMON
+            ),
+            "<s> $A </s>",
+        ),
+        "pegasus": (
+            T.PegasusForConditionalGeneration,
+            T.PegasusConfig(**BART_LIKE, decoder_start_token_id=0, forced_eos_token_id=2, **COMMON),
+            "$A </s>",
+        ),
+        "blenderbot-small": (
+            T.BlenderbotSmallForConditionalGeneration,
+            T.BlenderbotSmallConfig(**BART_LIKE, decoder_start_token_id=1, bos_token_id=1, forced_eos_token_id=2, **COMMON),
+            "$A </s>",
+        ),
     }[name]
 
 

@@ -25,8 +25,13 @@ def make_bank(export, folder):
     for seed, (name, length) in enumerate(LENGTHS.items(), 1):
         save_prompt(folder, name, random_prompt(length, config.hidden_size, seed=seed), fingerprint=config.fingerprint)
     for seed, name in enumerate(["s1", "s2", "s3"], 10):
-        save_prompt(folder, name, random_prompt(4, config.hidden_size, seed=seed), fingerprint=config.fingerprint,
-                    extra=SENTIMENT.to_extra())
+        save_prompt(
+            folder,
+            name,
+            random_prompt(4, config.hidden_size, seed=seed),
+            fingerprint=config.fingerprint,
+            extra=SENTIMENT.to_extra(),
+        )
     return folder
 
 
@@ -68,8 +73,9 @@ def test_cached_prompts_with_an_empty_input(served):
     assert [r.token_ids for r in fast] == [r.token_ids for r in uncached.complete_ids(ids, task=tasks, max_new_tokens=6)]
     assert cached.complete_ids([[]], task="seven", max_new_tokens=6)[0].token_ids == fast[0].token_ids
     full = uncached.logits_of_ids(ids, tasks)[:, -1]
-    np.testing.assert_allclose(cached.logits_of_ids(ids, tasks)[:, -1], full, rtol=0,
-                               atol=1e-4 * max(1.0, float(np.abs(full).max())))
+    np.testing.assert_allclose(
+        cached.logits_of_ids(ids, tasks)[:, -1], full, rtol=0, atol=1e-4 * max(1.0, float(np.abs(full).max()))
+    )
 
 
 def test_io_binding_path_gives_the_cpu_path_results(served):
@@ -134,8 +140,13 @@ def test_ensemble_refusals(served):
     with pytest.raises(RequestError, match="'one' is a generation task with no labels"):
         cached.classify("x", task=["s1", "one"], ensemble="vote")
     config = read_config(cached.backbone.folder)
-    save_prompt(cached.bank, "topic", random_prompt(2, config.hidden_size), fingerprint=config.fingerprint,
-                extra=TaskSpec(labels={"sport": " sport", "politics": " politics"}).to_extra())
+    save_prompt(
+        cached.bank,
+        "topic",
+        random_prompt(2, config.hidden_size),
+        fingerprint=config.fingerprint,
+        extra=TaskSpec(labels={"sport": " sport", "politics": " politics"}).to_extra(),
+    )
     with pytest.raises(RequestError, match=r"members \['topic'\] have labels other than 's1'"):
         cached.classify("x", task=["s1", "topic"], ensemble="vote")
 
@@ -165,7 +176,8 @@ def test_hot_swap_add_replace_remove_and_dot_files(llama_export, tmp_path):
     shutil.copy(other / "new.npy", bank / "new.npy")
     assert "new" in model.tasks
     assert model.generate(TEXTS[1], task="new", max_new_tokens=4) == load(llama_export, bank=other).generate(
-        TEXTS[1], task="new", max_new_tokens=4)
+        TEXTS[1], task="new", max_new_tokens=4
+    )
     # Remove.
     remove_prompt(bank, "one")
     with pytest.raises(UnknownTaskError, match="no task 'one'"):
@@ -202,8 +214,9 @@ def test_swapping_under_concurrent_requests(llama_export, tmp_path):
         save_prompt(versions / name, "task", random_prompt(6, config.hidden_size, seed=seed), fingerprint=config.fingerprint)
     save_prompt(bank, "task", np.load(versions / "a" / "task.npy"), fingerprint=config.fingerprint)
     model = load(llama_export, bank=bank)
-    expected = {name: load(llama_export, bank=versions / name).generate(TEXTS, task="task", max_new_tokens=6)
-                for name in ("a", "b")}
+    expected = {
+        name: load(llama_export, bank=versions / name).generate(TEXTS, task="task", max_new_tokens=6) for name in ("a", "b")
+    }
     assert expected["a"] != expected["b"]
     stop, enough = threading.Event(), threading.Event()
     outputs, failures = [], []
@@ -276,8 +289,9 @@ def test_fused_export_serves_the_same_tokens(arch, tmp_path):
     bank = make_bank(export, tmp_path / "bank")
     fused = load(tmp_path / "fused", bank=bank, providers="cpu")
     plain = load(export, bank=bank, providers="cpu")
-    assert [r.token_ids for r in fused.complete(INPUTS, task=MIXED, max_new_tokens=8)] == \
-        [r.token_ids for r in plain.complete(INPUTS, task=MIXED, max_new_tokens=8)]
+    assert [r.token_ids for r in fused.complete(INPUTS, task=MIXED, max_new_tokens=8)] == [
+        r.token_ids for r in plain.complete(INPUTS, task=MIXED, max_new_tokens=8)
+    ]
     ids = [plain.encode(text, task) for text, task in zip(INPUTS, MIXED)]
     a, b = fused.logits_of_ids(ids, MIXED)[:, -1], plain.logits_of_ids(ids, MIXED)[:, -1]
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(np.abs(b).max(), 1.0))

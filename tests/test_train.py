@@ -52,7 +52,9 @@ def llama_backbone(llama_dir):
 SPEC = TaskSpec(template=TEMPLATE, labels={"positive": " positive", "negative": " dull mess"})  # one multi-token verbalizer
 
 
-def test_training_freezes_the_backbone_and_saves_a_prompt_the_export_accepts(llama_backbone, llama_export, sentiment_data, tmp_path, capsys):
+def test_training_freezes_the_backbone_and_saves_a_prompt_the_export_accepts(
+    llama_backbone, llama_export, sentiment_data, tmp_path, capsys
+):
     before = {name: t.clone() for name, t in llama_backbone.model.state_dict().items()}
     data = read_jsonl(sentiment_data)
     config = TrainConfig(length=6, init="labels", steps=12, batch_size=4, eval_every=4, lr=0.1)
@@ -79,8 +81,14 @@ def test_training_lowers_the_loss(llama_backbone, sentiment_data):
     vectors, _ = train_prompt(llama_backbone, data, SPEC, config, progress=False)
     from softprompt.training.init import init_prompt as init
 
-    start = init("vocab", 4, llama_backbone.table, encode=lambda t: llama_backbone.encode(t, False),
-                 common_ids=common_token_ids(llama_backbone.tokenizer.to_str()), rng=np.random.default_rng(1))
+    start = init(
+        "vocab",
+        4,
+        llama_backbone.table,
+        encode=lambda t: llama_backbone.encode(t, False),
+        common_ids=common_token_ids(llama_backbone.tokenizer.to_str()),
+        rng=np.random.default_rng(1),
+    )
     with torch.no_grad():
         initial = float(batch_loss(llama_backbone.model, torch.from_numpy(start), pairs))
         final = float(batch_loss(llama_backbone.model, torch.from_numpy(vectors), pairs))
@@ -125,9 +133,14 @@ def test_runtime_classify_matches_the_trainers_scores(llama_backbone, llama_expo
     inputs = [ids for ids, _ in pairs]
     keep = max(len(v) for v in verbalizers) + 1
     with torch.no_grad():
-        torch_scores = label_logprobs(lambda rows, _: _forward_tail(llama_backbone.model, torch.from_numpy(prompt), rows, keep).numpy(),
-                                      inputs, [verbalizers] * len(inputs))
-    onnx_scores = label_logprobs(lambda rows, _: model.logits_of_ids(rows, ["t"] * len(rows)), inputs, [verbalizers] * len(inputs))
+        torch_scores = label_logprobs(
+            lambda rows, _: _forward_tail(llama_backbone.model, torch.from_numpy(prompt), rows, keep).numpy(),
+            inputs,
+            [verbalizers] * len(inputs),
+        )
+    onnx_scores = label_logprobs(
+        lambda rows, _: model.logits_of_ids(rows, ["t"] * len(rows)), inputs, [verbalizers] * len(inputs)
+    )
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-4, atol=1e-4)
 
 
@@ -153,7 +166,9 @@ def test_inits(llama_backbone, tmp_path):
     rand = init_prompt("random", 100, table, **kwargs)
     assert abs(rand.std() - table.std()) < 0.2 * table.std()
     save_prompt(tmp_path, "src", labels, fingerprint=llama_backbone.fingerprint)
-    np.testing.assert_array_equal(init_prompt(f"file:{tmp_path}/src.npy", 5, table, fingerprint=llama_backbone.fingerprint, **kwargs), labels)
+    np.testing.assert_array_equal(
+        init_prompt(f"file:{tmp_path}/src.npy", 5, table, fingerprint=llama_backbone.fingerprint, **kwargs), labels
+    )
     with pytest.raises(PromptBankError, match="expected one of"):
         init_prompt("zeros", 3, table, **kwargs)
 
@@ -186,8 +201,20 @@ OK_LINE = '{"text": "fine", "label": "positive"}'
 def test_bad_input_is_refused_before_the_model_loads(tmp_path, lines, extra, message, capsys):
     """The model name is bogus: reaching the model would fail differently, so these are caught first."""
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    args = ["no-model-needed", "--data", str(tmp_path / "train.jsonl"), "--task", "t", "--bank", str(tmp_path / "b"),
-            "--verbalizer", "positive= positive", "--verbalizer", "negative= negative", *extra]
+    args = [
+        "no-model-needed",
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--task",
+        "t",
+        "--bank",
+        str(tmp_path / "b"),
+        "--verbalizer",
+        "positive= positive",
+        "--verbalizer",
+        "negative= negative",
+        *extra,
+    ]
     assert train_main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
@@ -196,14 +223,34 @@ def test_bad_input_is_refused_before_the_model_loads(tmp_path, lines, extra, mes
 
 def test_too_long_example_is_refused_with_the_limit(llama_backbone, tmp_path):
     data = read_jsonl(write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 200, "label": "positive"}]))
-    with pytest.raises(PromptBankError, match=r"long.jsonl example 1: 20 prompt \+ \d+ input \+ \d+ target = \d+ positions; the model has 128"):
+    with pytest.raises(
+        PromptBankError, match=r"long.jsonl example 1: 20 prompt \+ \d+ input \+ \d+ target = \d+ positions; the model has 128"
+    ):
         encode_examples(llama_backbone, data, TaskSpec(labels={"positive": " positive"}), 20)
 
 
 def test_train_prompt_cli_generation_task(llama_dir, llama_export, tmp_path, capsys):
     data = write_jsonl(tmp_path / "gen.jsonl", [{"input": f"Say {w}", "output": f" {w} {w}"} for w in ("hi", "yes", "no", "ok")])
-    args = [str(llama_dir), "--data", str(data), "--eval", str(data), "--task", "echo", "--bank", str(tmp_path / "bank"),
-            "--length", "3", "--steps", "4", "--eval-every", "2", "--template", "Q: {text}\\nA:", "-q"]  # as a shell passes it
+    args = [
+        str(llama_dir),
+        "--data",
+        str(data),
+        "--eval",
+        str(data),
+        "--task",
+        "echo",
+        "--bank",
+        str(tmp_path / "bank"),
+        "--length",
+        "3",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--template",
+        "Q: {text}\\nA:",
+        "-q",
+    ]  # as a shell passes it
     assert train_main(args) == 0
     assert "saved echo (3x64)" in capsys.readouterr().out
     meta = load_prompt(tmp_path / "bank", "echo").meta
@@ -275,8 +322,12 @@ def test_export_peft_round_trip_and_logits(llama_dir, llama_export, llama_backbo
         ref = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy()
     got = model.logits("a gorgeous film", task="t")[0]
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
-    assert bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "back",
-                      "--model", str(llama_export)]) == 0
+    assert (
+        bank_main(
+            ["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "back", "--model", str(llama_export)]
+        )
+        == 0
+    )
     np.testing.assert_array_equal(load_prompt(tmp_path / "bank", "back").vectors, prompt)  # exact round trip
 
 

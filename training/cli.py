@@ -30,19 +30,34 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train-prompt", description="Learn a task's soft prompt with the backbone frozen.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="train-prompt",
+        description="Learn a task's soft prompt with the backbone frozen.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", metavar="MODEL", help="what export-model takes: built-in name, .gguf file or model folder")
     parser.add_argument("--data", type=Path, required=True, help="training data (JSON Lines)")
     parser.add_argument("--eval", type=Path, help="evaluation data; the best prompt on it is kept")
     parser.add_argument("--task", required=True, help="task name in the bank")
     parser.add_argument("--bank", type=Path, required=True, help="bank folder to save the prompt into")
     parser.add_argument("--length", type=int, default=20, help="prompt length P (default: 20)")
-    parser.add_argument("--init", default=None, help="labels (classification default), vocab (generation default), random, text:..., file:...")
-    parser.add_argument("--template", default="{text}", help="hard prompt wrapping each input; must contain {text}; \\n and \\t "
-                        "are read as newline and tab, as a shell passes them literally")
-    parser.add_argument("--verbalizer", action="append", default=[], metavar="LABEL=WORDS",
-                        help="words the model should produce for a label (repeatable; default: ' ' + label name)")
+    parser.add_argument(
+        "--init", default=None, help="labels (classification default), vocab (generation default), random, text:..., file:..."
+    )
+    parser.add_argument(
+        "--template",
+        default="{text}",
+        help="hard prompt wrapping each input; must contain {text}; \\n and \\t "
+        "are read as newline and tab, as a shell passes them literally",
+    )
+    parser.add_argument(
+        "--verbalizer",
+        action="append",
+        default=[],
+        metavar="LABEL=WORDS",
+        help="words the model should produce for a label (repeatable; default: ' ' + label name)",
+    )
     parser.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
     parser.add_argument("--lr", type=float, default=3e-2, help="learning rate (default: 0.03)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -50,12 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=2, metavar="N",
-                        help="recompute every N-th layer's activations in backward to save memory "
-                             "(1: least memory, 0: off and fastest; default: 2)")
-    parser.add_argument("--head", choices=["none", "linear"], default="none",
-                        help="encoders only: also train a linear classifier on the pooled embedding, stored with the task "
-                             "(default: none, the nearest label embedding decides)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=2,
+        metavar="N",
+        help="recompute every N-th layer's activations in backward to save memory "
+        "(1: least memory, 0: off and fastest; default: 2)",
+    )
+    parser.add_argument(
+        "--head",
+        choices=["none", "linear"],
+        default="none",
+        help="encoders only: also train a linear classifier on the pooled embedding, stored with the task "
+        "(default: none, the nearest label embedding decides)",
+    )
     parser.add_argument("--force", action="store_true", help="replace the task if the bank has it")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
@@ -75,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from .encoder import train_encoder_prompt
         from .train import TrainConfig, load_backbone, save_trained, train_prompt
     except ImportError as exc:
-        print(f"error: training needs torch and transformers ({exc.name} is missing): pip install 'softprompt-onnx[export]'",
-              file=sys.stderr)
+        print(
+            f"error: training needs torch and transformers ({exc.name} is missing): pip install 'softprompt-onnx[export]'",
+            file=sys.stderr,
+        )
         return 1
     try:
         # Everything about the inputs is checked before the model is loaded.
@@ -97,16 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.init:
             check_init(args.init)
         config = TrainConfig(
-            length=args.length, init=args.init or ("labels" if spec.labels else "vocab"), optimizer=args.optimizer,
-            lr=args.lr, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,
-            seed=args.seed, checkpoint_every=args.checkpoint_every,
+            length=args.length,
+            init=args.init or ("labels" if spec.labels else "vocab"),
+            optimizer=args.optimizer,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            epochs=args.epochs,
+            eval_every=args.eval_every,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
         )
         log(f"loading {args.model}")
         backbone = load_backbone(args.model, log=log)
         head = None
         if backbone.kind == "encoder":
-            vectors, record, head = train_encoder_prompt(backbone, train, spec, config, eval_data=eval_data,
-                                                         head=args.head == "linear", progress=not args.quiet, log=log)
+            vectors, record, head = train_encoder_prompt(
+                backbone, train, spec, config, eval_data=eval_data, head=args.head == "linear", progress=not args.quiet, log=log
+            )
         elif args.head != "none":
             raise TrainingError("--head is for encoder models; a decoder's task is scored by its verbalizers")
         else:

@@ -93,8 +93,10 @@ def train_encoder_prompt(
     linear = torch.nn.Linear(prompt.shape[1], len(labels)) if head else None
     params = [prompt, *(linear.parameters() if linear else [])]
     trainable = sum(p.numel() for p in params)
-    log(f"trainable parameters: {trainable:,} (prompt {config.length} x {prompt.shape[1]}"
-        f"{f' + head {len(labels)} x {prompt.shape[1]} + {len(labels)}' if linear else ''}); frozen: {frozen:,}")
+    log(
+        f"trainable parameters: {trainable:,} (prompt {config.length} x {prompt.shape[1]}"
+        f"{f' + head {len(labels)} x {prompt.shape[1]} + {len(labels)}' if linear else ''}); frozen: {frozen:,}"
+    )
     limit = backbone.max_positions
 
     def encode(data: Dataset) -> tuple[list[list[int]], list[int]]:
@@ -102,8 +104,9 @@ def train_encoder_prompt(
         for number, example in enumerate(data.examples, 1):
             ids = backbone.encode(spec.apply(example.text))
             if limit is not None and config.length + len(ids) > limit:
-                raise TrainingError(f"{data.path}:{number}: {config.length} prompt + {len(ids)} tokens exceed "
-                                      f"the model's {limit} positions")
+                raise TrainingError(
+                    f"{data.path}:{number}: {config.length} prompt + {len(ids)} tokens exceed the model's {limit} positions"
+                )
             rows.append(ids)
             targets.append(labels.index(example.target))
         return rows, targets
@@ -111,8 +114,12 @@ def train_encoder_prompt(
     rows, targets = encode(train)
     eval_rows, eval_targets = encode(eval_data) if eval_data else (None, None)
     with torch.no_grad():
-        anchors = pooled(model, prompt.new_zeros((0, prompt.shape[1])),
-                         [backbone.encode(spec.labels[label].strip() or label) for label in labels], backbone.pooling)
+        anchors = pooled(
+            model,
+            prompt.new_zeros((0, prompt.shape[1])),
+            [backbone.encode(spec.labels[label].strip() or label) for label in labels],
+            backbone.pooling,
+        )
 
     def accuracy() -> dict:
         with torch.no_grad():
@@ -153,8 +160,17 @@ def train_encoder_prompt(
     if not eval_rows:
         best, best_head = prompt.detach().clone(), _head_state(linear, labels)
     record = training_record(
-        train, eval_data, config, examples=len(rows), steps=step, best=best_metric, history=history,
-        trainable=trainable, frozen=frozen, started=started, interrupted=interrupted,
+        train,
+        eval_data,
+        config,
+        examples=len(rows),
+        steps=step,
+        best=best_metric,
+        history=history,
+        trainable=trainable,
+        frozen=frozen,
+        started=started,
+        interrupted=interrupted,
         objective="linear head" if linear else f"nearest label embedding (cosine x {SIMILARITY_SCALE:g})",
     )
     return best.numpy().astype(np.float32), record, best_head

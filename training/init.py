@@ -52,7 +52,9 @@ def common_token_ids(tokenizer_json: str, count: int = 5000) -> np.ndarray:
         seen = set(merged)
         order = merged + sorted(i for i in vocab.values() if i not in seen)
     else:
-        order = sorted(model["vocab"].values()) if isinstance(model.get("vocab"), dict) else list(range(len(model.get("vocab", []))))
+        order = (
+            sorted(model["vocab"].values()) if isinstance(model.get("vocab"), dict) else list(range(len(model.get("vocab", []))))
+        )
     ids = [i for i in dict.fromkeys(order) if i not in special]
     return np.asarray(ids[:count], dtype=np.int64)
 
@@ -87,7 +89,9 @@ def init_prompt(
             if not ids:
                 raise TrainingError(f"verbalizer {words!r} has no tokens")
             rows.append(np.asarray(table[np.asarray(ids)], np.float32).mean(0))  # averaged over sub-tokens
-        rest = _sample_rows(table, common_ids, length - len(rows), rng) if length > len(rows) else np.zeros((0, width), np.float32)
+        rest = (
+            _sample_rows(table, common_ids, length - len(rows), rng) if length > len(rows) else np.zeros((0, width), np.float32)
+        )
         return np.concatenate([np.stack(rows), rest]).astype(np.float32)
     if spec.startswith("text:"):
         ids = encode(spec[5:])
@@ -109,4 +113,8 @@ def _sample_rows(table: np.ndarray, ids: np.ndarray, count: int, rng: np.random.
     if len(ids) == 0:
         raise TrainingError("the tokenizer has no ordinary tokens to sample from")
     picked = rng.choice(ids, size=count, replace=count > len(ids))
-    return np.asarray(table[np.sort(picked)], np.float32)[rng.permutation(count)] if count else np.zeros((0, table.shape[1]), np.float32)
+    return (
+        np.asarray(table[np.sort(picked)], np.float32)[rng.permutation(count)]
+        if count
+        else np.zeros((0, table.shape[1]), np.float32)
+    )

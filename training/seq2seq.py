@@ -45,13 +45,15 @@ def target_logits(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]], ta
 def seq2seq_loss_sum(model, prompt: torch.Tensor, pairs) -> torch.Tensor:
     """Summed cross-entropy over every target token."""
     logits = target_logits(model, prompt, [ids for ids, _ in pairs], [t for _, t in pairs])
-    losses = [torch.nn.functional.cross_entropy(logits[i, : len(t)], torch.tensor(t), reduction="sum")
-              for i, (_, t) in enumerate(pairs)]
+    losses = [
+        torch.nn.functional.cross_entropy(logits[i, : len(t)], torch.tensor(t), reduction="sum") for i, (_, t) in enumerate(pairs)
+    ]
     return torch.stack(losses).sum()
 
 
-def seq2seq_label_logprobs(model, prompt: torch.Tensor, inputs: Sequence[Sequence[int]],
-                           verbalizers: Sequence[Sequence[int]], chunk: int = 16) -> np.ndarray:
+def seq2seq_label_logprobs(
+    model, prompt: torch.Tensor, inputs: Sequence[Sequence[int]], verbalizers: Sequence[Sequence[int]], chunk: int = 16
+) -> np.ndarray:
     """[N, L] summed log-probabilities of each label's verbalizer as the output for each input."""
     out = np.zeros((len(inputs), len(verbalizers)))
     items = [(i, j) for i in range(len(inputs)) for j in range(len(verbalizers))]

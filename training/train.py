@@ -68,9 +68,16 @@ def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> Frozen
     tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())  # the tokenizer.json the export writes
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    return FrozenModel(backbone.model, tokenizer, backbone.table, backbone.fingerprint, backbone.facts["max_positions"],
-                       backbone.tokens["eos_token_ids"] if backbone.kind != "encoder" else [], backbone.kind,
-                       backbone.fields.get("pooling", "mean"))
+    return FrozenModel(
+        backbone.model,
+        tokenizer,
+        backbone.table,
+        backbone.fingerprint,
+        backbone.facts["max_positions"],
+        backbone.tokens["eos_token_ids"] if backbone.kind != "encoder" else [],
+        backbone.kind,
+        backbone.fields.get("pooling", "mean"),
+    )
 
 
 def enable_checkpointing(model, every: int = 2) -> int:
@@ -135,7 +142,9 @@ def _forward_tail(model, prompt, rows, keep: int) -> torch.Tensor:
     return logits[:, -keep:]
 
 
-def encode_examples(backbone: FrozenModel, data: Dataset, spec: TaskSpec, prompt_length: int) -> list[tuple[list[int], list[int]]]:
+def encode_examples(
+    backbone: FrozenModel, data: Dataset, spec: TaskSpec, prompt_length: int
+) -> list[tuple[list[int], list[int]]]:
     """(templated input ids, target ids) per example; targets are the verbalizer or output (+ end of sequence)."""
     verbalizers = spec.verbalizer_ids(backbone.encode)
     pairs = []
@@ -220,8 +229,9 @@ def train_prompt(
 ) -> tuple[np.ndarray, dict]:
     """Train and return (best prompt [P, E] float32, training record). Ctrl-C stops and keeps the best so far."""
     if backbone.kind == "encoder":
-        raise TrainingError("train_prompt trains decoder and encoder-decoder prompts; encoders go through "
-                              "train_encoder.train_encoder_prompt")
+        raise TrainingError(
+            "train_prompt trains decoder and encoder-decoder prompts; encoders go through train_encoder.train_encoder_prompt"
+        )
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model
@@ -269,42 +279,97 @@ def train_prompt(
         bar.close()
     if not eval_pairs:
         best = prompt.detach().clone()
-    record = training_record(train, eval_data, config, examples=len(pairs), steps=step, best=best_metric,
-                             history=history, trainable=prompt.numel(), frozen=frozen, started=started,
-                             interrupted=interrupted)
+    record = training_record(
+        train,
+        eval_data,
+        config,
+        examples=len(pairs),
+        steps=step,
+        best=best_metric,
+        history=history,
+        trainable=prompt.numel(),
+        frozen=frozen,
+        started=started,
+        interrupted=interrupted,
+    )
     return best.numpy().astype(np.float32), record
 
 
 def starting_prompt(backbone: FrozenModel, spec: TaskSpec, config: TrainConfig, rng: np.random.Generator) -> np.ndarray:
     """The [P, E] prompt training starts from, by `config.init` (docs/TRAINING.md)."""
     return init_prompt(
-        config.init, config.length, backbone.table,
+        config.init,
+        config.length,
+        backbone.table,
         encode=lambda text: backbone.encode(text, add_special_tokens=False),
         common_ids=common_token_ids(backbone.tokenizer.to_str()),
-        label_words=list(spec.labels.values()), fingerprint=backbone.fingerprint, rng=rng,
+        label_words=list(spec.labels.values()),
+        fingerprint=backbone.fingerprint,
+        rng=rng,
     )
 
 
-def training_record(train: Dataset, eval_data: Dataset | None, config: TrainConfig, *, examples: int, steps: int,
-                    best: dict | None, history: list, trainable: int, frozen: int, started: float,
-                    interrupted: bool, **more) -> dict:
+def training_record(
+    train: Dataset,
+    eval_data: Dataset | None,
+    config: TrainConfig,
+    *,
+    examples: int,
+    steps: int,
+    best: dict | None,
+    history: list,
+    trainable: int,
+    frozen: int,
+    started: float,
+    interrupted: bool,
+    **more,
+) -> dict:
     """What a task's metadata says about how its prompt was trained (`training` in NAME.json)."""
     return {
-        "data": str(train.path), "data_sha256": train.sha256, "examples": examples,
+        "data": str(train.path),
+        "data_sha256": train.sha256,
+        "examples": examples,
         "eval_data": str(eval_data.path) if eval_data else None,
         "eval_data_sha256": eval_data.sha256 if eval_data else None,
-        "steps": steps, "batch_size": config.batch_size, "optimizer": config.optimizer, "lr": config.lr,
-        "seed": config.seed, "init": config.init, "best": best, "history": history, **more,
-        "trainable_parameters": trainable, "frozen_parameters": frozen,
-        "wall_time_s": round(time.perf_counter() - started, 2), "interrupted": interrupted,
+        "steps": steps,
+        "batch_size": config.batch_size,
+        "optimizer": config.optimizer,
+        "lr": config.lr,
+        "seed": config.seed,
+        "init": config.init,
+        "best": best,
+        "history": history,
+        **more,
+        "trainable_parameters": trainable,
+        "frozen_parameters": frozen,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "interrupted": interrupted,
     }
 
 
-def save_trained(bank: Path, task: str, vectors: np.ndarray, backbone: FrozenModel, spec: TaskSpec, record: dict,
-                 model_spec: str, overwrite: bool, head: dict | None = None) -> PromptMeta:
+def save_trained(
+    bank: Path,
+    task: str,
+    vectors: np.ndarray,
+    backbone: FrozenModel,
+    spec: TaskSpec,
+    record: dict,
+    model_spec: str,
+    overwrite: bool,
+    head: dict | None = None,
+) -> PromptMeta:
     extra = {**spec.to_extra(), **({"head": head} if head else {})}
-    return save_prompt(bank, task, vectors, fingerprint=backbone.fingerprint, init=record["init"],
-                       source=f"train-prompt {model_spec}", training=record, extra=extra, overwrite=overwrite)
+    return save_prompt(
+        bank,
+        task,
+        vectors,
+        fingerprint=backbone.fingerprint,
+        init=record["init"],
+        source=f"train-prompt {model_spec}",
+        training=record,
+        extra=extra,
+        overwrite=overwrite,
+    )
 
 
 def _better(metric: dict, best: dict | None) -> bool:

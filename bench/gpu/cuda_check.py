@@ -45,8 +45,7 @@ def skeleton(export: Path, out: Path, keep_below: int = 4096) -> None:
             continue
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         length = count * dtype.itemsize
-        entries.append({"name": tensor.name, "shape": list(tensor.dims), "dtype": dtype.str,
-                        "offset": offset, "length": length})
+        entries.append({"name": tensor.name, "shape": list(tensor.dims), "dtype": dtype.str, "offset": offset, "length": length})
         tensor.ClearField("raw_data")
         tensor.ClearField("float_data")
         tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -60,8 +59,9 @@ def skeleton(export: Path, out: Path, keep_below: int = 4096) -> None:
     for path in export.iterdir():
         if path.is_file() and path.name not in ("model.onnx", "embeddings.npy"):
             shutil.copy2(path, out / path.name)
-    (out / "skeleton.json").write_text(json.dumps({"weights": entries, "weights_bytes": offset,
-                                                   "embeddings": list(table.shape)}, indent=1))
+    (out / "skeleton.json").write_text(
+        json.dumps({"weights": entries, "weights_bytes": offset, "embeddings": list(table.shape)}, indent=1)
+    )
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"{out}: {len(entries)} tensors ({offset / 1e6:.0f} MB) left out, {size / 1e6:.1f} MB written")
 
@@ -86,8 +86,12 @@ def device_name() -> str:
     try:
         import subprocess
 
-        found = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=20)
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return found.stdout.strip() or "unknown GPU"
     except Exception as exc:  # noqa: BLE001 - a report line, not a failure
         return f"unknown GPU ({exc})"
@@ -137,15 +141,18 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False,
-        prompt_lengths: tuple[int, int, int] = (20, 100, 7)) -> int:
+def run(
+    skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False, prompt_lengths: tuple[int, int, int] = (20, 100, 7)
+) -> int:
     import onnxruntime as ort
 
     from softprompt.prompt_bank import save_prompt
     from softprompt.runtime import load, read_config
 
-    print(f"{device_name()}; {platform.processor() or platform.machine()}; onnxruntime {ort.__version__} "
-          f"{ort.get_available_providers()}")
+    print(
+        f"{device_name()}; {platform.processor() or platform.machine()}; onnxruntime {ort.__version__} "
+        f"{ort.get_available_providers()}"
+    )
     work = Path(tempfile.mkdtemp(prefix="cuda-check-"))
     export = fill(skeleton_dir, work / "export")
     config = read_config(export)
@@ -163,14 +170,20 @@ def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False
     cpu = load(export, bank=bank, providers="cpu")
     gpu = load(export, bank=bank, providers="cpu" if dry_run else "cuda")
     gpu.graph.binds = gpu.graph.binds or dry_run  # the dry run takes the CUDA code path (I/O binding) on the CPU
-    print(f"CUDA session providers {gpu.session.get_providers()}; use_tf32 = "
-          f"{gpu.session.get_provider_options().get('CUDAExecutionProvider', {}).get('use_tf32')}")
+    print(
+        f"CUDA session providers {gpu.session.get_providers()}; use_tf32 = "
+        f"{gpu.session.get_provider_options().get('CUDAExecutionProvider', {}).get('use_tf32')}"
+    )
     assert gpu.graph.binds, "a CUDA session must keep the cache on the device"
 
     # Parity: a mixed-task batch (prompts of 20, 100, 7 vectors and none, cached; inputs of different
     # lengths) greedy on both providers, and each row alone on CUDA.
-    texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
-             "def fibonacci(n):", "1, 2, 3, 4,"]
+    texts = [
+        "The capital of France is",
+        "Once upon a time, in a small village by the sea, there lived",
+        "def fibonacci(n):",
+        "1, 2, 3, 4,",
+    ]
     tasks = ["p20", "p100", None, "p7"]
     on_cpu = cpu.complete(texts, task=tasks, max_new_tokens=new_tokens)
     on_gpu = gpu.complete(texts, task=tasks, max_new_tokens=new_tokens)
@@ -179,24 +192,31 @@ def run(skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False
     same_alone = [a.token_ids == b.token_ids for a, b in zip(alone, on_gpu)]
     ids = [cpu.encode(text, task) for text, task in zip(texts, tasks)]
     diff = np.abs(cpu.logits_of_ids(ids, tasks) - gpu.logits_of_ids(ids, tasks)).max()
-    print(f"parity, {new_tokens} greedy tokens: CUDA batch == CPU batch per row {same_batch}; CUDA row alone == CUDA "
-          f"batch {same_alone}; input logits max |CUDA - CPU| {diff:.2e}; distinct tokens per row "
-          f"{[len(set(r.token_ids)) for r in on_gpu]} (random weights can repeat a token, which would make parity cheap)")
+    print(
+        f"parity, {new_tokens} greedy tokens: CUDA batch == CPU batch per row {same_batch}; CUDA row alone == CUDA "
+        f"batch {same_alone}; input logits max |CUDA - CPU| {diff:.2e}; distinct tokens per row "
+        f"{[len(set(r.token_ids)) for r in on_gpu]} (random weights can repeat a token, which would make parity cheap)"
+    )
 
     # Speed: batch 1 and 8, 32 input tokens, the cache on the device (binding) vs copied to the host each step.
     vocab = config.vocab_size
     one = [list(rng.integers(0, vocab, 32))]
     eight = [list(rng.integers(0, vocab, 32)) for _ in range(8)]
-    for label, rows, row_tasks in (("batch 1, no prompt", one, [None]), ("batch 1, 20-vector prompt", one, ["p20"]),
-                                   ("batch 8, no prompt", eight, [None] * 8)):
+    for label, rows, row_tasks in (
+        ("batch 1, no prompt", one, [None]),
+        ("batch 1, 20-vector prompt", one, ["p20"]),
+        ("batch 8, no prompt", eight, [None] * 8),
+    ):
         gpu.graph.binds = True
         bound = decode_rate(gpu, rows, row_tasks, new_tokens, repeats)
         gpu.graph.binds = False
         copied = decode_rate(gpu, rows, row_tasks, new_tokens, repeats)
         gpu.graph.binds = True
         host = decode_rate(cpu, rows, row_tasks, new_tokens, 1)
-        print(f"{label}: CUDA, cache on the device {bound:.0f} tokens/s; cache copied to the host each step "
-              f"{copied:.0f} ({bound / copied:.2f}x); CPU provider on this machine {host:.0f}")
+        print(
+            f"{label}: CUDA, cache on the device {bound:.0f} tokens/s; cache copied to the host each step "
+            f"{copied:.0f} ({bound / copied:.2f}x); CPU provider on this machine {host:.0f}"
+        )
     ok = all(same_batch) and all(same_alone)
     print("PASS" if ok else "FAIL: greedy tokens differ")
     return 0 if ok else 1

@@ -17,15 +17,19 @@ def test_skeleton_drops_the_weights_and_fill_restores_a_runnable_export(llama_ex
     assert not (skeleton / "embeddings.npy").exists() and not (skeleton / cuda_check.WEIGHTS).exists()
     moved = json.loads((skeleton / "skeleton.json").read_text())["weights"]
     original = onnx.load(str(llama_export / "model.onnx"))
-    big = [t.name for t in original.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] > 256
-           and not t.name.startswith(("cos", "sin"))]
+    big = [
+        t.name
+        for t in original.graph.initializer
+        if len(t.dims) == 2 and t.dims[0] * t.dims[1] > 256 and not t.name.startswith(("cos", "sin"))
+    ]
     assert sorted(entry["name"] for entry in moved) == sorted(big) and big
     assert (skeleton / "model.onnx").stat().st_size < (llama_export / "model.onnx").stat().st_size / 2
 
     filled = cuda_check.fill(skeleton, tmp_path / "filled")
     model = onnx.load(str(filled / "model.onnx"))
-    assert [(t.name, list(t.dims)) for t in model.graph.initializer] == \
-        [(t.name, list(t.dims)) for t in original.graph.initializer]
+    assert [(t.name, list(t.dims)) for t in model.graph.initializer] == [
+        (t.name, list(t.dims)) for t in original.graph.initializer
+    ]
     result = load(filled, providers="cpu").complete("hello there", max_new_tokens=4)[0]
     assert len(result.token_ids) == 4
 

@@ -78,5 +78,7 @@ def balanced(rows: list, per_label: int, seed: int = 0) -> list:
     for row in rows:
         by_label.setdefault(row[1], []).append(row)
     rng = np.random.default_rng(seed)
-    picked = [r for label in sorted(by_label) for r in (by_label[label][i] for i in rng.permutation(len(by_label[label]))[:per_label])]
+    picked = [
+        r for label in sorted(by_label) for r in (by_label[label][i] for i in rng.permutation(len(by_label[label]))[:per_label])
+    ]
     return [picked[i] for i in rng.permutation(len(picked))]

@@ -88,14 +88,23 @@ def main() -> int:
     parser.add_argument("--ood-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--members", type=int, default=5, help="prompts in the 'ensemble' method (seeds seed..seed+N-1)")
-    parser.add_argument("--export", type=Path, default=Path("exports/smollm2"),
-                        help="export of --model; the 'ensemble' method classifies with the runtime")
+    parser.add_argument(
+        "--export",
+        type=Path,
+        default=Path("exports/smollm2"),
+        help="export of --model; the 'ensemble' method classifies with the runtime",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/quality.json"))
     parser.add_argument("--table", action="store_true", help="only print the markdown table of --json")
-    parser.add_argument("--minilm-export", type=Path, default=Path("exports/minilm"),
-                        help="export of minilm-l6 for the 'minilm' method")
-    parser.add_argument("--save-bank", type=Path, default=Path("bench/results/prompts"),
-                        help="every trained prompt is also saved here (task names like labels-p20-s0), for ensembles later")
+    parser.add_argument(
+        "--minilm-export", type=Path, default=Path("exports/minilm"), help="export of minilm-l6 for the 'minilm' method"
+    )
+    parser.add_argument(
+        "--save-bank",
+        type=Path,
+        default=Path("bench/results/prompts"),
+        help="every trained prompt is also saved here (task names like labels-p20-s0), for ensembles later",
+    )
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.json.read_text())))
@@ -120,20 +129,46 @@ def main() -> int:
             print(json.dumps(result), flush=True)
 
         def prompt_tuning(init: str, length: int) -> None:
-            config = TrainConfig(length=length, init=init, lr=args.lr, batch_size=args.batch_size, steps=args.steps, seed=args.seed)
+            config = TrainConfig(
+                length=length, init=init, lr=args.lr, batch_size=args.batch_size, steps=args.steps, seed=args.seed
+            )
             vectors, log = train_prompt(backbone, train, SPEC, config, progress=False, log=lambda m: None)
-            save_prompt(args.save_bank, f"{init.split(':')[0]}-p{length}-s{args.seed}", vectors,
-                        fingerprint=backbone.fingerprint, extra=SPEC.to_extra(), training=log)
+            save_prompt(
+                args.save_bank,
+                f"{init.split(':')[0]}-p{length}-s{args.seed}",
+                vectors,
+                fingerprint=backbone.fingerprint,
+                extra=SPEC.to_extra(),
+                training=log,
+            )
             prompt = torch.from_numpy(vectors)
-            record({"method": f"prompt tuning, init {init.split(':')[0]}", "length": length, "trainable": vectors.size,
-                    "bytes_per_task": vectors.size * 4, "steps": args.steps, "wall_s": log["wall_time_s"],
-                    "in_domain": accuracy(backbone, prompt, test), "out_of_domain": accuracy(backbone, prompt, ood)})
+            record(
+                {
+                    "method": f"prompt tuning, init {init.split(':')[0]}",
+                    "length": length,
+                    "trainable": vectors.size,
+                    "bytes_per_task": vectors.size * 4,
+                    "steps": args.steps,
+                    "wall_s": log["wall_time_s"],
+                    "in_domain": accuracy(backbone, prompt, test),
+                    "out_of_domain": accuracy(backbone, prompt, ood),
+                }
+            )
 
         for method in args.methods.split(","):
             if method == "zero-shot":
                 empty = torch.zeros((0, width))
-                record({"method": "zero-shot (template only)", "length": 0, "trainable": 0, "bytes_per_task": 0,
-                        "wall_s": 0.0, "in_domain": accuracy(backbone, empty, test), "out_of_domain": accuracy(backbone, empty, ood)})
+                record(
+                    {
+                        "method": "zero-shot (template only)",
+                        "length": 0,
+                        "trainable": 0,
+                        "bytes_per_task": 0,
+                        "wall_s": 0.0,
+                        "in_domain": accuracy(backbone, empty, test),
+                        "out_of_domain": accuracy(backbone, empty, ood),
+                    }
+                )
             elif method.startswith("pt-"):
                 init = method[3:]
                 prompt_tuning(TEXT_INIT if init == "text" else init, 20)
@@ -151,9 +186,18 @@ def main() -> int:
                 shadow = copy.copy(backbone)
                 shadow.model = tuned
                 empty = torch.zeros((0, width))
-                record({"method": "model tuning (all weights)", "length": 0, "trainable": trainable,
-                        "bytes_per_task": trainable * 4, "steps": args.steps, "wall_s": round(wall, 1),
-                        "in_domain": accuracy(shadow, empty, test), "out_of_domain": accuracy(shadow, empty, ood)})
+                record(
+                    {
+                        "method": "model tuning (all weights)",
+                        "length": 0,
+                        "trainable": trainable,
+                        "bytes_per_task": trainable * 4,
+                        "steps": args.steps,
+                        "wall_s": round(wall, 1),
+                        "in_domain": accuracy(shadow, empty, test),
+                        "out_of_domain": accuracy(shadow, empty, ood),
+                    }
+                )
                 del tuned
             else:
                 raise SystemExit(f"unknown method {method!r}")
@@ -180,19 +224,38 @@ def minilm(train, test_rows, ood_rows, args, record) -> None:
             return float(np.mean([list(spec.labels)[i] == g for i, g in zip(picked, gold)]))
         return float(np.mean([r["label"] == g for r, g in zip(model.classify(texts, task=task), gold)]))
 
-    record({"method": "MiniLM-L6, no prompt (nearest label embedding)", "length": 0, "trainable": 0, "bytes_per_task": 0,
-            "wall_s": 0.0, "in_domain": accuracy(None, test_rows), "out_of_domain": accuracy(None, ood_rows)})
+    record(
+        {
+            "method": "MiniLM-L6, no prompt (nearest label embedding)",
+            "length": 0,
+            "trainable": 0,
+            "bytes_per_task": 0,
+            "wall_s": 0.0,
+            "in_domain": accuracy(None, test_rows),
+            "out_of_domain": accuracy(None, ood_rows),
+        }
+    )
     for head in (False, True):
         config = TrainConfig(length=20, init="labels", lr=args.lr, batch_size=args.batch_size, steps=args.steps, seed=args.seed)
-        vectors, log, head_state = train_encoder_prompt(backbone, train, spec, config, head=head, progress=False, log=lambda m: None)
+        vectors, log, head_state = train_encoder_prompt(
+            backbone, train, spec, config, head=head, progress=False, log=lambda m: None
+        )
         name = f"minilm-{'head' if head else 'prompt'}-p20-s{args.seed}"
         extra = {**spec.to_extra(), **({"head": head_state} if head_state else {})}
         save_prompt(bank, name, vectors, fingerprint=backbone.fingerprint, extra=extra, training=log)
         model.reload()
-        record({"method": f"MiniLM-L6, prompt tuning{' + linear head' if head else ''}", "length": 20,
-                "trainable": log["trainable_parameters"], "bytes_per_task": 4 * log["trainable_parameters"],
-                "steps": args.steps, "wall_s": log["wall_time_s"],
-                "in_domain": accuracy(name, test_rows), "out_of_domain": accuracy(name, ood_rows)})
+        record(
+            {
+                "method": f"MiniLM-L6, prompt tuning{' + linear head' if head else ''}",
+                "length": 20,
+                "trainable": log["trainable_parameters"],
+                "bytes_per_task": 4 * log["trainable_parameters"],
+                "steps": args.steps,
+                "wall_s": log["wall_time_s"],
+                "in_domain": accuracy(name, test_rows),
+                "out_of_domain": accuracy(name, ood_rows),
+            }
+        )
 
 
 def ensemble(backbone, train, test_rows, ood_rows, args, record) -> None:
@@ -224,18 +287,31 @@ def ensemble(backbone, train, test_rows, ood_rows, args, record) -> None:
             "members": {m: float(np.mean([r["members"][m] == g for r, g in zip(results, gold)])) for m in members},
         }
     for how in ("vote", "mean"):
-        record({"method": f"prompt tuning, {args.members}-prompt ensemble ({how})", "length": 20,
-                "trainable": 20 * backbone.table.shape[1] * args.members, "bytes_per_task": 20 * backbone.table.shape[1] * 4 * args.members,
-                "steps": args.steps, "wall_s": round(wall, 1), "in_domain": scores["in_domain"][how],
-                "out_of_domain": scores["out_of_domain"][how], "members": {k: v["members"] for k, v in scores.items()}})
+        record(
+            {
+                "method": f"prompt tuning, {args.members}-prompt ensemble ({how})",
+                "length": 20,
+                "trainable": 20 * backbone.table.shape[1] * args.members,
+                "bytes_per_task": 20 * backbone.table.shape[1] * 4 * args.members,
+                "steps": args.steps,
+                "wall_s": round(wall, 1),
+                "in_domain": scores["in_domain"][how],
+                "out_of_domain": scores["out_of_domain"][how],
+                "members": {k: v["members"] for k, v in scores.items()},
+            }
+        )
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| method | P | trainable parameters | bytes per task | steps | wall time (s) | in domain | out of domain (tweets) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | P | trainable parameters | bytes per task | steps | wall time (s) | in domain | out of domain (tweets) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r['method']} | {r['length']} | {r['trainable']:,} | {r['bytes_per_task']:,} | {r['steps']} | "
-                     f"{r['wall_s']:.0f} | {100 * r['in_domain']:.1f}% | {100 * r['out_of_domain']:.1f}% |")
+        lines.append(
+            f"| {r['method']} | {r['length']} | {r['trainable']:,} | {r['bytes_per_task']:,} | {r['steps']} | "
+            f"{r['wall_s']:.0f} | {100 * r['in_domain']:.1f}% | {100 * r['out_of_domain']:.1f}% |"
+        )
     return "\n".join(lines)
 
 

@@ -21,10 +21,14 @@ import numpy as np
 from bench.harness import machine
 
 SENTENCES = [
-    "A man is playing a guitar on the street corner.", "The new phone has a brilliant screen but a weak battery.",
-    "Heavy rain is expected across the north tomorrow.", "She finally finished the marathon after five hours.",
-    "The committee postponed its decision until next month.", "This recipe needs two eggs and a cup of flour.",
-    "Our flight was delayed because of a technical problem.", "The museum opens a new exhibition on ancient Rome.",
+    "A man is playing a guitar on the street corner.",
+    "The new phone has a brilliant screen but a weak battery.",
+    "Heavy rain is expected across the north tomorrow.",
+    "She finally finished the marathon after five hours.",
+    "The committee postponed its decision until next month.",
+    "This recipe needs two eggs and a cup of flour.",
+    "Our flight was delayed because of a technical problem.",
+    "The museum opens a new exhibition on ancient Rome.",
 ]
 
 
@@ -86,8 +90,10 @@ def main() -> int:
             times[name].append(time.perf_counter() - start)
     rate = {name: args.batch / statistics.median(t[1:]) for name, t in times.items()}
     print(f"{machine()}; batch {args.batch}, prompt {args.prompt_length}, {args.threads} threads")
-    print(f"runtime embed: {rate['runtime']:.0f} sentences/s; PyTorch: {rate['pytorch']:.0f} sentences/s; "
-          f"ratio {rate['runtime'] / rate['pytorch']:.2f}x (target >= 1.5x); max |difference| {diff:.1e}")
+    print(
+        f"runtime embed: {rate['runtime']:.0f} sentences/s; PyTorch: {rate['pytorch']:.0f} sentences/s; "
+        f"ratio {rate['runtime'] / rate['pytorch']:.2f}x (target >= 1.5x); max |difference| {diff:.1e}"
+    )
     return 0
 
 

@@ -30,14 +30,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--serve", action="store_true",
-                        help="stay alive: measure once per 'run' line on stdin (bench.harness.serve's protocol)")
+    parser.add_argument(
+        "--serve", action="store_true", help="stay alive: measure once per 'run' line on stdin (bench.harness.serve's protocol)"
+    )
     args = parser.parse_args()
     ids = [int(x) for x in args.ids.split(",")]
     config = og.Config(args.model)
     config.clear_providers()
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
+    config.overlay(
+        json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}})
+    )
     model = og.Model(config)
     total = len(ids) + args.new_tokens
 
@@ -51,13 +53,16 @@ def main() -> None:
         while not generator.is_done():
             generator.generate_next_token()  # the first call only picks; each later one runs a step first
             stamps.append(time.perf_counter())
-        tokens = [int(t) for t in generator.get_sequence(0)][len(ids):]
+        tokens = [int(t) for t in generator.get_sequence(0)][len(ids) :]
         return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
 
     def measure() -> dict:
         runs = [once() for _ in range(args.repeats)]
-        return {"decode_tokens_per_s": statistics.median(r[1] for r in runs),
-                "first_token_ms": 1000 * statistics.median(r[0] for r in runs), "tokens": runs[-1][2]}
+        return {
+            "decode_tokens_per_s": statistics.median(r[1] for r in runs),
+            "first_token_ms": 1000 * statistics.median(r[0] for r in runs),
+            "tokens": runs[-1][2],
+        }
 
     once()  # warm-up
     if args.serve:

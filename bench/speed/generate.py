@@ -88,10 +88,17 @@ def run_torch(args) -> dict:
         streamer = Stamps()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=2, streamer=streamer)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=2,
+                streamer=streamer,
+            )
         # The first put() is the input ids; each later one is a step's new tokens.
-        return start, streamer.times[1:], out[:, ids.shape[1]:].tolist()
+        return start, streamer.times[1:], out[:, ids.shape[1] :].tolist()
 
     once()
     results = [once() for _ in range(args.inner)]
@@ -118,8 +125,14 @@ def make_prompt(args) -> None:
 
     backbone = open_export(args.export)
     rows = np.random.default_rng(0).integers(0, backbone.config.vocab_size, args.prompt_length)
-    save_prompt(args.bank, "bench", np.asarray(backbone.table[rows], np.float32),
-                fingerprint=backbone.config.fingerprint, init="vocab", source="bench/speed/generate.py")
+    save_prompt(
+        args.bank,
+        "bench",
+        np.asarray(backbone.table[rows], np.float32),
+        fingerprint=backbone.config.fingerprint,
+        init="vocab",
+        source="bench/speed/generate.py",
+    )
 
 
 def side_command(side: str, args, batch: int) -> tuple[list[str], dict]:
@@ -168,23 +181,35 @@ def main() -> int:
         args.bank = Path(bank)
         make_prompt(args)
         print(f"machine: {machine()}")
-        print(f"date: {dt.datetime.now().isoformat(timespec='minutes')}; workload: prompt {args.prompt_length} vectors, "
-              f"{args.input_tokens} input tokens, {args.new_tokens} new tokens, greedy, {args.threads} threads; "
-              f"medians of {args.repeats} alternating runs x {args.inner}")
+        print(
+            f"date: {dt.datetime.now().isoformat(timespec='minutes')}; workload: prompt {args.prompt_length} vectors, "
+            f"{args.input_tokens} input tokens, {args.new_tokens} new tokens, greedy, {args.threads} threads; "
+            f"medians of {args.repeats} alternating runs x {args.inner}"
+        )
         report = {}
         for batch in (int(b) for b in args.batches.split(",")):
             runs = {"onnx": [], "torch": []}
             for _ in range(args.repeats):
                 for side in ("torch", "onnx"):
                     runs[side].append(child(side, args, batch))
-            medians = {side: {key: statistics.median(r[key] for r in rs) for key in ("first_token_ms", "decode_tokens_per_s", "peak_rss_mb")}
-                       for side, rs in runs.items()}
+            medians = {
+                side: {
+                    key: statistics.median(r[key] for r in rs) for key in ("first_token_ms", "decode_tokens_per_s", "peak_rss_mb")
+                }
+                for side, rs in runs.items()
+            }
             same = all(r["tokens"] == runs["torch"][0]["tokens"] for r in runs["onnx"] + runs["torch"])
             o, t = medians["onnx"], medians["torch"]
             print(f"\nbatch {batch}:            {'runtime':>10} {'torch+peft':>11} {'ratio':>7}")
-            print(f"  decode tokens/s    {o['decode_tokens_per_s']:10.1f} {t['decode_tokens_per_s']:11.1f} {o['decode_tokens_per_s'] / t['decode_tokens_per_s']:6.2f}x")
-            print(f"  first token (ms)   {o['first_token_ms']:10.1f} {t['first_token_ms']:11.1f} {o['first_token_ms'] / t['first_token_ms']:6.2f}x")
-            print(f"  peak RSS (MiB)     {o['peak_rss_mb']:10.0f} {t['peak_rss_mb']:11.0f} {o['peak_rss_mb'] / t['peak_rss_mb']:6.2f}x")
+            print(
+                f"  decode tokens/s    {o['decode_tokens_per_s']:10.1f} {t['decode_tokens_per_s']:11.1f} {o['decode_tokens_per_s'] / t['decode_tokens_per_s']:6.2f}x"
+            )
+            print(
+                f"  first token (ms)   {o['first_token_ms']:10.1f} {t['first_token_ms']:11.1f} {o['first_token_ms'] / t['first_token_ms']:6.2f}x"
+            )
+            print(
+                f"  peak RSS (MiB)     {o['peak_rss_mb']:10.0f} {t['peak_rss_mb']:11.0f} {o['peak_rss_mb'] / t['peak_rss_mb']:6.2f}x"
+            )
             print(f"  greedy tokens identical: {'yes' if same else 'NO'}")
             report[f"batch_{batch}"] = {"runtime": o, "torch_peft": t, "identical_tokens": same}
         if args.json_out:

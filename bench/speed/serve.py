@@ -71,9 +71,10 @@ def copy_bandwidth(threads: int, megabytes: int = 512, repeats: int = 7) -> floa
     parts = np.array_split(np.arange(source.size), threads)
     bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
     with ThreadPoolExecutor(threads) as pool:
+
         def copy() -> float:
             start = time.perf_counter()
-            list(pool.map(lambda b: np.copyto(target[b[0]:b[1]], source[b[0]:b[1]]), bounds))
+            list(pool.map(lambda b: np.copyto(target[b[0] : b[1]], source[b[0] : b[1]]), bounds))
             return time.perf_counter() - start
 
         copy()
@@ -88,8 +89,14 @@ def matmul_floor(export: Path, threads: int, repeats: int = 30):
     from onnx import TensorProto, helper
 
     source = onnx.load(str(export / "model.onnx"))
-    matrices = [t for t in source.graph.initializer if len(t.dims) == 2 and min(t.dims) > 1
-                and t.data_type == TensorProto.FLOAT and not t.name.startswith(("cos_cache", "sin_cache"))]
+    matrices = [
+        t
+        for t in source.graph.initializer
+        if len(t.dims) == 2
+        and min(t.dims) > 1
+        and t.data_type == TensorProto.FLOAT
+        and not t.name.startswith(("cos_cache", "sin_cache"))
+    ]
     widths = sorted({int(t.dims[0]) for t in matrices})
     inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in widths]
     nodes = [helper.make_node("MatMul", [f"x{t.dims[0]}", t.name], [f"y{i}"]) for i, t in enumerate(matrices)]
@@ -143,8 +150,11 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> dict:
         firsts.append(stamps[0] - start)
         rates.append((len(stamps) - 1) * len(rows) / (stamps[-1] - stamps[0]))
         shares.append(1 - (inside[-1] - inside[0]) / (stamps[-1] - stamps[0]))
-    return {"tokens_per_s": statistics.median(rates), "first_token_ms": 1000 * statistics.median(firsts),
-            "python_share": statistics.median(shares)}
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "first_token_ms": 1000 * statistics.median(firsts),
+        "python_share": statistics.median(shares),
+    }
 
 
 class Worker:
@@ -155,8 +165,9 @@ class Worker:
     def __init__(self, command: list[str], env: dict | None = None, settle: float = 0.3):
         self.settle = settle
         self.errors = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
-                                        text=True, env=env, cwd=ROOT)
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True, env=env, cwd=ROOT
+        )
         self._expect("ready")
 
     def _expect(self, what: str) -> str:
@@ -191,8 +202,12 @@ def rounds_of(rounds: int, *measures) -> list[tuple[float, ...]]:
 def paired(rounds: int, first, second) -> tuple[float, float, float, list[tuple[float, float]]]:
     """Alternate two measurements; their medians and the median of the per-round ratios first / second."""
     pairs = rounds_of(rounds, first, second)
-    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
-            statistics.median(a / b for a, b in pairs), pairs)
+    return (
+        statistics.median(a for a, _ in pairs),
+        statistics.median(b for _, b in pairs),
+        statistics.median(a / b for a, b in pairs),
+        pairs,
+    )
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -246,25 +261,43 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-torch", action="store_true", help="leave out PyTorch + PEFT")
-    parser.add_argument("--other-export", type=Path,
-                        help="another export of the same model (e.g. --graph traced, or --fuse), measured at batch 1 "
-                             "beside --export, alternating")
-    parser.add_argument("--genai-python", type=Path, default=Path("/tmp/genai-venv/bin/python"),
-                        help="python of the onnxruntime-genai environment (see bench/speed/genai_side.py)")
-    parser.add_argument("--genai-rounds", type=int, default=6,
-                        help="alternating rounds against onnxruntime-genai per set of processes (two generations a side each)")
-    parser.add_argument("--genai-processes", type=int, default=4,
-                        help="sets of fresh processes for the comparison with onnxruntime-genai")
-    parser.add_argument("--genai-model", type=Path, default=Path("/tmp/genai/smollm2-fp32"),
-                        help="the default model built by onnxruntime-genai's model builder, fp32, cpu")
+    parser.add_argument(
+        "--other-export",
+        type=Path,
+        help="another export of the same model (e.g. --graph traced, or --fuse), measured at batch 1 "
+        "beside --export, alternating",
+    )
+    parser.add_argument(
+        "--genai-python",
+        type=Path,
+        default=Path("/tmp/genai-venv/bin/python"),
+        help="python of the onnxruntime-genai environment (see bench/speed/genai_side.py)",
+    )
+    parser.add_argument(
+        "--genai-rounds",
+        type=int,
+        default=6,
+        help="alternating rounds against onnxruntime-genai per set of processes (two generations a side each)",
+    )
+    parser.add_argument(
+        "--genai-processes", type=int, default=4, help="sets of fresh processes for the comparison with onnxruntime-genai"
+    )
+    parser.add_argument(
+        "--genai-model",
+        type=Path,
+        default=Path("/tmp/genai/smollm2-fp32"),
+        help="the default model built by onnxruntime-genai's model builder, fp32, cpu",
+    )
     args = parser.parse_args()
 
     from softprompt.formats.export_folder import open_export
     from softprompt.prompt_bank import save_prompt
     from softprompt.runtime import load
 
-    print(f"{dt.date.today()}  {machine()}  threads {args.threads}; every comparison alternates its two sides over "
-          f"{args.repeats} rounds and reports the median of the per-round ratios (the load on this machine drifts)")
+    print(
+        f"{dt.date.today()}  {machine()}  threads {args.threads}; every comparison alternates its two sides over "
+        f"{args.repeats} rounds and reports the median of the per-round ratios (the load on this machine drifts)"
+    )
     weights = weight_bytes(args.export)
 
     backbone = open_export(args.export)
@@ -292,33 +325,42 @@ def main() -> int:
     floor_seconds = matmul_floor(args.export, args.threads)
     _, floor_rate, of_floor, _ = paired(args.repeats, plain_rate, lambda: 1 / floor_seconds())
     plain = median_of(plain_runs)
-    print(f"memory bandwidth (bytes copied per second, {args.threads} threads) {bandwidth / 1e9:.1f} GB/s, weights "
-          f"{weights / 1e6:.0f} MB -> limit {limit:.1f} tokens/s at batch 1; the weight MatMuls alone: "
-          f"{floor_rate:.1f} tokens/s ({floor_rate * weights / 1e9:.1f} GB/s)")
-    print(f"batch 1, no prompt: {rate:.1f} tokens/s = {share:.0%} of the limit (target >= 90%), {of_floor:.0%} of the "
-          f"MatMul floor; Python outside session.run {plain['python_share']:.1%} of a step (target < 5%)")
+    print(
+        f"memory bandwidth (bytes copied per second, {args.threads} threads) {bandwidth / 1e9:.1f} GB/s, weights "
+        f"{weights / 1e6:.0f} MB -> limit {limit:.1f} tokens/s at batch 1; the weight MatMuls alone: "
+        f"{floor_rate:.1f} tokens/s ({floor_rate * weights / 1e9:.1f} GB/s)"
+    )
+    print(
+        f"batch 1, no prompt: {rate:.1f} tokens/s = {share:.0%} of the limit (target >= 90%), {of_floor:.0%} of the "
+        f"MatMul floor; Python outside session.run {plain['python_share']:.1%} of a step (target < 5%)"
+    )
     prompted = decode_rate(model, one, ["bench"], args.new_tokens, args.repeats)
     print(f"batch 1, 20-vector prompt: {prompted['tokens_per_s']:.1f} tokens/s, first token {prompted['first_token_ms']:.0f} ms")
     if args.other_export:
         other = load(args.other_export, bank=bank, providers="cpu", threads=args.threads)
         other.timer = RunTimer(other)
         mine, theirs, ratio, _ = paired(
-            args.repeats, lambda: decode_rate(model, one, ["bench"], args.new_tokens, 1)["tokens_per_s"],
-            lambda: decode_rate(other, one, ["bench"], args.new_tokens, 1)["tokens_per_s"])
+            args.repeats,
+            lambda: decode_rate(model, one, ["bench"], args.new_tokens, 1)["tokens_per_s"],
+            lambda: decode_rate(other, one, ["bench"], args.new_tokens, 1)["tokens_per_s"],
+        )
         print(f"batch 1, 20-vector prompt, --export {mine:.1f} tokens/s vs {args.other_export} {theirs:.1f}: {ratio:.2f}x")
         del other
 
     # Single requests alternate, many rounds: a first step takes ~60 ms and the load here moves faster than that.
     first_token_ms(model, one, "p100"), first_token_ms(model, one, None)
-    p100_ms, none_ms, first_ratio, _ = paired(20 * args.repeats, lambda: first_token_ms(model, one, "p100"),
-                                               lambda: first_token_ms(model, one, None))
+    p100_ms, none_ms, first_ratio, _ = paired(
+        20 * args.repeats, lambda: first_token_ms(model, one, "p100"), lambda: first_token_ms(model, one, None)
+    )
     print(f"first token, 100-vector prompt {p100_ms:.1f} ms vs no prompt {none_ms:.1f} ms: {first_ratio:.2f}x (target <= 1.1x)")
 
     # The two sides run the same computation (20-vector cached prompts, 8 rows), so their ratio is this
     # machine's noise around 1 unless mixing costs something: twice the rounds to see which.
     mixed_rate, same_rate, mixed_ratio, _ = paired(
-        2 * args.repeats, lambda: decode_rate(model, eight, [f"t{i}" for i in range(8)], args.new_tokens, 1)["tokens_per_s"],
-        lambda: decode_rate(model, eight, ["t0"] * 8, args.new_tokens, 1)["tokens_per_s"])
+        2 * args.repeats,
+        lambda: decode_rate(model, eight, [f"t{i}" for i in range(8)], args.new_tokens, 1)["tokens_per_s"],
+        lambda: decode_rate(model, eight, ["t0"] * 8, args.new_tokens, 1)["tokens_per_s"],
+    )
 
     def one_after_another() -> float:
         start = time.perf_counter()
@@ -328,11 +370,15 @@ def main() -> int:
         return 8 * args.new_tokens / (time.perf_counter() - start)
 
     batched, sequential, batch_gain, _ = paired(
-        args.repeats, lambda: decode_rate(model, eight, [f"t{i}" for i in range(8)], args.new_tokens, 1)["tokens_per_s"],
-        one_after_another)
-    print(f"8 rows of 8 tasks {mixed_rate:.1f} tokens/s vs 8 rows of one task {same_rate:.1f}: {mixed_ratio:.2f}x "
-          f"(target >= 0.95); 8 rows of 8 tasks {batched:.1f} vs the 8 requests one after another {sequential:.1f}: "
-          f"{batch_gain:.1f}x (target >= 3)")
+        args.repeats,
+        lambda: decode_rate(model, eight, [f"t{i}" for i in range(8)], args.new_tokens, 1)["tokens_per_s"],
+        one_after_another,
+    )
+    print(
+        f"8 rows of 8 tasks {mixed_rate:.1f} tokens/s vs 8 rows of one task {same_rate:.1f}: {mixed_ratio:.2f}x "
+        f"(target >= 0.95); 8 rows of 8 tasks {batched:.1f} vs the 8 requests one after another {sequential:.1f}: "
+        f"{batch_gain:.1f}x (target >= 3)"
+    )
 
     switches = []
     for i in range(2000):
@@ -357,22 +403,40 @@ def main() -> int:
         written.append(in_place - start)
         served.append(seen - in_place)
         cached.append(ready - in_place)
-    print(f"swapped file served after: median {1000 * statistics.median(served):.1f} ms, worst {1000 * max(served):.1f} ms "
-          f"from the files being in place (target < 50 ms); writing them took {1000 * statistics.median(written):.1f} ms; "
-          f"its cached prompt ready after {1000 * statistics.median(cached):.0f} ms (until then it runs uncached)")
+    print(
+        f"swapped file served after: median {1000 * statistics.median(served):.1f} ms, worst {1000 * max(served):.1f} ms "
+        f"from the files being in place (target < 50 ms); writing them took {1000 * statistics.median(written):.1f} ms; "
+        f"its cached prompt ready after {1000 * statistics.median(cached):.0f} ms (until then it runs uncached)"
+    )
 
     if not args.skip_torch:
         args.bank, args.inner, args.prompt_length = bank, 2, 20
         ours, torch_rate, ratio, _ = paired(
-            args.repeats, lambda: decode_rate(model, one, ["bench"], args.new_tokens, 2)["tokens_per_s"],
-            lambda: child("torch", args, 1)["decode_tokens_per_s"])
-        print(f"PyTorch + PEFT, batch 1, same prompt: {torch_rate:.1f} tokens/s, the runtime {ours:.1f}: "
-              f"runtime / PyTorch {ratio:.2f}x (target >= 1.3x)")
+            args.repeats,
+            lambda: decode_rate(model, one, ["bench"], args.new_tokens, 2)["tokens_per_s"],
+            lambda: child("torch", args, 1)["decode_tokens_per_s"],
+        )
+        print(
+            f"PyTorch + PEFT, batch 1, same prompt: {torch_rate:.1f} tokens/s, the runtime {ours:.1f}: "
+            f"runtime / PyTorch {ratio:.2f}x (target >= 1.3x)"
+        )
     if args.genai_python.is_file() and (args.genai_model / "genai_config.json").is_file():
         args.bank, args.inner, args.prompt_length = bank, 2, 0
-        genai = [str(args.genai_python), "-m", "bench.speed.genai_side", str(args.genai_model),
-                 "--ids", ",".join(map(str, one[0])), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-                 "--repeats", "2", "--serve"]
+        genai = [
+            str(args.genai_python),
+            "-m",
+            "bench.speed.genai_side",
+            str(args.genai_model),
+            "--ids",
+            ",".join(map(str, one[0])),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--threads",
+            str(args.threads),
+            "--repeats",
+            "2",
+            "--serve",
+        ]
         sets = against_genai(args, genai)
         runs = [r for group in sets for r in group]
         rates = [[tuple(r[name]["decode_tokens_per_s"] for name in ("ours", "genai")) for r in group] for group in sets]
@@ -382,11 +446,15 @@ def main() -> int:
         per_set = [statistics.median(a / b for a, b in group) for group in rates]
         ours = model.complete_ids(one, None, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0].token_ids
         same = next((i for i, (a, b) in enumerate(zip(ours, runs[-1]["genai"]["tokens"])) if a != b), None)
-        print(f"onnxruntime-genai fp32, batch 1, no prompt: {genai_rate_:.1f} tokens/s, first token "
-              f"{statistics.median(r['genai']['first_token_ms'] for r in runs):.0f} ms; the runtime {ours_rate:.1f}: runtime / genai "
-              f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x; {len(pairs)} rounds over "
-              f"{len(sets)} sets of processes, whose own medians were " + ", ".join(f"{x:.2f}x" for x in per_set) + "); "
-              + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}"))
+        print(
+            f"onnxruntime-genai fp32, batch 1, no prompt: {genai_rate_:.1f} tokens/s, first token "
+            f"{statistics.median(r['genai']['first_token_ms'] for r in runs):.0f} ms; the runtime {ours_rate:.1f}: runtime / genai "
+            f"{ratio:.2f}x (target >= 0.95; ratio of the medians {ours_rate / genai_rate_:.2f}x; {len(pairs)} rounds over "
+            f"{len(sets)} sets of processes, whose own medians were "
+            + ", ".join(f"{x:.2f}x" for x in per_set)
+            + "); "
+            + ("same greedy tokens" if same is None else f"greedy tokens first differ at token {same}")
+        )
     else:
         print(f"onnxruntime-genai: skipped ({args.genai_python} or {args.genai_model} missing; see bench/speed/genai_side.py)")
     shutil.rmtree(bank, ignore_errors=True)

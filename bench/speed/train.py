@@ -53,7 +53,7 @@ def side_ours(args) -> float:
     enable_checkpointing(backbone.model, args.checkpoint_every)
     data = examples(args.batch_size * (args.steps + args.warmup))
     pairs = [(backbone.encode(text), backbone.encode(words, add_special_tokens=False)) for text, words in data]
-    prompt = torch.nn.Parameter(torch.from_numpy(backbone.table[:args.length].copy()))
+    prompt = torch.nn.Parameter(torch.from_numpy(backbone.table[: args.length].copy()))
     optimizer = torch.optim.AdamW([prompt], lr=3e-2, weight_decay=0.0)
     batches = iter(range(0, len(pairs), args.batch_size))
 
@@ -127,17 +127,24 @@ def main() -> int:
         rate = SIDES[args.side](args)
         print(json.dumps({"steps_per_s": rate, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return 0
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
-          f"batch {args.batch_size}, prompt {args.length}, {args.steps} timed steps after {args.warmup}, {args.threads} threads")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
+        f"batch {args.batch_size}, prompt {args.length}, {args.steps} timed steps after {args.warmup}, {args.threads} threads"
+    )
     results = {}
     for side in SIDES:
-        command = [sys.executable, "-m", "bench.speed.train", "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "side"]
+        command = [sys.executable, "-m", "bench.speed.train", "--side", side] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "side"
+        ]
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
         out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
         if out.returncode:
             raise SystemExit(f"{side} failed:\n{out.stderr[-2000:]}")
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {side:13} {results[side]['steps_per_s']:.3f} steps/s   peak RSS {results[side]['peak_rss_mb']:.0f} MiB", flush=True)
+        print(
+            f"  {side:13} {results[side]['steps_per_s']:.3f} steps/s   peak RSS {results[side]['peak_rss_mb']:.0f} MiB",
+            flush=True,
+        )
     ours, peft, full = results["train-prompt"], results["peft"], results["model-tuning"]
     print(f"speed train-prompt / PEFT: {ours['steps_per_s'] / peft['steps_per_s']:.2f}x (target >= 1.0)")
     print(f"peak memory train-prompt / model tuning: {ours['peak_rss_mb'] / full['peak_rss_mb']:.2f} (target <= 0.5)")

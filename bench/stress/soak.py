@@ -49,8 +49,9 @@ def main() -> int:
             save_prompt(versions / version, "task", prompt.vectors, fingerprint=prompt.meta.fingerprint)
         shutil.copytree(versions / "a", bank)
         settings = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens}
-        expected = {tuple(load(args.export, bank=versions / v, threads=2).generate(TEXTS, task="task", **settings))
-                    for v in ("a", "b")}
+        expected = {
+            tuple(load(args.export, bank=versions / v, threads=2).generate(TEXTS, task="task", **settings)) for v in ("a", "b")
+        }
         if len(expected) != 2:
             print("the two prompts give the same outputs; choose two that differ", file=sys.stderr)
             return 2
@@ -96,11 +97,14 @@ def main() -> int:
     ms = sorted(t * 1000 for t in latencies)
     print(f"machine: {machine()}")
     print(f"{args.export}, {args.threads} request threads + 1 swapping thread, {wall:.1f} s")
-    print(f"requests: {len(outputs) + len(failures)} ({len(outputs)} answered, {len(failures)} failed); "
-          f"swaps: {swaps[0]}; outputs not equal to either prompt's: {len(mixes)}; versions served: {len(seen)} of 2")
+    print(
+        f"requests: {len(outputs) + len(failures)} ({len(outputs)} answered, {len(failures)} failed); "
+        f"swaps: {swaps[0]}; outputs not equal to either prompt's: {len(mixes)}; versions served: {len(seen)} of 2"
+    )
     if ms:
-        print(f"request latency ms: median {statistics.median(ms):.0f}, p99 {ms[int(0.99 * (len(ms) - 1))]:.0f}, "
-              f"max {ms[-1]:.0f}")
+        print(
+            f"request latency ms: median {statistics.median(ms):.0f}, p99 {ms[int(0.99 * (len(ms) - 1))]:.0f}, max {ms[-1]:.0f}"
+        )
     for failure in failures[:3]:
         print(f"failure: {failure}")
     ok = not failures and not mixes and len(seen) == 2

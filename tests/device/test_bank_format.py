@@ -25,8 +25,16 @@ FP = "sha256:" + "ab" * 32
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_round_trip_keeps_values_and_record(tmp_path, dtype):
     vectors = np.random.default_rng(1).standard_normal((7, 16)).astype(dtype)
-    save_prompt(tmp_path, "sentiment", vectors, fingerprint=FP, init="text", source="unit test",
-                training={"steps": 3}, extra={"template": "{text}"})
+    save_prompt(
+        tmp_path,
+        "sentiment",
+        vectors,
+        fingerprint=FP,
+        init="text",
+        source="unit test",
+        training={"steps": 3},
+        extra={"template": "{text}"},
+    )
     prompt = load_prompt(tmp_path, "sentiment", width=16, fingerprint=FP)
     assert prompt.vectors.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(prompt.vectors, vectors)
@@ -45,9 +53,18 @@ def test_dtype_conversion_on_save(tmp_path):
 def test_hand_written_bank_loads(tmp_path):
     """The documented layout is the format: a plain np.save array plus a JSON record."""
     np.save(tmp_path / "greet.npy", np.full((3, 8), 0.25, np.float32))
-    (tmp_path / "greet.json").write_text(json.dumps({
-        "schema_version": 1, "name": "greet", "length": 3, "width": 8, "dtype": "float32", "fingerprint": FP,
-    }))
+    (tmp_path / "greet.json").write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "name": "greet",
+                "length": 3,
+                "width": 8,
+                "dtype": "float32",
+                "fingerprint": FP,
+            }
+        )
+    )
     assert load_prompt(tmp_path, "greet", width=8, fingerprint=FP).vectors.sum() == pytest.approx(6.0)
 
 

@@ -16,8 +16,11 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixture"
 
 @pytest.mark.skipif(os.environ.get("SOFTPROMPT_DEVICE_ENV") != "1", reason="only in the device environment (make test-device)")
 def test_no_heavy_package_is_installed():
-    heavy = [name for name in ("torch", "transformers", "onnx", "onnxscript", "peft", "optimum")
-             if importlib.util.find_spec(name) is not None]
+    heavy = [
+        name
+        for name in ("torch", "transformers", "onnx", "onnxscript", "peft", "optimum")
+        if importlib.util.find_spec(name) is not None
+    ]
     assert heavy == []
 
 
