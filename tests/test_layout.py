@@ -31,6 +31,7 @@ ALLOWED = {
 IMPORT_NAMES = {"onnx_ir": "onnx-ir", "onnxruntime": "onnxruntime", "onnxruntime_genai": "onnxruntime-genai"}
 # Declared but never imported by our code: transformers loads them itself.
 LOADED_BY_TRANSFORMERS = {"sentencepiece", "protobuf"}  # SentencePiece and GGUF tokenizer conversion
+TOOLS = {"ruff", "mypy"}  # run by make lint, never imported
 # An optional import behind an ImportError with an install hint, and why it is allowed.
 OPTIONAL = {("prompt_bank", "torch"): "a PEFT adapter saved as a torch pickle (adapter_model.bin) needs torch to read"}
 
@@ -147,5 +148,5 @@ def test_pyproject_declares_what_the_code_imports():
             assert name in gives[room], f"{sorted(files)} import {module}; declare it for {room}"
     for module in third_party(ROOT / "tests"):
         used.add(IMPORT_NAMES.get(module, module).lower())
-    never = set().union(*declared.values()) - used - LOADED_BY_TRANSFORMERS - {"onnxruntime-gpu", "ruff", "softprompt-onnx"}
+    never = set().union(*declared.values()) - used - LOADED_BY_TRANSFORMERS - TOOLS - {"onnxruntime-gpu", "softprompt-onnx"}
     assert not never, f"declared but imported by no code: {sorted(never)}"
