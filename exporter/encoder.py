@@ -8,6 +8,7 @@ feature-extraction model does. The prompt therefore counts against the model's p
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -102,7 +103,10 @@ def sentence_pooling(folder: Path | None) -> str:
 
 
 def uses_token_types(model) -> bool:
-    return int(getattr(model.config, "type_vocab_size", 0) or 0) > 0 and "token_type_ids" in model.forward.__code__.co_varnames
+    """The model has token-type embeddings and its forward takes them (read from the signature: transformers 5
+    wraps forward in decorators, so the code object's names are the wrapper's)."""
+    takes = "token_type_ids" in inspect.signature(model.forward).parameters
+    return int(getattr(model.config, "type_vocab_size", 0) or 0) > 0 and takes
 
 
 def export_encoder_graph(graph: EncoderModule, hidden: int, path: Path, opset: int, external_data: bool) -> None:

@@ -120,3 +120,24 @@ def arch(request, llama_dir, llama_export, gpt2_dir, gpt2_export):
 
 def random_prompt(length: int, width: int, seed: int = 0, scale: float = 0.5) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((length, width)) * scale).astype(np.float32)
+
+
+def greedy_without_cache(model, ids, new_tokens: int, min_new_tokens: int = 0, eos: int | None = None) -> list[int]:
+    """Greedy tokens from one full forward of `model` per token: what `generate` computes, without its cache.
+
+    The reference for PEFT models: with transformers 5, PEFT 0.21's cached `generate` of a
+    prompt-tuned model returns other tokens than its own forward does (from the third token on).
+    """
+    import torch
+
+    out: list[int] = []
+    with torch.no_grad():
+        for step in range(new_tokens):
+            seq = torch.cat([ids, torch.tensor([out], dtype=ids.dtype)], 1) if out else ids
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1]
+            if eos is not None and step < min_new_tokens:
+                logits[eos] = -float("inf")
+            out.append(int(logits.argmax()))
+            if eos is not None and out[-1] == eos:
+                break
+    return out

@@ -191,6 +191,7 @@ def test_import_peft_checks_width_and_reads_bin_and_bf16(llama_dir, llama_export
     )
     weight = model.prompt_encoder["default"].embedding.weight.detach().numpy().copy()
     model.save_pretrained(tmp_path / "st")
+    capsys.readouterr()  # transformers 5 shows a loading bar on stderr: only the command's own output is checked
     assert bank_main(["import-peft", str(tmp_path / "st"), str(tmp_path / "b"), "--task", "x", "--model", str(gpt2_export)]) == 1
     assert "prompt width E=64; the export" in one_error_line(capsys)
     model.save_pretrained(tmp_path / "bin", safe_serialization=False)

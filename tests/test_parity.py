@@ -9,7 +9,7 @@ import torch
 from softprompt.prompt_bank.cli import main as bank_main
 from softprompt.runtime import load
 
-from conftest import TEXTS
+from conftest import TEXTS, greedy_without_cache
 
 peft = pytest.importorskip("peft")
 
@@ -51,11 +51,7 @@ def test_peft_parity_logits_and_greedy_tokens(arch, tmp_path, length):
         got = model.logits(text, task="t")[0]
         assert got.shape == ref.shape == (length + ids.shape[1], model.config.vocab_size)
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), text
-        with torch.no_grad():
-            out = peft_model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0
-            )
-        expected = until_eos(out[0, ids.shape[1] :].tolist(), eos)
+        expected = greedy_without_cache(peft_model, ids, 12, eos=eos)
         assert model.complete(text, task="t", max_new_tokens=12)[0].token_ids == expected, text
 
 
