@@ -33,6 +33,7 @@ class Backbone:
     tokens: dict[str, Any]  # bos_token_id, eos_token_ids, pad_token_id
     fields: dict[str, Any]  # kind-specific softprompt.json fields: pooling, generation
     layout: Any  # decoder: CacheLayout; seq2seq: (self, cross) shapes per layer; encoder: None
+    tokenizer: Any = None  # the transformers tokenizer the export writes as tokenizer.json
 
     @property
     def fingerprint(self) -> str:
@@ -59,6 +60,7 @@ def describe(source: Source) -> Backbone:
             encoder_tokens(source.tokenizer),
             {"pooling": sentence_pooling(folder)},
             None,
+            source.tokenizer,
         )
     if source.kind == "seq2seq":
         check_shared_embeddings(model, table)
@@ -67,9 +69,23 @@ def describe(source: Source) -> Backbone:
         forced = {key: tokens.pop(key) for key in ("forced_bos_token_id", "forced_eos_token_id")}
         generation = {key: int(value) for key, value in forced.items() if value is not None}
         return Backbone(
-            "seq2seq", model, table, seq2seq_facts(model, table, layout[0]), tokens, {"generation": generation}, layout
+            "seq2seq",
+            model,
+            table,
+            seq2seq_facts(model, table, layout[0]),
+            tokens,
+            {"generation": generation},
+            layout,
+            source.tokenizer,
         )
     layout: CacheLayout = probe_cache(model)
     return Backbone(
-        "decoder", model, table, structural(model, layout, table), special_tokens(model, source.tokenizer), {}, layout
+        "decoder",
+        model,
+        table,
+        structural(model, layout, table),
+        special_tokens(model, source.tokenizer),
+        {},
+        layout,
+        source.tokenizer,
     )

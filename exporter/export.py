@@ -31,9 +31,10 @@ from .errors import ExportError, ExportValidationError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph
 from .llama_graph import build, read_weights, unsupported
+from .precision import TOLERANCES, Precision, apply_precision, default_precision
 from .seq2seq import export_seq2seq_graphs, validate_seq2seq
 from .sources import load_source
-from .validate import validate
+from .validate import greedy_agreement, validate
 
 GRAPHS = ("auto", "built", "traced")
 
@@ -67,7 +68,8 @@ def export_model(
     out_dir: str | os.PathLike,
     *,
     opset: int = 18,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
+    precision: Precision | str = "fp32",
     overwrite: bool = False,
     attention: str | None = None,
     fuse: bool = False,
@@ -82,7 +84,12 @@ def export_model(
     `graph` picks how a decoder's graph is made: "built" op by op for the Llama family (fewer,
     fused nodes: faster decoding), "traced" through PyTorch for any architecture, or "auto"
     (built where supported and validated, else traced).
+    `precision` ("fp32", "fp16", "int8", "int4", or a Precision with its settings) is what the
+    graphs are stored in: made and validated in fp32 first, then converted and validated again
+    against PyTorch fp32 at `tolerance` (default: the precision's own, `TOLERANCES`).
     """
+    precision = default_precision(precision) if isinstance(precision, str) else precision
+    fp32_tolerance = tolerance if tolerance is not None and precision.name == "fp32" else TOLERANCES["fp32"]
     if graph not in GRAPHS:
         raise ExportError(f"graph must be one of {', '.join(GRAPHS)}, not {graph!r}")
     out = Path(out_dir)
@@ -94,6 +101,8 @@ def export_model(
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's owner-only mode would follow the folder into place
     step = _steps(log)
+    if precision.name != "fp32":
+        step.more(2)
     try:
         step(f"loading {model}")
         source = load_source(model, attention=attention, cache_dir=cache_dir, log=lambda m: log(f"      {m}"), kind=kind)
@@ -103,8 +112,10 @@ def export_model(
         np.save(staging / "embeddings.npy", backbone.table, allow_pickle=False)
         source.tokenizer.save_pretrained(staging, legacy_format=False)  # tokenizer.json only: all the runtime reads
 
-        options = GraphOptions(opset, tolerance, fuse, graph, backbone.weight_bytes > EXTERNAL_DATA_BYTES)
+        options = GraphOptions(opset, fp32_tolerance, fuse, graph, backbone.weight_bytes > EXTERNAL_DATA_BYTES)
         files, report = WRITERS[backbone.kind](backbone, staging, options, step, log)
+        if precision.name != "fp32":
+            report = _convert(backbone, staging, files, precision, tolerance, report, options, step, log)
 
         step("writing softprompt.json")
         config = ExportConfig(
@@ -117,6 +128,8 @@ def export_model(
             files={**files, "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
             source=source.info,
             validation=report,
+            precision=precision.name,
+            quantization=precision.record() if precision.quantized else {},
             **backbone.fields,
         )
         (staging / CONFIG_FILE).write_text(config.to_json())
@@ -219,6 +232,75 @@ def _seq2seq_graphs(backbone: Backbone, staging: Path, options: GraphOptions, st
 
 
 WRITERS = {"decoder": _decoder_graphs, "encoder": _encoder_graphs, "seq2seq": _seq2seq_graphs}
+
+
+# Greedy agreement starts from these texts, cut to one length: real text, as the graph will meet.
+GREEDY_TEXTS = ("The capital of France is a city that", "Once upon a time, a little robot lived in", "def fibonacci(n):\n    ")
+
+
+def _check_decoder(backbone: Backbone, staging: Path, tolerance: float) -> dict:
+    wrapper = CachedDecoder(backbone.model, backbone.layout)
+    report = validate(staging / "model.onnx", wrapper, backbone.table, tolerance, caches=False)
+    starts = [backbone.tokenizer.encode(text, add_special_tokens=False) for text in GREEDY_TEXTS]
+    width = min(len(ids) for ids in starts)
+    agreed = greedy_agreement(staging / "model.onnx", wrapper, backbone.table, [ids[-width:] for ids in starts])
+    return {**report, "greedy_agreement": agreed}
+
+
+def _check_encoder(backbone: Backbone, staging: Path, tolerance: float) -> dict:
+    module = EncoderModule(backbone.model, uses_token_types(backbone.model))
+    return validate_encoder(staging / "model.onnx", module, backbone.table, tolerance)
+
+
+def _check_seq2seq(backbone: Backbone, staging: Path, tolerance: float) -> dict:
+    return validate_seq2seq(staging, backbone.model, backbone.table, tolerance)
+
+
+# Each kind's graphs against PyTorch fp32, again after they were converted to another precision.
+CHECKS = {"decoder": _check_decoder, "encoder": _check_encoder, "seq2seq": _check_seq2seq}
+
+
+def _convert(
+    backbone: Backbone,
+    staging: Path,
+    files: dict[str, str],
+    precision: Precision,
+    tolerance: float | None,
+    fp32: dict,
+    options: GraphOptions,
+    step,
+    log,
+) -> dict:
+    """Store the validated fp32 graphs in `precision` and validate them again; returns the new report."""
+    what = "weight-only int" + precision.name[3:] if precision.quantized else precision.name
+    step(
+        f"converting the graphs to {what} ({', '.join(f'{k}={v}' for k, v in precision.record().items() if k != 'precision') or 'float16 weights and compute'})"
+    )
+    changes = {key: apply_precision(staging / name, precision, options.external_data) for key, name in files.items()}
+    for key, change in changes.items():
+        log(
+            f"      {files[key]}: {change['bytes_fp32'] / 2**20:.1f} MiB -> {change['bytes'] / 2**20:.1f} MiB"
+            + "".join(f", {k}: {v}" for k, v in change.items() if not k.startswith("bytes"))
+        )
+    limit = tolerance if tolerance is not None else TOLERANCES[precision.name]
+    step(f"validating the {precision.name} graphs against PyTorch fp32 (tolerance {limit:g} relative to the outputs' scale)")
+    try:
+        report = CHECKS[backbone.kind](backbone, staging, limit)
+    except ExportValidationError as exc:
+        raise ExportValidationError(
+            f"--precision {precision.name}: {exc}. Keep more weights at higher precision (--keep), use a smaller "
+            f"--block-size or another precision, or accept more error with --tolerance"
+        ) from None
+    _log_report(report, log)
+    if "greedy_agreement" in report:
+        agreed = report["greedy_agreement"]
+        log(f"      greedy tokens equal to PyTorch fp32 before the first difference: {', '.join(map(str, agreed))} (of 16)")
+    return {
+        **report,
+        "fp32": fp32["max_relative_diff"],
+        **{k: v for k, v in fp32.items() if k in ("graph", "fusions")},
+        "changes": changes,
+    }
 
 
 def _fuse(staging: Path, files: dict[str, str], options: GraphOptions, log) -> dict[str, int] | None:

@@ -24,6 +24,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "softprompt.json"
 KINDS = ("decoder", "encoder", "seq2seq")
 POOLINGS = ("mean", "cls", "max", "lasttoken")
+# Precisions of an export's graphs. Inputs, outputs, the embedding table and prompts are float32 in each.
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # The files each kind of export must hold (keys of `files`).
 FILES = {
     "decoder": ("model", "embeddings", "tokenizer"),
@@ -69,6 +71,9 @@ class ExportConfig:
     pooling: str | None = None
     # Generation settings a model's `generate` applies (encoder-decoders: forced_bos/eos_token_id).
     generation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The graphs' weights: fp32, fp16 (for CUDA) or weight-only int8/int4 (MatMulNBits), and how they were made.
+    precision: str = "fp32"
+    quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -105,6 +110,8 @@ class ExportConfig:
                 raise ExportFormatError(f"{where}: {key} is {value!r}; expected a positive integer")
         if config.pooling not in (None, *POOLINGS):
             raise ExportFormatError(f"{where}: pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
+        if config.precision not in PRECISIONS:
+            raise ExportFormatError(f"{where}: precision {config.precision!r}; this runtime reads {', '.join(PRECISIONS)}")
         if config.kind not in KINDS:
             raise ExportFormatError(f"{where}: kind {config.kind!r}; this runtime reads {', '.join(map(repr, KINDS))} exports")
         if config.kind != "encoder" and (

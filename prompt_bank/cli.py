@@ -134,9 +134,12 @@ def _show(args) -> int:
 
 def _verify(args) -> int:
     width = fingerprint = None
+    against = ""
     if args.model:
         config = read_config(args.model)
         width, fingerprint = config.hidden_size, config.fingerprint
+        # The fingerprint names the model, not its precision: one check holds for all its exports.
+        against = f" against {args.model} ({config.architecture}, {config.precision} graphs)"
     tasks = list_tasks(args.bank)
     failed = valid = 0
     for name in tasks:
@@ -152,7 +155,6 @@ def _verify(args) -> int:
     ):
         failed += 1
         print(f"FAIL  {orphan.stem}: {orphan} has no {orphan.stem}.npy")
-    against = f" against {args.model}" if args.model else ""
     print(f"{valid} of {len(tasks)} tasks valid{against}")
     return 1 if failed else 0
 

@@ -30,7 +30,7 @@ from .prompt_cache import PromptCache
 from .rows import as_texts, check_rows, embed_row, pad, position_ids, tasks_for
 from .sampling import chooser
 from .seq2seq import Seq2Seq
-from .session import create_session, resolve_providers
+from .session import create_session, resolve_providers, warn_if_slow
 from .settings import GenerationSettings
 from .tasks import Task
 
@@ -60,13 +60,11 @@ def load(
     bank = Path(bank) if bank is not None else None
     chosen = resolve_providers(providers)
     if backbone.config.kind == "seq2seq":
-        return Seq2Seq(
-            backbone,
-            create_session(backbone.file("encoder"), chosen, threads),
-            create_session(backbone.file("decoder"), chosen, threads),
-            bank,
-        )
+        decoder = create_session(backbone.file("decoder"), chosen, threads)
+        warn_if_slow(backbone.config, decoder)
+        return Seq2Seq(backbone, create_session(backbone.file("encoder"), chosen, threads), decoder, bank)
     session = create_session(backbone.file("model"), chosen, threads)
+    warn_if_slow(backbone.config, session)
     if backbone.config.kind == "encoder":
         return Encoder(backbone, session, bank)
     return Model(backbone, session, bank, cache_prompts=cache_prompts)

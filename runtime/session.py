@@ -14,6 +14,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from softprompt.formats.export_folder import ExportConfig
+
 from .errors import ProviderError
 
 CPU = "CPUExecutionProvider"
@@ -63,3 +65,14 @@ def create_session(model_path: Path, providers: list[str], threads: int | None =
             stacklevel=3,
         )
     return session
+
+
+def warn_if_slow(config: ExportConfig, session: ort.InferenceSession) -> None:
+    """An fp16 export on the CPU runs, but onnxruntime's CPU kernels for fp16 are slow: say which export to use."""
+    if config.precision == "fp16" and CUDA not in session.get_providers():
+        warnings.warn(
+            "this export is fp16, which is for CUDA; on the CPU provider it runs slower than fp32. "
+            "For CPUs export with --precision int8 (or int4)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,240 @@
+"""The precision of an export's graphs: fp32 as traced or built, fp16 for CUDA, int8 and int4 for CPUs.
+
+int8 and int4 are weight-only: every constant matrix product (the lm_head included) becomes
+onnxruntime's MatMulNBits, weights stored in blocks of `block_size` values that share a scale
+(and a zero point unless symmetric), activations and the KV cache stay float32. fp16 converts the
+whole graph, keeping float32 inputs and outputs so the runtime feeds every precision alike.
+
+Only the graphs change. The embedding table, the fingerprint and every prompt stay float32: a
+prompt trained on the fp32 model is the same task on each precision of that model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from softprompt.formats.export_folder import PRECISIONS
+
+from .errors import ExportError
+
+BITS = {"int8": 8, "int4": 4}
+ALGORITHMS = ("rtn", "hqq")
+# How far a graph's outputs may move from PyTorch fp32, relative to their scale, before an export is
+# refused. Set by measurement (docs/QUALITY.md): fp16 and int8 stay well inside, int4 moves logits
+# by up to about a third of their range while keeping the task; a wrong graph moves them by far more.
+TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.6}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """What export-model --precision and its options asked for."""
+
+    name: str = "fp32"
+    block_size: int = 32  # values per scale (int8/int4): smaller keeps more accuracy, costs more scales
+    symmetric: bool = False  # no zero points: smaller, but a skewed block loses a level
+    accuracy_level: int | None = None  # MatMulNBits' compute type: 4 = int8 activations (fastest on CPUs)
+    algorithm: str = "rtn"  # round to nearest, or "hqq" (half-quadratic, int4 only)
+    keep: tuple[str, ...] = ()  # weights left at full precision: names or their beginnings (shell patterns), e.g. "lm_head"
+
+    def __post_init__(self) -> None:
+        if self.name not in PRECISIONS:
+            raise ExportError(f"precision {self.name!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.name in BITS:
+            self.kept()
+            if self.block_size < 16 or self.block_size & (self.block_size - 1):
+                raise ExportError(f"block size {self.block_size}; expected a power of two, at least 16")
+            if self.algorithm not in ALGORITHMS:
+                raise ExportError(f"quantization algorithm {self.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+            if self.algorithm == "hqq" and self.name != "int4":
+                raise ExportError("--algorithm hqq quantizes to 4 bits only; use it with --precision int4")
+            if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+                raise ExportError(f"accuracy level {self.accuracy_level!r}; expected 0 to 4 (4: int8 compute)")
+
+    @property
+    def quantized(self) -> bool:
+        return self.name in BITS
+
+    def kept(self) -> list[tuple[str, str]]:
+        """--keep rules as (pattern, precision kept): "lm_head" keeps fp32, "lm_head=int8" 8 bits in an int4 export."""
+        rules = []
+        for rule in self.keep:
+            pattern, _, keep_as = rule.partition("=")
+            keep_as = keep_as or "fp32"
+            if not pattern or keep_as not in ("fp32", "int8") or (keep_as == "int8" and self.name != "int4"):
+                raise ExportError(f"--keep {rule!r}; expected NAME or NAME=fp32 (or NAME=int8 in an int4 export)")
+            rules.append((pattern, keep_as))
+        return rules
+
+    def record(self) -> dict[str, Any]:
+        """What softprompt.json keeps of it (the settings that matter for this precision only)."""
+        if not self.quantized:
+            return {"precision": self.name}
+        return {
+            "precision": self.name,
+            "block_size": self.block_size,
+            "symmetric": self.symmetric,
+            "accuracy_level": self.accuracy_level,
+            "algorithm": self.algorithm,
+            "keep": list(self.keep),
+        }
+
+
+def default_precision(name: str, **chosen: Any) -> Precision:
+    """`name` with the settings measured best for it (docs/QUALITY.md), overridden by whatever `chosen` sets.
+
+    int8 and int4 compute with int8 activations (accuracy level 4): with float compute, onnxruntime's
+    CPU kernels for MatMulNBits ran the default model at 2 tokens/s instead of 95. int4 keeps the
+    lm_head at 8 bits, where a 4-bit lm_head alone costs the most accuracy.
+    """
+    defaults: dict[str, Any] = {"int8": {"accuracy_level": 4}, "int4": {"accuracy_level": 4, "keep": ("lm_head=int8",)}}.get(
+        name, {}
+    )
+    return Precision(name, **{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
+
+
+def apply_precision(path: Path, precision: Precision, external_data: bool) -> dict[str, int]:
+    """Rewrite the fp32 graph at `path` in `precision`, in place; returns what changed (counts, bytes)."""
+    import onnx
+
+    if precision.name == "fp32":
+        return {}
+    before = _size(path)
+    model = onnx.load(str(path))
+    if precision.name == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+        changed = {"fp16_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)}
+    else:
+        model, changed = _quantize(model, precision)
+    scratch = path.with_name(f".{path.name}.{precision.name}")
+    data = path.name + ".data"
+    large = external_data and model.ByteSize() > (1 << 30)
+    onnx.save_model(
+        model, str(scratch), save_as_external_data=large, location=data if large else None, all_tensors_to_one_file=True
+    )
+    os.replace(scratch, path)
+    if not large and path.with_name(data).exists():
+        path.with_name(data).unlink()  # the fp32 weights the graph no longer reads
+    return {**changed, "bytes_fp32": before, "bytes": _size(path)}
+
+
+def _quantize(model, precision: Precision):
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    _gemm_as_matmul(model)
+    initializers = {t.name for t in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
+    rules = precision.kept()
+    kept: dict[str, str] = {}  # node name -> the precision it keeps
+    for pattern, keep_as in rules:
+        found = [n for n in matmuls if any(fnmatch.fnmatch(name, pattern + "*") for name in (n.input[1], n.name))]
+        if not found and pattern == "lm_head":
+            found = _lm_head(model, matmuls)
+            if not found and not any(o.name == "logits" for o in model.graph.output):
+                continue  # a graph without logits (an encoder) has no lm_head to keep
+        if not found:
+            names = ", ".join(sorted({n.input[1] for n in matmuls})[:6])
+            raise ExportError(f"--keep {pattern}: matches no weight of the graph; its weights are named like {names}, ...")
+        kept.update((n.name, keep_as) for n in found if n.name not in kept)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
+    at_int8 = [name for name, keep_as in kept.items() if keep_as == "int8"]
+    if at_int8:
+        config = DefaultWeightOnlyQuantConfig(block_size=precision.block_size, is_symmetric=precision.symmetric, bits=8)
+        others = [n.name for n in matmuls if n.name not in at_int8]  # (its nodes_to_include adds, it does not restrict)
+        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
+    bits = BITS[precision.name]
+    if precision.algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=precision.block_size, bits=bits)
+    else:
+        config = DefaultWeightOnlyQuantConfig(block_size=precision.block_size, is_symmetric=precision.symmetric, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(kept), algo_config=config)
+    quantizer.process()
+    model = quantizer.model.model
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if not nbits:
+        raise ExportError(f"--precision {precision.name}: the graph has no matrix product with constant weights to quantize")
+    if precision.accuracy_level is not None:  # the compute type is the op's attribute, whatever made the weights
+        for node in nbits:
+            _set_attribute(node, "accuracy_level", precision.accuracy_level)
+    counts = Counter(f"int{_bits(n)}" for n in nbits)
+    return model, {
+        **{f"matmuls_{k}": v for k, v in sorted(counts.items())},
+        "matmuls_fp32": sum(1 for v in kept.values() if v == "fp32"),
+    }
+
+
+def _gemm_as_matmul(model) -> None:
+    """Gemm by a constant weight (what a traced Conv1D or 2-D Linear becomes) as MatMul (+ Add), which
+    MatMulNBits replaces; a transposed weight is stored transposed once, here."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (
+            node.op_type != "Gemm"
+            or node.input[1] not in weights
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            transposed = numpy_helper.to_array(weights[weight]).T.copy()
+            weight = f"{weight}.transposed"
+            model.graph.initializer.append(numpy_helper.from_array(transposed, weight))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = node.output[0] + ".product" if has_bias else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
+        if has_bias:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + ".bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]  # a weight stored transposed is not kept twice
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def _lm_head(model, matmuls) -> list:
+    """The constant matrix product that makes the logits (through a bias Add at most), whatever it is named."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    node = producers.get("logits")
+    if node is not None and node.op_type == "Add":
+        node = next((producers[i] for i in node.input if i in producers and producers[i] in matmuls), None)
+    return [node] if node is not None and node in matmuls else []
+
+
+def _bits(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "bits"), 4)
+
+
+def _set_attribute(node, name: str, value: int) -> None:
+    import onnx
+
+    for attribute in list(node.attribute):
+        if attribute.name == name:
+            node.attribute.remove(attribute)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

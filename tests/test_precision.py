@@ -1,0 +1,194 @@
+"""Exports at fp16, int8 and int4: validated against PyTorch fp32, recorded, served with fp32 prompts."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from softprompt.exporter import ExportError, ExportValidationError, export_model
+from softprompt.exporter.cli import main as export_main
+from softprompt.exporter.precision import Precision, default_precision
+from softprompt.formats.export_folder import read_config
+from softprompt.prompt_bank import load_prompt, save_prompt
+from softprompt.prompt_bank.cli import main as bank_main
+from softprompt.runtime import load
+
+from conftest import TEXTS, random_prompt
+
+# The tiny test models have random weights of scale 0.2 and widths of 48-64: at 4 bits their logits move
+# by about half their range (a trained model's by far less; see docs/QUALITY.md), so int4 is checked
+# here at a tolerance that still refuses a wrong graph.
+TINY_INT4_TOLERANCE = 1.0
+
+
+def weight_products(path) -> int:
+    """Matrix products by a constant weight: what int8 and int4 quantize."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return sum(1 for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights)
+
+
+def nbits(path) -> Counter:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return Counter(next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits")
+
+
+@pytest.fixture(scope="module")
+def quantized(llama_dir, tmp_path_factory):
+    """int8 and int4 exports of the tiny Llama (the built graph), made through the CLI."""
+    root = tmp_path_factory.mktemp("precision")
+    assert export_main([str(llama_dir), str(root / "int8"), "--precision", "int8", "-q"]) == 0
+    assert (
+        export_main([str(llama_dir), str(root / "int4"), "--precision", "int4", "--tolerance", str(TINY_INT4_TOLERANCE), "-q"])
+        == 0
+    )
+    return root / "int8", root / "int4"
+
+
+def test_int8_and_int4_record_their_settings_and_quantize_every_product(llama_export, quantized):
+    int8, int4 = quantized
+    fp32 = read_config(llama_export)
+    products = weight_products(llama_export / "model.onnx")
+    for folder, bits in ((int8, 8), (int4, 4)):
+        config = read_config(folder)
+        assert config.precision == f"int{bits}" and config.quantization["accuracy_level"] == 4
+        assert config.quantization["block_size"] == 32 and config.quantization["algorithm"] == "rtn"
+        counts = nbits(folder / "model.onnx")
+        assert sum(counts.values()) == products  # every weight matrix, lm_head included
+        assert config.validation["fp32"] and config.validation["greedy_agreement"]
+        assert config.fingerprint == fp32.fingerprint  # the model, not its precision
+        assert (folder / "model.onnx").stat().st_size < (llama_export / "model.onnx").stat().st_size / (2.5 if bits == 8 else 3)
+    # int4 keeps the projection to the logits at 8 bits by default, and says so.
+    assert nbits(int4 / "model.onnx") == Counter({4: products - 1, 8: 1})
+    assert read_config(int4).quantization["keep"] == ["lm_head=int8"]
+
+
+def test_a_prompt_for_the_fp32_export_serves_on_int8_and_int4(llama_export, quantized, tmp_path):
+    config = read_config(llama_export)
+    save_prompt(tmp_path, "t", random_prompt(4, config.hidden_size), fingerprint=config.fingerprint)
+    reference = load(llama_export, bank=tmp_path)
+    want = reference.logits(TEXTS[0], task="t")
+    for folder in quantized:
+        assert bank_main(["verify", str(tmp_path), "--model", str(folder)]) == 0
+        model = load(folder, bank=tmp_path)
+        np.testing.assert_array_equal(model.prompt("t"), reference.prompt("t"))  # a prompt is never quantized
+        got = model.logits(TEXTS[0], task="t")
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() < TINY_INT4_TOLERANCE * np.abs(want).max()
+        batch = [c.token_ids for c in model.complete(TEXTS, task="t", max_new_tokens=6)]
+        assert batch == [model.complete(text, task="t", max_new_tokens=6)[0].token_ids for text in TEXTS]
+
+
+def test_verify_names_the_precision_it_checked_against(quantized, tmp_path, capsys):
+    int8 = quantized[0]
+    config = read_config(int8)
+    save_prompt(tmp_path, "t", random_prompt(4, config.hidden_size), fingerprint=config.fingerprint)
+    assert bank_main(["verify", str(tmp_path), "--model", str(int8)]) == 0
+    assert "int8 graphs" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_fp16_keeps_greedy_tokens_and_warns_on_the_cpu(llama_dir, llama_export, tmp_path):
+    config = export_model(str(llama_dir), tmp_path / "fp16", precision="fp16", log=lambda m: None)
+    assert config.precision == "fp16" and config.quantization == {}
+    graph = onnx.load(str(tmp_path / "fp16" / "model.onnx")).graph
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for i in graph.input)  # fed like fp32
+    with pytest.warns(RuntimeWarning, match="fp16, which is for CUDA"):
+        model = load(tmp_path / "fp16", providers="cpu")
+    fp32 = load(llama_export)
+    for text in TEXTS:
+        assert model.complete(text, max_new_tokens=8)[0].token_ids == fp32.complete(text, max_new_tokens=8)[0].token_ids
+
+
+def test_traced_gpt2_and_keep_rules(gpt2_dir, tmp_path):
+    """A traced graph (other weight names, a biased lm_head) quantizes; --keep holds named weights at fp32."""
+    precision = Precision("int8", accuracy_level=4, keep=("lm_head",))
+    config = export_model(str(gpt2_dir), tmp_path / "int8", precision=precision, log=lambda m: None)
+    assert config.validation["graph"] == "traced"
+    assert config.validation["changes"]["model"]["matmuls_fp32"] == 1
+    model = load(tmp_path / "int8")
+    assert len(model.complete(TEXTS[1], max_new_tokens=4)[0].token_ids) == 4
+    with pytest.raises(ExportError, match=r"--keep no_such_weight: matches no weight of the graph; its weights are named like"):
+        export_model(str(gpt2_dir), tmp_path / "bad", precision=Precision("int8", keep=("no_such_weight",)), log=lambda m: None)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_encoder_and_seq2seq_exports_take_int8(tmp_path):
+    from test_encoder import make_bert
+    from test_seq2seq import make_seq2seq
+
+    bert = make_bert(tmp_path / "bert")
+    export_model(str(bert), tmp_path / "bert-fp32", log=lambda m: None)
+    config = export_model(str(bert), tmp_path / "bert-int8", precision="int8", log=lambda m: None)
+    assert config.kind == "encoder" and config.precision == "int8"
+    assert "keep" in config.quantization and nbits(tmp_path / "bert-int8" / "model.onnx")[8] > 0
+    fp32 = load(tmp_path / "bert-fp32").embed(TEXTS)
+    int8 = load(tmp_path / "bert-int8").embed(TEXTS)
+    assert (np.sum(fp32 * int8, axis=1) > 0.99).all()  # unit vectors: cosine similarity to the fp32 embeddings
+
+    # (BART: the tiny random T5, initialised at 3x scale, moves by a third of its range even at int8.)
+    bart = make_seq2seq(tmp_path / "bart", "bart")
+    config = export_model(str(bart), tmp_path / "bart-int8", precision="int8", log=lambda m: None)
+    assert config.kind == "seq2seq" and config.validation["changes"].keys() == {"encoder", "decoder"}
+    assert nbits(tmp_path / "bart-int8" / "decoder.onnx")[8] > 0 and nbits(tmp_path / "bart-int8" / "encoder.onnx")[8] > 0
+    assert isinstance(load(tmp_path / "bart-int8").generate(TEXTS[1], max_new_tokens=4), str)
+
+
+def test_a_quantized_export_out_of_bounds_is_refused_and_the_old_one_kept(llama_dir, llama_export, tmp_path, capsys):
+    out = tmp_path / "export"
+    export_model(str(llama_dir), out, log=lambda m: None)
+    before = json.loads((out / "softprompt.json").read_text())
+    with pytest.raises(ExportValidationError, match=r"--precision int4: .*logits max \|diff\|.*--keep"):
+        export_model(str(llama_dir), out, precision="int4", tolerance=1e-3, overwrite=True, log=lambda m: None)
+    assert json.loads((out / "softprompt.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging folder left behind
+    args = [str(llama_dir), str(out), "--force", "--precision", "int4", "--tolerance", "1e-3", "-q"]
+    assert export_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --precision int4:")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "int3"], "invalid choice: 'int3'"),
+        (["--block-size", "64"], "--block-size set(s) how int8/int4 weights are quantized; add --precision int8 or int4"),
+        (["--precision", "fp16", "--keep", "lm_head"], "--keep set(s) how int8/int4 weights"),
+    ],
+)
+def test_precision_options_are_checked_before_anything_runs(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["some-model", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"name": "int8", "block_size": 24}, "block size 24; expected a power of two, at least 16"),
+        ({"name": "int8", "algorithm": "hqq"}, "hqq quantizes to 4 bits only"),
+        ({"name": "int8", "keep": ("lm_head=int8",)}, "NAME=int8 in an int4 export"),
+        ({"name": "int2"}, "precision 'int2'; expected one of fp32, fp16, int8, int4"),
+    ],
+)
+def test_bad_precision_settings_name_what_is_possible(settings, message):
+    with pytest.raises(ExportError, match=message):
+        Precision(**settings)
+
+
+def test_defaults_are_measured_choices_and_options_override_them():
+    assert default_precision("int4") == Precision("int4", accuracy_level=4, keep=("lm_head=int8",))
+    assert default_precision("int8", accuracy_level=0, block_size=None).accuracy_level == 0
+    assert default_precision("fp32") == Precision("fp32")
+
+
+def test_prompts_saved_on_one_precision_load_on_another(quantized, tmp_path):
+    int8, int4 = quantized
+    config = read_config(int4)
+    save_prompt(tmp_path, "t", random_prompt(3, config.hidden_size), fingerprint=read_config(int8).fingerprint)
+    assert load_prompt(tmp_path, "t", fingerprint=config.fingerprint).vectors.shape == (3, config.hidden_size)
