@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from softprompt.formats.embedding_table import quantize_rows
 from softprompt.formats.export_folder import CONFIG_FILE, ExportConfig
 
 from .backbone import Backbone, describe
@@ -31,7 +32,7 @@ from .errors import ExportError, ExportValidationError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph
 from .llama_graph import build, read_weights, unsupported
-from .precision import TOLERANCES, Precision, apply_precision, default_precision
+from .precision import TABLE_PRECISION, TOLERANCES, Precision, apply_precision, default_precision
 from .seq2seq import export_seq2seq_graphs, validate_seq2seq
 from .sources import load_source
 from .validate import greedy_agreement, validate
@@ -114,8 +115,10 @@ def export_model(
 
         options = GraphOptions(opset, fp32_tolerance, fuse, graph, backbone.weight_bytes > EXTERNAL_DATA_BYTES)
         files, report = WRITERS[backbone.kind](backbone, staging, options, step, log)
+        files = {**files, "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"}
         if precision.name != "fp32":
             report = _convert(backbone, staging, files, precision, tolerance, report, options, step, log)
+            files.update(_store_table(backbone.table, staging, TABLE_PRECISION[precision.name], log))
 
         step("writing softprompt.json")
         config = ExportConfig(
@@ -125,7 +128,7 @@ def export_model(
             **_interface(staging / files["decoder" if backbone.kind == "seq2seq" else "model"]),
             dtype="float32",
             fingerprint=backbone.fingerprint,
-            files={**files, "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"},
+            files=files,
             source=source.info,
             validation=report,
             precision=precision.name,
@@ -238,6 +241,19 @@ WRITERS = {"decoder": _decoder_graphs, "encoder": _encoder_graphs, "seq2seq": _s
 GREEDY_TEXTS = ("The capital of France is a city that", "Once upon a time, a little robot lived in", "def fibonacci(n):\n    ")
 
 
+def _store_table(table: np.ndarray, staging: Path, dtype: str, log) -> dict[str, str]:
+    """embeddings.npy in `dtype` (int8: with embedding_scales.npy, a scale per row); returns the files it adds."""
+    rows, scales = quantize_rows(table, dtype)
+    np.save(staging / "embeddings.npy", rows, allow_pickle=False)
+    written = {}
+    if scales is not None:
+        np.save(staging / "embedding_scales.npy", scales, allow_pickle=False)
+        written["embedding_scales"] = "embedding_scales.npy"
+    size = sum((staging / name).stat().st_size for name in ("embeddings.npy", *written.values()))
+    log(f"      embedding table: {table.nbytes / 2**20:.1f} MiB float32 -> {size / 2**20:.1f} MiB {dtype}")
+    return written
+
+
 def _check_decoder(backbone: Backbone, staging: Path, tolerance: float) -> dict:
     wrapper = CachedDecoder(backbone.model, backbone.layout)
     report = validate(staging / "model.onnx", wrapper, backbone.table, tolerance, caches=False)
@@ -276,10 +292,11 @@ def _convert(
     step(
         f"converting the graphs to {what} ({', '.join(f'{k}={v}' for k, v in precision.record().items() if k != 'precision') or 'float16 weights and compute'})"
     )
-    changes = {key: apply_precision(staging / name, precision, options.external_data) for key, name in files.items()}
+    graphs = {key: name for key, name in files.items() if name.endswith(".onnx")}
+    changes = {key: apply_precision(staging / name, precision, options.external_data) for key, name in graphs.items()}
     for key, change in changes.items():
         log(
-            f"      {files[key]}: {change['bytes_fp32'] / 2**20:.1f} MiB -> {change['bytes'] / 2**20:.1f} MiB"
+            f"      {graphs[key]}: {change['bytes_fp32'] / 2**20:.1f} MiB -> {change['bytes'] / 2**20:.1f} MiB"
             + "".join(f", {k}: {v}" for k, v in change.items() if not k.startswith("bytes"))
         )
     limit = tolerance if tolerance is not None else TOLERANCES[precision.name]

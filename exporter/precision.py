@@ -5,8 +5,9 @@ onnxruntime's MatMulNBits, weights stored in blocks of `block_size` values that 
 (and a zero point unless symmetric), activations and the KV cache stay float32. fp16 converts the
 whole graph, keeping float32 inputs and outputs so the runtime feeds every precision alike.
 
-Only the graphs change. The embedding table, the fingerprint and every prompt stay float32: a
-prompt trained on the fp32 model is the same task on each precision of that model.
+The embedding table is stored small too (int8 rows with a scale per row, fp16 for fp16) and read
+back as float32 rows. The fingerprint is the fp32 model's and prompts stay float32: a prompt
+trained on the fp32 model is the same task on each precision of that model.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ ALGORITHMS = ("rtn", "hqq")
 # How far a graph's outputs may move from PyTorch fp32, relative to their scale, before an export is
 # refused. Set by measurement (docs/QUALITY.md): fp16 and int8 stay well inside, int4 moves logits
 # by up to about a third of their range while keeping the task; a wrong graph moves them by far more.
+# What the embedding table is stored in at each precision (rows are dequantized to float32 on lookup).
+TABLE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
 TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.6}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from .embedding_table import ScaledRows, open_table
 from .errors import ExportFormatError
 
 FORMAT_VERSION = 1
@@ -143,7 +144,7 @@ class ExportFolder:
 
     folder: Path
     config: ExportConfig
-    table: np.ndarray  # [vocab, hidden] float32, memory-mapped and read-only
+    table: np.ndarray | ScaledRows  # [vocab, hidden], memory-mapped and read-only; table[ids] gives float32 rows
     tokenizer: Tokenizer
 
     def file(self, key: str) -> Path:
@@ -161,17 +162,10 @@ def open_export(export_dir: str | os.PathLike) -> ExportFolder:
         name = config.files.get(key)
         if not name or not (folder / name).is_file():
             raise ExportFormatError(f"{folder}: the {key} file {name!r} named in softprompt.json is missing")
-    path = folder / config.files["embeddings"]
-    try:
-        table = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise ExportFormatError(f"{path}: not a readable .npy table ({exc})") from None
-    if table.shape != (config.vocab_size, config.hidden_size) or table.dtype != np.float32:
-        raise ExportFormatError(
-            f"{path}: {table.dtype} {table.shape}; softprompt.json expects float32 ({config.vocab_size}, {config.hidden_size})"
-        )
-    # A plain ndarray over the same mapping: numpy.memmap's Python-level indexing costs ~30 us a decode step.
-    table = table.view(np.ndarray)
+    scales = config.files.get("embedding_scales")
+    table = open_table(
+        folder / config.files["embeddings"], folder / scales if scales else None, (config.vocab_size, config.hidden_size)
+    )
     tokenizer = Tokenizer.from_file(str(folder / config.files["tokenizer"]))
     tokenizer.no_truncation()
     tokenizer.no_padding()

@@ -62,6 +62,10 @@ def test_int8_and_int4_record_their_settings_and_quantize_every_product(llama_ex
         assert config.validation["fp32"] and config.validation["greedy_agreement"]
         assert config.fingerprint == fp32.fingerprint  # the model, not its precision
         assert (folder / "model.onnx").stat().st_size < (llama_export / "model.onnx").stat().st_size / (2.5 if bits == 8 else 3)
+    # The table the runtime gathers from is stored as int8 rows with a scale each, for both.
+    for folder in quantized:
+        assert np.load(folder / "embeddings.npy").dtype == np.int8
+        assert read_config(folder).files["embedding_scales"] == "embedding_scales.npy"
     # int4 keeps the projection to the logits at 8 bits by default, and says so.
     assert nbits(int4 / "model.onnx") == Counter({4: products - 1, 8: 1})
     assert read_config(int4).quantization["keep"] == ["lm_head=int8"]
@@ -97,6 +101,7 @@ def test_fp16_keeps_greedy_tokens_and_warns_on_the_cpu(llama_dir, llama_export, 
     graph = onnx.load(str(tmp_path / "fp16" / "model.onnx")).graph
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
     assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for i in graph.input)  # fed like fp32
+    assert np.load(tmp_path / "fp16" / "embeddings.npy").dtype == np.float16
     with pytest.warns(RuntimeWarning, match="fp16, which is for CUDA"):
         model = load(tmp_path / "fp16", providers="cpu")
     fp32 = load(llama_export)

@@ -1,5 +1,5 @@
-"""onnxruntime-genai's side of bench/speed/serve.py, run in its own environment (its model builder needs
-transformers 5, which the project's optimum-onnx cannot use). It takes no soft prompt.
+"""onnxruntime-genai's side of bench/speed/serve.py and bench/speed/precision.py, run in its own environment
+(a tool compared against never shares the project's). It takes no soft prompt.
 
 Set up once (bench.speed.serve prints these lines when the environment is missing):
     python3.11 -m venv /tmp/genai-venv
@@ -7,7 +7,7 @@ Set up once (bench.speed.serve prints these lines when the environment is missin
     /tmp/genai-venv/bin/python -m onnxruntime_genai.models.builder -i HF_FOLDER -o GENAI_MODEL -p fp32 -e cpu
 
     /tmp/genai-venv/bin/python -m bench.speed.genai_side GENAI_MODEL --ids 1,2,3 --new-tokens 64 --threads 2
-prints one JSON line: decode tokens/s (median), first-token ms and the tokens; with --serve it stays
+prints one JSON line: decode tokens/s (median), first-token ms, peak RSS and the tokens; with --serve it stays
 alive and prints one such line per 'run' line on stdin.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -61,6 +62,7 @@ def main() -> None:
         return {
             "decode_tokens_per_s": statistics.median(r[1] for r in runs),
             "first_token_ms": 1000 * statistics.median(r[0] for r in runs),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "tokens": runs[-1][2],
         }
 

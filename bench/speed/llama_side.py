@@ -1,0 +1,60 @@
+"""llama.cpp's side of bench/speed/precision.py, run in its own environment (llama-cpp-python builds from
+source: about 20 minutes on 2 cores).
+
+Set up once:
+    python3.11 -m venv /tmp/llama-venv
+    CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/llama-venv/bin/pip install llama-cpp-python
+
+    /tmp/llama-venv/bin/python -m bench.speed.llama_side MODEL.gguf --ids 1,2,3 --new-tokens 64 --threads 2
+prints one JSON line: decode tokens/s and first-token ms (medians), peak RSS and the greedy tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+from llama_cpp import Llama
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("gguf")
+    parser.add_argument("--ids", required=True, help="comma-separated input token ids")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    ids = [int(x) for x in args.ids.split(",")]
+    model = Llama(model_path=args.gguf, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512, verbose=False)
+
+    def once() -> tuple[float, float, list[int]]:
+        model.reset()  # else its prefix cache skips the prefill of a repeated input
+        start = time.perf_counter()
+        stamps, tokens = [], []
+        for token in model.generate(ids, top_k=1, temp=0.0, reset=True):  # greedy; end-of-text does not stop it
+            stamps.append(time.perf_counter())
+            tokens.append(int(token))
+            if len(tokens) == args.new_tokens:
+                break
+        return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
+
+    once()  # warm-up
+    runs = [once() for _ in range(args.repeats)]
+    print(
+        json.dumps(
+            {
+                "decode_tokens_per_s": statistics.median(r[1] for r in runs),
+                "first_token_ms": 1000 * statistics.median(r[0] for r in runs),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "tokens": runs[-1][2],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

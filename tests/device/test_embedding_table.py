@@ -1,0 +1,83 @@
+"""The embedding table stored small (int8 with a scale per row, or float16) and read back as float32 rows.
+
+Torch-free: the committed tiny export's table is re-stored in each dtype and served by the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from softprompt.formats.embedding_table import ScaledRows, quantize_rows
+from softprompt.formats.errors import ExportFormatError
+from softprompt.formats.export_folder import open_export
+from softprompt.runtime import load
+
+from conftest import TEXTS
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixture" / "export"
+
+
+def restored(tmp_path: Path, dtype: str) -> Path:
+    """The fixture export with its table stored in `dtype`, as export-model --precision writes it."""
+    folder = tmp_path / dtype
+    shutil.copytree(FIXTURE, folder)
+    rows, scales = quantize_rows(np.load(FIXTURE / "embeddings.npy"), dtype)
+    np.save(folder / "embeddings.npy", rows)
+    config = json.loads((folder / "softprompt.json").read_text())
+    if scales is not None:
+        np.save(folder / "embedding_scales.npy", scales)
+        config["files"]["embedding_scales"] = "embedding_scales.npy"
+    (folder / "softprompt.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [("int8", 0.5 / 127), ("fp16", 2.0**-11)])
+def test_rows_come_back_float32_within_the_dtypes_step(tmp_path, dtype, bound):
+    table = np.load(FIXTURE / "embeddings.npy")
+    stored = open_export(restored(tmp_path, dtype)).table
+    assert isinstance(stored, ScaledRows) and stored.shape == table.shape
+    ids = np.array([[0, 5, 7], [3, 3, 1]])
+    rows = stored[ids]
+    assert rows.dtype == np.float32 and rows.shape == (2, 3, table.shape[1])
+    scale = np.abs(table[ids]).max(axis=-1, keepdims=True)  # int8: a step of absmax / 127 per row
+    assert (np.abs(rows - table[ids]) <= bound * scale * 1.0001).all()
+    np.testing.assert_array_equal(stored[5], rows[0, 1])  # one id, a list of ids and a 2-D array agree
+    np.testing.assert_array_equal(stored[[5, 7]], rows[0, 1:])
+
+
+def test_int8_is_a_quarter_of_float32_and_serves_the_same_tokens(tmp_path):
+    folder = restored(tmp_path, "int8")
+    size = (folder / "embeddings.npy").stat().st_size + (folder / "embedding_scales.npy").stat().st_size
+    assert size < 0.3 * (FIXTURE / "embeddings.npy").stat().st_size
+    fp32, int8 = load(FIXTURE), load(folder)
+    want = fp32.logits(TEXTS[0])
+    got = int8.logits(TEXTS[0])
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert [c.token_ids for c in int8.complete(TEXTS, max_new_tokens=4)] == [
+        c.token_ids for c in fp32.complete(TEXTS, max_new_tokens=4)
+    ]
+
+
+def test_an_all_zero_row_stays_zero():
+    codes, scales = quantize_rows(np.array([[0.0, 0.0], [1.0, -2.0]], np.float32), "int8")
+    np.testing.assert_array_equal(ScaledRows(codes, scales)[0], [0.0, 0.0])
+    np.testing.assert_allclose(ScaledRows(codes, scales)[1], [1.0, -2.0], rtol=0.01)
+
+
+def test_int8_rows_without_their_scales_are_refused(tmp_path):
+    folder = restored(tmp_path, "int8")
+    config = json.loads((folder / "softprompt.json").read_text())
+    del config["files"]["embedding_scales"]
+    (folder / "softprompt.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFormatError, match="int8 rows need their scales"):
+        open_export(folder)
+    config["files"]["embedding_scales"] = "embedding_scales.npy"
+    (folder / "softprompt.json").write_text(json.dumps(config))
+    np.save(folder / "embedding_scales.npy", np.ones(3, np.float32))
+    with pytest.raises(ExportFormatError, match=r"float32 \(3,\); expected float32 \(\d+,\), a scale per row"):
+        open_export(folder)
