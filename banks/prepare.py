@@ -17,8 +17,6 @@ from pathlib import Path
 
 from bench.quality import datasets  # where each package installs its data
 
-SENTIMENT_TRAIN_PER_LABEL = 1200
-SENTIMENT_EVAL_PER_LABEL = 100
 DEFINE_EVAL = 48
 
 
@@ -32,10 +30,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tweets = datasets.balanced(datasets.tweets(), SENTIMENT_TRAIN_PER_LABEL + SENTIMENT_EVAL_PER_LABEL, seed=0)
-    evaluation = datasets.balanced(tweets, SENTIMENT_EVAL_PER_LABEL, seed=1)
-    held = {text for text, _ in evaluation}
-    train = [row for row in tweets if row[0] not in held]
+    train, evaluation, _ = datasets.sentiment_tweets()
     write_jsonl(out / "sentiment-train.jsonl", [{"text": t, "label": l} for t, l in train])
     write_jsonl(out / "sentiment-eval.jsonl", [{"text": t, "label": l} for t, l in evaluation])
 

@@ -56,7 +56,8 @@ def test_int8_and_int4_record_their_settings_and_quantize_every_product(llama_ex
     for folder, bits in ((int8, 8), (int4, 4)):
         config = read_config(folder)
         assert config.precision == f"int{bits}" and config.quantization["accuracy_level"] == 4
-        assert config.quantization["block_size"] == 32 and config.quantization["algorithm"] == "rtn"
+        assert config.quantization["block_size"] == 32
+        assert config.quantization["algorithm"] == ("rtn" if bits == 8 else "offset")
         counts = nbits(folder / "model.onnx")
         assert sum(counts.values()) == products  # every weight matrix, lm_head included
         assert config.validation["fp32"] and config.validation["greedy_agreement"]
@@ -177,6 +178,7 @@ def test_precision_options_are_checked_before_anything_runs(tmp_path, capsys, ar
     [
         ({"name": "int8", "block_size": 24}, "block size 24; expected a power of two, at least 16"),
         ({"name": "int8", "algorithm": "hqq"}, "hqq quantizes to 4 bits only"),
+        ({"name": "int8", "algorithm": "offset"}, "offset quantizes to 4 bits only"),
         ({"name": "int8", "keep": ("lm_head=int8",)}, "NAME=int8 in an int4 export"),
         ({"name": "int2"}, "precision 'int2'; expected one of fp32, fp16, int8, int4"),
     ],
@@ -187,7 +189,7 @@ def test_bad_precision_settings_name_what_is_possible(settings, message):
 
 
 def test_defaults_are_measured_choices_and_options_override_them():
-    assert default_precision("int4") == Precision("int4", accuracy_level=4, keep=("lm_head=int8",))
+    assert default_precision("int4") == Precision("int4", accuracy_level=4, algorithm="offset", keep=("lm_head=int8",))
     assert default_precision("int8", accuracy_level=0, block_size=None).accuracy_level == 0
     assert default_precision("fp32") == Precision("fp32")
 
@@ -197,3 +199,42 @@ def test_prompts_saved_on_one_precision_load_on_another(quantized, tmp_path):
     config = read_config(int4)
     save_prompt(tmp_path, "t", random_prompt(3, config.hidden_size), fingerprint=read_config(int8).fingerprint)
     assert load_prompt(tmp_path, "t", fingerprint=config.fingerprint).vectors.shape == (3, config.hidden_size)
+
+
+def snap_to_q4_1(folder, out):
+    """A copy of the model whose linear weights lie on a 4-bit grid with a float minimum per block of 32
+    inputs, as in a Q4_1 GGUF file (where the default model comes from)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.in_features % 32 == 0:
+                w = module.weight.view(module.out_features, -1, 32)
+                low = w.amin(-1, keepdim=True)
+                step = (w.amax(-1, keepdim=True) - low) / 15
+                w.copy_(low + step * torch.round((w - low) / step))
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            (out / name).write_bytes((folder / name).read_bytes())
+    return out
+
+
+def test_int4_offsets_are_exact_on_weights_from_a_q4_1_file(llama_dir, tmp_path):
+    """A float minimum per block (MatMulNBits' integer kernel plus one small product of block sums) holds a
+    Q4_1 grid exactly; integer zero points (rtn) move every block by up to half a step."""
+    grid = snap_to_q4_1(llama_dir, tmp_path / "q4_1")
+    export_model(str(grid), tmp_path / "fp32", log=lambda m: None)
+    errors = {}
+    for algorithm in ("offset", "rtn"):
+        precision = Precision("int4", algorithm=algorithm, accuracy_level=0)  # float compute: the weights' error alone
+        config = export_model(
+            str(grid), tmp_path / algorithm, precision=precision, tolerance=TINY_INT4_TOLERANCE, log=lambda m: None
+        )
+        errors[algorithm] = max(config.validation["max_relative_diff"].values())  # the graph against PyTorch fp32
+        changes = config.validation["changes"]["model"]
+        assert changes["matmuls_int4"] == weight_products(tmp_path / "fp32" / "model.onnx")
+        assert changes.get("int4_with_float_offsets", 0) == (changes["matmuls_int4"] if algorithm == "offset" else 0)
+    assert errors["offset"] < 1e-3 < 0.05 < errors["rtn"], errors

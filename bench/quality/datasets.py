@@ -44,6 +44,22 @@ def tweets(labels: tuple[str, ...] = ("positive", "negative")) -> list[tuple[str
     return rows
 
 
+# The shipped `sentiment` prompt's draw of tweets (banks/prepare.py writes it; bench/quality/precision.py
+# tests on what is left).
+SENTIMENT_TRAIN_PER_LABEL = 1200
+SENTIMENT_EVAL_PER_LABEL = 100
+
+
+def sentiment_tweets() -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, evaluation, never seen): balanced positive/negative tweets, the first two for the shipped prompt."""
+    every = tweets()
+    drawn = balanced(every, SENTIMENT_TRAIN_PER_LABEL + SENTIMENT_EVAL_PER_LABEL, seed=0)
+    evaluation = balanced(drawn, SENTIMENT_EVAL_PER_LABEL, seed=1)
+    held = {text for text, _ in evaluation}
+    seen = {text for text, _ in drawn}
+    return [row for row in drawn if row[0] not in held], evaluation, [row for row in every if row[0] not in seen]
+
+
 def fortune_definitions(max_term: int = 40, max_body: int = 200) -> list[tuple[str, str]]:
     """(term, definition) from fortune's `definitions` file; attributions ("-- author") dropped."""
     path = FORTUNES / "definitions"
