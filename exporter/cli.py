@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="largest allowed max|onnx - torch fp32| / max|torch fp32| for logits and cache in validation "
-        "(default: the precision's: fp32 1e-4, fp16 0.05, int8 0.25, int4 0.6)",
+        "(default: the precision's: fp32 1e-4, fp16 0.05, int8 0.25, int4 0.25)",
     )
     precision = parser.add_argument_group(
         "precision",

@@ -28,12 +28,13 @@ from .errors import ExportError
 
 BITS = {"int8": 8, "int4": 4}
 ALGORITHMS = ("rtn", "offset", "hqq")
-# How far a graph's outputs may move from PyTorch fp32, relative to their scale, before an export is
-# refused. Set by measurement (docs/QUALITY.md): fp16 and int8 stay well inside, int4 moves logits
-# by up to about a third of their range while keeping the task; a wrong graph moves them by far more.
 # What the embedding table is stored in at each precision (rows are dequantized to float32 on lookup).
 TABLE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
-TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.6}
+# How far a graph's logits may move from PyTorch fp32, relative to their scale, before an export is
+# refused. Measured on the default model: fp16 0.006, int8 0.10, int4 0.07 (offset), all keeping its
+# tasks; int4 with integer zero points (rtn) moves them by 0.44 and costs its sentiment task 6.8
+# points, so it is refused unless --tolerance says otherwise.
+TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.25}
 
 
 @dataclasses.dataclass(frozen=True)
