@@ -8,19 +8,22 @@ PIP := $(BIN)/python -m pip
 DEVICE_VENV := .venv-device
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
 DEMO_EXPORT := exports/smollm2
+# What `make demo` runs: the precision a CPU user should pick (README, "Precision").
+CPU_EXPORT := exports/smollm2-int4
 BANK := banks/smollm2-135m
 BANK_DATA := build/bank-data
 
-.PHONY: install test test-fast test-device lint sweep demo banks bench serve cuda-skeleton soak bench-data bench-quality clean help
+.PHONY: install test test-fast test-device lint sweep demo banks bench bench-precision serve cuda-skeleton soak bench-data bench-quality clean help
 
 help:
-	@echo "make demo       export the default model (SmolLM2-135M) and run it with and without a task prompt"
+	@echo "make demo       export the default model (SmolLM2-135M, int4) and run it with and without a task prompt"
 	@echo "make test       lint, the whole test suite (one end-to-end run of the real model included), then the"
 	@echo "                runtime and bank tests again in a torch-free environment (.venv-device)"
 	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 30 min on 2 cores)"
 	@echo "make test-fast  the suite without the real-model test"
 	@echo "make sweep      every architecture in tests/architectures.py and the encoder-decoder families (slow)"
 	@echo "make bench      bench/speed/generate.py: this runtime against PyTorch + PEFT"
+	@echo "make bench-precision  bench/speed/precision.py and bench/quality/precision.py: fp32, int8, int4"
 	@echo "make serve      bench/speed/serve.py: serving speed against the bandwidth limit, onnxruntime-genai and PyTorch"
 	@echo "make cuda-skeleton  the default export without its weights (build/cuda-skeleton) for bench/gpu/cuda_check.py"
 	@echo "make soak       bench/stress/soak.py: 60 s of 8 request threads while a task file is swapped"
@@ -66,16 +69,20 @@ test-device: $(DEVICE_STAMP)
 $(DEMO_EXPORT)/softprompt.json: $(STAMP)
 	$(BIN)/export-model smollm2-135m $(DEMO_EXPORT) --force
 
-demo: $(DEMO_EXPORT)/softprompt.json
+$(CPU_EXPORT)/softprompt.json: $(STAMP)
+	$(BIN)/export-model smollm2-135m $(CPU_EXPORT) --precision int4 --force
+
+demo: $(CPU_EXPORT)/softprompt.json
 	$(BIN)/prompt-bank list $(BANK)
+	$(BIN)/prompt-bank verify $(BANK) --model $(CPU_EXPORT)
 	@echo "--- classified by the trained sentiment prompt (the runtime applies the task's template)"
-	$(BIN)/run-model $(DEMO_EXPORT) --bank $(BANK) --task sentiment --classify \
+	$(BIN)/run-model $(CPU_EXPORT) --bank $(BANK) --task sentiment --classify \
 	    "a gorgeous, moving film" "The flight was delayed three hours and nobody told us why." \
 	    "Thanks, the new update works great!" "dull, slow and far too long"
 	@echo "--- generated with the trained define prompt"
-	$(BIN)/run-model $(DEMO_EXPORT) --bank $(BANK) --task define --max-new-tokens 32 "Committee, n." "Deadline, n."
+	$(BIN)/run-model $(CPU_EXPORT) --bank $(BANK) --task define --max-new-tokens 32 "Committee, n." "Deadline, n."
 	@echo "--- the same inputs with the template alone, no soft prompt"
-	$(BIN)/run-model $(DEMO_EXPORT) --max-new-tokens 32 "Committee, n.:" "Deadline, n.:"
+	$(BIN)/run-model $(CPU_EXPORT) --max-new-tokens 32 "Committee, n.:" "Deadline, n.:"
 
 # Retrain the shipped prompts from packaged data. Not part of demo or test: it takes about half an
 # hour on 2 cores and rewrites the committed files (their training records say how they were made).
@@ -89,6 +96,12 @@ banks: bench-data
 	    --data $(BANK_DATA)/define-train.jsonl --eval $(BANK_DATA)/define-eval.jsonl \
 	    --template '{text}:' --length 20 --init 'text:A short, witty and cynical dictionary definition:' \
 	    --batch-size 16 --steps 150 --eval-every 25 --seed 0
+
+# fp32, int8 and int4 side by side with onnxruntime-genai, llama.cpp and PyTorch (their environments: see
+# bench/speed/genai_side.py and bench/speed/llama_side.py), then the shipped prompts at each precision.
+bench-precision: $(STAMP)
+	$(BIN)/python -m bench.speed.precision
+	$(BIN)/python -m bench.quality.precision
 
 bench: $(STAMP) $(DEMO_EXPORT)/softprompt.json
 	$(BIN)/python -m bench.speed.generate --export $(DEMO_EXPORT)

@@ -56,6 +56,20 @@ def serve(measure) -> None:
         print(json.dumps({**measure(), "pid": os.getpid()}), flush=True)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: Linux carries that
+    over from the parent through fork and exec, so every child of a large parent reports the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def machine() -> str:
     """CPU model, visible cores, Python and onnxruntime versions: printed with every result."""
     cpu = platform.processor() or platform.machine()

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 
 import onnxruntime_genai as og
 
-from bench.harness import serve  # standard library only at import
+from bench.harness import peak_rss_mb, serve  # standard library only at import
 
 
 def main() -> None:
@@ -62,7 +61,7 @@ def main() -> None:
         return {
             "decode_tokens_per_s": statistics.median(r[1] for r in runs),
             "first_token_ms": 1000 * statistics.median(r[0] for r in runs),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "tokens": runs[-1][2],
         }
 

@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import ROOT, machine, new_steps, serve, workload
+from bench.harness import ROOT, machine, new_steps, peak_rss_mb, serve, workload
 
 
 def onnx_side(args):
@@ -111,7 +110,7 @@ def summarise(results, args) -> dict:
     return {
         "first_token_ms": 1000 * statistics.median(first),
         "decode_tokens_per_s": statistics.median(decode),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "tokens": results[-1][2],
     }
 

@@ -44,7 +44,10 @@ def test_rows_come_back_float32_within_the_dtypes_step(tmp_path, dtype, bound):
     ids = np.array([[0, 5, 7], [3, 3, 1]])
     rows = stored[ids]
     assert rows.dtype == np.float32 and rows.shape == (2, 3, table.shape[1])
-    scale = np.abs(table[ids]).max(axis=-1, keepdims=True)  # int8: a step of absmax / 127 per row
+    width = table.shape[1]
+    block = 32 if width % 32 == 0 else width
+    grouped = table[ids].reshape(2, 3, width // block, block)
+    scale = np.repeat(np.abs(grouped).max(axis=-1), block, axis=-1)  # int8: a step of absmax / 127 per block
     assert (np.abs(rows - table[ids]) <= bound * scale * 1.0001).all()
     np.testing.assert_array_equal(stored[5], rows[0, 1])  # one id, a list of ids and a 2-D array agree
     np.testing.assert_array_equal(stored[[5, 7]], rows[0, 1:])
@@ -63,7 +66,7 @@ def test_int8_is_a_quarter_of_float32_and_serves_the_same_tokens(tmp_path):
     ]
 
 
-def test_an_all_zero_row_stays_zero():
+def test_an_all_zero_row_stays_zero():  # and a width that is no multiple of 32 gets one scale a row
     codes, scales = quantize_rows(np.array([[0.0, 0.0], [1.0, -2.0]], np.float32), "int8")
     np.testing.assert_array_equal(ScaledRows(codes, scales)[0], [0.0, 0.0])
     np.testing.assert_allclose(ScaledRows(codes, scales)[1], [1.0, -2.0], rtol=0.01)
@@ -79,5 +82,16 @@ def test_int8_rows_without_their_scales_are_refused(tmp_path):
     config["files"]["embedding_scales"] = "embedding_scales.npy"
     (folder / "softprompt.json").write_text(json.dumps(config))
     np.save(folder / "embedding_scales.npy", np.ones(3, np.float32))
-    with pytest.raises(ExportFormatError, match=r"float32 \(3,\); expected float32 \(\d+,\), a scale per row"):
+    with pytest.raises(ExportFormatError, match=r"float32 \(3,\); expected float32 \(\d+, blocks\), a scale per block"):
         open_export(folder)
+
+
+def test_a_table_on_a_q8_0_grid_is_stored_exactly():
+    """GGUF's Q8_0 stores blocks of 32 as int8 times absmax / 127: such a table comes back bit for bit."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (10, 64)).astype(np.float32)
+    codes[:, ::32] = 127  # each block reaches its absmax
+    table = (codes.reshape(10, 2, 32) * rng.uniform(0.001, 0.01, (10, 2, 1)).astype(np.float32)).reshape(10, 64)
+    stored, scales = quantize_rows(table, "int8")
+    assert scales.shape == (10, 2)
+    np.testing.assert_allclose(ScaledRows(stored, scales)[np.arange(10)], table, rtol=1e-6, atol=0)
