@@ -242,7 +242,7 @@ GREEDY_TEXTS = ("The capital of France is a city that", "Once upon a time, a lit
 
 
 def _store_table(table: np.ndarray, staging: Path, dtype: str, log) -> dict[str, str]:
-    """embeddings.npy in `dtype` (int8: with embedding_scales.npy, a scale per row); returns the files it adds."""
+    """embeddings.npy in `dtype` (int8: with embedding_scales.npy, a scale per block of 32); returns the files it adds."""
     rows, scales = quantize_rows(table, dtype)
     np.save(staging / "embeddings.npy", rows, allow_pickle=False)
     written = {}

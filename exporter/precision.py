@@ -5,7 +5,7 @@ onnxruntime's MatMulNBits, weights stored in blocks of `block_size` values that 
 (and a zero point unless symmetric), activations and the KV cache stay float32. fp16 converts the
 whole graph, keeping float32 inputs and outputs so the runtime feeds every precision alike.
 
-The embedding table is stored small too (int8 rows with a scale per row, fp16 for fp16) and read
+The embedding table is stored small too (int8 with a scale per block of 32, fp16 for fp16) and read
 back as float32 rows. The fingerprint is the fp32 model's and prompts stay float32: a prompt
 trained on the fp32 model is the same task on each precision of that model.
 """
