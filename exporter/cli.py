@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         choices=range(5),
         default=None,
-        help="int8/int4: MatMulNBits compute type (default: 4, int8 activations; 0 computes in float, far slower on CPUs)",
+        help="int8/int4: MatMulNBits compute type (default: 4, int8 activations, for decoders and encoder-decoders; "
+        "0, float, for encoders, which run whole batches)",
     )
     precision.add_argument(
         "--algorithm",

@@ -32,7 +32,7 @@ from .errors import ExportError, ExportValidationError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph
 from .llama_graph import build, read_weights, unsupported
-from .precision import TABLE_PRECISION, TOLERANCES, Precision, apply_precision, default_precision
+from .precision import TABLE_PRECISION, TOLERANCES, Precision, apply_precision, default_precision, for_kind
 from .seq2seq import export_seq2seq_graphs, validate_seq2seq
 from .sources import load_source
 from .validate import greedy_agreement, validate
@@ -113,6 +113,7 @@ def export_model(
         np.save(staging / "embeddings.npy", backbone.table, allow_pickle=False)
         source.tokenizer.save_pretrained(staging, legacy_format=False)  # tokenizer.json only: all the runtime reads
 
+        precision = for_kind(precision, backbone.kind)
         options = GraphOptions(opset, fp32_tolerance, fuse, graph, backbone.weight_bytes > EXTERNAL_DATA_BYTES)
         files, report = WRITERS[backbone.kind](backbone, staging, options, step, log)
         files = {**files, "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"}

@@ -44,7 +44,7 @@ class Precision:
     name: str = "fp32"
     block_size: int = 32  # values per scale (int8/int4): smaller keeps more accuracy, costs more scales
     symmetric: bool = False  # no zero points: smaller, but a skewed block loses a level
-    accuracy_level: int | None = None  # MatMulNBits' compute type: 4 = int8 activations (fastest on CPUs)
+    accuracy_level: int | None = None  # MatMulNBits' compute type (4: int8 activations); None: the kind's best, `for_kind`
     algorithm: str = "rtn"  # round to nearest; int4 only: "offset" (float block minimum) or "hqq" (half-quadratic)
     keep: tuple[str, ...] = ()  # weights left at full precision: names or their beginnings (shell patterns), e.g. "lm_head"
 
@@ -94,17 +94,25 @@ class Precision:
 def default_precision(name: str, **chosen: Any) -> Precision:
     """`name` with the settings measured best for it (docs/QUALITY.md), overridden by whatever `chosen` sets.
 
-    int8 and int4 compute with int8 activations (accuracy level 4): with float compute, onnxruntime's
-    CPU kernels for MatMulNBits ran the default model at 2 tokens/s instead of 95. int4 keeps the
+    The compute type follows the kind of model (`for_kind`). int4 keeps the
     lm_head at 8 bits, where a 4-bit lm_head alone costs the most accuracy, and stores each block's
     minimum as a float ("offset"): with integer zero points (rtn) the default model's greedy text
     departed from fp32 within a token and its sentiment task lost 6.8 points.
     """
-    defaults: dict[str, Any] = {
-        "int8": {"accuracy_level": 4},
-        "int4": {"accuracy_level": 4, "algorithm": "offset", "keep": ("lm_head=int8",)},
-    }.get(name, {})
+    defaults: dict[str, Any] = {"int4": {"algorithm": "offset", "keep": ("lm_head=int8",)}}.get(name, {})
     return Precision(name, **{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
+
+
+def for_kind(precision: Precision, kind: str) -> Precision:
+    """`precision` with MatMulNBits' compute type chosen for `kind` where it was left open.
+
+    Decoders and encoder-decoders generate a few rows a step: int8 activations (level 4) ran the
+    default model at 95 tokens/s, float compute (level 0) at 2. Encoders embed whole batches at
+    once, where float compute is faster: MiniLM at batch 32 ran 1.15x PyTorch at level 0, 0.95x at 4.
+    """
+    if not precision.quantized or precision.accuracy_level is not None:
+        return precision
+    return dataclasses.replace(precision, accuracy_level=0 if kind == "encoder" else 4)
 
 
 def apply_precision(path: Path, precision: Precision, external_data: bool) -> dict[str, int]:

@@ -11,7 +11,7 @@ import pytest
 
 from softprompt.exporter import ExportError, ExportValidationError, export_model
 from softprompt.exporter.cli import main as export_main
-from softprompt.exporter.precision import Precision, default_precision
+from softprompt.exporter.precision import Precision, default_precision, for_kind
 from softprompt.formats.export_folder import read_config
 from softprompt.prompt_bank import load_prompt, save_prompt
 from softprompt.prompt_bank.cli import main as bank_main
@@ -131,7 +131,7 @@ def test_encoder_and_seq2seq_exports_take_int8(tmp_path):
     export_model(str(bert), tmp_path / "bert-fp32", log=lambda m: None)
     config = export_model(str(bert), tmp_path / "bert-int8", precision="int8", log=lambda m: None)
     assert config.kind == "encoder" and config.precision == "int8"
-    assert "keep" in config.quantization and nbits(tmp_path / "bert-int8" / "model.onnx")[8] > 0
+    assert config.quantization["accuracy_level"] == 0 and nbits(tmp_path / "bert-int8" / "model.onnx")[8] > 0
     fp32 = load(tmp_path / "bert-fp32").embed(TEXTS)
     int8 = load(tmp_path / "bert-int8").embed(TEXTS)
     assert (np.sum(fp32 * int8, axis=1) > 0.99).all()  # unit vectors: cosine similarity to the fp32 embeddings
@@ -189,7 +189,10 @@ def test_bad_precision_settings_name_what_is_possible(settings, message):
 
 
 def test_defaults_are_measured_choices_and_options_override_them():
-    assert default_precision("int4") == Precision("int4", accuracy_level=4, algorithm="offset", keep=("lm_head=int8",))
+    assert default_precision("int4") == Precision("int4", algorithm="offset", keep=("lm_head=int8",))
+    assert for_kind(default_precision("int8"), "decoder").accuracy_level == 4
+    assert for_kind(default_precision("int8"), "encoder").accuracy_level == 0
+    assert for_kind(Precision("int8", accuracy_level=2), "encoder").accuracy_level == 2  # a choice is kept
     assert default_precision("int8", accuracy_level=0, block_size=None).accuracy_level == 0
     assert default_precision("fp32") == Precision("fp32")
 
