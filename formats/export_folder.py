@@ -105,6 +105,8 @@ class ExportConfig:
         if missing:
             raise ExportFormatError(f"{where}: missing fields {missing}")
         config = cls(**{key: value for key, value in data.items() if key in fields})
+        if not isinstance(config.files, dict):
+            raise ExportFormatError(f"{where}: files is {config.files!r}; expected an object of file names")
         for key in ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_size"):
             value = getattr(config, key)
             if not isinstance(value, int) or value <= 0:
@@ -154,10 +156,21 @@ class ExportFolder:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
 
+def _check_inside(folder: Path, key: str, name: object) -> None:
+    """A file named in softprompt.json is a plain name in the folder and, links resolved, stays there: a
+    folder from elsewhere must not make the runtime read (or map) files outside it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise ExportFormatError(f"{folder}: files.{key} is {name!r}; expected a plain file name inside the export folder")
+    if not (folder / name).resolve().is_relative_to(folder.resolve()):
+        raise ExportFormatError(f"{folder}: files.{key} {name!r} leads outside the export folder")
+
+
 def open_export(export_dir: str | os.PathLike) -> ExportFolder:
     """Read `softprompt.json`, map `embeddings.npy` and load the tokenizer, checking each against the config."""
     folder = Path(export_dir)
     config = read_config(folder)
+    for key, named in config.files.items():
+        _check_inside(folder, key, named)
     for key in FILES[config.kind]:
         name = config.files.get(key)
         if not name or not (folder / name).is_file():

@@ -30,11 +30,11 @@ class GenerationSettings:
             raise RequestError(f"max_new_tokens {self.max_new_tokens}; expected at least 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise RequestError(f"min_new_tokens {self.min_new_tokens}; expected 0..max_new_tokens ({self.max_new_tokens})")
-        if self.temperature < 0:
-            raise RequestError(f"temperature {self.temperature}; expected 0 (greedy) or more")
+        if not (0 <= self.temperature < float("inf")):  # NaN fails every comparison
+            raise RequestError(f"temperature {self.temperature}; expected 0 (greedy) or a finite positive value")
         if self.top_k is not None and self.top_k < 1:
             raise RequestError(f"top_k {self.top_k}; expected at least 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:  # (NaN fails it too)
             raise RequestError(f"top_p {self.top_p}; expected a value in (0, 1]")
 
     @classmethod
