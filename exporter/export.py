@@ -294,7 +294,7 @@ def _convert(
         f"converting the graphs to {what} ({', '.join(f'{k}={v}' for k, v in precision.record().items() if k != 'precision') or 'float16 weights and compute'})"
     )
     graphs = {key: name for key, name in files.items() if name.endswith(".onnx")}
-    changes = {key: apply_precision(staging / name, precision, options.external_data) for key, name in graphs.items()}
+    changes = {key: apply_precision(staging / name, precision) for key, name in graphs.items()}
     for key, change in changes.items():
         log(
             f"      {graphs[key]}: {change['bytes_fp32'] / 2**20:.1f} MiB -> {change['bytes'] / 2**20:.1f} MiB"
