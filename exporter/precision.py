@@ -136,6 +136,7 @@ def apply_precision(path: Path, precision: Precision) -> dict[str, int]:
     scratch = path.with_name(f".{path.name}.{precision.name}")
     onnx.save_model(model, str(scratch), save_as_external_data=True, location=path.name + ".data", all_tensors_to_one_file=True)
     os.replace(scratch, path)
+    os.chmod(path.with_name(path.name + ".data"), path.stat().st_mode & 0o777)  # onnx writes it owner-only
     return {**changed, "bytes_fp32": before, "bytes": _size(path)}
 
 

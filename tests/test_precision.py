@@ -241,3 +241,10 @@ def test_int4_offsets_are_exact_on_weights_from_a_q4_1_file(llama_dir, tmp_path)
         assert changes["matmuls_int4"] == weight_products(tmp_path / "fp32" / "model.onnx")
         assert changes.get("int4_with_float_offsets", 0) == (changes["matmuls_int4"] if algorithm == "offset" else 0)
     assert errors["offset"] < 1e-3 < 0.05 < errors["rtn"], errors
+
+
+def test_quantized_weights_sit_beside_the_graph_readable_as_the_graph_is(quantized):
+    for folder in quantized:
+        graph, data = folder / "model.onnx", folder / "model.onnx.data"
+        assert data.is_file() and data.stat().st_size > 5 * graph.stat().st_size  # (tiny model: the graph is mostly nodes)
+        assert data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777
