@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: where `python -m bench....` runs
@@ -54,6 +55,38 @@ def serve(measure) -> None:
         if line.strip() != "run":
             break
         print(json.dumps({**measure(), "pid": os.getpid()}), flush=True)
+
+
+def timed_generate(model, ids, new_tokens: int) -> tuple[float, list[float], list[list[int]]]:
+    """One greedy `generate` of a transformers (or PEFT) model on the [B, T] tensor `ids`, exactly `new_tokens`
+    new: (start time, the time each step's tokens arrived, the new ids per row). torch and transformers are
+    imported here, so the harness itself stays importable without them."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    streamer = Stamps()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=2,
+            streamer=streamer,
+        )
+    return start, streamer.times[1:], out[:, ids.shape[1] :].tolist()  # the first put() is the input
 
 
 def peak_rss_mb() -> float:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import ROOT, machine, new_steps, peak_rss_mb, serve, workload
+from bench.harness import ROOT, machine, new_steps, peak_rss_mb, serve, timed_generate, workload
 
 
 def onnx_side(args):
@@ -54,7 +54,6 @@ def run_torch(args) -> dict:
     import peft
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
 
     from softprompt.exporter.sources import resolve
     from softprompt.prompt_bank import load_prompt
@@ -71,36 +70,9 @@ def run_torch(args) -> dict:
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(np.asarray(prompt, np.float32)))
 
-    class Stamps(BaseStreamer):
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
     ids = torch.tensor(rows)
-
-    def once():
-        streamer = Stamps()
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=False,
-                pad_token_id=2,
-                streamer=streamer,
-            )
-        # The first put() is the input ids; each later one is a step's new tokens.
-        return start, streamer.times[1:], out[:, ids.shape[1] :].tolist()
-
-    once()
-    results = [once() for _ in range(args.inner)]
+    timed_generate(model, ids, args.new_tokens)  # warm-up
+    results = [timed_generate(model, ids, args.new_tokens) for _ in range(args.inner)]
     return summarise(results, args)
 
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.harness import ROOT, machine, peak_rss_mb, workload
+from bench.harness import ROOT, machine, peak_rss_mb, timed_generate, workload
 
 PRECISIONS = ("fp32", "int8", "int4")
 KEYS = ("decode_tokens_per_s", "first_token_ms", "peak_rss_mb")
@@ -49,11 +49,9 @@ def agreement(tokens: list[int], reference: list[int]) -> int:
 
 def run_torch(args) -> dict:
     """PyTorch fp32 on the same ids (the model export-model loads), timed per generated token."""
-    import time
 
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
 
     from softprompt.exporter.sources import resolve
 
@@ -61,31 +59,9 @@ def run_torch(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(resolve(args.model, log=lambda m: None)[0], dtype=torch.float32).eval()
     ids = torch.tensor([[int(x) for x in args.ids.split(",")]])
 
-    class Stamps(BaseStreamer):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
     def once():
-        streamer = Stamps()
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=False,
-                pad_token_id=2,
-                streamer=streamer,
-            )
-        stamps = streamer.times[1:]  # the first put() is the input
-        return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), out[0, ids.shape[1] :].tolist()
+        start, stamps, out = timed_generate(model, ids, args.new_tokens)
+        return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), out[0]
 
     once()
     runs = [once() for _ in range(2)]
