@@ -123,7 +123,7 @@ def test_traced_gpt2_and_keep_rules(gpt2_dir, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_encoder_and_seq2seq_exports_take_int8(tmp_path):
+def test_encoder_and_seq2seq_exports_take_int8_and_fp16(tmp_path):
     from test_encoder import make_bert
     from test_seq2seq import make_seq2seq
 
@@ -135,6 +135,10 @@ def test_encoder_and_seq2seq_exports_take_int8(tmp_path):
     fp32 = load(tmp_path / "bert-fp32").embed(TEXTS)
     int8 = load(tmp_path / "bert-int8").embed(TEXTS)
     assert (np.sum(fp32 * int8, axis=1) > 0.99).all()  # unit vectors: cosine similarity to the fp32 embeddings
+    export_model(str(bert), tmp_path / "bert-fp16", precision="fp16", log=lambda m: None)
+    with pytest.warns(RuntimeWarning, match="fp16"):
+        fp16 = load(tmp_path / "bert-fp16").embed(TEXTS)
+    assert (np.sum(fp32 * fp16, axis=1) > 0.999).all()
 
     # (BART: the tiny random T5, initialised at 3x scale, moves by a third of its range even at int8.)
     bart = make_seq2seq(tmp_path / "bart", "bart")
