@@ -31,7 +31,7 @@ from .fingerprint import short
 
 SCHEMA_VERSION = 1
 ALLOWED_DTYPES = ("float32", "float16")
-_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: `$` would let a trailing newline in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Prompt:
 
 def check_task_name(name: str) -> str:
     """Refuse names that are not plain file stems (no paths, no leading dot: those are temp files)."""
-    if not isinstance(name, str) or not _TASK_NAME.match(name) or name.endswith((".npy", ".json")):
+    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name) or name.endswith((".npy", ".json")):
         raise InvalidPromptError(
             f"invalid task name {name!r}: expected letters, digits, '_', '-' or '.', "
             "starting with a letter or digit, without a file extension"

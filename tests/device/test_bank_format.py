@@ -161,7 +161,7 @@ def test_missing_or_broken_record(tmp_path):
         load_prompt(tmp_path, "lonely")
 
 
-@pytest.mark.parametrize("name", ["../escape", ".hidden", "a/b", "x.npy", ""])
+@pytest.mark.parametrize("name", ["../escape", ".hidden", "a/b", "x.npy", "", "task\n", "tab\tname"])
 def test_task_names_must_be_plain(tmp_path, name):
     with pytest.raises(InvalidPromptError, match="invalid task name"):
         save_prompt(tmp_path, name, np.ones((1, 4), np.float32), fingerprint=FP)
