@@ -110,16 +110,15 @@ def export_model(
 
         step("writing the embedding table and tokenizer")
         backbone = describe(source)
-        np.save(staging / "embeddings.npy", backbone.table, allow_pickle=False)
+        table_files = _store_table(backbone.table, staging, TABLE_PRECISION[precision.name], log)
         source.tokenizer.save_pretrained(staging, legacy_format=False)  # tokenizer.json only: all the runtime reads
 
         precision = for_kind(precision, backbone.kind)
         options = GraphOptions(opset, fp32_tolerance, fuse, graph, backbone.weight_bytes > EXTERNAL_DATA_BYTES)
         files, report = WRITERS[backbone.kind](backbone, staging, options, step, log)
-        files = {**files, "embeddings": "embeddings.npy", "tokenizer": "tokenizer.json"}
+        files = {**files, **table_files, "tokenizer": "tokenizer.json"}
         if precision.name != "fp32":
             report = _convert(backbone, staging, files, precision, tolerance, report, options, step, log)
-            files.update(_store_table(backbone.table, staging, TABLE_PRECISION[precision.name], log))
 
         step("writing softprompt.json")
         config = ExportConfig(
@@ -243,15 +242,17 @@ GREEDY_TEXTS = ("The capital of France is a city that", "Once upon a time, a lit
 
 
 def _store_table(table: np.ndarray, staging: Path, dtype: str, log) -> dict[str, str]:
-    """embeddings.npy in `dtype` (int8: with embedding_scales.npy, a scale per block of 32); returns the files it adds."""
+    """embeddings.npy in `dtype` (int8: with embedding_scales.npy, a scale per block of 32), written once; returns
+    its files. Graphs are validated against the float32 table in memory, whatever is stored."""
     rows, scales = quantize_rows(table, dtype)
     np.save(staging / "embeddings.npy", rows, allow_pickle=False)
-    written = {}
+    written = {"embeddings": "embeddings.npy"}
     if scales is not None:
         np.save(staging / "embedding_scales.npy", scales, allow_pickle=False)
         written["embedding_scales"] = "embedding_scales.npy"
-    size = sum((staging / name).stat().st_size for name in ("embeddings.npy", *written.values()))
-    log(f"      embedding table: {table.nbytes / 2**20:.1f} MiB float32 -> {size / 2**20:.1f} MiB {dtype}")
+    if dtype != "fp32":
+        size = sum((staging / name).stat().st_size for name in written.values())
+        log(f"      embedding table: {table.nbytes / 2**20:.1f} MiB float32 -> {size / 2**20:.1f} MiB {dtype}")
     return written
 
 

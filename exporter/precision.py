@@ -172,7 +172,8 @@ def _quantize(model, precision: Precision):
         model = quantizer.model.model
     bits = BITS[precision.name]
     if precision.algorithm == "offset":
-        offset = [n.name for n in matmuls if n.name not in kept and _weight(model, n).shape[0] % precision.block_size == 0]
+        dims = {t.name: t.dims for t in model.graph.initializer}  # shapes, without reading the data
+        offset = [n.name for n in matmuls if n.name not in kept and dims[n.input[1]][0] % precision.block_size == 0]
         _offset_int4(model, offset, precision.block_size)
         kept.update((name, "offset") for name in offset)  # done: the pass below leaves them alone
         kept.update((f"{name}.offsets", "offset product") for name in offset)  # their small float products too
@@ -197,12 +198,6 @@ def _quantize(model, precision: Precision):
         ),
         "matmuls_fp32": sum(1 for v in kept.values() if v == "fp32"),
     }
-
-
-def _weight(model, node):
-    from onnx import numpy_helper
-
-    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == node.input[1]))
 
 
 def _offset_int4(model, names: list[str], block_size: int) -> None:
