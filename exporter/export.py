@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from softprompt.formats.embedding_table import quantize_rows
+from softprompt.formats.embedding_table import open_table, quantize_rows
 from softprompt.formats.export_folder import CONFIG_FILE, ExportConfig
 
 from .backbone import Backbone, describe
@@ -32,7 +32,15 @@ from .errors import ExportError, ExportValidationError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph
 from .llama_graph import build, read_weights, unsupported
-from .precision import TABLE_PRECISION, TOLERANCES, Precision, apply_precision, default_precision, for_kind
+from .precision import (
+    TABLE_PRECISION,
+    TOLERANCES,
+    Precision,
+    apply_precision,
+    default_precision,
+    for_kind,
+    table_in_graph,
+)
 from .seq2seq import export_seq2seq_graphs, validate_seq2seq
 from .sources import load_source
 from .validate import greedy_agreement, validate
@@ -117,8 +125,10 @@ def export_model(
         options = GraphOptions(opset, fp32_tolerance, fuse, graph, backbone.weight_bytes > EXTERNAL_DATA_BYTES)
         files, report = WRITERS[backbone.kind](backbone, staging, options, step, log)
         files = {**files, **table_files, "tokenizer": "tokenizer.json"}
+        table_in_graph = None
         if precision.name != "fp32":
             report = _convert(backbone, staging, files, precision, tolerance, report, options, step, log)
+            files, table_in_graph = _table_from_graph(backbone.table, staging, files, log)
 
         step("writing softprompt.json")
         config = ExportConfig(
@@ -133,6 +143,7 @@ def export_model(
             validation=report,
             precision=precision.name,
             quantization=precision.record() if precision.quantized else {},
+            table_in_graph=table_in_graph,
             **backbone.fields,
         )
         (staging / CONFIG_FILE).write_text(config.to_json())
@@ -256,6 +267,27 @@ def _store_table(table: np.ndarray, staging: Path, dtype: str, log) -> dict[str,
     return written
 
 
+def _table_from_graph(table: np.ndarray, staging: Path, files: dict[str, str], log) -> tuple[dict[str, str], dict | None]:
+    """Where a graph's lm_head became the int8 table (`precision._share_table`), drop the table's own files
+    and point `embeddings` at the graph's data; the rows read back from there must be the stored table's."""
+    for name in [name for name in files.values() if name.endswith(".onnx")]:
+        place = table_in_graph(staging / name)
+        if place is None:
+            continue
+        data = f"{name}.data"
+        stored = open_table(staging / files["embeddings"], staging / files["embedding_scales"], table.shape)
+        shared = open_table(staging / data, None, table.shape, place)
+        if not (np.array_equal(shared[:], stored[:])):
+            raise ExportError(f"{data}: the lm_head's int8 rows differ from the embedding table's; report this as a bug")
+        del stored, shared
+        for key in ("embeddings", "embedding_scales"):
+            (staging / files[key]).unlink()
+        files = {key: value for key, value in files.items() if key != "embedding_scales"} | {"embeddings": data}
+        log(f"      the tied lm_head is the int8 embedding table: stored once, in {data}")
+        return files, place
+    return files, None
+
+
 def _check_decoder(backbone: Backbone, staging: Path, tolerance: float) -> dict:
     wrapper = CachedDecoder(backbone.model, backbone.layout)
     report = validate(staging / "model.onnx", wrapper, backbone.table, tolerance, caches=False)
@@ -295,7 +327,7 @@ def _convert(
         f"converting the graphs to {what} ({', '.join(f'{k}={v}' for k, v in precision.record().items() if k != 'precision') or 'float16 weights and compute'})"
     )
     graphs = {key: name for key, name in files.items() if name.endswith(".onnx")}
-    changes = {key: apply_precision(staging / name, precision) for key, name in graphs.items()}
+    changes = {key: apply_precision(staging / name, precision, backbone.table) for key, name in graphs.items()}
     for key, change in changes.items():
         log(
             f"      {graphs[key]}: {change['bytes_fp32'] / 2**20:.1f} MiB -> {change['bytes'] / 2**20:.1f} MiB"

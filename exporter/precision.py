@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from softprompt.formats.embedding_table import BLOCK, TABLE_ZERO_POINT, quantize_rows
 from softprompt.formats.export_folder import PRECISIONS
 
 from .errors import ExportError
@@ -35,6 +36,9 @@ TABLE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8
 # tasks; int4 with integer zero points (rtn) moves them by 0.44 and costs its sentiment task 6.8
 # points, so it is refused unless --tolerance says otherwise.
 TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.25}
+# A tied lm_head at 8 bits is stored once, as the embedding table (`_share_table`): its initializers' names.
+TABLE_CODES = "embeddings.codes"
+TABLE_SCALES = "embeddings.scales"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +119,11 @@ def for_kind(precision: Precision, kind: str) -> Precision:
     return dataclasses.replace(precision, accuracy_level=0 if kind == "encoder" else 4)
 
 
-def apply_precision(path: Path, precision: Precision) -> dict[str, int]:
-    """Rewrite the fp32 graph at `path` in `precision`, in place; returns what changed (counts, bytes)."""
+def apply_precision(path: Path, precision: Precision, table: np.ndarray | None = None) -> dict[str, int]:
+    """Rewrite the fp32 graph at `path` in `precision`, in place; returns what changed (counts, bytes).
+
+    With the float32 embedding `table`, an 8-bit lm_head that equals it becomes the table's int8 rows
+    (see `_share_table`; `table_in_graph` then says where they are)."""
     import onnx
 
     if precision.name == "fp32":
@@ -129,7 +136,7 @@ def apply_precision(path: Path, precision: Precision) -> dict[str, int]:
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
         changed = {"fp16_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)}
     else:
-        model, changed = _quantize(model, precision)
+        model, changed = _quantize(model, precision, table)
     # The weights go to model.onnx.data (replacing any fp32 one, whose weights are in memory by now):
     # onnxruntime then reads them from the file instead of out of a copy of the whole protobuf, 15 MB
     # less peak memory for the default model at int4.
@@ -140,7 +147,7 @@ def apply_precision(path: Path, precision: Precision) -> dict[str, int]:
     return {**changed, "bytes_fp32": before, "bytes": _size(path)}
 
 
-def _quantize(model, precision: Precision):
+def _quantize(model, precision: Precision, table: np.ndarray | None):
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
@@ -162,6 +169,7 @@ def _quantize(model, precision: Precision):
             names = ", ".join(sorted({n.input[1] for n in matmuls})[:6])
             raise ExportError(f"--keep {pattern}: matches no weight of the graph; its weights are named like {names}, ...")
         kept.update((n.name, keep_as) for n in found if n.name not in kept)
+    shared = table is not None and _share_table(model, matmuls, kept, precision, table)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     at_int8 = [name for name, keep_as in kept.items() if keep_as == "int8"]
     if at_int8:
@@ -197,7 +205,79 @@ def _quantize(model, precision: Precision):
             {"int4_with_float_offsets": sum(1 for v in kept.values() if v == "offset")} if precision.algorithm == "offset" else {}
         ),
         "matmuls_fp32": sum(1 for v in kept.values() if v == "fp32"),
+        **({"lm_head_is_the_table": 1} if shared else {}),
     }
+
+
+def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, table: np.ndarray) -> bool:
+    """Make a tied lm_head that stays at 8 bits the int8 embedding table itself, stored once.
+
+    MatMulNBits at 8 bits, symmetric, blocks of 32, holds an [N, K] weight as N rows of K codes
+    (plus 128) with a scale per block of 32: the int8 table's layout (`quantize_rows`), the vocab
+    being N. So a lm_head equal to the table is written as its codes and scales, and the runtime
+    gathers rows from the graph's data file instead of a second copy (28 MB + 3.5 MB for the
+    default model). Symmetric int8 over blocks of 32 is GGUF's Q8_0, in which many small models'
+    tables ship, so for them it is exact; for others it is the table's own int8 error.
+    Returns whether it did (the lm_head is found, equal to the table, and kept at 8 bits).
+    """
+    from onnx import helper, numpy_helper
+
+    vocab, width = table.shape
+    heads = _lm_head(model, matmuls)
+    if not heads or width % BLOCK:
+        return False
+    head = heads[0]
+    if kept.get(head.name, "int8" if precision.name == "int8" else None) != "int8":
+        return False
+    weight = next(t for t in model.graph.initializer if t.name == head.input[1])
+    if tuple(weight.dims) != (width, vocab) or not np.array_equal(numpy_helper.to_array(weight), table.T):
+        return False
+    codes, scales = quantize_rows(table, "int8")
+    stored = (codes.view(np.uint8) ^ np.uint8(TABLE_ZERO_POINT)).reshape(vocab, width // BLOCK, BLOCK)  # code + 128
+    model.graph.initializer.extend(
+        [numpy_helper.from_array(stored, TABLE_CODES), numpy_helper.from_array(scales.reshape(-1), TABLE_SCALES)]
+    )
+    product = helper.make_node(
+        "MatMulNBits",
+        [head.input[0], TABLE_CODES, TABLE_SCALES],
+        list(head.output),
+        name=head.name,
+        domain="com.microsoft",
+        K=width,
+        N=vocab,
+        bits=8,
+        block_size=BLOCK,
+    )
+    index = list(model.graph.node).index(head)
+    model.graph.node.remove(head)
+    model.graph.node.insert(index, product)
+    if not any(head.input[1] in n.input for n in model.graph.node):
+        model.graph.initializer.remove(weight)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    kept[head.name] = "table"  # done: the quantizers leave it alone
+    return True
+
+
+def table_in_graph(path: Path) -> dict[str, int] | None:
+    """Where a graph written by `apply_precision` holds the embedding table (`_share_table`), or None.
+
+    Offsets are into the graph's external data file (`path` + ".data"); softprompt.json records them
+    so the runtime, which has no onnx package, can map the rows directly.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    places = {}
+    for tensor in graph.initializer:
+        if tensor.name in (TABLE_CODES, TABLE_SCALES):
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            if info.get("location") != path.name + ".data":
+                raise ExportError(f"{path}: {tensor.name} is not in {path.name}.data but in {info.get('location')!r}")
+            places[tensor.name] = int(info.get("offset", 0))
+    if not places:
+        return None
+    return {"codes_offset": places[TABLE_CODES], "scales_offset": places[TABLE_SCALES], "zero_point": TABLE_ZERO_POINT}
 
 
 def _offset_int4(model, names: list[str], block_size: int) -> None:

@@ -20,17 +20,20 @@ TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 
 
 BLOCK = 32
+# A table stored as an 8-bit MatMulNBits weight (a tied lm_head's, see FORMAT.md) holds code + 128 as uint8.
+TABLE_ZERO_POINT = 128
 
 
 class ScaledRows:
     """int8 (or float16) rows read as float32: `table[ids]` dequantizes only the rows asked for.
 
-    `scales` is [V, blocks]: row r's values in block b are codes * scales[r, b].
+    `scales` is [V, blocks]: row r's values in block b are (codes - zero_point) * scales[r, b].
     """
 
-    def __init__(self, codes: np.ndarray, scales: np.ndarray | None):
+    def __init__(self, codes: np.ndarray, scales: np.ndarray | None, zero_point: int = 0):
         self.codes = codes
         self.scales = scales
+        self.zero_point = zero_point
         self.shape = codes.shape
         self.dtype = np.dtype(np.float32)
 
@@ -39,6 +42,8 @@ class ScaledRows:
 
     def __getitem__(self, index) -> np.ndarray:
         rows = np.asarray(self.codes[index], dtype=np.float32)
+        if self.zero_point:
+            rows -= self.zero_point
         if self.scales is None:
             return rows
         scales = np.asarray(self.scales[index], dtype=np.float32)
@@ -64,8 +69,15 @@ def quantize_rows(table: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray
     return codes.reshape(vocab, width), scales.astype(np.float32)
 
 
-def open_table(path: Path, scales_path: Path | None, shape: tuple[int, int]) -> np.ndarray | ScaledRows:
-    """Map the stored table read-only and check it against `shape`; float32 comes back as a plain array."""
+def open_table(
+    path: Path, scales_path: Path | None, shape: tuple[int, int], in_graph: dict[str, int] | None = None
+) -> np.ndarray | ScaledRows:
+    """Map the stored table read-only and check it against `shape`; float32 comes back as a plain array.
+
+    `in_graph` (softprompt.json's `table_in_graph`) says the rows are a tied lm_head's weights inside
+    the graph's data file `path`: uint8 codes and float32 scales at the offsets it gives."""
+    if in_graph is not None:
+        return _open_in_graph(path, shape, in_graph)
     try:
         table = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
@@ -88,3 +100,21 @@ def open_table(path: Path, scales_path: Path | None, shape: tuple[int, int]) -> 
             f"{scales_path}: {scales.dtype} {scales.shape}; expected float32 ({shape[0]}, blocks), a scale per block of a row"
         )
     return ScaledRows(table, scales)
+
+
+def _open_in_graph(path: Path, shape: tuple[int, int], in_graph: dict[str, int]) -> ScaledRows:
+    vocab, width = shape
+    if width % BLOCK:
+        raise ExportFormatError(f"{path}: a table inside the graph has blocks of {BLOCK}; the width {width} is no multiple")
+    size = path.stat().st_size
+    codes_at, scales_at = in_graph["codes_offset"], in_graph["scales_offset"]
+    codes_end, scales_end = codes_at + vocab * width, scales_at + vocab * (width // BLOCK) * 4
+    if codes_end > size or scales_end > size or (codes_at < scales_end and scales_at < codes_end):
+        raise ExportFormatError(
+            f"{path}: table_in_graph puts {vocab}x{width} codes at {codes_at} and their scales at {scales_at}, "
+            f"which do not fit apart in its {size} bytes; the file is not the one the export wrote"
+        )
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    codes = mapped[codes_at:codes_end].reshape(vocab, width).view(np.ndarray)
+    scales = mapped[scales_at:scales_end].view(np.float32).reshape(vocab, width // BLOCK).view(np.ndarray)
+    return ScaledRows(codes, scales, in_graph["zero_point"])

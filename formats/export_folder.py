@@ -75,6 +75,9 @@ class ExportConfig:
     # The graphs' weights: fp32, fp16 (for CUDA) or weight-only int8/int4 (MatMulNBits), and how they were made.
     precision: str = "fp32"
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Set where files.embeddings is a graph's data file holding a tied lm_head that is the int8 table:
+    # {"codes_offset", "scales_offset", "zero_point"} (see docs/FORMAT.md).
+    table_in_graph: dict[str, int] | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -115,6 +118,16 @@ class ExportConfig:
             raise ExportFormatError(f"{where}: pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
         if config.precision not in PRECISIONS:
             raise ExportFormatError(f"{where}: precision {config.precision!r}; this runtime reads {', '.join(PRECISIONS)}")
+        if config.table_in_graph is not None and not (
+            isinstance(config.table_in_graph, dict)
+            and set(config.table_in_graph) == {"codes_offset", "scales_offset", "zero_point"}
+            and all(type(v) is int and v >= 0 for v in config.table_in_graph.values())
+            and config.table_in_graph["zero_point"] < 256
+        ):
+            raise ExportFormatError(
+                f"{where}: table_in_graph is {config.table_in_graph!r}; expected "
+                "{codes_offset, scales_offset, zero_point} of non-negative integers (zero_point below 256)"
+            )
         if config.kind not in KINDS:
             raise ExportFormatError(f"{where}: kind {config.kind!r}; this runtime reads {', '.join(map(repr, KINDS))} exports")
         if config.kind != "encoder" and (
@@ -177,7 +190,10 @@ def open_export(export_dir: str | os.PathLike) -> ExportFolder:
             raise ExportFormatError(f"{folder}: the {key} file {name!r} named in softprompt.json is missing")
     scales = config.files.get("embedding_scales")
     table = open_table(
-        folder / config.files["embeddings"], folder / scales if scales else None, (config.vocab_size, config.hidden_size)
+        folder / config.files["embeddings"],
+        folder / scales if scales else None,
+        (config.vocab_size, config.hidden_size),
+        config.table_in_graph,
     )
     tokenizer = Tokenizer.from_file(str(folder / config.files["tokenizer"]))
     tokenizer.no_truncation()

@@ -255,3 +255,87 @@ def test_quantized_weights_sit_beside_the_graph_readable_as_the_graph_is(quantiz
         external = {t.name for t in stored.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
         assert data.is_file() and packed <= external
         assert data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    """The tiny Llama with its lm_head tied to the input embeddings, as most small models are."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import make_tokenizer
+
+    folder = tmp_path_factory.mktemp("tied-llama")
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    make_tokenizer(folder, add_bos=True)
+    return folder
+
+
+def test_a_tied_lm_head_is_the_int8_table_stored_once(tied_dir, tmp_path):
+    from softprompt.formats.embedding_table import quantize_rows
+    from softprompt.formats.export_folder import open_export
+
+    fp32 = export_model(str(tied_dir), tmp_path / "fp32", log=lambda m: None)
+    table = np.load(tmp_path / "fp32" / "embeddings.npy")
+    codes, scales = quantize_rows(table, "int8")
+    want = (codes.reshape(len(codes), -1, 32) * scales[..., None]).reshape(table.shape)
+    save_prompt(tmp_path / "bank", "t", random_prompt(3, fp32.hidden_size), fingerprint=fp32.fingerprint)
+    for name, tolerance in (("int8", None), ("int4", TINY_INT4_TOLERANCE)):
+        out = tmp_path / name
+        config = export_model(str(tied_dir), out, precision=name, tolerance=tolerance, log=lambda m: None)
+        assert config.files["embeddings"] == "model.onnx.data" and "embedding_scales" not in config.files
+        assert not (out / "embeddings.npy").exists() and not (out / "embedding_scales.npy").exists()
+        assert config.validation["changes"]["model"]["lm_head_is_the_table"] == 1
+        np.testing.assert_array_equal(open_export(out).table[:], want)  # the runtime's rows: the int8 table exactly
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        assert not [t.name for t in graph.initializer if sorted(t.dims) == sorted(table.shape)]  # no other copy of it
+        model = load(out, bank=tmp_path / "bank")
+        logits = model.logits(TEXTS[0], task="t")
+        reference = load(tmp_path / "fp32", bank=tmp_path / "bank").logits(TEXTS[0], task="t")
+        assert np.abs(logits - reference).max() < (tolerance or 0.25) * np.abs(reference).max()
+    assert (tmp_path / "int8" / "model.onnx.data").stat().st_size < 0.3 * (tmp_path / "fp32" / "model.onnx").stat().st_size
+
+
+def test_a_tied_lm_head_kept_at_fp32_leaves_the_table_its_own_file(tied_dir, tmp_path):
+    config = export_model(str(tied_dir), tmp_path / "kept", precision=Precision("int8", keep=("lm_head",)), log=lambda m: None)
+    assert config.files["embeddings"] == "embeddings.npy" and config.table_in_graph is None
+    assert "lm_head_is_the_table" not in config.validation["changes"]["model"]
+
+
+@pytest.mark.parametrize(
+    ("place", "message"),
+    [
+        ({"codes_offset": 10**9, "scales_offset": 0, "zero_point": 128}, "do not fit apart in its"),
+        ({"codes_offset": 0, "scales_offset": 0, "zero_point": 128}, "do not fit apart in its"),
+        ({"codes_offset": -1, "scales_offset": 0, "zero_point": 128}, "table_in_graph is"),
+        ({"codes_offset": 0, "scales_offset": 0}, "table_in_graph is"),
+        ([0, 0, 128], "table_in_graph is"),
+    ],
+)
+def test_a_table_in_graph_that_does_not_fit_its_file_is_refused(quantized, tmp_path, place, message):
+    import shutil
+
+    from softprompt.formats.errors import ExportFormatError
+
+    out = shutil.copytree(quantized[0], tmp_path / "export")
+    config = json.loads((out / "softprompt.json").read_text())
+    config["files"]["embeddings"] = "model.onnx.data"
+    config["table_in_graph"] = place
+    (out / "softprompt.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFormatError, match=message):
+        load(out)
