@@ -412,3 +412,49 @@ def _set_attribute(node, name: str, value: int) -> None:
 def _size(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def dequantized(
+    weights: dict[str, np.ndarray], precision: Precision, table: np.ndarray | None = None, lm_head: str | None = None
+) -> dict[str, np.ndarray]:
+    """The float32 values each [K, N] weight takes in a graph exported at `precision`, as onnxruntime reads them.
+
+    For quantization-aware prompt training: the weights are quantized by the very code the exporter
+    runs (`_quantize`, its defaults, keep rules and tied-table sharing; `lm_head` names the weight
+    that makes the logits) and read back by running each product on the identity at float compute
+    (accuracy level 0), so whatever the algorithm stored (integer or float zero points, offsets,
+    the table's codes) comes back exactly. Activations, which accuracy level 4 rounds to int8 per
+    block at run time, are not modelled.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not precision.quantized:
+        if precision.name == "fp16":
+            return {name: w.astype(np.float16).astype(np.float32) for name, w in weights.items()}
+        return dict(weights)
+    precision = dataclasses.replace(precision, accuracy_level=0)
+    out: dict[str, np.ndarray] = {}
+    for width in sorted({w.shape[0] for w in weights.values()}):
+        names = [name for name, w in weights.items() if w.shape[0] == width]
+        outputs = {name: "logits" if name == lm_head else f"{name}.out" for name in names}
+        nodes = [helper.make_node("MatMul", ["x", name], [outputs[name]], name=name) for name in names]
+        graph = helper.make_graph(
+            nodes,
+            f"width{width}",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [width, width])],
+            [helper.make_tensor_value_info(outputs[name], TensorProto.FLOAT, None) for name in names],
+            [numpy_helper.from_array(np.ascontiguousarray(weights[name], dtype=np.float32), name) for name in names],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model, _ = _quantize(model, precision, table if lm_head in names else None)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = session.run([outputs[name] for name in names], {"x": np.eye(width, dtype=np.float32)})
+        out.update(zip(names, values))
+        del model, session
+    missing = [name for name, w in weights.items() if out[name].shape != w.shape]
+    if missing:
+        raise ExportError(f"dequantizing {missing[0]} gave {out[missing[0]].shape}; expected {weights[missing[0]].shape}")
+    return out

@@ -17,12 +17,7 @@ from softprompt.prompt_bank import load_prompt, save_prompt
 from softprompt.prompt_bank.cli import main as bank_main
 from softprompt.runtime import load
 
-from conftest import TEXTS, random_prompt
-
-# The tiny test models have random weights of scale 0.2 and widths of 48-64: at 4 bits their logits move
-# by about half their range (a trained model's by far less; see docs/QUALITY.md), so int4 is checked
-# here at a tolerance that still refuses a wrong graph.
-TINY_INT4_TOLERANCE = 1.0
+from conftest import TEXTS, TINY_INT4_TOLERANCE, random_prompt
 
 
 def weight_products(path) -> int:
@@ -255,35 +250,6 @@ def test_quantized_weights_sit_beside_the_graph_readable_as_the_graph_is(quantiz
         external = {t.name for t in stored.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
         assert data.is_file() and packed <= external
         assert data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777
-
-
-@pytest.fixture(scope="module")
-def tied_dir(tmp_path_factory):
-    """The tiny Llama with its lm_head tied to the input embeddings, as most small models are."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import make_tokenizer
-
-    folder = tmp_path_factory.mktemp("tied-llama")
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    make_tokenizer(folder, add_bos=True)
-    return folder
 
 
 def test_a_tied_lm_head_is_the_int8_table_stored_once(tied_dir, tmp_path):

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoders only: also train a linear classifier on the pooled embedding, stored with the task "
         "(default: none, the nearest label embedding decides)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "int4"],
+        default="fp32",
+        help="train through the weights of the model's export at this precision (export-model's defaults for it): "
+        "the prompt learns to make up for their quantization error. It loads on every precision; decoders only",
+    )
     parser.add_argument("--force", action="store_true", help="replace the task if the bank has it")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
@@ -108,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         # Everything about the inputs is checked before the model is loaded.
         if args.length < 1:
             raise TrainingError(f"--length {args.length}; expected at least 1")
-        if (args.bank / f"{args.task}.npy").exists() and not args.force:
-            raise TrainingError(f"{args.bank / (args.task + '.npy')} exists; pass --force to replace it")
+        if (args.bank / f"{args.task}.json").exists() and not args.force:
+            raise TrainingError(f"task {args.task!r} exists in {args.bank}; pass --force to replace it")
         verbalizers = parse_verbalizers(args.verbalizer)
         train = read_jsonl(args.data, labels=list(verbalizers) or None)
         if train.kind == "classification":
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_every=args.eval_every,
             seed=args.seed,
             checkpoint_every=args.checkpoint_every,
+            precision=args.precision,
         )
         log(f"loading {args.model}")
         backbone = load_backbone(args.model, log=log)

@@ -83,6 +83,8 @@ def train_encoder_prompt(
     """Return (best prompt [P, E], training record, head {"weight", "bias"} or None)."""
     if train.kind != "classification":
         raise TrainingError(f"{train.path}: encoder tasks are classification tasks; got {train.kind} data")
+    if config.precision != "fp32":
+        raise TrainingError(f"--precision {config.precision} trains decoder prompts; train an encoder's prompt at fp32")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model

@@ -27,6 +27,7 @@ from softprompt.runtime.classify import label_logprobs
 from .data import Dataset
 from .errors import TrainingError
 from .init import common_token_ids, init_prompt
+from .quantized import quantize_backbone
 from .seq2seq import seq2seq_label_logprobs, seq2seq_loss_sum
 
 
@@ -42,6 +43,7 @@ class TrainConfig:
     eval_every: int = 50
     seed: int = 0
     checkpoint_every: int = 2
+    precision: str = "fp32"  # int8/int4: train through the weights that export runs (quantized.py)
 
 
 @dataclasses.dataclass
@@ -227,7 +229,10 @@ def train_prompt(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, dict]:
-    """Train and return (best prompt [P, E] float32, training record). Ctrl-C stops and keeps the best so far."""
+    """Train and return (best prompt [P, E] float32, training record). Ctrl-C stops and keeps the best so far.
+
+    At `config.precision` int8 or int4 the backbone's weights are first replaced, in place, by those
+    that precision's export runs."""
     if backbone.kind == "encoder":
         raise TrainingError(
             "train_prompt trains decoder and encoder-decoder prompts; encoders go through train_encoder.train_encoder_prompt"
@@ -240,6 +245,9 @@ def train_prompt(
         raise TrainingError("the backbone has trainable parameters; prompt tuning keeps every backbone weight frozen")
     start_values = starting_prompt(backbone, spec, config, rng)
     prompt = torch.nn.Parameter(torch.from_numpy(start_values.copy()))
+    quantization = quantize_backbone(backbone, config.precision)
+    if config.precision != "fp32":
+        log(f"training through the weights of a {config.precision} export ({_settings(quantization)})")
     enable_checkpointing(model, config.checkpoint_every)
     log(f"trainable parameters: {prompt.numel():,} (prompt {config.length} x {prompt.shape[1]}); frozen: {frozen:,}")
     pairs = encode_examples(backbone, train, spec, config.length)
@@ -291,6 +299,7 @@ def train_prompt(
         frozen=frozen,
         started=started,
         interrupted=interrupted,
+        precision=quantization,
     )
     return best.numpy().astype(np.float32), record
 
@@ -370,6 +379,10 @@ def save_trained(
         extra=extra,
         overwrite=overwrite,
     )
+
+
+def _settings(record: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in record.items() if k != "precision")
 
 
 def _better(metric: dict, best: dict | None) -> bool:

@@ -1,0 +1,56 @@
+"""Quantization-aware prompt training: the frozen model runs the weights its int8 or int4 export will run.
+
+The backbone is frozen, so quantizing it for training costs nothing per step: each matrix product's
+weight is replaced, once, by the values the exported MatMulNBits holds (`exporter.precision.dequantized`
+runs the exporter's own quantizer and reads them back), and the input embeddings by the int8 table's
+rows, which is what the runtime gathers. The prompt then learns against the device's weights and can
+make up for their error. It stays float32 and carries the fp32 model's fingerprint, like any prompt:
+it loads on every precision, and is best on the one it was trained for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from softprompt.exporter.precision import TABLE_PRECISION, default_precision, dequantized, for_kind
+from softprompt.formats.embedding_table import ScaledRows, quantize_rows
+
+from .errors import TrainingError
+
+TRAINABLE_PRECISIONS = ("fp32", "int8", "int4")
+
+
+def quantize_backbone(backbone, name: str) -> dict:
+    """Put into `backbone.model`, in place, the weights an export at precision `name` runs; returns the
+    precision's record (export-model's defaults for the model's kind) for the training record."""
+    if name not in TRAINABLE_PRECISIONS:
+        raise TrainingError(f"--precision {name!r}; expected one of {', '.join(TRAINABLE_PRECISIONS)}")
+    precision = for_kind(default_precision(name), backbone.kind)
+    if name == "fp32":
+        return precision.record()
+    if backbone.kind != "decoder":
+        raise TrainingError(f"--precision {name} trains decoder prompts, not {backbone.kind} ones (train it at fp32)")
+    from transformers.pytorch_utils import Conv1D
+
+    model = backbone.model
+    head = model.get_output_embeddings()
+    products: dict[str, tuple[torch.nn.Module, bool]] = {}  # module name -> (module, stored as [out, in])
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            products[module_name] = (module, True)
+        elif isinstance(module, Conv1D):
+            products[module_name] = (module, False)
+    lm_head = next((n for n, (m, _) in products.items() if m is head), None)
+    weights = {
+        n: (m.weight.detach().numpy().T if transposed else m.weight.detach().numpy()) for n, (m, transposed) in products.items()
+    }
+    values = dequantized(weights, precision, backbone.table, lm_head)
+    with torch.no_grad():
+        for module_name, (module, transposed) in products.items():
+            value = values[module_name].T if transposed else values[module_name]
+            module.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(value)), requires_grad=False)
+        codes, scales = quantize_rows(backbone.table, TABLE_PRECISION[name])
+        rows = ScaledRows(codes, scales)[:]
+        model.set_input_embeddings(torch.nn.Embedding.from_pretrained(torch.from_numpy(rows), freeze=True))
+    return precision.record()
