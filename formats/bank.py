@@ -1,8 +1,16 @@
-"""The prompt-bank format: a folder where a task is `NAME.npy` (the [P, E] soft prompt) plus `NAME.json`.
+"""The prompt-bank format: a folder where a task is `NAME.json`, its record, naming the file of its vectors.
+
+A task changes as one unit. Its [P, E] soft prompt is written first to a new, immutable
+`NAME.<hash>.npy` (16 hex digits of its sha256), then `NAME.json`, which names that file and holds
+its full sha256, is renamed into place: the one step that switches readers from the old version to
+the new. A write killed anywhere leaves the old version whole (and stray files that the next write
+of the task removes); a reader that finds vectors other than the record's hash refuses them.
+Banks of schema 1 (`NAME.npy` beside a `NAME.json` that names no file) are still read.
 
 Everything here needs numpy alone, so a device can read and check banks without torch.
 Files are validated when they are loaded, never deep inside their first use, and every refusal
-names the file, the value found and what was expected.
+names the file, the value found and what was expected. Reads never block (a FIFO or a device in a
+bank is refused, not opened for reading) and are bounded in size before anything is allocated.
 
 >>> import tempfile, numpy as np
 >>> bank = tempfile.mkdtemp()
@@ -13,12 +21,15 @@ names the file, the value found and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +40,12 @@ from .atomic import write_atomic
 from .errors import BackboneMismatchError, InvalidPromptError, UnknownTaskError
 from .fingerprint import short
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_SCHEMAS = (1, 2)  # 1: vectors in NAME.npy, no hash (written before tasks changed as one unit)
+# What a bank file may hold before it is read: a record (an encoder's head lives in it) and a prompt.
+MAX_RECORD_BYTES = 16 * 2**20
+MAX_VECTORS_BYTES = 256 * 2**20
+_HASH_DIGITS = 16
 ALLOWED_DTYPES = ("float32", "float16")
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: `$` would let a trailing newline in
 
@@ -48,6 +64,8 @@ class PromptMeta:
     training: dict[str, Any] | None = None
     created: str = ""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    vectors: str | None = None  # the vectors' file in the bank (schema 2); None: NAME.npy (schema 1)
+    vectors_sha256: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -112,7 +130,7 @@ def save_prompt(
     dtype: str | None = None,
     overwrite: bool = True,
 ) -> PromptMeta:
-    """Write `NAME.npy` and `NAME.json` into `bank_dir`, each through a temporary file and a rename.
+    """Write task `name` into `bank_dir` as one unit: its vectors' file, then `NAME.json` naming it.
 
     `dtype` ("float32" or "float16") converts before saving; by default the array's own dtype
     is kept when allowed, else float32.
@@ -124,8 +142,8 @@ def save_prompt(
         raise InvalidPromptError(f"dtype {target!r} for task {name!r}; expected one of {ALLOWED_DTYPES}")
     array = np.ascontiguousarray(np.asarray(vectors).astype(target, copy=False))
     validate_vectors(array, f"task {name!r}")
-    if not overwrite and (bank / f"{name}.npy").exists():
-        raise InvalidPromptError(f"{bank / (name + '.npy')} exists; pass overwrite (--force) to replace it")
+    if not overwrite and task_exists(bank, name):
+        raise InvalidPromptError(f"{bank / (name + '.json')} exists; pass overwrite (--force) to replace it")
     meta = PromptMeta(
         name=name,
         length=int(array.shape[0]),
@@ -138,41 +156,140 @@ def save_prompt(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         extra=dict(extra or {}),
     )
+    return _write_task(bank, meta, array)
+
+
+def upgrade_bank(bank_dir: str | os.PathLike) -> list[str]:
+    """Rewrite every schema 1 task of a bank as schema 2 (its record otherwise unchanged); returns their names."""
+    bank = Path(bank_dir)
+    upgraded = []
+    for name in list_tasks(bank):
+        prompt = load_prompt(bank, name)
+        if prompt.meta.vectors is None:
+            _write_task(bank, prompt.meta, np.asarray(prompt.vectors))
+            upgraded.append(name)
+    return upgraded
+
+
+def _write_task(bank: Path, meta: PromptMeta, array: np.ndarray) -> PromptMeta:
+    """The vectors under a new name, then the record naming them (the switch), then what is no longer named."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    write_atomic(bank / f"{name}.npy", lambda handle: handle.write(buffer.getvalue()))
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    vectors_name = f"{meta.name}.{digest[:_HASH_DIGITS]}.npy"
+    meta = dataclasses.replace(meta, vectors=vectors_name, vectors_sha256=digest, schema_version=SCHEMA_VERSION)
     text = json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n"
-    write_atomic(bank / f"{name}.json", lambda handle: handle.write(text), mode="w")
+    write_atomic(bank / vectors_name, lambda handle: handle.write(data))  # a new name: the old version is untouched
+    write_atomic(bank / f"{meta.name}.json", lambda handle: handle.write(text), mode="w")  # the switch
+    _remove_strays(bank, meta.name, keep=vectors_name)
     return meta
 
 
+def task_exists(bank_dir: str | os.PathLike, name: str) -> bool:
+    return (Path(bank_dir) / f"{name}.json").exists()
+
+
+def task_of(file_name: str) -> str | None:
+    """The task whose record `file_name` is (`NAME.json`), or None (vectors, temporary files, anything else)."""
+    if not file_name.endswith(".json"):
+        return None
+    stem = file_name[: -len(".json")]
+    return stem if _TASK_NAME.fullmatch(stem) and not stem.endswith((".npy", ".json")) else None
+
+
 def list_tasks(bank_dir: str | os.PathLike) -> list[str]:
-    """Task names in a bank: every `NAME.npy` whose name does not start with a dot."""
+    """Task names in a bank: every `NAME.json` whose name is a task name (temporary files start with a dot)."""
     bank = Path(bank_dir)
     if not bank.is_dir():
         raise InvalidPromptError(f"bank {bank} is not a folder")
-    return sorted(p.stem for p in bank.glob("*.npy") if not p.name.startswith("."))
-
-
-def read_vectors(path: Path) -> np.ndarray:
-    """Read a `.npy` prompt without ever unpickling, and turn numpy's errors into ours."""
     try:
-        with open(path, "rb") as handle:
-            vectors = np.load(handle, allow_pickle=False)
+        return sorted(name for name in map(task_of, os.listdir(bank)) if name is not None)
+    except OSError as exc:
+        raise InvalidPromptError(f"bank {bank}: cannot list it ({exc.strerror or exc})") from None
+
+
+def orphans(bank_dir: str | os.PathLike) -> list[str]:
+    """`NAME.npy` files without a `NAME.json` record: schema 1 tasks half copied or half removed (a schema 2
+    version's `NAME.<hash>.npy` is left out: a record may name it, or the next write of its task removes it)."""
+    names = set(os.listdir(bank_dir))
+    return sorted(
+        f
+        for f in names
+        if f.endswith(".npy")
+        and task_of(f[: -len(".npy")] + ".json")
+        and f"{f[: -len('.npy')]}.json" not in names
+        and not re.fullmatch(r".+\.[0-9a-f]{16}\.npy", f)
+    )
+
+
+def vectors_path(bank_dir: str | os.PathLike, meta: PromptMeta) -> Path:
+    """Where a task's vectors are: the file its record names (schema 2), else `NAME.npy`."""
+    return Path(bank_dir) / (meta.vectors or f"{meta.name}.npy")
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, opened without blocking (a FIFO or a device in a
+    bank is refused, never waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise InvalidPromptError(f"{path}: cannot open {what} ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidPromptError(f"{path}: not a regular file; expected {what}")
+        if info.st_size > limit:
+            raise InvalidPromptError(f"{path}: {info.st_size} bytes; {what} is at most {limit}")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidPromptError(f"{path}: grew past {limit} bytes while read; expected {what}")
+    return data
+
+
+def parse_vectors(data: bytes, where: str) -> np.ndarray:
+    """A `.npy` prompt from its bytes: the header's shape and dtype are checked against the data's size before
+    anything is allocated, and nothing is ever unpickled."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+    except ValueError as exc:
+        raise InvalidPromptError(
+            f"{where}: not a readable .npy file ({exc}); expected a float32/float16 array saved by numpy (is it truncated?)"
+        ) from None
+    if dtype.hasobject:
+        raise InvalidPromptError(
+            f"{where}: holds a pickled or object array; expected a plain float32/float16 array (pickles are never loaded)"
+        )
+    if dtype.name not in ALLOWED_DTYPES:
+        raise InvalidPromptError(f"{where}: dtype {dtype}; expected one of {ALLOWED_DTYPES}")
+    count = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    size = count * dtype.itemsize
+    remaining = len(data) - stream.tell()
+    if size != remaining:
+        raise InvalidPromptError(
+            f"{where}: its header says {shape} {dtype} ({size} bytes) but {remaining} bytes follow; the file is truncated or damaged"
+        )
+    vectors = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape, order="F" if fortran else "C")
+    validate_vectors(vectors, where)
+    return vectors
+
+
+def read_vectors(path: Path, sha256: str | None = None) -> np.ndarray:
+    """Read a `.npy` prompt, checked against `sha256` (its record's) where given."""
+    try:
+        data = read_bounded(path, MAX_VECTORS_BYTES, "a .npy prompt")
     except FileNotFoundError:
         raise InvalidPromptError(f"{path}: file not found") from None
-    except ValueError as exc:
-        text = str(exc)
-        if "allow_pickle" in text or "Object arrays" in text:
-            raise InvalidPromptError(
-                f"{path}: holds a pickled or object array; expected a plain float32/float16 array (pickles are never loaded)"
-            ) from None
-        raise InvalidPromptError(f"{path}: not a readable .npy array ({text}); the file may be truncated") from None
-    except (EOFError, OSError) as exc:
-        raise InvalidPromptError(f"{path}: cannot read .npy data ({exc}); the file may be truncated") from None
-    if not isinstance(vectors, np.ndarray):
-        raise InvalidPromptError(f"{path}: expected one array, got {type(vectors).__name__}")
-    validate_vectors(vectors, str(path))
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise InvalidPromptError(
+            f"{path}: its sha256 is not the {sha256[:_HASH_DIGITS]}... its record names; the file was changed after it was written"
+        )
+    vectors = np.array(parse_vectors(data, str(path)))  # a copy of its own, not a view of the bytes
     vectors.setflags(write=False)
     return vectors
 
@@ -180,21 +297,25 @@ def read_vectors(path: Path) -> np.ndarray:
 def read_meta(path: Path) -> PromptMeta:
     """Read and check `NAME.json` against the schema."""
     try:
-        data = json.loads(path.read_text())
+        raw = read_bounded(path, MAX_RECORD_BYTES, "a task record (JSON)")
     except FileNotFoundError:
-        raise InvalidPromptError(f"{path}: missing; every task needs NAME.npy and NAME.json") from None
+        raise InvalidPromptError(f"{path}: missing; every task needs its NAME.json record") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidPromptError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidPromptError(f"{path}: JSON nested too deeply to be a task record") from None
     if not isinstance(data, dict):
         raise InvalidPromptError(f"{path}: expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise InvalidPromptError(f"{path}: schema_version {version!r}; expected {SCHEMA_VERSION}")
+    if version not in READ_SCHEMAS or isinstance(version, bool):
+        raise InvalidPromptError(f"{path}: schema_version {version!r}; this version reads {', '.join(map(str, READ_SCHEMAS))}")
     fields = {f.name: f for f in dataclasses.fields(PromptMeta)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise InvalidPromptError(f"{path}: unknown fields {unknown}; expected only {sorted(fields)}")
-    required = ("name", "length", "width", "dtype", "fingerprint")
+    required = ("name", "length", "width", "dtype", "fingerprint") + (("vectors", "vectors_sha256") if version >= 2 else ())
     missing = [key for key in required if key not in data]
     if missing:
         raise InvalidPromptError(f"{path}: missing fields {missing}")
@@ -203,6 +324,26 @@ def read_meta(path: Path) -> PromptMeta:
             raise InvalidPromptError(f"{path}: {key} is {data[key]!r}; expected a positive integer")
     if data["dtype"] not in ALLOWED_DTYPES:
         raise InvalidPromptError(f"{path}: dtype {data['dtype']!r}; expected one of {ALLOWED_DTYPES}")
+    for key, kind in (
+        ("fingerprint", str),
+        ("init", str),
+        ("source", str),
+        ("created", str),
+        ("training", dict),
+        ("extra", dict),
+    ):
+        value = data.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise InvalidPromptError(f"{path}: {key} is {value!r}; expected {'an object' if kind is dict else 'a string'}")
+    if "extra" in data and data["extra"] is None:
+        raise InvalidPromptError(f"{path}: extra is null; expected an object (empty for a task without template or labels)")
+    if version >= 2:
+        stem = path.name[: -len(".json")]
+        named, digest = data["vectors"], data["vectors_sha256"]
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise InvalidPromptError(f"{path}: vectors_sha256 is {digest!r}; expected 64 lowercase hex digits")
+        if named != f"{stem}.{digest[:_HASH_DIGITS]}.npy":
+            raise InvalidPromptError(f"{path}: vectors is {named!r}; expected {stem}.{digest[:_HASH_DIGITS]}.npy, in the bank")
     return PromptMeta(**data)
 
 
@@ -216,12 +357,25 @@ def load_prompt(
     """Load one task and check it, and (when given) that it fits the backbone's width and fingerprint."""
     check_task_name(name)
     bank = Path(bank_dir)
-    npy, meta_path = bank / f"{name}.npy", bank / f"{name}.json"
-    if not npy.exists():
+    meta_path = bank / f"{name}.json"
+    if not meta_path.exists():
+        if meta_path.is_symlink():
+            raise InvalidPromptError(f"{meta_path}: a link to {os.readlink(meta_path)!r}, which does not exist")
+        legacy = (bank / f"{name}.npy").exists()
         tasks = list_tasks(bank)
+        if legacy:
+            raise InvalidPromptError(f"{bank / (name + '.npy')}: has no {name}.json record beside it; every task needs one")
         raise UnknownTaskError(f"no task {name!r} in bank {bank}; tasks there: {', '.join(tasks) or 'none'}")
-    vectors = read_vectors(npy)
-    meta = read_meta(meta_path)
+    for attempt in range(3):
+        meta = read_meta(meta_path)
+        npy = vectors_path(bank, meta)
+        try:
+            vectors = read_vectors(npy, meta.vectors_sha256)
+            break
+        except InvalidPromptError:
+            # A writer may have replaced the record and removed the file it named since it was read.
+            if attempt == 2 or npy.exists() or meta.vectors is None:
+                raise
     if meta.name != name:
         raise InvalidPromptError(f"{meta_path}: name is {meta.name!r}; expected {name!r} (the file's name)")
     found = (int(vectors.shape[0]), int(vectors.shape[1]), vectors.dtype.name)
@@ -245,10 +399,29 @@ def load_bank(bank_dir: str | os.PathLike, *, width: int | None = None, fingerpr
 
 
 def remove_prompt(bank_dir: str | os.PathLike, name: str) -> None:
-    """Delete a task's two files (the `.npy` first, so a half-removed task is simply absent)."""
+    """Delete a task: its record first (the task is gone at once), then its vectors and any strays."""
     check_task_name(name)
     bank = Path(bank_dir)
-    if not (bank / f"{name}.npy").exists():
+    if not task_exists(bank, name):
         raise UnknownTaskError(f"no task {name!r} in bank {bank}; tasks there: {', '.join(list_tasks(bank)) or 'none'}")
-    (bank / f"{name}.npy").unlink()
-    (bank / f"{name}.json").unlink(missing_ok=True)
+    (bank / f"{name}.json").unlink()
+    _remove_strays(bank, name, keep=None)
+
+
+def _remove_strays(bank: Path, name: str, keep: str | None) -> None:
+    """Files of task `name` that its record does not name: older versions' vectors, schema 1's NAME.npy, and
+    temporary files of killed writes. A file that is another task's (it has a record of its own) is left."""
+    own = re.compile(re.escape(name) + r"\.[0-9a-f]{16}\.npy")  # _HASH_DIGITS hex digits
+    temporary = re.compile(r"\." + re.escape(name) + r"(\.[0-9a-f]{16})?\.(npy|json)\.[a-z0-9_]{8}\.tmp")
+    try:
+        entries = set(os.listdir(bank))
+    except OSError:
+        return
+    for entry in entries - {keep, f"{name}.json"}:
+        if own.fullmatch(entry):
+            if f"{entry[: -len('.npy')]}.json" in entries:
+                continue  # schema 1's vectors of a task named NAME.<hex>, which has its own record
+        elif not (temporary.fullmatch(entry) or entry == f"{name}.npy"):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(bank / entry)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.formats.bank import list_tasks, load_prompt, remove_prompt, save_prompt
+from softprompt.formats.bank import list_tasks, load_prompt, orphans, remove_prompt, save_prompt, upgrade_bank
 from softprompt.formats.errors import BackboneMismatchError, PromptBankError, SoftpromptError
 from softprompt.formats.export_folder import open_export, read_config
 from softprompt.formats.fingerprint import short
@@ -17,7 +17,7 @@ from softprompt.formats.fingerprint import short
 from .peft import adapter_init, read_peft_adapter, write_peft_adapter
 
 EPILOG = """\
-A bank is a folder; a task is NAME.npy (a [P, E] float32/float16 soft prompt) plus NAME.json.
+A bank is a folder; a task is NAME.json (its record) naming NAME.<hash>.npy (a [P, E] float32/float16 soft prompt).
 
 examples:
   prompt-bank list banks/smollm2
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="export the task was made for: checks the fingerprint and records the layer and head counts",
     )
 
+    p = commands.add_parser("upgrade", help="rewrite a bank's schema 1 tasks (NAME.npy + NAME.json) in today's format")
+    p.add_argument("bank", type=Path)
+
     p = commands.add_parser("remove", help="delete a task's files")
     p.add_argument("bank", type=Path, metavar="BANK")
     p.add_argument("task", metavar="TASK")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _list(args) -> int:
     tasks = list_tasks(args.bank)
-    if not tasks:
+    if not tasks and not orphans(args.bank):
         print(f"{args.bank}: no tasks", file=sys.stderr)
         return 0
     failed = 0
@@ -114,6 +117,9 @@ def _list(args) -> int:
             print(f"{name:24} INVALID: {exc}")
             continue
         print(f"{name:24} {meta.length:>5} {meta.width:>6} {meta.dtype:8} {short(meta.fingerprint):20} {meta.init or '-'}")
+    for orphan in orphans(args.bank):
+        failed += 1
+        print(f"{orphan[:-4]:24} INVALID: {args.bank / orphan} has no {orphan[:-4]}.json record beside it")
     return 1 if failed else 0
 
 
@@ -150,13 +156,17 @@ def _verify(args) -> int:
         except PromptBankError as exc:
             failed += 1
             print(f"FAIL  {name}: {exc}")
-    for orphan in sorted(
-        p for p in args.bank.glob("*.json") if not p.name.startswith(".") and not p.with_suffix(".npy").exists()
-    ):
+    for orphan in orphans(args.bank):
         failed += 1
-        print(f"FAIL  {orphan.stem}: {orphan} has no {orphan.stem}.npy")
+        print(f"FAIL  {orphan[:-4]}: {args.bank / orphan} has no {orphan[:-4]}.json record beside it")
     print(f"{valid} of {len(tasks)} tasks valid{against}")
     return 1 if failed else 0
+
+
+def _upgrade(args) -> int:
+    upgraded = upgrade_bank(args.bank)
+    print(f"{args.bank}: {len(upgraded)} task(s) rewritten as schema 2" + (f": {', '.join(upgraded)}" if upgraded else ""))
+    return 0
 
 
 def _import_peft(args) -> int:
@@ -274,6 +284,7 @@ COMMANDS = {
     "verify": _verify,
     "import-peft": _import_peft,
     "from-text": _from_text,
+    "upgrade": _upgrade,
     "export-peft": _export_peft,
     "remove": _remove,
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from softprompt.formats.bank import load_prompt
+from softprompt.formats.bank import load_prompt, task_of
 from softprompt.formats.errors import InvalidPromptError, PromptBankError, UnknownTaskError
 from softprompt.formats.task import TaskSpec
 
@@ -32,8 +33,11 @@ from .errors import RequestError
 
 log = logging.getLogger("softprompt.runtime")
 
-# (mtime_ns, size, inode) of NAME.npy and NAME.json; None where a file is absent.
-Stamp = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
+# (mtime_ns, size, inode) of NAME.json, of NAME.npy (schema 1 banks) and of the NAME.<hash>.npy files
+# present (a record copied in before its vectors is served once they arrive); None where absent.
+FileStamp = tuple[int, int, int] | None
+Stamp = tuple[FileStamp, FileStamp, tuple[FileStamp, ...]]
+_VECTORS = re.compile(r"(.+)\.[0-9a-f]{16}\.npy")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -145,17 +149,26 @@ class TaskStore:
     # ---- internals ----------------------------------------------------------------------------
 
     def _stamps(self) -> dict[str, Stamp]:
-        """Stamps of every task in the folder: NAME.npy files whose name does not start with a dot."""
+        """Stamps of every task in the folder: its NAME.json records."""
         try:
             entries = {e.name: e for e in os.scandir(self.bank)}
         except OSError:
             return {}
+        versions: dict[str, list[FileStamp]] = {}
+        for file_name, entry in entries.items():
+            match = _VECTORS.fullmatch(file_name)
+            if match:
+                versions.setdefault(match.group(1), []).append(_entry_stat(entry))
         stamps = {}
         for file_name, entry in entries.items():
-            if file_name.endswith(".npy") and not file_name.startswith("."):
-                name = file_name[:-4]
-                meta = entries.get(name + ".json")
-                stamps[name] = (_entry_stat(entry), _entry_stat(meta) if meta is not None else None)
+            name = task_of(file_name)
+            if name is not None:
+                legacy = entries.get(name + ".npy")
+                stamps[name] = (
+                    _entry_stat(entry),
+                    _entry_stat(legacy) if legacy is not None else None,
+                    tuple(sorted(versions.get(name, []), key=str)),
+                )
         return stamps
 
     def _refresh(self, strict: bool, everything: bool = False) -> None:
@@ -165,16 +178,18 @@ class TaskStore:
         tasks = dict(self._tasks)
         for name in set(tasks) - set(stamps):
             del tasks[name]
-            log.info("task %r removed (%s/%s.npy is gone)", name, self.bank, name)
+            log.info("task %r removed (%s/%s.json is gone)", name, self.bank, name)
         for name, stamp in sorted(stamps.items()):
             if not everything and self._seen.get(name) == stamp:
                 continue
             try:
                 prompt = load_prompt(self.bank, name, width=self._width, fingerprint=self._fingerprint)
                 task = build_task(name, prompt.vectors, prompt.meta.extra)
-            except (PromptBankError, OSError, ValueError) as exc:
+            except Exception as exc:  # whatever one entry does, it harms only itself
+                if not isinstance(exc, PromptBankError):
+                    exc = InvalidPromptError(f"{self.bank}/{name}.json: cannot be read ({type(exc).__name__}: {exc})")
                 if strict:
-                    raise
+                    raise exc from None
                 kept = "keeping the version already loaded" if name in tasks else "not served"
                 log.error("task %r failed to load: %s; %s", name, exc, kept)  # the error names the file
                 continue
@@ -188,6 +203,6 @@ class TaskStore:
 def _entry_stat(entry: os.DirEntry) -> tuple[int, int, int] | None:
     try:
         info = entry.stat()
-    except FileNotFoundError:
+    except OSError:  # gone, a dangling link or a loop: loading it says which
         return None
     return (info.st_mtime_ns, info.st_size, info.st_ino)

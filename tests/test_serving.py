@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from softprompt.formats.task import TaskSpec
-from softprompt.prompt_bank import UnknownTaskError, remove_prompt, save_prompt
+from softprompt.prompt_bank import UnknownTaskError, load_prompt, remove_prompt, save_prompt
 from softprompt.runtime import RequestError, load, read_config
 
 from conftest import TEXTS, random_prompt
@@ -169,11 +170,13 @@ def test_hot_swap_add_replace_remove_and_dot_files(llama_export, tmp_path):
     # Add by copying files in; a copy tool's dot-named temporary file is not a task.
     other = tmp_path / "other"
     save_prompt(other, "new", random_prompt(5, config.hidden_size, seed=5), fingerprint=config.fingerprint)
-    shutil.copy(other / "new.npy", bank / ".new.npy.tmp1")
-    shutil.copy(other / "new.npy", bank / ".hidden.npy")
+    (vectors,) = other.glob("new.*.npy")
+    shutil.copy(vectors, bank / ".new.npy.tmp1")
+    shutil.copy(other / "new.json", bank / ".hidden.json")
     assert "hidden" not in model.tasks and ".hidden" not in model.tasks
-    shutil.copy(other / "new.json", bank / "new.json")
-    shutil.copy(other / "new.npy", bank / "new.npy")
+    shutil.copy(other / "new.json", bank / "new.json")  # the record before its vectors: not served yet
+    assert "new" not in model.tasks
+    shutil.copy(vectors, bank / vectors.name)  # served once they arrive
     assert "new" in model.tasks
     assert model.generate(TEXTS[1], task="new", max_new_tokens=4) == load(llama_export, bank=other).generate(
         TEXTS[1], task="new", max_new_tokens=4
@@ -188,15 +191,19 @@ def test_a_bad_new_file_never_replaces_a_working_prompt(llama_export, tmp_path, 
     bank = make_bank(llama_export, tmp_path / "bank")
     model = load(llama_export, bank=bank)
     good = model.generate(TEXTS[0], task="seven", max_new_tokens=6)
-    data = (bank / "seven.npy").read_bytes()
+    (vectors,) = bank.glob("seven.*.npy")
+    data = vectors.read_bytes()
+    record = json.loads((bank / "seven.json").read_text())
     with caplog.at_level(logging.ERROR, logger="softprompt.runtime"):
-        (bank / "seven.npy").write_bytes(data[: len(data) // 2])  # truncated by a failed copy
+        vectors.write_bytes(data[: len(data) // 2])  # truncated in place
         assert model.generate(TEXTS[0], task="seven", max_new_tokens=6) == good
-        np.save(bank / "seven.npy", np.ones((7, 3), np.float32))  # wrong width
+        assert model.generate(TEXTS[0], task="seven", max_new_tokens=6) == good  # (logged once, not per request)
+        np.save(bank / "seven.npy", np.ones((7, 3), np.float32))  # a schema-1 copy of the wrong width
+        (bank / "seven.json").write_text(json.dumps({**record, "schema_version": 1, "vectors": None, "vectors_sha256": None}))
         assert model.generate(TEXTS[0], task="seven", max_new_tokens=6) == good
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 2 and all("seven.npy" in e and "keeping the version already loaded" in e for e in errors)
-    assert "truncated" in errors[0] and "array is 7x3" in errors[1]
+    assert len(errors) == 2 and all("seven" in e and "keeping the version already loaded" in e for e in errors)
+    assert "sha256" in errors[0] and "array is 7x3" in errors[1]
     # A bad file for a new name is simply not served.
     (bank / "broken.npy").write_bytes(b"not numpy")
     assert "broken" not in model.tasks
@@ -212,7 +219,7 @@ def test_swapping_under_concurrent_requests(llama_export, tmp_path):
     bank, versions = tmp_path / "bank", tmp_path / "versions"
     for seed, name in ((1, "a"), (2, "b")):
         save_prompt(versions / name, "task", random_prompt(6, config.hidden_size, seed=seed), fingerprint=config.fingerprint)
-    save_prompt(bank, "task", np.load(versions / "a" / "task.npy"), fingerprint=config.fingerprint)
+    save_prompt(bank, "task", load_prompt(versions / "a", "task").vectors, fingerprint=config.fingerprint)
     model = load(llama_export, bank=bank)
     expected = {
         name: load(llama_export, bank=versions / name).generate(TEXTS, task="task", max_new_tokens=6) for name in ("a", "b")
@@ -235,11 +242,11 @@ def test_swapping_under_concurrent_requests(llama_export, tmp_path):
         flip = 0
         while not stop.is_set():
             flip ^= 1
-            for suffix in (".npy", ".json"):  # as a copy tool does: temporary file, then rename
-                source = versions / "ab"[flip] / f"task{suffix}"
-                temporary = bank / f".task{suffix}.partial"
+            (vectors,) = (versions / "ab"[flip]).glob("task.*.npy")
+            for source in (vectors, versions / "ab"[flip] / "task.json"):  # the vectors, then the record that names them
+                temporary = bank / f".{source.name}.partial"  # as a copy tool does: temporary file, then rename
                 shutil.copyfile(source, temporary)
-                temporary.replace(bank / f"task{suffix}")
+                temporary.replace(bank / source.name)
             time.sleep(0.005)
 
     threads = [threading.Thread(target=serve) for _ in range(8)] + [threading.Thread(target=swap)]

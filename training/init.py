@@ -101,8 +101,8 @@ def init_prompt(
         return np.asarray(table[ids], np.float32)
     if spec.startswith("file:"):
         path = Path(spec[5:])
-        if path.suffix != ".npy":
-            raise TrainingError(f"--init {spec!r}: expected a bank task file, BANK/NAME.npy")
+        if path.suffix not in (".json", ".npy"):
+            raise TrainingError(f"--init {spec!r}: expected a bank task's record, BANK/NAME.json")
         prompt = load_prompt(path.parent, path.stem, width=width, fingerprint=fingerprint)
         vectors = np.asarray(prompt.vectors, np.float32)
         return vectors[np.resize(np.arange(len(vectors)), length)]
