@@ -66,7 +66,9 @@ class PromptCache:
             if found is not None or not start or task in self._pending:
                 return found or None
             self._pending[task] = threading.Event()
-        threading.Thread(target=self._compute, args=(task,), name=f"prefill-{task.name}", daemon=True).start()
+        # Not a daemon: a process that exits while a prompt is computed waits for that one forward pass
+        # (milliseconds) instead of tearing onnxruntime down under it, which aborts the process.
+        threading.Thread(target=self._compute, args=(task,), name=f"prefill-{task.name}", daemon=False).start()
         return None
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -309,3 +309,44 @@ def test_a_missing_bank_folder_is_refused_at_load(llama_export, tmp_path):
 
     with pytest.raises(InvalidPromptError, match="is not a folder"):
         load(llama_export, bank=tmp_path / "no-such-bank")
+
+
+EXIT_AFTER_SWAP = """
+import sys, time
+import numpy as np
+from softprompt.formats.export_folder import read_config
+from softprompt.prompt_bank import save_prompt
+from softprompt.runtime import load, prompt_cache
+
+real = prompt_cache.prefill
+
+def slow_prefill(graph, vectors):  # a prompt that takes a while: onnxruntime is busy when the process exits
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        prefix = real(graph, vectors)
+    print("prefill finished", flush=True)
+    return prefix
+
+prompt_cache.prefill = slow_prefill
+export, bank = sys.argv[1], sys.argv[2]
+config = read_config(export)
+save_prompt(bank, "t", np.full((4, config.hidden_size), 0.01, np.float32), fingerprint=config.fingerprint)
+model = load(export, bank=bank)
+save_prompt(bank, "t", np.full((4, config.hidden_size), 0.02, np.float32), fingerprint=config.fingerprint)
+model.generate("hello", task="t", max_new_tokens=1)  # served uncached; its cache is computed in the background
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_may_exit_while_a_swapped_prompt_is_cached(llama_export, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_AFTER_SWAP, str(llama_export), str(tmp_path / "bank")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["exiting", "prefill", "finished"]  # the computation ran to its end, then the exit
