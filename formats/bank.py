@@ -39,6 +39,7 @@ import numpy as np
 from .atomic import write_atomic
 from .errors import BackboneMismatchError, InvalidPromptError, UnknownTaskError
 from .fingerprint import short
+from .task import TaskSpec, parse_head
 
 SCHEMA_VERSION = 2
 READ_SCHEMAS = (1, 2)  # 1: vectors in NAME.npy, no hash (written before tasks changed as one unit)
@@ -353,8 +354,10 @@ def load_prompt(
     *,
     width: int | None = None,
     fingerprint: str | None = None,
+    max_positions: int | None = None,
 ) -> Prompt:
-    """Load one task and check it, and (when given) that it fits the backbone's width and fingerprint."""
+    """Load one task and check everything the runtime will rely on, and (when given) that it fits the backbone's
+    width, fingerprint and positions. `prompt-bank verify`, `load()` and hot swap all check tasks here."""
     check_task_name(name)
     bank = Path(bank_dir)
     meta_path = bank / f"{name}.json"
@@ -390,12 +393,31 @@ def load_prompt(
             f"{meta_path}: made for backbone {short(meta.fingerprint)}; this model is {short(fingerprint)}. "
             "A soft prompt only works with the backbone it was made for."
         )
+    if max_positions is not None and meta.length >= max_positions:
+        raise BackboneMismatchError(
+            f"{npy}: a prompt of {meta.length} vectors leaves no room for text in the model's {max_positions} positions"
+        )
+    check_extra(meta.extra, meta.width, str(meta_path))
     return Prompt(meta=meta, vectors=vectors)
 
 
-def load_bank(bank_dir: str | os.PathLike, *, width: int | None = None, fingerprint: str | None = None) -> dict[str, Prompt]:
+def check_extra(extra: Mapping[str, Any], width: int, where: str) -> None:
+    """The task in a record's `extra`: template, labels, an encoder's head, as the runtime will read them."""
+    spec = TaskSpec.from_extra(extra, where)
+    kind = extra.get("kind")
+    if kind is not None and kind not in ("classification", "generation"):
+        raise InvalidPromptError(f"{where}: kind {kind!r}; expected 'classification' or 'generation'")
+    parse_head(extra.get("head"), list(spec.labels), width, where)
+
+
+def load_bank(
+    bank_dir: str | os.PathLike, *, width: int | None = None, fingerprint: str | None = None, max_positions: int | None = None
+) -> dict[str, Prompt]:
     """Load and check every task of a bank at once, so a bad file is reported at load time."""
-    return {name: load_prompt(bank_dir, name, width=width, fingerprint=fingerprint) for name in list_tasks(bank_dir)}
+    return {
+        name: load_prompt(bank_dir, name, width=width, fingerprint=fingerprint, max_positions=max_positions)
+        for name in list_tasks(bank_dir)
+    }
 
 
 def remove_prompt(bank_dir: str | os.PathLike, name: str) -> None:

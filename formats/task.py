@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from .errors import InvalidPromptError
 
 PLACEHOLDER = "{text}"
@@ -24,9 +26,15 @@ class TaskSpec:
 
     def __post_init__(self):
         check_template(self.template)
+        seen: dict[str, str] = {}
         for label, words in self.labels.items():
             if not isinstance(label, str) or not label or not isinstance(words, str) or not words:
                 raise InvalidPromptError(f"label {label!r} -> verbalizer {words!r}; expected two non-empty strings")
+            if words in seen:
+                raise InvalidPromptError(
+                    f"labels {seen[words]!r} and {label!r} share the verbalizer {words!r}; classify could not tell them apart"
+                )
+            seen[words] = label
 
     @property
     def kind(self) -> str:
@@ -80,3 +88,40 @@ def parse_verbalizers(items: list[str]) -> dict[str, str]:
             raise InvalidPromptError(f"verbalizer {item!r} has no words after '='")
         out[label] = words
     return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Head:
+    """A linear classifier on an encoder's output, rows in the order of the task's labels.
+
+    `pooling` "mean": the normalised mean over the text's tokens (what `train-prompt --head linear`
+    trains); "pooler": the model's pooler output (BERT: dense + tanh of the first position, which
+    under a prompt is the first prompt row), what PEFT's sequence classification trains.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    pooling: str = "mean"
+
+
+def parse_head(data: Any, names: list[str], width: int, where: str) -> Head | None:
+    """The head's weight and bias with rows in the order of the task's labels (None: the task has no head)."""
+    if data is None:
+        return None
+    try:
+        weight = np.asarray(data["weight"], dtype=np.float32)
+        bias = np.asarray(data["bias"], dtype=np.float32)
+        order = [list(data["labels"]).index(label) for label in names]
+        pooling = data.get("pooling", "mean")
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:
+        raise InvalidPromptError(
+            f"{where}: head must be {{'labels': [...], 'weight': [[...]], 'bias': [...]}} naming the task's labels {names} ({exc})"
+        ) from None
+    labels = len(names)
+    if weight.shape != (labels, width) or bias.shape != (labels,) or not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise InvalidPromptError(
+            f"{where}: head weight {weight.shape} / bias {bias.shape}; expected ({labels}, {width}) and ({labels},) finite values"
+        )
+    if pooling not in ("mean", "pooler"):
+        raise InvalidPromptError(f"{where}: head pooling {pooling!r}; expected 'mean' or 'pooler'")
+    return Head(weight[order], bias[order], pooling)

@@ -139,18 +139,18 @@ def _show(args) -> int:
 
 
 def _verify(args) -> int:
-    width = fingerprint = None
+    width = fingerprint = max_positions = None
     against = ""
     if args.model:
         config = read_config(args.model)
-        width, fingerprint = config.hidden_size, config.fingerprint
+        width, fingerprint, max_positions = config.hidden_size, config.fingerprint, config.max_positions
         # The fingerprint names the model, not its precision: one check holds for all its exports.
         against = f" against {args.model} ({config.architecture}, {config.precision} graphs)"
     tasks = list_tasks(args.bank)
     failed = valid = 0
     for name in tasks:
         try:
-            meta = load_prompt(args.bank, name, width=width, fingerprint=fingerprint).meta
+            meta = load_prompt(args.bank, name, width=width, fingerprint=fingerprint, max_positions=max_positions).meta
             valid += 1
             print(f"ok    {name} ({meta.length}x{meta.width} {meta.dtype})")
         except PromptBankError as exc:

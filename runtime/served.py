@@ -23,7 +23,9 @@ class ServedExport:
         self.table = backbone.table
         self.session = session
         self.bank = bank
-        self._store = TaskStore(bank, width=self.config.hidden_size, fingerprint=self.config.fingerprint)
+        self._store = TaskStore(
+            bank, width=self.config.hidden_size, fingerprint=self.config.fingerprint, max_positions=self.config.max_positions
+        )
 
     @property
     def tasks(self) -> list[str]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from softprompt.formats.bank import load_prompt, task_of
 from softprompt.formats.errors import InvalidPromptError, PromptBankError, UnknownTaskError
-from softprompt.formats.task import TaskSpec
+from softprompt.formats.task import Head, TaskSpec, parse_head
 
 from .errors import RequestError
 
@@ -38,20 +38,6 @@ log = logging.getLogger("softprompt.runtime")
 FileStamp = tuple[int, int, int] | None
 Stamp = tuple[FileStamp, FileStamp, tuple[FileStamp, ...]]
 _VECTORS = re.compile(r"(.+)\.[0-9a-f]{16}\.npy")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Head:
-    """A linear classifier on an encoder's output, rows in the order of the task's labels.
-
-    `pooling` "mean": the normalised mean over the text's tokens (what `train-prompt --head linear`
-    trains); "pooler": the model's pooler output (BERT: dense + tanh of the first position, which
-    under a prompt is the first prompt row), what PEFT's sequence classification trains.
-    """
-
-    weight: np.ndarray
-    bias: np.ndarray
-    pooling: str = "mean"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -71,41 +57,17 @@ def build_task(name: str, vectors: np.ndarray, extra: Mapping) -> Task:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     vectors.setflags(write=False)
     spec = TaskSpec.from_extra(dict(extra), f"task {name!r}")
-    return Task(name, vectors, spec, _head(extra.get("head"), list(spec.labels), vectors.shape[1], name))
-
-
-def _head(data, names: list[str], width: int, name: str) -> Head | None:
-    """The head's weight and bias with rows in the order of the task's labels."""
-    if data is None:
-        return None
-    try:
-        weight = np.asarray(data["weight"], dtype=np.float32)
-        bias = np.asarray(data["bias"], dtype=np.float32)
-        order = [list(data["labels"]).index(label) for label in names]
-        pooling = data.get("pooling", "mean")
-    except (TypeError, KeyError, ValueError, AttributeError) as exc:
-        raise InvalidPromptError(
-            f"task {name!r}: head must be {{'labels': [...], 'weight': [[...]], 'bias': [...]}} "
-            f"naming the task's labels {names} ({exc})"
-        ) from None
-    labels = len(names)
-    if weight.shape != (labels, width) or bias.shape != (labels,) or not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-        raise InvalidPromptError(
-            f"task {name!r}: head weight {weight.shape} / bias {bias.shape}; expected ({labels}, {width}) "
-            f"and ({labels},) finite values"
-        )
-    if pooling not in ("mean", "pooler"):
-        raise InvalidPromptError(f"task {name!r}: head pooling {pooling!r}; expected 'mean' or 'pooler'")
-    return Head(weight[order], bias[order], pooling)
+    return Task(name, vectors, spec, parse_head(extra.get("head"), list(spec.labels), vectors.shape[1], f"task {name!r}"))
 
 
 class TaskStore:
     """name -> Task for a bank folder, refreshed from the files when they change."""
 
-    def __init__(self, bank: Path | None, *, width: int, fingerprint: str | None):
+    def __init__(self, bank: Path | None, *, width: int, fingerprint: str | None, max_positions: int | None = None):
         self.bank = bank
         self._width = width
         self._fingerprint = fingerprint
+        self._max_positions = max_positions
         self._lock = threading.Lock()
         self._tasks: Mapping[str, Task] = MappingProxyType({})
         self._seen: dict[str, Stamp] = {}  # last stamps looked at, including ones that failed to load
@@ -183,7 +145,9 @@ class TaskStore:
             if not everything and self._seen.get(name) == stamp:
                 continue
             try:
-                prompt = load_prompt(self.bank, name, width=self._width, fingerprint=self._fingerprint)
+                prompt = load_prompt(
+                    self.bank, name, width=self._width, fingerprint=self._fingerprint, max_positions=self._max_positions
+                )
                 task = build_task(name, prompt.vectors, prompt.meta.extra)
             except Exception as exc:  # whatever one entry does, it harms only itself
                 if not isinstance(exc, PromptBankError):

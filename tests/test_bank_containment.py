@@ -96,3 +96,40 @@ def test_a_bad_new_version_keeps_the_old_one_serving(llama_export, bank, caplog)
         assert model.generate(TEXTS[0], task="good", max_new_tokens=4) == want
     assert "keeping the version already loaded" in caplog.records[-1].getMessage()
     assert vectors.exists()
+
+
+RECORD_ERRORS = {
+    "template without {text}": ({"template": "Review:"}, "must contain {text} exactly once"),
+    "template not a string": ({"template": 5}, "expected a string and an object"),
+    "labels not an object": ({"labels": ["a", "b"]}, "expected a string and an object"),
+    "empty verbalizer": ({"labels": {"a": ""}}, "expected two non-empty strings"),
+    "two labels, one verbalizer": ({"labels": {"a": " x", "b": " x"}}, "share the verbalizer ' x'"),
+    "broken head": ({"labels": {"a": " a"}, "head": {"labels": ["a"], "weight": [[1.0]], "bias": [0.0]}}, "head weight"),
+    "unknown kind": ({"kind": "regression"}, "kind 'regression'"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECORD_ERRORS))
+def test_verify_refuses_what_the_runtime_cannot_serve(llama_export, bank, case, capsys):
+    extra, message = RECORD_ERRORS[case]
+    config = read_config(llama_export)
+    save_prompt(bank, "bad", random_prompt(2, config.hidden_size), fingerprint=config.fingerprint)
+    good = json.loads((bank / "bad.json").read_text())
+    (bank / "bad.json").write_text(json.dumps({**good, "extra": extra}))
+    assert bank_main(["verify", str(bank), "--model", str(llama_export)]) == 1
+    assert message in capsys.readouterr().out
+    with pytest.raises(PromptBankError, match=message):
+        load(llama_export, bank=bank)
+
+
+def test_a_prompt_longer_than_the_models_positions_is_refused_everywhere(llama_export, bank, capsys, caplog):
+    config = read_config(llama_export)
+    model = load(llama_export, bank=bank)
+    want = model.generate(TEXTS[0], task="good", max_new_tokens=4)
+    long = random_prompt(config.max_positions, config.hidden_size)
+    with caplog.at_level(logging.ERROR, logger="softprompt.runtime"):
+        save_prompt(bank, "good", long, fingerprint=config.fingerprint)  # replaces a working task
+        assert model.generate(TEXTS[0], task="good", max_new_tokens=4) == want
+    assert f"leaves no room for text in the model's {config.max_positions} positions" in caplog.records[-1].getMessage()
+    assert bank_main(["verify", str(bank), "--model", str(llama_export)]) == 1
+    assert "leaves no room" in capsys.readouterr().out
