@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from softprompt.formats import __version__
+
 EPILOG = """\
 MODEL is one of:
   a built-in name     {builtins}
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG.format(builtins=builtins),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("model", metavar="MODEL", help="built-in name, .gguf file, or Hugging Face model folder")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the export into")
     parser.add_argument(

@@ -2,12 +2,15 @@
 
 - The export folder (`export_folder`): `softprompt.json`, the graphs' cache names, the embedding
   table and tokenizer beside them, and the backbone fingerprint that ties prompts to a model.
-- The prompt bank (`bank`, `task`): a task is `NAME.npy` (its [P, E] soft prompt) plus `NAME.json`
-  (its record, template and labels), written atomically.
+- The prompt bank (`bank`, `task`): a task is `NAME.json` (its record, template and labels) naming
+  `NAME.<hash>.npy` (its [P, E] soft prompt); a task changes as one unit.
 
 Nothing here imports another part of softprompt: the exporter, the runtime, the bank tools and
 training all import this.
 """
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 from .bank import Prompt, PromptMeta, list_tasks, load_bank, load_prompt, remove_prompt, save_prompt
 from .errors import (
@@ -21,6 +24,11 @@ from .errors import (
 from .export_folder import ExportConfig, ExportFolder, open_export, read_config
 from .fingerprint import backbone_fingerprint
 from .task import TaskSpec
+
+try:
+    __version__ = _version("softprompt-onnx")
+except PackageNotFoundError:  # run from a checkout without installing
+    __version__ = "unknown"
 
 __all__ = [
     "BackboneMismatchError",

@@ -80,7 +80,7 @@ def open_table(
         return _open_in_graph(path, shape, in_graph)
     try:
         table = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
+    except (ValueError, EOFError, OSError) as exc:
         raise ExportFormatError(f"{path}: not a readable .npy table ({exc})") from None
     if table.shape != shape or table.dtype not in (np.float32, np.float16, np.int8):
         raise ExportFormatError(

@@ -26,3 +26,9 @@ class UnknownTaskError(PromptBankError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def unexpected(exc: BaseException) -> str:
+    """The one `error:` line a CLI prints for an exception it did not expect (SOFTPROMPT_DEBUG=1 re-raises it)."""
+    reason = " ".join(str(exc).split())
+    return f"error: unexpected {type(exc).__name__}: {reason} (SOFTPROMPT_DEBUG=1 shows the traceback; please report it)"

@@ -107,6 +107,9 @@ class ExportConfig:
         missing = sorted(required - set(data))
         if missing:
             raise ExportFormatError(f"{where}: missing fields {missing}")
+        for key, check, what in _TYPES:
+            if key in data and not check(data[key]):
+                raise ExportFormatError(f"{where}: {key} is {data[key]!r:.60}; expected {what}")
         config = cls(**{key: value for key, value in data.items() if key in fields})
         if not isinstance(config.files, dict):
             raise ExportFormatError(f"{where}: files is {config.files!r}; expected an object of file names")
@@ -140,6 +143,39 @@ class ExportConfig:
         return config
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(_int(v) for v in value)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# What each softprompt.json field must be, checked before anything is built from it.
+_TYPES = [
+    *(
+        (key, lambda v: isinstance(v, str), "a string")
+        for key in ("kind", "architecture", "model_type", "dtype", "fingerprint", "precision")
+    ),
+    *(
+        (key, lambda v: v is None or _int(v), "a whole number or null")
+        for key in ("max_positions", "bos_token_id", "pad_token_id")
+    ),
+    *((key, _int, "a whole number") for key in ("opset",)),
+    ("eos_token_ids", _ints, "a list of whole numbers"),
+    *((key, _strings, "a list of strings") for key in ("input_names", "output_names")),
+    *(
+        (key, lambda v: isinstance(v, dict), "an object")
+        for key in ("files", "source", "validation", "generation", "quantization")
+    ),
+    ("pooling", lambda v: v is None or isinstance(v, str), "a string or null"),
+]
+
+
 def read_config(export_dir: str | Path) -> ExportConfig:
     """Read and check `softprompt.json` of an export folder."""
     path = Path(export_dir) / CONFIG_FILE
@@ -147,9 +183,13 @@ def read_config(export_dir: str | Path) -> ExportConfig:
         hint = " (is this an export-model output folder?)" if Path(export_dir).is_dir() else ""
         raise ExportFormatError(f"{path}: not found{hint}")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExportFormatError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ExportFormatError(f"{path}: JSON nested too deeply to be an export's config") from None
+    if not isinstance(data, dict):
+        raise ExportFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return ExportConfig.from_dict(data, str(path))
 
 
@@ -195,7 +235,10 @@ def open_export(export_dir: str | os.PathLike) -> ExportFolder:
         (config.vocab_size, config.hidden_size),
         config.table_in_graph,
     )
-    tokenizer = Tokenizer.from_file(str(folder / config.files["tokenizer"]))
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / config.files["tokenizer"]))
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        raise ExportFormatError(f"{folder / config.files['tokenizer']}: not a readable tokenizer.json ({exc})") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return ExportFolder(folder, config, table, tokenizer)

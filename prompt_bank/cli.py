@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from softprompt.formats import __version__
 from softprompt.formats.bank import list_tasks, load_prompt, orphans, remove_prompt, save_prompt, upgrade_bank
-from softprompt.formats.errors import BackboneMismatchError, PromptBankError, SoftpromptError
+from softprompt.formats.errors import BackboneMismatchError, PromptBankError, SoftpromptError, unexpected
 from softprompt.formats.export_folder import open_export, read_config
 from softprompt.formats.fingerprint import short
 
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("list", help="list the tasks of a bank")
@@ -99,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (SoftpromptError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # still one line; SOFTPROMPT_DEBUG=1 shows where
+        if os.environ.get("SOFTPROMPT_DEBUG"):
+            raise
+        print(unexpected(exc), file=sys.stderr)
         return 1
 
 

@@ -41,9 +41,11 @@ def read_peft_adapter(adapter_dir: str | Path) -> PeftPrompt:
     if not config_path.is_file():
         raise AdapterError(f"{folder}: no adapter_config.json; expected a PEFT adapter folder")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: a JSON {type(config).__name__}; expected an object (PEFT's adapter config)")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "PROMPT_TUNING":
         raise AdapterError(

@@ -28,9 +28,11 @@ def read_safetensors(path: str | Path, names: list[str] | None = None) -> dict[s
             raise ValueError(f"{path}: header of {size} bytes; not a safetensors file")
         try:
             header = json.loads(handle.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: unreadable safetensors header ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(f"{path}: unreadable safetensors header ({type(exc).__name__}: {exc})") from None
         data = handle.read()
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is a {type(header).__name__}; expected an object of tensors")
     header.pop("__metadata__", None)
     wanted = list(header) if names is None else names
     out: dict[str, np.ndarray] = {}
@@ -38,6 +40,7 @@ def read_safetensors(path: str | Path, names: list[str] | None = None) -> dict[s
         if name not in header:
             raise KeyError(f"{path}: no tensor {name!r}; tensors there: {sorted(header)}")
         info = header[name]
+        _check_entry(path, name, info)
         start, end = info["data_offsets"]
         if end > len(data):
             raise ValueError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
@@ -51,6 +54,32 @@ def read_safetensors(path: str | Path, names: list[str] | None = None) -> dict[s
             raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; expected one of BF16, {', '.join(_DTYPES)}")
         out[name] = array.reshape(info["shape"])
     return out
+
+
+def _check_entry(path: Path, name: str, info) -> None:
+    """A header entry's dtype, shape and offsets, checked against each other before any data is read."""
+    sizes = {"BF16": 2, **{key: np.dtype(value).itemsize for key, value in _DTYPES.items()}}
+    ok = (
+        isinstance(info, dict)
+        and info.get("dtype") in sizes
+        and isinstance(info.get("shape"), list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+        and isinstance(info.get("data_offsets"), list)
+        and len(info["data_offsets"]) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in info["data_offsets"])
+    )
+    if not ok:
+        raise ValueError(
+            f"{path}: tensor {name!r} is described as {info!r:.120}; expected dtype (BF16, {', '.join(_DTYPES)}), "
+            "shape (a list of sizes) and data_offsets [start, end]"
+        )
+    start, end = info["data_offsets"]
+    count = int(np.prod(info["shape"], dtype=np.int64))
+    if end - start != count * sizes[info["dtype"]]:
+        raise ValueError(
+            f"{path}: tensor {name!r} of shape {info['shape']} {info['dtype']} needs {count * sizes[info['dtype']]} bytes; "
+            f"its offsets give {end - start}"
+        )
 
 
 def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from softprompt.formats import __version__
 
 EPILOG = """\
 An encoder export (export-model minilm-l6 ...) prints one JSON sentence embedding per text, or
@@ -64,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated onnxruntime providers, e.g. cpu or cuda (default: CUDA if available, else CPU)",
     )
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -79,14 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ensemble needs --classify and several tasks: --task A,B,C")
     if len(members) > 1 and not args.ensemble:
         parser.error(f"--task {args.task!r} names several tasks; that needs --ensemble vote or --ensemble mean")
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
-        parser.error("no input: give TEXT arguments or lines on standard input")
-
-    from softprompt.formats.errors import SoftpromptError
+    from softprompt.formats.errors import SoftpromptError, unexpected
 
     from .encoder import Encoder
+    from .errors import RequestError
     from .model import load
+    from .settings import GenerationSettings
 
     settings = dict(
         max_new_tokens=args.max_new_tokens,
@@ -97,6 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         stop=args.stop,
     )
+    try:
+        GenerationSettings(**settings)  # out-of-range values are usage errors, refused before anything loads
+    except RequestError as exc:  # "top_p 2.0; expected ..." names the setting: say it as the option
+        setting, _, rest = str(exc).partition(" ")
+        parser.error(f"--{setting.replace('_', '-')} {rest}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}; expected at least 1")
+    try:
+        texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    except UnicodeDecodeError as exc:
+        print(f"error: standard input is not {exc.encoding} text ({exc.reason} at byte {exc.start})", file=sys.stderr)
+        return 1
+    if not texts:
+        parser.error("no input: give TEXT arguments or lines on standard input")
     try:
         providers = args.providers.split(",") if args.providers else None
         model = load(args.export_dir, bank=args.bank, providers=providers, threads=args.threads)
@@ -116,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         completions = model.complete(texts, task=args.task, **settings)
     except (SoftpromptError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # still one line; SOFTPROMPT_DEBUG=1 shows where
+        if os.environ.get("SOFTPROMPT_DEBUG"):
+            raise
+        print(unexpected(exc), file=sys.stderr)
         return 1
     for completion in completions:
         if args.json:

@@ -6,7 +6,7 @@ An export folder or a bank file that cannot be read raises the formats' own erro
 
 from softprompt.formats.errors import ExportFormatError, SoftpromptError
 
-__all__ = ["ExportFormatError", "InferenceError", "ProviderError", "RequestError", "SoftpromptRuntimeError"]
+__all__ = ["ExportFormatError", "InferenceError", "ProviderError", "RequestError", "RequestTypeError", "SoftpromptRuntimeError"]
 
 
 class SoftpromptRuntimeError(SoftpromptError):
@@ -19,6 +19,10 @@ class ProviderError(SoftpromptRuntimeError):
 
 class RequestError(SoftpromptRuntimeError, ValueError):
     """A request cannot run as given (too long for the model, bad sampling values, no bank)."""
+
+
+class RequestTypeError(RequestError, TypeError):
+    """A request's value has the wrong type (a number where text goes, text where a count goes)."""
 
 
 class InferenceError(SoftpromptRuntimeError):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from .classify import classify_ensemble, classify_rows, ensemble_members, label_probabilities
-from .errors import RequestError
+from .errors import RequestTypeError
 from .rows import as_texts, position_ids, tasks_for
 from .served import ServedExport
 from .settings import GenerationSettings
@@ -176,7 +176,7 @@ class TextModel(ServedExport):
     ) -> Iterator[str]:
         """Yield pieces of the generated text as they are made (complete characters, stop strings held back)."""
         if not isinstance(text, str):
-            raise RequestError("stream takes one text; use generate() or complete() for a batch")
+            raise RequestTypeError(f"stream takes one text, not {text!r:.60}; use generate() or complete() for a batch")
         settings = GenerationSettings.of(settings, **overrides)
         found = self._store.resolve([task])
         shown = 0

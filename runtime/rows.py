@@ -13,18 +13,25 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import RequestError
+from .errors import RequestError, RequestTypeError
 
 
 def as_texts(texts: str | Sequence[str]) -> list[str]:
     """A text or a list of texts as a list, refusing anything else."""
     if isinstance(texts, str):
-        return [texts]
+        texts = [texts]
+    elif not isinstance(texts, Sequence):
+        raise RequestTypeError(f"texts {texts!r}; expected a string or a list of strings")
     texts = list(texts)
     if not texts:
         raise RequestError("no input given")
-    if not all(isinstance(t, str) for t in texts):
-        raise RequestError("texts must be a string or a list of strings")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestTypeError(f"input {i} is {text!r}; expected a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: what invalid UTF-8 in argv becomes
+            raise RequestError(f"input {i} is not valid Unicode text ({exc.reason} at character {exc.start})") from None
     return texts
 
 
@@ -32,6 +39,8 @@ def tasks_for(task, count: int) -> list[str | None]:
     """One task per row: a single task (or None) applies to every row; a list gives one per row."""
     if task is None or isinstance(task, str):
         return [task] * count
+    if not isinstance(task, Sequence):
+        raise RequestTypeError(f"task {task!r}; expected a task name, None, or one of those per input")
     tasks = list(task)
     if len(tasks) != count:
         raise RequestError(f"{len(tasks)} tasks for {count} inputs; give one task, or one per input")
@@ -64,6 +73,8 @@ def check_rows(
         if limit is not None and total > limit:
             new = f" + {new_tokens} new" if new_tokens else ""
             raise RequestError(f"input {i} needs {prompt} prompt + {len(row)} input{new} = {total} {what}; the model has {limit}")
+        if isinstance(row, (str, bytes)) or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in row):
+            raise RequestTypeError(f"input {i} is {row!r:.80}; expected a list of token ids (whole numbers)")
         bad = [t for t in row if not 0 <= t < vocab_size]
         if bad:
             raise RequestError(f"input {i} has token ids {bad[:5]} outside [0, {vocab_size})")

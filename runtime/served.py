@@ -10,7 +10,7 @@ import numpy as np
 from softprompt.formats.export_folder import ExportFolder
 from softprompt.formats.task import TaskSpec
 
-from .rows import embed_row
+from .rows import as_texts, embed_row
 from .tasks import Task, TaskStore
 
 
@@ -57,7 +57,7 @@ class ServedExport:
         return embed_row(self.table, ids, self.prompt(task))
 
     def _encode_rows(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[list[int]]:
-        return [self.backbone.encode(spec_of(task).apply(text)) for text, task in zip(texts, found)]
+        return [self.backbone.encode(spec_of(task).apply(text)) for text, task in zip(as_texts(texts), found)]
 
 
 def spec_of(task: Task | None) -> TaskSpec:

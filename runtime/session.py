@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from softprompt.formats.export_folder import ExportConfig
 
-from .errors import ProviderError
+from .errors import ExportFormatError, ProviderError, RequestError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -50,13 +50,22 @@ def create_session(model_path: Path, providers: list[str], threads: int | None =
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is None and os.environ.get("SOFTPROMPT_THREADS"):
-        threads = int(os.environ["SOFTPROMPT_THREADS"])
+        value = os.environ["SOFTPROMPT_THREADS"]
+        if not value.strip().isdigit() or int(value) < 1:
+            raise RequestError(f"SOFTPROMPT_THREADS={value!r}; expected a positive whole number of threads")
+        threads = int(value)
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise RequestError(f"threads {threads!r}; expected a positive whole number (or None: onnxruntime's choice)")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise here
     with_options = [(name, CUDA_OPTIONS) if name == CUDA else name for name in providers]
-    session = ort.InferenceSession(str(model_path), options, providers=with_options)
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=with_options)
+    except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, Fail, ...): a damaged or foreign graph
+        reason = " ".join(str(exc).split())
+        raise ExportFormatError(f"{model_path}: onnxruntime cannot load this graph ({reason}); re-export the model") from None
     if CUDA in providers and CUDA not in session.get_providers():
         warnings.warn(
             f"CUDAExecutionProvider was requested but the session runs on {session.get_providers()}; "

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
-from .errors import RequestError
+from .errors import RequestError, RequestTypeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,10 +23,26 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if not (value is None and name in ("top_k", "seed")) and not _is_int(value):
+                raise RequestTypeError(f"{name} {value!r}; expected a whole number")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not (value is None and name == "top_p") and not _is_real(value):
+                raise RequestTypeError(f"{name} {value!r}; expected a number")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
-            object.__setattr__(self, "stop", tuple(self.stop or ()))
+            try:
+                object.__setattr__(self, "stop", tuple(self.stop or ()))
+            except TypeError:
+                raise RequestTypeError(f"stop {self.stop!r}; expected a string or a list of strings") from None
+        for stop in self.stop:
+            if not isinstance(stop, str) or not stop:
+                raise RequestTypeError(f"stop string {stop!r}; expected non-empty text")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise RequestError(f"seed {self.seed}; expected 0 to 2**64 - 1")
         if self.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens {self.max_new_tokens}; expected at least 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -46,3 +63,11 @@ class GenerationSettings:
             raise RequestError(f"unknown generation settings {unknown}; expected some of {sorted(known)}")
         base = settings if settings is not None else cls()
         return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -29,7 +29,7 @@ from softprompt.formats.bank import load_prompt, task_of
 from softprompt.formats.errors import InvalidPromptError, PromptBankError, UnknownTaskError
 from softprompt.formats.task import Head, TaskSpec, parse_head
 
-from .errors import RequestError
+from .errors import RequestTypeError
 
 log = logging.getLogger("softprompt.runtime")
 
@@ -92,7 +92,7 @@ class TaskStore:
                 found.append(None)
                 continue
             if not isinstance(name, str):
-                raise RequestError(f"task {name!r}; expected a task name or None")
+                raise RequestTypeError(f"task {name!r}; expected a task name or None")
             task = current.get(name)
             if task is None:
                 where = f"bank {self.bank}" if self.bank else "this model (no bank was loaded)"

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from softprompt.formats import __version__
 from softprompt.formats.errors import SoftpromptError
 from softprompt.formats.task import TaskSpec, default_verbalizers, parse_verbalizers
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("model", metavar="MODEL", help="what export-model takes: built-in name, .gguf file or model folder")
     parser.add_argument("--data", type=Path, required=True, help="training data (JSON Lines)")
     parser.add_argument("--eval", type=Path, help="evaluation data; the best prompt on it is kept")
