@@ -158,8 +158,9 @@ def load_source(
 def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str, Any]]:
     """Convert a GGUF file to a Hugging Face folder once; later calls reuse the cached folder."""
     digest = sha256_file(gguf)
-    info = {"gguf": str(gguf), "sha256": digest}
     folder = (cache_dir or cache_root()) / "gguf" / f"{gguf.stem}-{digest[:16]}"
+    # The converted folder is what PEFT and transformers load as the base model (export-peft names it).
+    info = {"gguf": str(gguf), "sha256": digest, "folder": str(folder)}
     if (folder / "config.json").is_file():
         log(f"using converted model cached in {folder}")
         return folder, info

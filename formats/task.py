@@ -70,6 +70,11 @@ def check_template(template: str) -> str:
     return template
 
 
+def unescape(text: str) -> str:
+    """`"Review: {text}\\nSentiment:"` typed in a shell arrives with a backslash and an n."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def default_verbalizers(labels: list[str]) -> dict[str, str]:
     """A label's words default to its name after a space (' positive'), as a model would write it mid-sentence."""
     return {label: " " + label.replace("_", " ") for label in labels}

@@ -15,6 +15,7 @@ from softprompt.formats.bank import list_tasks, load_prompt, orphans, remove_pro
 from softprompt.formats.errors import BackboneMismatchError, PromptBankError, SoftpromptError, unexpected
 from softprompt.formats.export_folder import open_export, read_config
 from softprompt.formats.fingerprint import short
+from softprompt.formats.task import PLACEHOLDER, TaskSpec, parse_verbalizers, unescape
 
 from .peft import adapter_init, read_peft_adapter, write_peft_adapter
 
@@ -92,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_write_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--template",
+        default=None,
+        help="the task's hard prompt around each input, with {text} once (e.g. 'Review: {text}\\nSentiment:')",
+    )
+    p.add_argument(
+        "--verbalizer",
+        action="append",
+        default=[],
+        metavar="LABEL=WORDS",
+        help="a classification label and the words that stand for it (repeat per label): makes --classify work",
+    )
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype (default: float32)")
     p.add_argument("--force", action="store_true", help="replace the task if it exists")
 
@@ -190,11 +203,14 @@ def _import_peft(args) -> int:
     }
     extra: dict = {"peft": peft_record}
     if adapter.classifier is not None:
+        if args.verbalizer:
+            raise PromptBankError("--verbalizer: this adapter classifies with its own head; name its labels with --labels")
         extra.update(_classifier_task(adapter, config, args))
     elif args.labels:
         raise PromptBankError(
             f"--labels is for sequence-classification adapters; {args.adapter} is a {adapter.config.get('task_type')} adapter"
         )
+    extra.update(_task_spec(args, keep_labels=extra.get("labels")))
     meta = save_prompt(
         args.bank,
         args.task,
@@ -208,6 +224,14 @@ def _import_peft(args) -> int:
     )
     print(f"imported {args.task}: {meta.length}x{meta.width} {meta.dtype} into {args.bank}")
     return 0
+
+
+def _task_spec(args, keep_labels: dict | None = None) -> dict:
+    """--template and --verbalizer as a record's `extra` (nothing when neither was given)."""
+    if args.template is None and not args.verbalizer:
+        return {}
+    labels = parse_verbalizers(args.verbalizer) if args.verbalizer else dict(keep_labels or {})
+    return TaskSpec(template=unescape(args.template or PLACEHOLDER), labels=labels).to_extra()
 
 
 def _classifier_task(adapter, config, args) -> dict:
@@ -249,7 +273,7 @@ def _from_text(args) -> int:
         overwrite=args.force,
         init="text",
         source=f"text:{args.text}",
-        extra={"token_ids": ids},
+        extra={"token_ids": ids, **_task_spec(args)},
     )
     print(f"made {args.task}: {meta.length}x{meta.width} {meta.dtype} from {len(ids)} tokens into {args.bank}")
     return 0
@@ -263,7 +287,8 @@ def _export_peft(args) -> int:
     if args.model:
         config = read_config(args.model)
         layers, heads, fingerprint = config.num_layers, config.num_heads, config.fingerprint
-        base = config.source.get("path") or config.source.get("name")
+        # A folder transformers can load offline (a GGUF's converted one) before a name it would look up on a hub.
+        base = config.source.get("folder") or config.source.get("path") or config.source.get("name")
         task_type = {"encoder": "FEATURE_EXTRACTION", "seq2seq": "SEQ_2_SEQ_LM"}.get(config.kind, "CAUSAL_LM")
     prompt = load_prompt(args.bank, args.task, fingerprint=fingerprint)
     write_peft_adapter(

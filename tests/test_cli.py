@@ -14,7 +14,7 @@ import pytest
 from softprompt.exporter.cli import main as export_main
 from softprompt.prompt_bank import save_prompt
 from softprompt.prompt_bank.cli import main as bank_main
-from softprompt.runtime import read_config
+from softprompt.runtime import load, read_config
 from softprompt.runtime.cli import main as run_main
 
 from conftest import TEXTS, random_prompt
@@ -212,6 +212,25 @@ def test_import_peft_checks_width_and_reads_bin_and_bf16(llama_dir, llama_export
     bf16 = torch.from_numpy(weight).to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(load_prompt(tmp_path / "b", "frombf16").vectors, bf16)
     assert load_prompt(tmp_path / "b", "frombin").meta.fingerprint == read_config(llama_export).fingerprint
+    # An imported adapter can carry its template and labels, so it classifies without editing JSON.
+    args = ["import-peft", str(tmp_path / "st"), str(tmp_path / "b"), "--task", "cls", "--model", str(llama_export)]
+    assert (
+        bank_main([*args, "--template", "Review: {text}\\nSentiment:", "--verbalizer", "pos= good", "--verbalizer", "neg= bad"])
+        == 0
+    )
+    extra = load_prompt(tmp_path / "b", "cls").meta.extra
+    assert extra["template"] == "Review: {text}\nSentiment:" and extra["labels"] == {"pos": " good", "neg": " bad"}
+    assert load(llama_export, bank=tmp_path / "b").classify("fine", task="cls")[0]["label"] in ("pos", "neg")
+
+
+def test_from_text_takes_a_template_and_labels(llama_export, tmp_path, capsys):
+    args = ["from-text", str(llama_export), str(tmp_path / "b"), "--task", "t", "Decide.", "--template", "Q: {text}\\nA:"]
+    assert bank_main([*args, "--verbalizer", "yes= yes", "--verbalizer", "no= no"]) == 0
+    model = load(llama_export, bank=tmp_path / "b")
+    assert model.encode("x", "t") == model.encode("Q: x\nA:")
+    assert set(model.classify("x", task="t")[0]["scores"]) == {"yes", "no"}
+    assert bank_main([*args, "--force", "--verbalizer", "yes= same", "--verbalizer", "no= same"]) == 1
+    assert "share the verbalizer ' same'" in one_error_line(capsys)
 
 
 def test_console_scripts_are_installed_and_run(llama_export):

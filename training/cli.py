@@ -9,7 +9,7 @@ from pathlib import Path
 
 from softprompt.formats import __version__
 from softprompt.formats.errors import SoftpromptError
-from softprompt.formats.task import TaskSpec, default_verbalizers, parse_verbalizers
+from softprompt.formats.task import TaskSpec, default_verbalizers, parse_verbalizers, unescape
 
 from .data import read_jsonl
 from .errors import TrainingError
@@ -92,11 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace the task if the bank has it")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
-
-
-def unescape(text: str) -> str:
-    """`"Review: {text}\\nSentiment:"` typed in a shell arrives with a backslash and an n."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def main(argv: list[str] | None = None) -> int:
