@@ -15,7 +15,7 @@ import torch
 
 from softprompt.formats.fingerprint import backbone_fingerprint
 
-from .encoder import encoder_facts, encoder_tokens, sentence_pooling
+from .encoder import encoder_facts, encoder_tokens, sentence_max_length, sentence_pooling
 from .graph import CacheLayout, probe_cache
 from .metadata import embedding_table, special_tokens, structural
 from .seq2seq import check_shared_embeddings, cross_layout, generation_tokens, seq2seq_facts
@@ -31,7 +31,7 @@ class Backbone:
     table: np.ndarray  # [V, E] float32: the model's input-embedding module applied to every id
     facts: dict[str, Any]  # architecture and shapes: the fingerprint covers these and the table
     tokens: dict[str, Any]  # bos_token_id, eos_token_ids, pad_token_id
-    fields: dict[str, Any]  # kind-specific softprompt.json fields: pooling, generation
+    fields: dict[str, Any]  # kind-specific softprompt.json fields: pooling, max_seq_length, generation
     layout: Any  # decoder: CacheLayout; seq2seq: (self, cross) shapes per layer; encoder: None
     tokenizer: Any = None  # the transformers tokenizer the export writes as tokenizer.json
 
@@ -58,7 +58,7 @@ def describe(source: Source) -> Backbone:
             table,
             encoder_facts(model, table),
             encoder_tokens(source.tokenizer),
-            {"pooling": sentence_pooling(folder)},
+            {"pooling": sentence_pooling(folder), "max_seq_length": sentence_max_length(folder)},
             None,
             source.tokenizer,
         )

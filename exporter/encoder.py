@@ -102,6 +102,22 @@ def sentence_pooling(folder: Path | None) -> str:
     return chosen[0]
 
 
+def sentence_max_length(folder: Path | None) -> int | None:
+    """The token count sentence-transformers cuts texts to (`max_seq_length` in sentence_bert_config.json), or None."""
+    path = folder / "sentence_bert_config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{path}: cannot read max_seq_length ({exc})") from None
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ExportError(f"{path}: max_seq_length {value!r}; expected a whole number of tokens, at least 2")
+    return value
+
+
 def uses_token_types(model) -> bool:
     """The model has token-type embeddings and its forward takes them (read from the signature: transformers 5
     wraps forward in decorators, so the code object's names are the wrapper's)."""

@@ -70,6 +70,8 @@ class ExportConfig:
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Encoders: how a sentence embedding is pooled over the text's tokens (mean, cls, max, lasttoken).
     pooling: str | None = None
+    # Encoders: texts are cut to this many tokens (special tokens included), as sentence-transformers cuts them.
+    max_seq_length: int | None = None
     # Generation settings a model's `generate` applies (encoder-decoders: forced_bos/eos_token_id).
     generation: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The graphs' weights: fp32, fp16 (for CUDA) or weight-only int8/int4 (MatMulNBits), and how they were made.
@@ -173,6 +175,7 @@ _TYPES = [
         for key in ("files", "source", "validation", "generation", "quantization")
     ),
     ("pooling", lambda v: v is None or isinstance(v, str), "a string or null"),
+    ("max_seq_length", lambda v: v is None or (_int(v) and v >= 2), "a whole number of tokens (at least 2) or null"),
 ]
 
 

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --classify and --task A,B,C: run every text under each prompt and combine them",
     )
     parser.add_argument(
-        "--json", action="store_true", help="print one JSON object per input: input, task, output, token_ids, finish_reason"
+        "--json",
+        action="store_true",
+        help="print one JSON object per input: input, task, text, token_ids, finish_reason (stop or length)",
     )
     parser.add_argument(
         "--providers",
@@ -140,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for completion in completions:
         if args.json:
-            record = completion.to_json()
-            record["output"] = record.pop("text")
-            print(json.dumps(record, ensure_ascii=False))
+            print(json.dumps(completion.to_json(), ensure_ascii=False))
         else:  # several inputs: each output under its input, so multi-line outputs stay readable
             print(f"> {completion.input}\n{completion.text}\n")
     return 0

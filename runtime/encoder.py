@@ -33,9 +33,13 @@ SIMILARITY_SCALE = 20.0
 class Encoder(ServedExport):
     """A loaded encoder export: `embed` and `classify`, optionally under task prompts."""
 
-    def __init__(self, backbone: ExportFolder, session, bank: Path | None = None, batch_size: int = 32):
+    def __init__(self, backbone: ExportFolder, session, bank: Path | None = None, batch_size: int = 32, truncate: bool = True):
         super().__init__(backbone, session, bank)
         self.batch_size = batch_size
+        # As sentence-transformers: a text is cut to max_seq_length tokens, [SEP] kept (truncate=False refuses it).
+        self.max_tokens = self.config.max_seq_length if truncate else None
+        if self.max_tokens:
+            backbone.tokenizer.enable_truncation(self.max_tokens)
         self._token_types = "token_type_ids" in self.config.input_names
         self._pooler = "pooler_output" in self.config.output_names
         self._outputs = ["last_hidden_state", "pooler_output"] if self._pooler else ["last_hidden_state"]
@@ -47,10 +51,16 @@ class Encoder(ServedExport):
         normalize: bool = True,
         batch_size: int | None = None,
     ) -> np.ndarray:
-        """[N, E] sentence embeddings (one row per text; a str gives [1, E]) under the task's prompt."""
+        """[N, E] sentence embeddings of a list of texts, [E] of one text (as sentence-transformers' `encode`),
+        under the task's prompt. Texts longer than the model's `max_seq_length` are cut to it, as
+        sentence-transformers cuts them (`load(..., truncate=False)` refuses them instead)."""
+        one = isinstance(texts, str)
         texts = as_texts(texts)
         found = self._store.resolve(tasks_for(task, len(texts)))
-        return self._embed(self._encode_rows(texts, found), found, normalize, batch_size or self.batch_size)
+        if not self.max_tokens and self.config.max_seq_length:
+            self._refuse_long(texts, found)
+        vectors = self._embed(self._encode_rows(texts, found), found, normalize, batch_size or self.batch_size)
+        return vectors[0] if one else vectors
 
     def classify(self, texts: str | Sequence[str], task, ensemble: str | None = None) -> list[dict]:
         """Label each text by the nearest label embedding (labels embedded without a prompt), or by
@@ -65,6 +75,14 @@ class Encoder(ServedExport):
         return classify_ensemble(texts, self._store.resolve(ensemble_members(task, ensemble)), ensemble, self._probabilities)
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _refuse_long(self, texts: Sequence[str], found: Sequence[Task | None]) -> None:
+        for i, ids in enumerate(self._encode_rows(texts, found)):
+            if len(ids) > self.config.max_seq_length:
+                raise RequestError(
+                    f"input {i} has {len(ids)} tokens; the model was trained on at most {self.config.max_seq_length} "
+                    "(load with truncate=True to cut it there, as sentence-transformers does)"
+                )
 
     def _probabilities(self, texts: Sequence[str], found: Sequence[Task]) -> list[np.ndarray]:
         """Each row's label probabilities; rows of one task share batches."""

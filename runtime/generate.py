@@ -27,7 +27,8 @@ Chooser = Callable[[np.ndarray], np.ndarray]
 
 @dataclasses.dataclass
 class Completion:
-    """One row's result: the generated text and ids, and why it stopped ("eos", "stop" or "length")."""
+    """One row's result: the generated text and ids, and why it stopped: "stop" (end of sequence or a stop
+    string, as OpenAI's API and llama.cpp say) or "length" (max_new_tokens)."""
 
     input: str
     task: str | None
@@ -105,7 +106,7 @@ class RowText:
             self._text = self.text  # the text stops before the end-of-sequence token
             self.ids.append(int(token))
             self._decoded = len(self.ids)
-            self.finish_reason = "eos"
+            self.finish_reason = "stop"
             return
         self.ids.append(int(token))
         if not self._stops:

@@ -41,6 +41,7 @@ def load(
     providers: Sequence[str] | str | None = None,
     threads: int | None = None,
     cache_prompts: bool = True,
+    truncate: bool = True,
 ) -> Model | Encoder | Seq2Seq:
     """Open an export folder and (optionally) a prompt bank checked against it.
 
@@ -48,7 +49,8 @@ def load(
     onnxruntime's intra-op threads (default: onnxruntime's choice, or $SOFTPROMPT_THREADS).
     The bank folder is followed while the model runs: tasks added, replaced or removed there are
     served from the next request on. `cache_prompts=False` runs each prompt with every request
-    instead of reusing its cached keys and values (for checking; it is slower).
+    instead of reusing its cached keys and values (for checking; it is slower). Encoders cut texts
+    to the model's sentence-transformers `max_seq_length`; `truncate=False` refuses them instead.
 
     An encoder export (BERT, MiniLM, ...) gives an `Encoder` (`embed`, `classify`) instead, and an
     encoder-decoder export (T5, BART, ...) a `Seq2Seq` (`generate`, `stream`, `complete`, `classify`).
@@ -66,7 +68,7 @@ def load(
     session = create_session(backbone.file("model"), chosen, threads)
     warn_if_slow(backbone.config, session)
     if backbone.config.kind == "encoder":
-        return Encoder(backbone, session, bank)
+        return Encoder(backbone, session, bank, truncate=truncate)
     return Model(backbone, session, bank, cache_prompts=cache_prompts)
 
 

@@ -39,8 +39,8 @@ def test_run_model_json_one_object_per_input_in_order(llama_export, bank, capsys
     lines = capsys.readouterr().out.strip().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["input"] for r in records] == TEXTS[:3]
-    assert all(r["task"] == "sentiment" and isinstance(r["output"], str) for r in records)
-    assert all(1 <= len(r["token_ids"]) <= 6 and r["finish_reason"] in ("eos", "length") for r in records)
+    assert all(r["task"] == "sentiment" and isinstance(r["text"], str) for r in records)
+    assert all(1 <= len(r["token_ids"]) <= 6 and r["finish_reason"] in ("stop", "length") for r in records)
 
 
 def test_run_model_options_after_texts_and_plain_output(llama_export, bank, capsys):
@@ -55,7 +55,7 @@ def test_run_model_options_after_texts_and_plain_output(llama_export, bank, caps
         )
         == 0
     )
-    outputs = [json.loads(line)["output"] for line in capsys.readouterr().out.strip().splitlines()]
+    outputs = [json.loads(line)["text"] for line in capsys.readouterr().out.strip().splitlines()]
     assert plain == "".join(f"> {t}\n{o}\n\n" for t, o in zip(TEXTS[:2], outputs))
 
 
@@ -66,7 +66,7 @@ def test_run_model_single_text_is_streamed_to_the_same_text(llama_export, bank, 
         run_main([str(llama_export), "--bank", str(bank), "--task", "sentiment", "--max-new-tokens", "7", "--json", TEXTS[3]])
         == 0
     )
-    assert streamed == json.loads(capsys.readouterr().out)["output"] + "\n"
+    assert streamed == json.loads(capsys.readouterr().out)["text"] + "\n"
 
 
 def test_run_model_reads_standard_input(llama_export, monkeypatch, capsys):

@@ -83,7 +83,7 @@ def test_embeddings_under_a_prompt_match_peft_feature_extraction(bert, tmp_path)
     assert np.abs(model.embed(TEXTS) - got).max() > 1e-2
     mixed = model.embed(TEXTS, task=["t", None, "t", None])
     np.testing.assert_allclose(mixed[0], got[0], atol=1e-5)
-    np.testing.assert_allclose(mixed[1], model.embed(TEXTS[1])[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], model.embed(TEXTS[1]), atol=1e-5)  # one text: one vector
 
 
 def test_encoder_classify_and_ensemble(bert, tmp_path):
@@ -144,6 +144,32 @@ def test_minilm_builtin_matches_sentence_transformers_pooling(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5)
     sims = got @ got.T
     assert sims[0, 1] > sims[0, 2] + 0.2  # the two guitar sentences are the close pair
+
+
+def test_texts_are_cut_where_sentence_transformers_cuts_them(bert, tmp_path):
+    """max_seq_length from sentence_bert_config.json: the first tokens and [SEP], as the model's tokenizer with
+    truncation gives them; one text gives one vector; truncate=False refuses instead."""
+    import shutil
+
+    from transformers import AutoModel, AutoTokenizer
+
+    hf, _ = bert
+    folder = tmp_path / "hf"
+    shutil.copytree(hf, folder)
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8, "do_lower_case": False}))
+    config = export_model(str(folder), tmp_path / "export", log=lambda m: None)
+    assert config.max_seq_length == 8
+    long = "the quick brown fox jumps over the lazy dog and keeps on running far away"
+    model = load(tmp_path / "export")
+    got = model.embed(long)
+    assert got.shape == (48,)
+    batch = AutoTokenizer.from_pretrained(folder)([long], truncation=True, max_length=8, return_tensors="pt")
+    assert batch["input_ids"].shape[1] == 8
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(folder).eval()(**batch).last_hidden_state
+    np.testing.assert_allclose(got, torch.nn.functional.normalize(hidden.mean(1), dim=1)[0].numpy(), atol=1e-5)
+    with pytest.raises(RequestError, match=r"input 0 has \d+ tokens; the model was trained on at most 8"):
+        load(tmp_path / "export", truncate=False).embed(long)
 
 
 def test_run_model_on_an_encoder_prints_embeddings(bert, capsys):
@@ -241,7 +267,7 @@ def test_head_rows_follow_label_names_not_record_order(bert, tmp_path):
         tmp_path, "h", random_prompt(2, width), fingerprint=config["fingerprint"], extra={**spec.to_extra(), "head": head}
     )
     model = load(export, bank=tmp_path)
-    vector = model.embed("the quick brown fox", task="h")[0]
+    vector = model.embed("the quick brown fox", task="h")
     result = model.classify("the quick brown fox", task="h")[0]
     assert result["label"] == ("zeta" if vector[0] > 0 else "alpha")
     assert result["scores"]["zeta"] == pytest.approx(1 / (1 + np.exp(-50.0 * vector[0])), abs=1e-5)

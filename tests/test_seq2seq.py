@@ -145,7 +145,7 @@ def test_bart_forces_the_end_token_at_the_limit(seq2seq, tmp_path):
     last = [c.token_ids[-1] for c in model.complete(TEXTS, max_new_tokens=4)]
     finish = [c.finish_reason for c in model.complete(TEXTS, max_new_tokens=4)]
     if kind == "bart":
-        assert all(t == 2 for t in last) and all(f == "eos" for f in finish)
+        assert all(t == 2 for t in last) and all(f == "stop" for f in finish)
     else:
         assert not all(t == 2 for t in last)
 

@@ -70,6 +70,8 @@ def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> Frozen
     tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())  # the tokenizer.json the export writes
     tokenizer.no_truncation()
     tokenizer.no_padding()
+    if backbone.fields.get("max_seq_length"):  # encoders: texts cut as the runtime (and sentence-transformers) cut them
+        tokenizer.enable_truncation(backbone.fields["max_seq_length"])
     return FrozenModel(
         backbone.model,
         tokenizer,

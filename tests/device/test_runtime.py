@@ -188,7 +188,7 @@ def test_row_text_at_end_of_sequence_and_stop_strings():
     row = RowText(decode, eos_ids={25}, stops=[])
     for token in [0, 1, 2, 3, 25, 4]:
         row.add(token)
-    assert (row.text, row.ids, row.finish_reason) == ("abcd", [0, 1, 2, 3, 25], "eos")
+    assert (row.text, row.ids, row.finish_reason) == ("abcd", [0, 1, 2, 3, 25], "stop")
     assert len(calls) == 1  # without stop strings the text is decoded when read, not every step
 
     stopped = RowText(decode, eos_ids={25}, stops=["cd"])
