@@ -68,7 +68,10 @@ def test_train_prompt_at_int4_saves_a_prompt_for_every_precision(llama_dir, llam
     assert len(load(llama_export, bank=tmp_path / "bank").complete(TEXTS[0], task="t", max_new_tokens=2)[0].token_ids) == 2
     with pytest.raises(SystemExit) as exit_info:
         train_main([*args, "--precision", "int3", "--force"])
-    assert exit_info.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "--precision 'int3'; expected fp32, int8, int4 or an export folder" in capsys.readouterr().err
+    )
 
 
 def test_quantization_aware_training_is_refused_where_it_is_not_built(tmp_path):
@@ -77,6 +80,22 @@ def test_quantization_aware_training_is_refused_where_it_is_not_built(tmp_path):
     backbone = load_backbone(str(make_bert(tmp_path / "bert")), log=lambda m: None)
     with pytest.raises(TrainingError, match="--precision int8 trains decoder prompts, not encoder ones"):
         quantize_backbone(backbone, "int8")
-    with pytest.raises(TrainingError, match="--precision 'fp16'; expected one of fp32, int8, int4"):
+    with pytest.raises(TrainingError, match="--precision 'fp16'; expected one of fp32, int8, int4 or an export folder"):
         quantize_backbone(backbone, "fp16")
     assert quantize_backbone(backbone, "fp32") == {"precision": "fp32"}
+
+
+def test_training_follows_an_export_folders_own_settings(llama_dir, tmp_path):
+    """--precision EXPORT_DIR: the weights of that export, whatever its settings (here rtn, lm_head at 4 bits)."""
+    from softprompt.exporter.precision import Precision
+
+    export = tmp_path / "rtn"
+    precision = Precision("int4", algorithm="rtn", accuracy_level=0, block_size=16)
+    export_model(str(llama_dir), export, precision=precision, tolerance=TINY_INT4_TOLERANCE, log=lambda m: None)
+    backbone = load_backbone(str(llama_dir), log=lambda m: None)
+    prompt = random_prompt(4, 64)
+    save_prompt(tmp_path / "bank", "t", prompt, fingerprint=backbone.fingerprint)
+    record = quantize_backbone(backbone, str(export))
+    assert (record["algorithm"], record["block_size"], record["keep"]) == ("rtn", 16, [])
+    device = load(export, bank=tmp_path / "bank").logits(TEXTS[1], task="t")[0]
+    assert np.abs(torch_logits(backbone, prompt, TEXTS[1]) - device).max() < 1e-4 * np.abs(device).max()

@@ -84,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--precision",
-        choices=["fp32", "int8", "int4"],
         default="fp32",
-        help="train through the weights of the model's export at this precision (export-model's defaults for it): "
-        "the prompt learns to make up for their quantization error. It loads on every precision; decoders only",
+        metavar="fp32|int8|int4|EXPORT_DIR",
+        help="train through the weights of the model's export at this precision (export-model's defaults for it), or "
+        "of that export folder (its settings): the prompt learns to make up for their quantization error. It "
+        "loads on every precision; decoders only",
     )
     parser.add_argument("--force", action="store_true", help="replace the task if the bank has it")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -95,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.precision not in ("fp32", "int8", "int4") and not (Path(args.precision) / "softprompt.json").is_file():
+        parser.error(f"--precision {args.precision!r}; expected fp32, int8, int4 or an export folder (with softprompt.json)")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

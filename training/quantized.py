@@ -10,23 +10,44 @@ it loads on every precision, and is best on the one it was trained for.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from softprompt.exporter.precision import TABLE_PRECISION, default_precision, dequantized, for_kind
+from softprompt.exporter.precision import TABLE_PRECISION, Precision, default_precision, dequantized, for_kind
 from softprompt.formats.embedding_table import ScaledRows, quantize_rows
+from softprompt.formats.export_folder import read_config
 
 from .errors import TrainingError
 
 TRAINABLE_PRECISIONS = ("fp32", "int8", "int4")
 
 
-def quantize_backbone(backbone, name: str) -> dict:
-    """Put into `backbone.model`, in place, the weights an export at precision `name` runs; returns the
-    precision's record (export-model's defaults for the model's kind) for the training record."""
+def precision_of(spec: str, kind: str) -> Precision:
+    """A precision name (export-model's defaults for it) or an export folder (the settings it was made with)."""
+    folder = Path(spec)
+    if (folder / "softprompt.json").is_file():
+        config = read_config(folder)
+        settings = {k: v for k, v in config.quantization.items() if k != "precision"}
+        if "keep" in settings:
+            settings["keep"] = tuple(settings["keep"])
+        name = config.precision
+        precision = Precision(name, **settings) if settings else default_precision(name)
+    elif spec in TRAINABLE_PRECISIONS:
+        name, precision = spec, default_precision(spec)
+    else:
+        raise TrainingError(f"--precision {spec!r}; expected one of {', '.join(TRAINABLE_PRECISIONS)} or an export folder")
     if name not in TRAINABLE_PRECISIONS:
-        raise TrainingError(f"--precision {name!r}; expected one of {', '.join(TRAINABLE_PRECISIONS)}")
-    precision = for_kind(default_precision(name), backbone.kind)
+        raise TrainingError(f"--precision {spec}: the export is {name}; prompts train through fp32, int8 or int4 weights")
+    return for_kind(precision, kind)
+
+
+def quantize_backbone(backbone, spec: str) -> dict:
+    """Put into `backbone.model`, in place, the weights an export at `spec` runs (a precision name: export-model's
+    defaults for it; an export folder: the settings it was made with); returns the precision's record."""
+    precision = precision_of(spec, backbone.kind)
+    name = precision.name
     if name == "fp32":
         return precision.record()
     if backbone.kind != "decoder":

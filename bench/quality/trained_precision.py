@@ -9,7 +9,8 @@ precision-trained prompt takes back.
 
     python -m banks.prepare build/bank-data      # needs Debian's fortunes
     train-prompt smollm2-135m --task define --bank build/qat/int4 --precision int4 ...   # as `make banks`
-    python -m bench.quality.trained_precision --trained int4=build/qat/int4
+    train-prompt smollm2-135m --task define --bank build/qat/int4-rtn --precision exports/smollm2-int4-rtn ...
+    python -m bench.quality.trained_precision --trained int4=build/qat/int4 --trained int4-rtn=build/qat/int4-rtn
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exports", type=Path, default=Path("exports"), help="where smollm2, smollm2-int8, smollm2-int4 are")
     parser.add_argument("--bank", type=Path, default=Path("banks/smollm2-135m"), help="the fp32-trained prompts")
-    parser.add_argument("--trained", action="append", default=[], metavar="PRECISION=BANK", help="a bank trained at PRECISION")
+    parser.add_argument(
+        "--trained",
+        action="append",
+        default=[],
+        metavar="VARIANT=BANK",
+        help="a bank trained for the export smollm2-VARIANT (e.g. int4, or int4-rtn for exports/smollm2-int4-rtn)",
+    )
     parser.add_argument("--task", default="define")
     parser.add_argument("--data", type=Path, default=Path("build/bank-data/define-eval.jsonl"))
     parser.add_argument("--threads", type=int, default=2)
@@ -58,7 +65,7 @@ def main() -> int:
     print(f"machine: {machine()}")
     print(f"date: {dt.datetime.now().isoformat(timespec='minutes')}; task {args.task}; {len(examples)} held-out examples")
     rows: dict[str, dict] = {}
-    for precision in ("fp32", "int8", "int4"):
+    for precision in dict.fromkeys(["fp32", "int8", "int4", *trained]):
         export = args.exports / f"smollm2{'' if precision == 'fp32' else '-' + precision}"
         row = {
             "fp32_trained": eval_loss(load(export, bank=args.bank, providers="cpu", threads=args.threads), args.task, examples)
@@ -68,7 +75,7 @@ def main() -> int:
             row["trained_for_it"] = eval_loss(model, args.task, examples)
         rows[precision] = row
     base = rows["fp32"]["fp32_trained"]
-    print(f"\n{'precision':9} {'fp32-trained':>13} {'trained for it':>15} {'gap closed':>11}")
+    print(f"\n{'export':9} {'fp32-trained':>13} {'trained for it':>15} {'gap closed':>11}")
     for precision, row in rows.items():
         own = row.get("trained_for_it")
         gap = row["fp32_trained"] - base
