@@ -79,6 +79,7 @@ class CachedDecoder(torch.nn.Module):
         self.model = model
         self.layout = layout
         self.pass_positions = accepts_position_ids(model)
+        self.window, self.layer_types = sliding_window(model.config)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         from transformers.cache_utils import DynamicCache
@@ -87,15 +88,55 @@ class CachedDecoder(torch.nn.Module):
         for i in range(self.layout.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         kwargs = {"position_ids": position_ids} if self.pass_positions else {}
+        mask = attention_mask
+        if self.window is not None:
+            mask = window_masks(attention_mask, inputs_embeds.shape[1], self.window, inputs_embeds.dtype, self.layer_types)
         out = self.model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
             return_dict=True,
             **kwargs,
         )
         return (out.logits, *cache_tensors(out.past_key_values))
+
+
+def sliding_window(config) -> tuple[int | None, bool]:
+    """(the attention window, whether the model mixes windowed and full layers by `layer_types`); (None, False) for
+    models that attend to everything."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None, False
+    types = getattr(config, "layer_types", None) or []
+    if types and "sliding_attention" not in types:
+        return None, False
+    return int(window), bool(types)
+
+
+def window_masks(mask, queries: int, window: int, dtype, by_layer_type: bool):
+    """Additive [B, 1, Q, K] masks that count a window in real tokens, not columns.
+
+    transformers measures a sliding window in cache columns. The runtime's rows are left-padded,
+    and a task's cached prompt sits before the padding of the tokens fed after it, so a short
+    row's window would cover padding instead of its prompt: batch != alone. Here each column's
+    place is its count of real tokens before it (as position ids count), so every row sees the
+    window it sees alone. Models that mix windowed and full layers get both masks by layer type.
+    """
+    real = mask.bool()
+    place = mask.long().cumsum(-1) - 1  # [B, K]
+    query = place[:, -queries:].unsqueeze(-1)  # [B, Q, 1]
+    key = place.unsqueeze(1)  # [B, 1, K]
+    full = real.unsqueeze(1) & (key <= query)
+    windowed = full & (query - key < window)
+    low = torch.finfo(dtype).min
+
+    def additive(allowed):
+        return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), low, dtype=dtype)).unsqueeze(1)
+
+    if by_layer_type:
+        return {"full_attention": additive(full), "sliding_attention": additive(windowed)}
+    return additive(windowed)
 
 
 def example_inputs(layout: CacheLayout, hidden: int, batch: int = 2, seq: int = 3, past: int = 4):
