@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         "--algorithm": args.algorithm,
         "--keep": args.keep,
     }
+    if args.tolerance is not None and not 0 < args.tolerance < float("inf"):  # (NaN fails it too)
+        parser.error(f"--tolerance {args.tolerance}; expected a positive number")
+    if not 7 <= args.opset <= 23:
+        parser.error(f"--opset {args.opset}; expected 7 to 23 (the ONNX opsets torch.onnx writes)")
+    if args.block_size is not None and (args.block_size < 16 or args.block_size & (args.block_size - 1)):
+        parser.error(f"--block-size {args.block_size}; expected a power of two, at least 16")
     given = [flag for flag, value in quantization.items() if value is not None]
     if given and args.precision not in ("int8", "int4"):
         parser.error(f"{', '.join(given)} set(s) how int8/int4 weights are quantized; add --precision int8 or int4")

@@ -162,3 +162,27 @@ def test_malformed_adapters_are_one_error_line(llama_export, tmp_path, capsys, c
     code = bank_main(["import-peft", str(folder), str(tmp_path / "bank"), "--task", "t", "--model", str(llama_export)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("cli", "args", "message"),
+    [
+        ("train-prompt", ["--length", "0"], "--length 0; expected at least 1"),
+        ("train-prompt", ["--lr", "nan"], "--lr nan; expected a positive number"),
+        ("train-prompt", ["--batch-size", "-2"], "--batch-size -2; expected at least 1"),
+        ("export-model", ["--tolerance", "-1"], "--tolerance -1.0; expected a positive number"),
+        ("export-model", ["--precision", "int8", "--block-size", "24"], "--block-size 24; expected a power of two"),
+    ],
+)
+def test_other_clis_refuse_values_out_of_range_as_usage_errors(tmp_path, capsys, cli, args, message):
+    from softprompt.exporter.cli import main as export_main
+    from softprompt.training.cli import main as train_main
+
+    if cli == "train-prompt":
+        argv = ["some-model", "--data", str(tmp_path / "d.jsonl"), "--task", "t", "--bank", str(tmp_path / "b"), *args]
+        main = train_main
+    else:
+        argv, main = ["some-model", str(tmp_path / "out"), *args], export_main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err

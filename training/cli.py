@@ -98,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Values out of range are usage errors, refused before anything loads.
+    for flag, value, low in (
+        ("--length", args.length, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--steps", args.steps, 1),
+        ("--eval-every", args.eval_every, 1),
+        ("--seed", args.seed, 0),
+        ("--checkpoint-every", args.checkpoint_every, 0),
+    ):
+        if value is not None and value < low:
+            parser.error(f"{flag} {value}; expected at least {low}")
+    for flag, value in (("--lr", args.lr), ("--epochs", args.epochs)):
+        if not value > 0 or value == float("inf"):  # (NaN fails it too)
+            parser.error(f"{flag} {value}; expected a positive number")
     if args.precision not in ("fp32", "int8", "int4") and not (Path(args.precision) / "softprompt.json").is_file():
         parser.error(f"--precision {args.precision!r}; expected fp32, int8, int4 or an export folder (with softprompt.json)")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -114,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         # Everything about the inputs is checked before the model is loaded.
-        if args.length < 1:
-            raise TrainingError(f"--length {args.length}; expected at least 1")
         if (args.bank / f"{args.task}.json").exists() and not args.force:
             raise TrainingError(f"task {args.task!r} exists in {args.bank}; pass --force to replace it")
         verbalizers = parse_verbalizers(args.verbalizer)
