@@ -258,7 +258,7 @@ def parse_vectors(data: bytes, where: str) -> np.ndarray:
         version = np.lib.format.read_magic(stream)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(stream)
-    except ValueError as exc:
+    except Exception as exc:  # numpy parses the header as Python literals: SyntaxError, TokenError, ... on garbage
         raise InvalidPromptError(
             f"{where}: not a readable .npy file ({exc}); expected a float32/float16 array saved by numpy (is it truncated?)"
         ) from None

@@ -113,8 +113,6 @@ class ExportConfig:
             if key in data and not check(data[key]):
                 raise ExportFormatError(f"{where}: {key} is {data[key]!r:.60}; expected {what}")
         config = cls(**{key: value for key, value in data.items() if key in fields})
-        if not isinstance(config.files, dict):
-            raise ExportFormatError(f"{where}: files is {config.files!r}; expected an object of file names")
         for key in ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_size"):
             value = getattr(config, key)
             if not isinstance(value, int) or value <= 0:
@@ -170,10 +168,8 @@ _TYPES = [
     *((key, _int, "a whole number") for key in ("opset",)),
     ("eos_token_ids", _ints, "a list of whole numbers"),
     *((key, _strings, "a list of strings") for key in ("input_names", "output_names")),
-    *(
-        (key, lambda v: isinstance(v, dict), "an object")
-        for key in ("files", "source", "validation", "generation", "quantization")
-    ),
+    ("files", lambda v: isinstance(v, dict), "an object of file names"),
+    *((key, lambda v: isinstance(v, dict), "an object") for key in ("source", "validation", "generation", "quantization")),
     ("pooling", lambda v: v is None or isinstance(v, str), "a string or null"),
     ("max_seq_length", lambda v: v is None or (_int(v) and v >= 2), "a whole number of tokens (at least 2) or null"),
 ]

@@ -19,7 +19,9 @@ from softprompt.prompt_bank.peft import read_peft_adapter
 from softprompt.runtime import load
 
 FP = "sha256:" + "ab" * 32
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(
+    max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
