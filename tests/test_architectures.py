@@ -37,6 +37,15 @@ LONG_TEXTS = [
 
 def sliding(name: str, window: int):
     """A tiny config of `name` whose attention window is shorter than the inputs."""
+    if name == "gemma2":
+        import transformers as T
+
+        from architectures import COMMON
+
+        return T.Gemma2Config(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_key_value_heads=1,
+            head_dim=16, max_position_embeddings=128, sliding_window=window, **COMMON,
+        )  # fmt: skip
     config = configs()[name]
     config.sliding_window = window
     if name == "qwen2":
@@ -46,7 +55,7 @@ def sliding(name: str, window: int):
     return config
 
 
-@pytest.mark.parametrize(("name", "window"), [("gemma3_text", 6), ("mistral", 6), ("qwen2", 6)])
+@pytest.mark.parametrize(("name", "window"), [("gemma3_text", 6), ("gemma2", 6), ("mistral", 6), ("qwen2", 6), ("phi3", 6)])
 def test_sliding_windows_count_tokens_not_padding(name, window, tmp_path):
     """A row in a left-padded batch sees the same window of real tokens as alone, with and without a cached prompt."""
     import torch
