@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", type=Path, metavar="BANK")
     p.add_argument("--model", type=Path, metavar="EXPORT_DIR", help="export folder whose width and fingerprint must match")
 
-    p = commands.add_parser("import-peft", help="import a PEFT prompt-tuning adapter as a task")
+    p = commands.add_parser("import-peft", help="import a PEFT prompt-tuning or P-tuning adapter as a task")
     p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR", help="folder with adapter_config.json and adapter_model.*")
     p.add_argument("bank", type=Path, metavar="BANK")
     p.add_argument("--task", required=True, help="name of the task to create")
@@ -199,7 +199,9 @@ def _import_peft(args) -> int:
             f"{adapter.weights_file}: prompt width E={width}; the export {args.model} has width {config.hidden_size}"
         )
     peft_record = {
-        k: adapter.config[k] for k in ("task_type", "base_model_name_or_path", "num_virtual_tokens") if k in adapter.config
+        k: adapter.config[k]
+        for k in ("peft_type", "task_type", "base_model_name_or_path", "num_virtual_tokens", "encoder_reparameterization_type")
+        if k in adapter.config
     }
     extra: dict = {"peft": peft_record}
     if adapter.classifier is not None:

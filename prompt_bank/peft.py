@@ -1,8 +1,13 @@
-"""Conversion from PEFT prompt-tuning adapters (`adapter_config.json` + `adapter_model.*`).
+"""Conversion from PEFT prompt-tuning and P-tuning adapters (`adapter_config.json` + `adapter_model.*`).
 
 PEFT keeps a prompt-tuning adapter's prompt under the key `prompt_embeddings`, shaped
 [num_virtual_tokens * num_transformer_submodules, token_dim]: encoder-decoder models carry a
 second block that PEFT never uses, so only the first `num_virtual_tokens` rows are the prompt.
+
+A P-tuning adapter (Liu et al. 2021) learns its prompt through a small encoder (an MLP or LSTM over
+trainable embeddings), but PEFT saves the encoder's *output* under the same key and, loaded for
+inference, prepends exactly those vectors: a plain [P, E] soft prompt, served like any other task.
+Prefix tuning (per-layer keys and values) is not a prompt on the input embeddings and is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from .errors import AdapterError
 from .safetensors_np import read_safetensors, safetensors_bytes
 
 PROMPT_KEY = "prompt_embeddings"
+# PEFT methods whose saved `prompt_embeddings` are the vectors prepended to the input embeddings.
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +54,10 @@ def read_peft_adapter(adapter_dir: str | Path) -> PeftPrompt:
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: a JSON {type(config).__name__}; expected an object (PEFT's adapter config)")
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "PROMPT_TUNING":
+    if peft_type not in PROMPT_TYPES:
         raise AdapterError(
-            f"{config_path}: peft_type is {config.get('peft_type')!r}; expected 'PROMPT_TUNING' "
-            "(prefix tuning and P-tuning adapters are not soft prompts on the input embeddings)"
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; expected 'PROMPT_TUNING' or 'P_TUNING' "
+            "(a prefix-tuning adapter's per-layer keys and values are not a prompt on the input embeddings)"
         )
     tokens = config.get("num_virtual_tokens")
     if not isinstance(tokens, int) or tokens <= 0:
@@ -124,6 +131,8 @@ def _read_prompt_table(folder: Path) -> _Table:
 
 def adapter_init(config: dict[str, Any]) -> str:
     """Describe how PEFT initialised the prompt, for the task's record."""
+    if str(config.get("peft_type", "")).upper() == "P_TUNING":
+        return f"peft:p-tuning:{str(config.get('encoder_reparameterization_type', 'MLP')).lower()}"
     init = str(config.get("prompt_tuning_init", "unknown")).lower()
     text = config.get("prompt_tuning_init_text")
     return f"peft:{init}" + (f":{text!r}" if text and init == "text" else "")

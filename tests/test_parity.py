@@ -89,3 +89,35 @@ def test_text_prompt_equals_prepending_its_token_ids(arch, tmp_path):
         expected = until_eos(out[0, ids.shape[1] :].tolist(), 2)
         assert model.complete(line, task="intro", max_new_tokens=10)[0].token_ids == expected
         assert model.complete_ids([prefix + model.encode(line)], max_new_tokens=10)[0].token_ids == expected
+
+
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_p_tuning_adapters_serve_what_peft_serves(llama_dir, llama_export, tmp_path, encoder):
+    """A P-tuning adapter saves its prompt encoder's output: imported as a plain prompt, the runtime gives PEFT's
+    logits (within 1e-4) and greedy tokens, loading the adapter as PEFT users do."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    config = peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32, encoder_reparameterization_type=encoder
+    )
+    trained = peft.get_peft_model(base, config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in trained.prompt_encoder["default"].parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.3)  # as if trained: the encoder is not at its init
+    trained.save_pretrained(tmp_path / "adapter")
+    args = ["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "p", "--model", str(llama_export)]
+    assert bank_main(args) == 0
+    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir).eval(), tmp_path / "adapter")
+    reference.eval()
+    model = load(llama_export, bank=tmp_path / "bank", providers="cpu")
+    assert model.prompt("p").shape == (4, model.config.hidden_size)
+    eos = model.config.eos_token_ids[0]
+    for text in TEXTS:
+        ids = torch.tensor([model.encode(text)])
+        with torch.no_grad():
+            ref = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy()
+        got = model.logits(text, task="p")[0]
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), text
+        assert model.complete(text, task="p", max_new_tokens=8)[0].token_ids == greedy_without_cache(reference, ids, 8, eos=eos)
