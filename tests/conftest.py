@@ -53,11 +53,12 @@ TINY_INT4_TOLERANCE = 1.0
 
 
 def make_model(folder: Path, kind: str) -> Path:
+    """A tiny random "llama" (lm_head untied), "llama-tied" or "gpt2" with its tokenizer, saved in `folder`."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    if kind == "llama":
+    if kind in ("llama", "llama-tied"):
         config = LlamaConfig(
             vocab_size=320,
             hidden_size=64,
@@ -70,7 +71,7 @@ def make_model(folder: Path, kind: str) -> Path:
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=0,
-            tie_word_embeddings=False,
+            tie_word_embeddings=kind == "llama-tied",
         )
         model = LlamaForCausalLM(config)
     else:
@@ -87,7 +88,7 @@ def make_model(folder: Path, kind: str) -> Path:
         )
         model = GPT2LMHeadModel(config)
     model.save_pretrained(folder)
-    make_tokenizer(folder, add_bos=kind == "llama")
+    make_tokenizer(folder, add_bos=kind != "gpt2")
     return folder
 
 
@@ -99,28 +100,7 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tied_dir(tmp_path_factory):
     """The tiny Llama with its lm_head tied to the input embeddings, as most small models are."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tied-llama")
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    make_tokenizer(folder, add_bos=True)
-    return folder
+    return make_model(tmp_path_factory.mktemp("tied-llama"), "llama-tied")
 
 
 @pytest.fixture(scope="session")

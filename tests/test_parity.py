@@ -29,6 +29,21 @@ def make_adapter(hf_dir, out_dir, length: int, seed: int):
     return model.eval()
 
 
+def serves_like_peft(model, task: str, peft_model, new_tokens: int) -> None:
+    """For each text: logits over prompt + text within 1e-4 of PEFT's, then PEFT's greedy tokens."""
+    eos = model.config.eos_token_ids[0]
+    length = model.prompt(task).shape[0]
+    for text in TEXTS:
+        ids = torch.tensor([model.encode(text)])
+        with torch.no_grad():
+            ref = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy()
+        got = model.logits(text, task=task)[0]
+        assert got.shape == ref.shape == (length + ids.shape[1], model.config.vocab_size)
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), text
+        expected = greedy_without_cache(peft_model, ids, new_tokens, eos=eos)
+        assert model.complete(text, task=task, max_new_tokens=new_tokens)[0].token_ids == expected, text
+
+
 def until_eos(ids: list[int], eos: int) -> list[int]:
     """HF pads finished rows; the runtime stops at (and keeps) end-of-sequence."""
     return ids[: ids.index(eos) + 1] if eos in ids else ids
@@ -43,16 +58,7 @@ def test_peft_parity_logits_and_greedy_tokens(arch, tmp_path, length):
     )
     model = load(export, bank=tmp_path / "bank", providers="cpu")
     np.testing.assert_array_equal(model.prompt("t"), peft_model.prompt_encoder["default"].embedding.weight.detach().numpy())
-    eos = model.config.eos_token_ids[0]
-    for text in TEXTS:
-        ids = torch.tensor([model.encode(text)])
-        with torch.no_grad():
-            ref = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy()
-        got = model.logits(text, task="t")[0]
-        assert got.shape == ref.shape == (length + ids.shape[1], model.config.vocab_size)
-        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), text
-        expected = greedy_without_cache(peft_model, ids, 12, eos=eos)
-        assert model.complete(text, task="t", max_new_tokens=12)[0].token_ids == expected, text
+    serves_like_peft(model, "t", peft_model, new_tokens=12)
 
 
 def test_no_prompt_matches_the_plain_model(arch):
@@ -113,11 +119,4 @@ def test_p_tuning_adapters_serve_what_peft_serves(llama_dir, llama_export, tmp_p
     reference.eval()
     model = load(llama_export, bank=tmp_path / "bank", providers="cpu")
     assert model.prompt("p").shape == (4, model.config.hidden_size)
-    eos = model.config.eos_token_ids[0]
-    for text in TEXTS:
-        ids = torch.tensor([model.encode(text)])
-        with torch.no_grad():
-            ref = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy()
-        got = model.logits(text, task="p")[0]
-        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), text
-        assert model.complete(text, task="p", max_new_tokens=8)[0].token_ids == greedy_without_cache(reference, ids, 8, eos=eos)
+    serves_like_peft(model, "p", reference, new_tokens=8)
