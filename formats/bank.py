@@ -47,6 +47,8 @@ READ_SCHEMAS = (1, 2)  # 1: vectors in NAME.npy, no hash (written before tasks c
 MAX_RECORD_BYTES = 16 * 2**20
 MAX_VECTORS_BYTES = 256 * 2**20
 _HASH_DIGITS = 16
+# A schema 2 vectors file, NAME.<_HASH_DIGITS hex digits of its sha256>.npy; group 1 is the task's name.
+VECTORS_FILE = re.compile(r"(.+)\.[0-9a-f]{16}\.npy")
 ALLOWED_DTYPES = ("float32", "float16")
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: `$` would let a trailing newline in
 
@@ -178,13 +180,17 @@ def _write_task(bank: Path, meta: PromptMeta, array: np.ndarray) -> PromptMeta:
     np.save(buffer, array, allow_pickle=False)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    vectors_name = f"{meta.name}.{digest[:_HASH_DIGITS]}.npy"
+    vectors_name = _vectors_file(meta.name, digest)
     meta = dataclasses.replace(meta, vectors=vectors_name, vectors_sha256=digest, schema_version=SCHEMA_VERSION)
     text = json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n"
     write_atomic(bank / vectors_name, lambda handle: handle.write(data))  # a new name: the old version is untouched
     write_atomic(bank / f"{meta.name}.json", lambda handle: handle.write(text), mode="w")  # the switch
     _remove_strays(bank, meta.name, keep=vectors_name)
     return meta
+
+
+def _vectors_file(name: str, sha256: str) -> str:
+    return f"{name}.{sha256[:_HASH_DIGITS]}.npy"
 
 
 def task_exists(bank_dir: str | os.PathLike, name: str) -> bool:
@@ -220,7 +226,7 @@ def orphans(bank_dir: str | os.PathLike) -> list[str]:
         if f.endswith(".npy")
         and task_of(f[: -len(".npy")] + ".json")
         and f"{f[: -len('.npy')]}.json" not in names
-        and not re.fullmatch(r".+\.[0-9a-f]{16}\.npy", f)
+        and not VECTORS_FILE.fullmatch(f)
     )
 
 
@@ -343,8 +349,8 @@ def read_meta(path: Path) -> PromptMeta:
         named, digest = data["vectors"], data["vectors_sha256"]
         if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
             raise InvalidPromptError(f"{path}: vectors_sha256 is {digest!r}; expected 64 lowercase hex digits")
-        if named != f"{stem}.{digest[:_HASH_DIGITS]}.npy":
-            raise InvalidPromptError(f"{path}: vectors is {named!r}; expected {stem}.{digest[:_HASH_DIGITS]}.npy, in the bank")
+        if named != _vectors_file(stem, digest):
+            raise InvalidPromptError(f"{path}: vectors is {named!r}; expected {_vectors_file(stem, digest)}, in the bank")
     return PromptMeta(**data)
 
 
@@ -364,11 +370,9 @@ def load_prompt(
     if not meta_path.exists():
         if meta_path.is_symlink():
             raise InvalidPromptError(f"{meta_path}: a link to {os.readlink(meta_path)!r}, which does not exist")
-        legacy = (bank / f"{name}.npy").exists()
-        tasks = list_tasks(bank)
-        if legacy:
+        if (bank / f"{name}.npy").exists():
             raise InvalidPromptError(f"{bank / (name + '.npy')}: has no {name}.json record beside it; every task needs one")
-        raise UnknownTaskError(f"no task {name!r} in bank {bank}; tasks there: {', '.join(tasks) or 'none'}")
+        raise UnknownTaskError(f"no task {name!r} in bank {bank}; tasks there: {', '.join(list_tasks(bank)) or 'none'}")
     for attempt in range(3):
         meta = read_meta(meta_path)
         npy = vectors_path(bank, meta)
@@ -433,14 +437,14 @@ def remove_prompt(bank_dir: str | os.PathLike, name: str) -> None:
 def _remove_strays(bank: Path, name: str, keep: str | None) -> None:
     """Files of task `name` that its record does not name: older versions' vectors, schema 1's NAME.npy, and
     temporary files of killed writes. A file that is another task's (it has a record of its own) is left."""
-    own = re.compile(re.escape(name) + r"\.[0-9a-f]{16}\.npy")  # _HASH_DIGITS hex digits
     temporary = re.compile(r"\." + re.escape(name) + r"(\.[0-9a-f]{16})?\.(npy|json)\.[a-z0-9_]{8}\.tmp")
     try:
         entries = set(os.listdir(bank))
     except OSError:
         return
     for entry in entries - {keep, f"{name}.json"}:
-        if own.fullmatch(entry):
+        version = VECTORS_FILE.fullmatch(entry)
+        if version and version.group(1) == name:
             if f"{entry[: -len('.npy')]}.json" in entries:
                 continue  # schema 1's vectors of a task named NAME.<hex>, which has its own record
         elif not (temporary.fullmatch(entry) or entry == f"{name}.npy"):

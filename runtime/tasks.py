@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from softprompt.formats.bank import load_prompt, task_of
+from softprompt.formats.bank import VECTORS_FILE, load_prompt, task_of
 from softprompt.formats.errors import InvalidPromptError, PromptBankError, UnknownTaskError
 from softprompt.formats.task import Head, TaskSpec, parse_head
 
@@ -37,7 +36,6 @@ log = logging.getLogger("softprompt.runtime")
 # present (a record copied in before its vectors is served once they arrive); None where absent.
 FileStamp = tuple[int, int, int] | None
 Stamp = tuple[FileStamp, FileStamp, tuple[FileStamp, ...]]
-_VECTORS = re.compile(r"(.+)\.[0-9a-f]{16}\.npy")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -118,7 +116,7 @@ class TaskStore:
             return {}
         versions: dict[str, list[FileStamp]] = {}
         for file_name, entry in entries.items():
-            match = _VECTORS.fullmatch(file_name)
+            match = VECTORS_FILE.fullmatch(file_name)
             if match:
                 versions.setdefault(match.group(1), []).append(_entry_stat(entry))
         stamps = {}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from softprompt.formats import __version__
+from softprompt.formats.bank import task_exists
 from softprompt.formats.errors import SoftpromptError
 from softprompt.formats.task import TaskSpec, default_verbalizers, parse_verbalizers, unescape
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         # Everything about the inputs is checked before the model is loaded.
-        if (args.bank / f"{args.task}.json").exists() and not args.force:
+        if task_exists(args.bank, args.task) and not args.force:
             raise TrainingError(f"task {args.task!r} exists in {args.bank}; pass --force to replace it")
         verbalizers = parse_verbalizers(args.verbalizer)
         train = read_jsonl(args.data, labels=list(verbalizers) or None)
