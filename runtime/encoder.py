@@ -57,8 +57,6 @@ class Encoder(ServedExport):
         one = isinstance(texts, str)
         texts = as_texts(texts)
         found = self._store.resolve(tasks_for(task, len(texts)))
-        if not self.max_tokens and self.config.max_seq_length:
-            self._refuse_long(texts, found)
         vectors = self._embed(self._encode_rows(texts, found), found, normalize, batch_size or self.batch_size)
         return vectors[0] if one else vectors
 
@@ -76,13 +74,18 @@ class Encoder(ServedExport):
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _refuse_long(self, texts: Sequence[str], found: Sequence[Task | None]) -> None:
-        for i, ids in enumerate(self._encode_rows(texts, found)):
-            if len(ids) > self.config.max_seq_length:
-                raise RequestError(
-                    f"input {i} has {len(ids)} tokens; the model was trained on at most {self.config.max_seq_length} "
-                    "(load with truncate=True to cut it there, as sentence-transformers does)"
-                )
+    def _encode_rows(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[list[int]]:
+        """Token ids of each text, cut at max_seq_length by the tokenizer or, with truncate=False, refused past it."""
+        rows = super()._encode_rows(texts, found)
+        limit = self.config.max_seq_length
+        if limit and not self.max_tokens:
+            for i, ids in enumerate(rows):
+                if len(ids) > limit:
+                    raise RequestError(
+                        f"input {i} has {len(ids)} tokens; the model was trained on at most {limit} "
+                        "(load with truncate=True to cut it there, as sentence-transformers does)"
+                    )
+        return rows
 
     def _probabilities(self, texts: Sequence[str], found: Sequence[Task]) -> list[np.ndarray]:
         """Each row's label probabilities; rows of one task share batches."""
