@@ -251,10 +251,8 @@ def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, tab
     index = list(model.graph.node).index(head)
     model.graph.node.remove(head)
     model.graph.node.insert(index, product)
-    if not any(head.input[1] in n.input for n in model.graph.node):
-        model.graph.initializer.remove(weight)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(model)
+    _use_contrib_ops(model)
     kept[head.name] = "table"  # done: the quantizers leave it alone
     return True
 
@@ -291,7 +289,6 @@ def _offset_int4(model, names: list[str], block_size: int) -> None:
     x, is one small float matrix product of x's block sums ([K/block, N], a sixteenth of the
     weights' size): error 0.1% of the norm instead of 8% on those weights.
     """
-    import onnx
     from onnx import helper, numpy_helper
 
     wanted = set(names)
@@ -342,12 +339,8 @@ def _offset_int4(model, names: list[str], block_size: int) -> None:
         ]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(model)
+    _use_contrib_ops(model)
 
 
 def _gemm_as_matmul(model) -> None:
@@ -381,10 +374,23 @@ def _gemm_as_matmul(model) -> None:
             nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + ".bias"))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    _drop_unused_initializers(model)  # a weight stored transposed is not kept twice
+
+
+def _drop_unused_initializers(model) -> None:
+    """Remove the weights no node reads any more (those a rewrite replaced)."""
     used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]  # a weight stored transposed is not kept twice
+    kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
+
+
+def _use_contrib_ops(model) -> None:
+    """Declare onnxruntime's com.microsoft domain (MatMulNBits) where the graph does not yet."""
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _lm_head(model, matmuls) -> list:
@@ -430,9 +436,7 @@ def dequantized(
     from onnx import TensorProto, helper, numpy_helper
 
     if not precision.quantized:
-        if precision.name == "fp16":
-            return {name: w.astype(np.float16).astype(np.float32) for name, w in weights.items()}
-        return dict(weights)
+        raise ExportError(f"dequantized: precision {precision.name}; expected int8 or int4 (weights that MatMulNBits stores)")
     precision = dataclasses.replace(precision, accuracy_level=0)
     out: dict[str, np.ndarray] = {}
     for width in sorted({w.shape[0] for w in weights.values()}):

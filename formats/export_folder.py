@@ -121,16 +121,6 @@ class ExportConfig:
             raise ExportFormatError(f"{where}: pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
         if config.precision not in PRECISIONS:
             raise ExportFormatError(f"{where}: precision {config.precision!r}; this runtime reads {', '.join(PRECISIONS)}")
-        if config.table_in_graph is not None and not (
-            isinstance(config.table_in_graph, dict)
-            and set(config.table_in_graph) == {"codes_offset", "scales_offset", "zero_point"}
-            and all(type(v) is int and v >= 0 for v in config.table_in_graph.values())
-            and config.table_in_graph["zero_point"] < 256
-        ):
-            raise ExportFormatError(
-                f"{where}: table_in_graph is {config.table_in_graph!r}; expected "
-                "{codes_offset, scales_offset, zero_point} of non-negative integers (zero_point below 256)"
-            )
         if config.kind not in KINDS:
             raise ExportFormatError(f"{where}: kind {config.kind!r}; this runtime reads {', '.join(map(repr, KINDS))} exports")
         if config.kind != "encoder" and (
@@ -155,6 +145,15 @@ def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def _table_place(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == {"codes_offset", "scales_offset", "zero_point"}
+        and all(_int(v) and v >= 0 for v in value.values())
+        and value["zero_point"] < 256
+    )
+
+
 # What each softprompt.json field must be, checked before anything is built from it.
 _TYPES = [
     *(
@@ -172,6 +171,11 @@ _TYPES = [
     *((key, lambda v: isinstance(v, dict), "an object") for key in ("source", "validation", "generation", "quantization")),
     ("pooling", lambda v: v is None or isinstance(v, str), "a string or null"),
     ("max_seq_length", lambda v: v is None or (_int(v) and v >= 2), "a whole number of tokens (at least 2) or null"),
+    (
+        "table_in_graph",
+        lambda v: v is None or _table_place(v),
+        "null or {codes_offset, scales_offset, zero_point} of non-negative integers (zero_point below 256)",
+    ),
 ]
 
 
