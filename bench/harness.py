@@ -6,6 +6,7 @@ can use it too. Benchmarks run as modules from the repository root: `python -m b
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -87,6 +88,17 @@ def timed_generate(model, ids, new_tokens: int) -> tuple[float, list[float], lis
             streamer=streamer,
         )
     return start, streamer.times[1:], out[:, ids.shape[1] :].tolist()  # the first put() is the input
+
+
+def side_arguments(model_help: str, repeats: int) -> argparse.ArgumentParser:
+    """The command line every side of a comparison takes (a model, input ids, new tokens, threads, repeats)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", help=model_help)
+    parser.add_argument("--ids", required=True, help="comma-separated input token ids")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
 
 
 def peak_rss_mb() -> float:

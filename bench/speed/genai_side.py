@@ -13,23 +13,17 @@ alive and prints one such line per 'run' line on stdin.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import onnxruntime_genai as og
 
-from bench.harness import peak_rss_mb, serve  # standard library only at import
+from bench.harness import peak_rss_mb, serve, side_arguments  # standard library only at import
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--ids", required=True, help="comma-separated input token ids")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = side_arguments("onnxruntime-genai's model folder", repeats=3)
     parser.add_argument(
         "--serve", action="store_true", help="stay alive: measure once per 'run' line on stdin (bench.harness.serve's protocol)"
     )

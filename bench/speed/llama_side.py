@@ -11,26 +11,19 @@ prints one JSON line: decode tokens/s and first-token ms (medians), peak RSS and
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 from llama_cpp import Llama
 
-from bench.harness import peak_rss_mb  # standard library only at import
+from bench.harness import peak_rss_mb, side_arguments  # standard library only at import
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("gguf")
-    parser.add_argument("--ids", required=True, help="comma-separated input token ids")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    args = side_arguments("the GGUF file", repeats=2).parse_args()
     ids = [int(x) for x in args.ids.split(",")]
-    model = Llama(model_path=args.gguf, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512, verbose=False)
+    model = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512, verbose=False)
 
     def once() -> tuple[float, float, list[int]]:
         model.reset()  # else its prefix cache skips the prefill of a repeated input
