@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     precision = parser.add_argument_group(
         "precision",
         "int8 and int4 quantize the weights of every constant matrix product (lm_head included) to onnxruntime's "
-        "MatMulNBits: the CPU choice, 2-3x faster than fp32 and 3.5-5x smaller. fp16 is for CUDA. The embedding table, "
-        "activations, the KV cache and every prompt stay float32: prompts trained on one precision load on all.",
+        "MatMulNBits: the CPU choice, 2-3x faster than fp32 and 3.5-5x smaller (encoders at int8 quantize activations "
+        "too: --algorithm dynamic). fp16 is for CUDA. The embedding table, the KV cache and every prompt stay float32: "
+        "prompts trained on one precision load on all.",
     )
     precision.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weights of the graphs (default: fp32)")
     precision.add_argument("--block-size", type=int, default=None, help="int8/int4: weights per scale (default: 32)")
@@ -81,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--algorithm",
         choices=ALGORITHMS,
         default=None,
-        help="int8/int4: rtn (round to nearest, the default) or hqq (int4, float zero points: most accurate, "
-        "but onnxruntime's CPU kernels run it slowly)",
+        help="int8/int4: rtn (round to nearest; the default for int8 decoders), offset (int4: a float minimum per "
+        "block; int4's default), hqq (int4, float zero points: onnxruntime's CPU kernels run it slowly) or dynamic "
+        "(int8: activations quantized at run time too, MatMulInteger; the default for int8 encoders, with the "
+        "products that move the output most, measured on sample text, kept at fp32 unless --keep names them)",
     )
     precision.add_argument(
         "--keep",

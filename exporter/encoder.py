@@ -140,24 +140,28 @@ def export_encoder_graph(graph: EncoderModule, hidden: int, path: Path, opset: i
     onnx_export(graph, example, path, opset, external_data, dynamic, names, graph.output_names, what=type(graph.model).__name__)
 
 
-def validate_encoder(path: Path, graph: EncoderModule, table: np.ndarray, tolerance: float) -> dict:
-    """ONNX against PyTorch on right-padded rows; padded positions are not compared."""
-    import onnxruntime as ort
-
+def validation_feeds(table: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Three rows of random tokens, two of them right-padded; and the mask of the positions that are not padding."""
     rng = np.random.default_rng(0)
     embeds = table[rng.integers(0, table.shape[0], (3, 7))].astype(np.float32)
     mask = np.ones((3, 7), dtype=np.int64)
     mask[1, 5:] = 0
     mask[2, 2:] = 0
-    feeds = {"inputs_embeds": embeds, "attention_mask": mask}
-    if graph.token_types:
-        feeds["token_type_ids"] = np.zeros((3, 7), dtype=np.int64)
+    return {"inputs_embeds": embeds, "attention_mask": mask, "token_type_ids": np.zeros_like(mask)}, mask.astype(bool)
+
+
+def validate_encoder(path: Path, graph: EncoderModule, table: np.ndarray, tolerance: float) -> dict:
+    """ONNX against PyTorch on right-padded rows; padded positions are not compared."""
+    import onnxruntime as ort
+
+    feeds, keep = validation_feeds(table)
+    if not graph.token_types:
+        del feeds["token_type_ids"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(graph.output_names, feeds)
     with torch.no_grad():
         want = graph(*(torch.from_numpy(v) for v in feeds.values()))
     want = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
-    keep = mask.astype(bool)
     diffs = {"last_hidden_state, padded rows": relative_diff(got[0][keep], want[0][keep])}
     if graph.pooler:
         diffs["pooler_output"] = relative_diff(got[1], want[1])
@@ -187,3 +191,40 @@ def encoder_tokens(tokenizer) -> dict:
         "eos_token_ids": [t for t in (tokenizer.sep_token_id,) if t is not None],
         "pad_token_id": tokenizer.pad_token_id,
     }
+
+
+# Text for `calibration_feeds`: plain sentences, questions, numbers, code, shouting and another language,
+# so that the activations' ranges are those of real input (random rows of the table are much tamer).
+CALIBRATION_TEXTS = (
+    "A man is playing a guitar on the street corner.",
+    "What is the capital of France, and how many people live there?",
+    "The new phone has a brilliant screen but a weak battery!!!",
+    "Invoice #4471: 3 x widgets at $19.99, due 2024-07-01.",
+    "def add(x, y): return x + y  # sums two numbers",
+    "Ugh. Worst. Service. EVER. Never coming back :(",
+    "La vie est belle en été, surtout au bord de la mer.",
+    "Heavy rain is expected across the north tomorrow, with flooding likely near rivers.",
+)
+
+
+def calibration_feeds(tokenizer, table: np.ndarray, positions: int | None, prompt_length: int = 20, seed: int = 0):
+    """Inputs an encoder graph sees in service: a soft prompt (rows of the table) before each text, right-padded
+    to at most `positions` (the model's). With them, the validation's own inputs, which a quantized graph must pass.
+
+    Returns (feeds, a [B, T] mask of the positions that are not padding) for each.
+    """
+    rng = np.random.default_rng(seed)
+    if positions:
+        prompt_length = min(prompt_length, positions // 4)
+    prompt = table[rng.integers(0, table.shape[0], prompt_length)]
+    room = positions - prompt_length if positions else None
+    ids = [tokenizer(text)["input_ids"][:room] for text in CALIBRATION_TEXTS]
+    width = prompt_length + max(len(row) for row in ids)
+    embeds = np.zeros((len(ids), width, table.shape[1]), np.float32)
+    mask = np.zeros((len(ids), width), np.int64)
+    for i, row in enumerate(ids):
+        embeds[i, :prompt_length] = prompt
+        embeds[i, prompt_length : prompt_length + len(row)] = table[row]
+        mask[i, : prompt_length + len(row)] = 1
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "token_type_ids": np.zeros_like(mask)}
+    return [(feeds, mask.astype(bool)), validation_feeds(table)]

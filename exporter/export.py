@@ -27,7 +27,8 @@ from softprompt.formats.embedding_table import open_table, quantize_rows
 from softprompt.formats.export_folder import CONFIG_FILE, ExportConfig
 
 from .backbone import Backbone, describe
-from .encoder import EncoderModule, export_encoder_graph, uses_token_types, validate_encoder
+from .dynamic_int8 import Calibration
+from .encoder import EncoderModule, calibration_feeds, export_encoder_graph, uses_token_types, validate_encoder
 from .errors import ExportError, ExportValidationError
 from .fuse import fuse_for_onnxruntime
 from .graph import CachedDecoder, export_graph
@@ -322,18 +323,24 @@ def _convert(
     log,
 ) -> dict:
     """Store the validated fp32 graphs in `precision` and validate them again; returns the new report."""
-    what = "weight-only int" + precision.name[3:] if precision.quantized else precision.name
+    what = precision.name
+    if precision.quantized:
+        what = "int8 weights and activations" if precision.algorithm == "dynamic" else f"weight-only {precision.name}"
     step(
         f"converting the graphs to {what} ({', '.join(f'{k}={v}' for k, v in precision.record().items() if k != 'precision') or 'float16 weights and compute'})"
     )
     graphs = {key: name for key, name in files.items() if name.endswith(".onnx")}
-    changes = {key: apply_precision(staging / name, precision, backbone.table) for key, name in graphs.items()}
+    limit = tolerance if tolerance is not None else TOLERANCES[precision.name]
+    calibration = None
+    if precision.algorithm == "dynamic" and backbone.kind == "encoder":
+        sets = calibration_feeds(backbone.tokenizer, backbone.table, backbone.facts["max_positions"])
+        calibration = Calibration(sets, tolerance=limit)
+    changes = {key: apply_precision(staging / name, precision, backbone.table, calibration, log) for key, name in graphs.items()}
     for key, change in changes.items():
         log(
             f"      {graphs[key]}: {change['bytes_fp32'] / 2**20:.1f} MiB -> {change['bytes'] / 2**20:.1f} MiB"
             + "".join(f", {k}: {v}" for k, v in change.items() if not k.startswith("bytes"))
         )
-    limit = tolerance if tolerance is not None else TOLERANCES[precision.name]
     step(f"validating the {precision.name} graphs against PyTorch fp32 (tolerance {limit:g} relative to the outputs' scale)")
     try:
         report = CHECKS[backbone.kind](backbone, staging, limit)

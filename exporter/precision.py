@@ -1,8 +1,9 @@
 """The precision of an export's graphs: fp32 as traced or built, fp16 for CUDA, int8 and int4 for CPUs.
 
-int8 and int4 are weight-only: every constant matrix product (the lm_head included) becomes
-onnxruntime's MatMulNBits, weights stored in blocks of `block_size` values that share a scale
-(and a zero point unless symmetric), activations and the KV cache stay float32. fp16 converts the
+int8 and int4 are weight-only for decoders and encoder-decoders: every constant matrix product (the
+lm_head included) becomes onnxruntime's MatMulNBits, weights stored in blocks of `block_size` values
+that share a scale (and a zero point unless symmetric), activations and the KV cache stay float32.
+Encoders at int8 quantize activations too (`dynamic_int8`), which pays at batch. fp16 converts the
 whole graph, keeping float32 inputs and outputs so the runtime feeds every precision alike.
 
 The embedding table is stored small too (int8 with a scale per block of 32, fp16 for fp16) and read
@@ -17,6 +18,7 @@ import fnmatch
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from softprompt.formats.export_folder import PRECISIONS
 from .errors import ExportError
 
 BITS = {"int8": 8, "int4": 4}
-ALGORITHMS = ("rtn", "offset", "hqq")
+ALGORITHMS = ("rtn", "offset", "hqq", "dynamic")
 # What the embedding table is stored in at each precision (rows are dequantized to float32 on lookup).
 TABLE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
 # How far a graph's logits may move from PyTorch fp32, relative to their scale, before an export is
@@ -49,7 +51,9 @@ class Precision:
     block_size: int = 32  # values per scale (int8/int4): smaller keeps more accuracy, costs more scales
     symmetric: bool = False  # no zero points: smaller, but a skewed block loses a level
     accuracy_level: int | None = None  # MatMulNBits' compute type (4: int8 activations); None: the kind's best, `for_kind`
-    algorithm: str = "rtn"  # round to nearest; int4 only: "offset" (float block minimum) or "hqq" (half-quadratic)
+    # "rtn" (round to nearest); int4 only: "offset" (float block minimum) or "hqq" (half-quadratic); int8 only:
+    # "dynamic" (int8 activations too, `dynamic_int8`); None: the kind's best, `for_kind`
+    algorithm: str | None = None
     keep: tuple[str, ...] = ()  # weights left at full precision: names or their beginnings (shell patterns), e.g. "lm_head"
 
     def __post_init__(self) -> None:
@@ -59,10 +63,16 @@ class Precision:
             self.kept()
             if self.block_size < 16 or self.block_size & (self.block_size - 1):
                 raise ExportError(f"block size {self.block_size}; expected a power of two, at least 16")
-            if self.algorithm not in ALGORITHMS:
+            if self.algorithm not in (None, *ALGORITHMS):
                 raise ExportError(f"quantization algorithm {self.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
             if self.algorithm in ("hqq", "offset") and self.name != "int4":
                 raise ExportError(f"--algorithm {self.algorithm} quantizes to 4 bits only; use it with --precision int4")
+            if self.algorithm == "dynamic" and self.name != "int8":
+                raise ExportError("--algorithm dynamic quantizes to 8 bits only; use it with --precision int8")
+            if self.algorithm == "dynamic" and self.accuracy_level is not None:
+                raise ExportError(
+                    "--accuracy-level sets MatMulNBits' compute type; --algorithm dynamic computes in int8 without it"
+                )
             if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
                 raise ExportError(f"accuracy level {self.accuracy_level!r}; expected 0 to 4 (4: int8 compute)")
 
@@ -85,6 +95,8 @@ class Precision:
         """What softprompt.json keeps of it (the settings that matter for this precision only)."""
         if not self.quantized:
             return {"precision": self.name}
+        if self.algorithm == "dynamic":  # per-channel weights, no blocks; int8 compute
+            return {"precision": self.name, "algorithm": self.algorithm, "keep": list(self.keep)}
         return {
             "precision": self.name,
             "block_size": self.block_size,
@@ -108,22 +120,36 @@ def default_precision(name: str, **chosen: Any) -> Precision:
 
 
 def for_kind(precision: Precision, kind: str) -> Precision:
-    """`precision` with MatMulNBits' compute type chosen for `kind` where it was left open.
+    """`precision` with the algorithm and MatMulNBits' compute type chosen for `kind` where they were left open.
 
-    Decoders and encoder-decoders generate a few rows a step: int8 activations (level 4) ran the
-    default model at 95 tokens/s, float compute (level 0) at 2. Encoders embed whole batches at
-    once, where float compute is faster: MiniLM at batch 32 ran 1.15x PyTorch at level 0, 0.95x at 4.
+    Decoders and encoder-decoders generate a few rows a step: weight-only MatMulNBits with int8
+    activations per block (level 4) ran the default model at 95 tokens/s, float compute (level 0)
+    at 2. Encoders embed whole batches at once, where int8 by int8 pays: MiniLM at batch 32 ran
+    1.6-1.8x PyTorch fp32 at int8 "dynamic", 0.8-1.2x with MatMulNBits at level 0, 0.95x at 4.
     """
-    if not precision.quantized or precision.accuracy_level is not None:
+    if not precision.quantized:
+        return precision
+    if precision.algorithm is None:
+        dynamic = kind == "encoder" and precision.name == "int8" and precision.accuracy_level is None
+        precision = dataclasses.replace(precision, algorithm="dynamic" if dynamic else "rtn")
+    if precision.accuracy_level is not None or precision.algorithm == "dynamic":
         return precision
     return dataclasses.replace(precision, accuracy_level=0 if kind == "encoder" else 4)
 
 
-def apply_precision(path: Path, precision: Precision, table: np.ndarray | None = None) -> dict[str, int]:
+def apply_precision(
+    path: Path,
+    precision: Precision,
+    table: np.ndarray | None = None,
+    calibration: Any = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
     """Rewrite the fp32 graph at `path` in `precision`, in place; returns what changed (counts, bytes).
 
     With the float32 embedding `table`, an 8-bit lm_head that equals it becomes the table's int8 rows
-    (see `_share_table`; `table_in_graph` then says where they are)."""
+    (see `_share_table`; `table_in_graph` then says where they are). `calibration` (a
+    `dynamic_int8.Calibration`) is what the "dynamic" algorithm measures to choose which products stay
+    at fp32 where --keep does not say."""
     import onnx
 
     if precision.name == "fp32":
@@ -136,7 +162,7 @@ def apply_precision(path: Path, precision: Precision, table: np.ndarray | None =
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
         changed = {"fp16_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)}
     else:
-        model, changed = _quantize(model, precision, table)
+        model, changed = _quantize(model, precision, table, calibration, log)
     # The weights go to model.onnx.data (replacing any fp32 one, whose weights are in memory by now):
     # onnxruntime then reads them from the file instead of out of a copy of the whole protobuf, 15 MB
     # less peak memory for the default model at int4.
@@ -147,7 +173,7 @@ def apply_precision(path: Path, precision: Precision, table: np.ndarray | None =
     return {**changed, "bytes_fp32": before, "bytes": _size(path)}
 
 
-def _quantize(model, precision: Precision, table: np.ndarray | None):
+def _quantize(model, precision: Precision, table: np.ndarray | None, calibration=None, log=lambda message: None):
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
@@ -169,6 +195,8 @@ def _quantize(model, precision: Precision, table: np.ndarray | None):
             names = ", ".join(sorted({n.input[1] for n in matmuls})[:6])
             raise ExportError(f"--keep {pattern}: matches no weight of the graph; its weights are named like {names}, ...")
         kept.update((n.name, keep_as) for n in found if n.name not in kept)
+    if precision.algorithm == "dynamic":
+        return _dynamic(model, [name for name, keep_as in kept.items() if keep_as == "fp32"], bool(rules), calibration, log)
     shared = table is not None and _share_table(model, matmuls, kept, precision, table)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     at_int8 = [name for name, keep_as in kept.items() if keep_as == "int8"]
@@ -206,6 +234,34 @@ def _quantize(model, precision: Precision, table: np.ndarray | None):
         ),
         "matmuls_fp32": sum(1 for v in kept.values() if v == "fp32"),
         **({"lm_head_is_the_table": 1} if shared else {}),
+    }
+
+
+def _dynamic(model, kept: list[str], chosen: bool, calibration, log):
+    """int8 weights and activations (`dynamic_int8`); unless --keep `chosen` them, the products kept at fp32
+    are those that `calibration` shows move the output most."""
+    from . import dynamic_int8
+
+    error = None
+    if not chosen and calibration is not None:
+        from tqdm.auto import tqdm
+
+        names = dynamic_int8.products(model)
+        log(f"      measuring the error of each of the {len(names)} matrix products at int8, to keep the worst at fp32")
+
+        def progress(items):
+            return tqdm(items, desc="products", unit="product", total=len(names), leave=False, disable=None)
+
+        kept, error = dynamic_int8.choose_kept(model, calibration, progress=progress)
+    model = dynamic_int8.quantize(model, keep=kept)
+    quantized = sum(1 for n in model.graph.node if n.op_type == "MatMulInteger")
+    if not quantized:
+        raise ExportError("--precision int8: the graph has no matrix product with constant weights to quantize")
+    return model, {
+        "matmuls_int8_dynamic": quantized,
+        "matmuls_fp32": len(kept),
+        "kept_fp32": kept,
+        **({"calibration_error": round(error, 4)} if error is not None else {}),
     }
 
 

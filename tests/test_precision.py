@@ -11,6 +11,7 @@ import pytest
 
 from softprompt.exporter import ExportError, ExportValidationError, export_model
 from softprompt.exporter.cli import main as export_main
+from softprompt.exporter.dynamic_int8 import BUDGET
 from softprompt.exporter.precision import Precision, default_precision, for_kind
 from softprompt.formats.export_folder import read_config
 from softprompt.prompt_bank import load_prompt, save_prompt
@@ -25,6 +26,10 @@ def weight_products(path) -> int:
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     return sum(1 for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights)
+
+
+def ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def nbits(path) -> Counter:
@@ -126,10 +131,23 @@ def test_encoder_and_seq2seq_exports_take_int8_and_fp16(tmp_path):
     export_model(str(bert), tmp_path / "bert-fp32", log=lambda m: None)
     config = export_model(str(bert), tmp_path / "bert-int8", precision="int8", log=lambda m: None)
     assert config.kind == "encoder" and config.precision == "int8"
-    assert config.quantization["accuracy_level"] == 0 and nbits(tmp_path / "bert-int8" / "model.onnx")[8] > 0
+    # An encoder's int8 quantizes activations too, keeping at fp32 the products sample text shows matter most.
+    assert config.quantization == {"precision": "int8", "algorithm": "dynamic", "keep": []}
+    changes = config.validation["changes"]["model"]
+    assert ops(tmp_path / "bert-int8" / "model.onnx")["MatMulInteger"] == changes["matmuls_int8_dynamic"] > 0
+    assert changes["calibration_error"] <= BUDGET and len(changes["kept_fp32"]) == changes["matmuls_fp32"]
     fp32 = load(tmp_path / "bert-fp32").embed(TEXTS)
     int8 = load(tmp_path / "bert-int8").embed(TEXTS)
     assert (np.sum(fp32 * int8, axis=1) > 0.99).all()  # unit vectors: cosine similarity to the fp32 embeddings
+    # Weight-only int8 is still there for the asking, at float compute; --keep settles what stays fp32 unmeasured.
+    config = export_model(str(bert), tmp_path / "bert-nbits", precision=Precision("int8", algorithm="rtn"), log=lambda m: None)
+    assert config.quantization["accuracy_level"] == 0 and nbits(tmp_path / "bert-nbits" / "model.onnx")[8] > 0
+    kept = changes["kept_fp32"]
+    config = export_model(
+        str(bert), tmp_path / "bert-kept", precision=Precision("int8", algorithm="dynamic", keep=tuple(kept)), log=lambda m: None
+    )
+    assert config.validation["changes"]["model"]["kept_fp32"] == kept
+    assert "calibration_error" not in config.validation["changes"]["model"]
     export_model(str(bert), tmp_path / "bert-fp16", precision="fp16", log=lambda m: None)
     with pytest.warns(RuntimeWarning, match="fp16"):
         fp16 = load(tmp_path / "bert-fp16").embed(TEXTS)
@@ -178,6 +196,8 @@ def test_precision_options_are_checked_before_anything_runs(tmp_path, capsys, ar
         ({"name": "int8", "block_size": 24}, "block size 24; expected a power of two, at least 16"),
         ({"name": "int8", "algorithm": "hqq"}, "hqq quantizes to 4 bits only"),
         ({"name": "int8", "algorithm": "offset"}, "offset quantizes to 4 bits only"),
+        ({"name": "int4", "algorithm": "dynamic"}, "dynamic quantizes to 8 bits only"),
+        ({"name": "int8", "algorithm": "dynamic", "accuracy_level": 4}, "computes in int8 without it"),
         ({"name": "int8", "keep": ("lm_head=int8",)}, "NAME=int8 in an int4 export"),
         ({"name": "int2"}, "precision 'int2'; expected one of fp32, fp16, int8, int4"),
     ],
@@ -190,7 +210,10 @@ def test_bad_precision_settings_name_what_is_possible(settings, message):
 def test_defaults_are_measured_choices_and_options_override_them():
     assert default_precision("int4") == Precision("int4", algorithm="offset", keep=("lm_head=int8",))
     assert for_kind(default_precision("int8"), "decoder").accuracy_level == 4
-    assert for_kind(default_precision("int8"), "encoder").accuracy_level == 0
+    encoder = for_kind(default_precision("int8"), "encoder")
+    assert (encoder.algorithm, encoder.accuracy_level) == ("dynamic", None)  # int8 activations: no MatMulNBits
+    assert for_kind(default_precision("int8", algorithm="rtn"), "encoder").accuracy_level == 0
+    assert for_kind(default_precision("int8"), "decoder").algorithm == "rtn"
     assert for_kind(Precision("int8", accuracy_level=2), "encoder").accuracy_level == 2  # a choice is kept
     assert default_precision("int8", accuracy_level=0, block_size=None).accuracy_level == 0
     assert default_precision("fp32") == Precision("fp32")
@@ -305,3 +328,39 @@ def test_a_table_in_graph_that_does_not_fit_its_file_is_refused(quantized, tmp_p
     (out / "softprompt.json").write_text(json.dumps(config))
     with pytest.raises(ExportFormatError, match=message):
         load(out)
+
+
+def test_dynamic_int8_keeps_the_products_that_move_the_output_most(tmp_path):
+    """choose_kept: a budget nothing fits keeps everything, a loose one nothing; otherwise the kept products are the
+    ones whose quantization alone moves the outputs most, and the graph with the rest quantized fits the budget."""
+    from test_encoder import make_bert
+    from transformers import AutoTokenizer
+
+    from softprompt.exporter.dynamic_int8 import Calibration, choose_kept, output_error, products, quantize
+    from softprompt.exporter.encoder import calibration_feeds
+    from softprompt.exporter.precision import _gemm_as_matmul
+
+    folder = make_bert(tmp_path / "bert")
+    export_model(str(folder), tmp_path / "fp32", log=lambda m: None)
+    model = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
+    _gemm_as_matmul(model)
+    table = np.load(tmp_path / "fp32" / "embeddings.npy")
+    sets = calibration_feeds(AutoTokenizer.from_pretrained(folder), table, read_config(tmp_path / "fp32").max_positions)
+    names = products(model)
+    kept, error = choose_kept(model, Calibration(sets, budget=10.0, tolerance=10.0))
+    assert kept == [] and error > 0
+    kept, error = choose_kept(model, Calibration(sets, budget=0.0, tolerance=0.0))
+    assert sorted(kept) == sorted(names) and error == 0.0
+    calibration = Calibration(sets, budget=0.08)
+    kept, error = choose_kept(model, calibration)
+    assert 0 < len(kept) < len(names) and error <= 0.08
+    import onnxruntime as ort
+
+    def outputs(feeds):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})
+
+    references = [outputs(feeds) for feeds, _ in sets]
+    alone = {name: output_error(quantize(model, only=[name]), calibration, references)[0] for name in names}
+    assert min(alone[name] for name in kept) >= max(alone[name] for name in names if name not in kept)
+    assert output_error(quantize(model, keep=kept), calibration, references)[0] == pytest.approx(error)

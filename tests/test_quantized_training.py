@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from softprompt.exporter import export_model
-from softprompt.exporter.precision import default_precision
+from softprompt.exporter.precision import default_precision, for_kind
 from softprompt.prompt_bank import load_prompt, save_prompt
 from softprompt.prompt_bank.cli import main as bank_main
 from softprompt.runtime import load
@@ -38,7 +38,7 @@ def test_the_trained_model_computes_what_the_export_computes(llama_dir, tied_dir
     save_prompt(tmp_path / "bank", "t", prompt, fingerprint=backbone.fingerprint)
     fp32 = torch_logits(backbone, prompt, TEXTS[0])
     record = quantize_backbone(backbone, precision)
-    assert record["precision"] == precision and record == default_precision(precision, accuracy_level=4).record()
+    assert record["precision"] == precision and record == for_kind(default_precision(precision), "decoder").record()
     assert not any(p.requires_grad for p in backbone.model.parameters())
     quantized = torch_logits(backbone, prompt, TEXTS[0])
     export = tmp_path / "export"
