@@ -51,6 +51,9 @@ _HASH_DIGITS = 16
 VECTORS_FILE = re.compile(r"(.+)\.[0-9a-f]{16}\.npy")
 ALLOWED_DTYPES = ("float32", "float16")
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: `$` would let a trailing newline in
+METHODS = ("prompt", "prefix")
+SHAPES = {2: "2 ([prompt length, embedding width])", 4: "4 ([2 * layers, kv heads, prefix length, head size])"}
+PREFIX_FIELDS = ("method", "layers", "kv_heads", "head_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +73,32 @@ class PromptMeta:
     vectors: str | None = None  # the vectors' file in the bank (schema 2); None: NAME.npy (schema 1)
     vectors_sha256: str | None = None
     schema_version: int = SCHEMA_VERSION
+    # "prompt": [P, E] vectors before the input embeddings; "prefix": keys and values for P positions at every
+    # layer, [2 * layers, kv_heads, P, head_size] in the graph's cache order (layer 0 key, layer 0 value, ...).
+    method: str = "prompt"
+    layers: int | None = None  # prefix only, with kv_heads and head_size: the cache shape it was made for
+    kv_heads: int | None = None
+    head_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.method == "prompt":  # a prompt's record stays what every schema 2 reader knows
+            for key in PREFIX_FIELDS:
+                del data[key]
+        return data
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The vectors' shape this record describes."""
+        if self.method == "prefix":
+            return (2 * (self.layers or 0), self.kv_heads or 0, self.length, self.head_size or 0)
+        return (self.length, self.width)
 
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """A validated task prompt: `vectors` is [length, width] and read-only."""
+    """A validated task: `vectors` is [length, width] (a prompt) or [2 * layers, kv_heads, length, head_size]
+    (a prefix), read-only."""
 
     meta: PromptMeta
     vectors: np.ndarray
@@ -85,6 +106,10 @@ class Prompt:
     @property
     def name(self) -> str:
         return self.meta.name
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.meta.method == "prefix"
 
 
 def check_task_name(name: str) -> str:
@@ -97,20 +122,20 @@ def check_task_name(name: str) -> str:
     return name
 
 
-def validate_vectors(vectors: np.ndarray, where: str) -> None:
-    """Check that an array can be a soft prompt: 2-D, float32/float16, finite, non-empty."""
+def validate_vectors(vectors: np.ndarray, where: str, ndim: tuple[int, ...] = (2,)) -> None:
+    """Check that an array can be a task's vectors: 2-D (a prompt; 4-D, a prefix, where `ndim` allows it),
+    float32/float16, finite, non-empty."""
     if not isinstance(vectors, np.ndarray):
         raise InvalidPromptError(f"{where}: expected a numpy array, got {type(vectors).__name__}")
     if vectors.dtype == object:
         raise InvalidPromptError(f"{where}: object array; expected float32 or float16")
-    if vectors.ndim != 2:
-        raise InvalidPromptError(
-            f"{where}: shape {vectors.shape} has {vectors.ndim} dimensions; expected 2 ([prompt length, embedding width])"
-        )
+    if vectors.ndim not in ndim:
+        expected = " or ".join(SHAPES[n] for n in ndim)
+        raise InvalidPromptError(f"{where}: shape {vectors.shape} has {vectors.ndim} dimensions; expected {expected}")
     if vectors.dtype.name not in ALLOWED_DTYPES:
         raise InvalidPromptError(f"{where}: dtype {vectors.dtype}; expected one of {ALLOWED_DTYPES}")
-    if vectors.shape[0] == 0 or vectors.shape[1] == 0:
-        raise InvalidPromptError(f"{where}: empty prompt of shape {vectors.shape}")
+    if 0 in vectors.shape:
+        raise InvalidPromptError(f"{where}: empty array of shape {vectors.shape}")
     bad = ~np.isfinite(vectors)
     if bad.any():
         row, col = (int(i) for i in np.argwhere(bad)[0])
@@ -158,6 +183,52 @@ def save_prompt(
         training=dict(training) if training else None,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         extra=dict(extra or {}),
+    )
+    return _write_task(bank, meta, array)
+
+
+def save_prefix(
+    bank_dir: str | os.PathLike,
+    name: str,
+    keys_values: np.ndarray,
+    *,
+    fingerprint: str | None,
+    init: str | None = None,
+    source: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    overwrite: bool = True,
+) -> PromptMeta:
+    """Write prefix task `name`: `keys_values` [2 * layers, kv_heads, P, head_size], the keys and values every
+    layer attends to before the input, in the graph's cache order (layer 0 key, layer 0 value, layer 1 key, ...)."""
+    check_task_name(name)
+    bank = Path(bank_dir)
+    target = dtype or (keys_values.dtype.name if keys_values.dtype.name in ALLOWED_DTYPES else "float32")
+    if target not in ALLOWED_DTYPES:
+        raise InvalidPromptError(f"dtype {target!r} for task {name!r}; expected one of {ALLOWED_DTYPES}")
+    array = np.ascontiguousarray(np.asarray(keys_values).astype(target, copy=False))
+    validate_vectors(array, f"prefix task {name!r}", ndim=(4,))
+    if array.shape[0] % 2:
+        raise InvalidPromptError(f"prefix task {name!r}: {array.shape[0]} keys and values; expected a key and a value per layer")
+    if not overwrite and task_exists(bank, name):
+        raise InvalidPromptError(f"{bank / (name + '.json')} exists; pass overwrite (--force) to replace it")
+    pairs, heads, length, size = (int(n) for n in array.shape)
+    meta = PromptMeta(
+        name=name,
+        length=length,
+        width=heads * size,
+        dtype=target,
+        fingerprint=fingerprint,
+        init=init,
+        source=source,
+        training=dict(training) if training else None,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        extra=dict(extra or {}),
+        method="prefix",
+        layers=pairs // 2,
+        kv_heads=heads,
+        head_size=size,
     )
     return _write_task(bank, meta, array)
 
@@ -282,7 +353,7 @@ def parse_vectors(data: bytes, where: str) -> np.ndarray:
             f"{where}: its header says {shape} {dtype} ({size} bytes) but {remaining} bytes follow; the file is truncated or damaged"
         )
     vectors = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape, order="F" if fortran else "C")
-    validate_vectors(vectors, where)
+    validate_vectors(vectors, where, ndim=(2, 4))
     return vectors
 
 
@@ -342,6 +413,15 @@ def read_meta(path: Path) -> PromptMeta:
         value = data.get(key)
         if value is not None and not isinstance(value, kind):
             raise InvalidPromptError(f"{path}: {key} is {value!r}; expected {'an object' if kind is dict else 'a string'}")
+    method = data.get("method", "prompt")
+    if method not in METHODS:
+        raise InvalidPromptError(f"{path}: method {method!r}; expected one of {', '.join(METHODS)}")
+    for key in PREFIX_FIELDS[1:]:
+        value = data.get(key)
+        if method == "prefix" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise InvalidPromptError(f"{path}: {key} is {value!r}; a prefix task's record gives it as a positive integer")
+        if method == "prompt" and value is not None:
+            raise InvalidPromptError(f"{path}: {key} is {value!r} in a prompt task's record; only prefix tasks have it")
     if "extra" in data and data["extra"] is None:
         raise InvalidPromptError(f"{path}: extra is null; expected an object (empty for a task without template or labels)")
     if version >= 2:
@@ -361,9 +441,12 @@ def load_prompt(
     width: int | None = None,
     fingerprint: str | None = None,
     max_positions: int | None = None,
+    cache: tuple[int, int, int] | None = None,
 ) -> Prompt:
     """Load one task and check everything the runtime will rely on, and (when given) that it fits the backbone's
-    width, fingerprint and positions. `prompt-bank verify`, `load()` and hot swap all check tasks here."""
+    width, fingerprint and positions. `cache` is the export's (layers, kv_heads, head_size) a prefix task must
+    have: with `width` given and no `cache`, the export takes no prefix (an encoder's graph has no past).
+    `prompt-bank verify`, `load()` and hot swap all check tasks here."""
     check_task_name(name)
     bank = Path(bank_dir)
     meta_path = bank / f"{name}.json"
@@ -385,12 +468,26 @@ def load_prompt(
                 raise
     if meta.name != name:
         raise InvalidPromptError(f"{meta_path}: name is {meta.name!r}; expected {name!r} (the file's name)")
-    found = (int(vectors.shape[0]), int(vectors.shape[1]), vectors.dtype.name)
-    if found != (meta.length, meta.width, meta.dtype):
+    if (vectors.shape, vectors.dtype.name) != (meta.shape, meta.dtype):
         raise InvalidPromptError(
-            f"{npy}: array is {found[0]}x{found[1]} {found[2]} but {meta_path.name} says {meta.length}x{meta.width} {meta.dtype}"
+            f"{npy}: array is {'x'.join(map(str, vectors.shape))} {vectors.dtype.name} but {meta_path.name} says "
+            f"{'x'.join(map(str, meta.shape))} {meta.dtype}"
         )
-    if width is not None and meta.width != width:
+    if meta.method == "prefix":
+        if meta.width != (meta.kv_heads or 0) * (meta.head_size or 0):
+            raise InvalidPromptError(f"{meta_path}: width {meta.width}; a prefix's is kv_heads x head_size")
+        if width is not None and cache is None:
+            raise BackboneMismatchError(
+                f"{meta_path}: a prefix task (keys and values for every layer); this export's graph takes no past keys "
+                "and values (prefix tasks serve on decoder exports)"
+            )
+        found = (meta.layers, meta.kv_heads, meta.head_size)
+        if cache is not None and found != tuple(cache):
+            raise BackboneMismatchError(
+                f"{npy}: a prefix for {found[0]} layers of {found[1]} key/value heads of size {found[2]}; the export has "
+                f"{cache[0]} layers of {cache[1]} heads of size {cache[2]}"
+            )
+    elif width is not None and meta.width != width:
         raise BackboneMismatchError(f"{npy}: prompt width E={meta.width}; the backbone's embedding width is {width}")
     if fingerprint is not None and meta.fingerprint != fingerprint:
         raise BackboneMismatchError(
@@ -402,6 +499,8 @@ def load_prompt(
             f"{npy}: a prompt of {meta.length} vectors leaves no room for text in the model's {max_positions} positions"
         )
     check_extra(meta.extra, meta.width, str(meta_path))
+    if meta.method == "prefix" and "head" in meta.extra:
+        raise InvalidPromptError(f"{meta_path}: extra.head is an encoder's classifier; a prefix task serves decoders")
     return Prompt(meta=meta, vectors=vectors)
 
 
@@ -415,11 +514,16 @@ def check_extra(extra: Mapping[str, Any], width: int, where: str) -> None:
 
 
 def load_bank(
-    bank_dir: str | os.PathLike, *, width: int | None = None, fingerprint: str | None = None, max_positions: int | None = None
+    bank_dir: str | os.PathLike,
+    *,
+    width: int | None = None,
+    fingerprint: str | None = None,
+    max_positions: int | None = None,
+    cache: tuple[int, int, int] | None = None,
 ) -> dict[str, Prompt]:
     """Load and check every task of a bank at once, so a bad file is reported at load time."""
     return {
-        name: load_prompt(bank_dir, name, width=width, fingerprint=fingerprint, max_positions=max_positions)
+        name: load_prompt(bank_dir, name, width=width, fingerprint=fingerprint, max_positions=max_positions, cache=cache)
         for name in list_tasks(bank_dir)
     }
 

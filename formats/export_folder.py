@@ -87,6 +87,14 @@ class ExportConfig:
         return [name for name in self.input_names if name.startswith(PAST)]
 
     @property
+    def prefix_cache(self) -> tuple[int, int, int] | None:
+        """(layers, kv_heads, head_size) of the keys and values a prefix task gives every layer; None where the
+        export takes no prefix (encoders have no past; encoder-decoders' prefixes are not served yet)."""
+        if self.kind != "decoder":
+            return None
+        return (self.num_layers, self.num_kv_heads, self.head_size)
+
+    @property
     def present_names(self) -> list[str]:
         return [name for name in self.output_names if name.startswith(PRESENT)]
 

@@ -11,16 +11,25 @@ from pathlib import Path
 import numpy as np
 
 from softprompt.formats import __version__
-from softprompt.formats.bank import list_tasks, load_prompt, orphans, remove_prompt, save_prompt, upgrade_bank
+from softprompt.formats.bank import (
+    list_tasks,
+    load_prompt,
+    orphans,
+    remove_prompt,
+    save_prefix,
+    save_prompt,
+    upgrade_bank,
+)
 from softprompt.formats.errors import BackboneMismatchError, PromptBankError, SoftpromptError, unexpected
 from softprompt.formats.export_folder import open_export, read_config
 from softprompt.formats.fingerprint import short
 from softprompt.formats.task import PLACEHOLDER, TaskSpec, parse_verbalizers, unescape
 
-from .peft import adapter_init, read_peft_adapter, write_peft_adapter
+from .peft import PREFIX_TYPE, adapter_init, prefix_keys_values, read_peft_adapter, write_peft_adapter
 
 EPILOG = """\
-A bank is a folder; a task is NAME.json (its record) naming NAME.<hash>.npy (a [P, E] float32/float16 soft prompt).
+A bank is a folder; a task is NAME.json (its record) naming NAME.<hash>.npy (a [P, E] float32/float16 soft prompt,
+or a prefix task's keys and values for every layer, [2 x layers, kv heads, P, head size]).
 
 examples:
   prompt-bank list banks/smollm2
@@ -52,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", type=Path, metavar="BANK")
     p.add_argument("--model", type=Path, metavar="EXPORT_DIR", help="export folder whose width and fingerprint must match")
 
-    p = commands.add_parser("import-peft", help="import a PEFT prompt-tuning or P-tuning adapter as a task")
+    p = commands.add_parser("import-peft", help="import a PEFT prompt-tuning, P-tuning or prefix-tuning adapter as a task")
     p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR", help="folder with adapter_config.json and adapter_model.*")
     p.add_argument("bank", type=Path, metavar="BANK")
     p.add_argument("--task", required=True, help="name of the task to create")
@@ -72,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="name of the task to create")
     _add_write_options(p)
 
-    p = commands.add_parser("export-peft", help="write a task as a PEFT prompt-tuning adapter")
+    p = commands.add_parser("export-peft", help="write a task as a PEFT prompt-tuning (or prefix-tuning) adapter")
     p.add_argument("bank", type=Path, metavar="BANK")
     p.add_argument("task", metavar="TASK")
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="adapter folder to write (loads with PeftModel.from_pretrained)")
@@ -129,7 +138,7 @@ def _list(args) -> int:
         print(f"{args.bank}: no tasks", file=sys.stderr)
         return 0
     failed = 0
-    print(f"{'TASK':24} {'P':>5} {'E':>6} {'DTYPE':8} {'BACKBONE':20} INIT")
+    print(f"{'TASK':24} {'METHOD':7} {'P':>5} {'E':>6} {'DTYPE':8} {'BACKBONE':20} INIT")
     for name in tasks:
         try:
             meta = load_prompt(args.bank, name).meta
@@ -137,7 +146,10 @@ def _list(args) -> int:
             failed += 1
             print(f"{name:24} INVALID: {exc}")
             continue
-        print(f"{name:24} {meta.length:>5} {meta.width:>6} {meta.dtype:8} {short(meta.fingerprint):20} {meta.init or '-'}")
+        print(
+            f"{name:24} {meta.method:7} {meta.length:>5} {meta.width:>6} {meta.dtype:8} {short(meta.fingerprint):20} "
+            f"{meta.init or '-'}"
+        )
     for orphan in orphans(args.bank):
         failed += 1
         print(f"{orphan[:-4]:24} INVALID: {args.bank / orphan} has no {orphan[:-4]}.json record beside it")
@@ -148,7 +160,7 @@ def _show(args) -> int:
     prompt = load_prompt(args.bank, args.task)
     vectors = prompt.vectors.astype(np.float32)
     record = prompt.meta.to_json()
-    norms = np.linalg.norm(vectors, axis=1)
+    norms = np.linalg.norm(vectors, axis=-1)  # a prompt's rows; a prefix's keys and values, per head and position
     record["stats"] = {
         "row_norm_mean": float(norms.mean()),
         "row_norm_min": float(norms.min()),
@@ -160,20 +172,26 @@ def _show(args) -> int:
 
 
 def _verify(args) -> int:
-    width = fingerprint = max_positions = None
+    width = fingerprint = max_positions = cache = None
     against = ""
     if args.model:
         config = read_config(args.model)
         width, fingerprint, max_positions = config.hidden_size, config.fingerprint, config.max_positions
+        cache = config.prefix_cache
         # The fingerprint names the model, not its precision: one check holds for all its exports.
         against = f" against {args.model} ({config.architecture}, {config.precision} graphs)"
     tasks = list_tasks(args.bank)
     failed = valid = 0
     for name in tasks:
         try:
-            meta = load_prompt(args.bank, name, width=width, fingerprint=fingerprint, max_positions=max_positions).meta
+            meta = load_prompt(
+                args.bank, name, width=width, fingerprint=fingerprint, max_positions=max_positions, cache=cache
+            ).meta
             valid += 1
-            print(f"ok    {name} ({meta.length}x{meta.width} {meta.dtype})")
+            shape = (
+                f"prefix of {meta.length} for {meta.layers} layers" if meta.method == "prefix" else f"{meta.length}x{meta.width}"
+            )
+            print(f"ok    {name} ({shape} {meta.dtype})")
         except PromptBankError as exc:
             failed += 1
             print(f"FAIL  {name}: {exc}")
@@ -193,6 +211,8 @@ def _upgrade(args) -> int:
 def _import_peft(args) -> int:
     config = read_config(args.model)
     adapter = read_peft_adapter(args.adapter)
+    if str(adapter.config.get("peft_type")).upper() == PREFIX_TYPE:
+        return _import_prefix(args, config, adapter)
     width = adapter.vectors.shape[1]
     if width != config.hidden_size:
         raise BackboneMismatchError(
@@ -225,6 +245,41 @@ def _import_peft(args) -> int:
         extra=extra,
     )
     print(f"imported {args.task}: {meta.length}x{meta.width} {meta.dtype} into {args.bank}")
+    return 0
+
+
+def _import_prefix(args, config, adapter) -> int:
+    """A PREFIX_TUNING adapter as a prefix task: keys and values for the export's cache, checked against it."""
+    cache = config.prefix_cache
+    if cache is None:
+        raise BackboneMismatchError(
+            f"{args.adapter} is a prefix-tuning adapter; the export {args.model} is a {config.kind} export, and prefix "
+            "tasks serve decoder exports"
+        )
+    if args.labels:
+        raise PromptBankError(f"--labels is for sequence-classification adapters; {args.adapter} is a prefix-tuning adapter")
+    layers, kv_heads, head_size = cache
+    keys_values = prefix_keys_values(adapter.vectors, layers, kv_heads, head_size, str(adapter.weights_file))
+    peft_record = {
+        k: adapter.config[k]
+        for k in ("peft_type", "task_type", "base_model_name_or_path", "num_virtual_tokens", "prefix_projection")
+        if k in adapter.config
+    }
+    meta = save_prefix(
+        args.bank,
+        args.task,
+        keys_values,
+        fingerprint=config.fingerprint,
+        dtype=args.dtype,
+        overwrite=args.force,
+        init=adapter_init(adapter.config),
+        source=f"peft:{args.adapter.resolve()}",
+        extra={"peft": peft_record, **_task_spec(args)},
+    )
+    print(
+        f"imported {args.task}: a prefix of {meta.length} positions for {meta.layers} layers "
+        f"({meta.kv_heads} key/value heads of {meta.head_size}) {meta.dtype} into {args.bank}"
+    )
     return 0
 
 
@@ -303,7 +358,8 @@ def _export_peft(args) -> int:
     )
     dropped = [k for k in ("template", "labels") if prompt.meta.extra.get(k) not in (None, {}, "{text}")]
     note = f" (PEFT has no place for the task's {' and '.join(dropped)}: apply them yourself)" if dropped else ""
-    print(f"wrote {args.out}: {prompt.meta.length}x{prompt.meta.width} prompt of {args.task}{note}")
+    what = f"{prompt.meta.length}-position prefix" if prompt.is_prefix else f"{prompt.meta.length}x{prompt.meta.width} prompt"
+    print(f"wrote {args.out}: {what} of {args.task}{note}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Conversion from PEFT prompt-tuning and P-tuning adapters (`adapter_config.json` + `adapter_model.*`).
+"""Conversion from and to PEFT prompt-tuning, P-tuning and prefix-tuning adapters (`adapter_config.json` + `adapter_model.*`).
 
 PEFT keeps a prompt-tuning adapter's prompt under the key `prompt_embeddings`, shaped
 [num_virtual_tokens * num_transformer_submodules, token_dim]: encoder-decoder models carry a
@@ -7,7 +7,12 @@ second block that PEFT never uses, so only the first `num_virtual_tokens` rows a
 A P-tuning adapter (Liu et al. 2021) learns its prompt through a small encoder (an MLP or LSTM over
 trainable embeddings), but PEFT saves the encoder's *output* under the same key and, loaded for
 inference, prepends exactly those vectors: a plain [P, E] soft prompt, served like any other task.
-Prefix tuning (per-layer keys and values) is not a prompt on the input embeddings and is refused.
+
+A prefix-tuning adapter (Li and Liang 2021) saves, under the same key, the keys and values every
+layer attends to before the input: [P, layers * 2 * kv_heads * head_size] (its reparameterisation
+MLP, where it has one, already applied), which PEFT views as [P, 2 * layers, kv_heads, head_size]
+and hands the model as its cache. `prefix_keys_values` turns that into the bank's prefix layout,
+[2 * layers, kv_heads, P, head_size]; `prefix_table` back.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .safetensors_np import read_safetensors, safetensors_bytes
 PROMPT_KEY = "prompt_embeddings"
 # PEFT methods whose saved `prompt_embeddings` are the vectors prepended to the input embeddings.
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+PREFIX_TYPE = "PREFIX_TUNING"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +60,15 @@ def read_peft_adapter(adapter_dir: str | Path) -> PeftPrompt:
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: a JSON {type(config).__name__}; expected an object (PEFT's adapter config)")
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in PROMPT_TYPES:
+    if peft_type not in (*PROMPT_TYPES, PREFIX_TYPE):
         raise AdapterError(
-            f"{config_path}: peft_type is {config.get('peft_type')!r}; expected 'PROMPT_TUNING' or 'P_TUNING' "
-            "(a prefix-tuning adapter's per-layer keys and values are not a prompt on the input embeddings)"
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; expected 'PROMPT_TUNING', 'P_TUNING' or "
+            "'PREFIX_TUNING' (the methods that learn a prompt or a prefix for a frozen model)"
+        )
+    if peft_type == PREFIX_TYPE and config.get("num_transformer_submodules", 1) != 1:
+        raise AdapterError(
+            f"{config_path}: num_transformer_submodules is {config.get('num_transformer_submodules')!r}: an "
+            "encoder-decoder's prefix; prefix tasks serve decoder-only exports (expected 1)"
         )
     tokens = config.get("num_virtual_tokens")
     if not isinstance(tokens, int) or tokens <= 0:
@@ -70,8 +81,11 @@ def read_peft_adapter(adapter_dir: str | Path) -> PeftPrompt:
             f"{tokens} rows (num_virtual_tokens) of width token_dim"
         )
     token_dim = config.get("token_dim")
+    if peft_type == PREFIX_TYPE:
+        token_dim = token_dim * 2 * config["num_layers"] if isinstance(config.get("num_layers"), int) and token_dim else None
     if token_dim is not None and table.shape[1] != token_dim:
-        raise AdapterError(f"{weights.path}: prompt width {table.shape[1]}; adapter_config.json says token_dim={token_dim}")
+        says = "token_dim x 2 x num_layers" if peft_type == PREFIX_TYPE else "token_dim"
+        raise AdapterError(f"{weights.path}: {PROMPT_KEY} width {table.shape[1]}; adapter_config.json's {says} is {token_dim}")
     vectors = np.ascontiguousarray(table[:tokens])
     classifier = _classifier(weights.path) if str(config.get("task_type", "")).upper() == "SEQ_CLS" else None
     return PeftPrompt(vectors=vectors, config=config, weights_file=weights.path, classifier=classifier)
@@ -129,8 +143,29 @@ def _read_prompt_table(folder: Path) -> _Table:
     return _Table(state[PROMPT_KEY].detach().float().numpy(), pickled)
 
 
+def prefix_keys_values(table: np.ndarray, layers: int, kv_heads: int, head_size: int, where: str) -> np.ndarray:
+    """PEFT's saved prefix [P, layers * 2 * kv_heads * head_size] as the bank's [2 * layers, kv_heads, P, head_size]
+    (layer 0 key, layer 0 value, layer 1 key, ...: the order PEFT splits it into the model's cache)."""
+    expected = layers * 2 * kv_heads * head_size
+    if table.ndim != 2 or table.shape[1] != expected:
+        raise AdapterError(
+            f"{where}: {PROMPT_KEY} has shape {table.shape}; the export's cache needs [P, {expected}] "
+            f"({layers} layers x key and value x {kv_heads} key/value heads x head size {head_size})"
+        )
+    length = table.shape[0]
+    return np.ascontiguousarray(table.reshape(length, 2 * layers, kv_heads, head_size).transpose(1, 2, 0, 3))
+
+
+def prefix_table(keys_values: np.ndarray) -> np.ndarray:
+    """The inverse of `prefix_keys_values`: PEFT's [P, layers * 2 * kv_heads * head_size]."""
+    pairs, heads, length, size = keys_values.shape
+    return np.ascontiguousarray(keys_values.transpose(2, 0, 1, 3).reshape(length, pairs * heads * size))
+
+
 def adapter_init(config: dict[str, Any]) -> str:
     """Describe how PEFT initialised the prompt, for the task's record."""
+    if str(config.get("peft_type", "")).upper() == PREFIX_TYPE:
+        return "peft:prefix-tuning" + (":projection" if config.get("prefix_projection") else "")
     if str(config.get("peft_type", "")).upper() == "P_TUNING":
         return f"peft:p-tuning:{str(config.get('encoder_reparameterization_type', 'MLP')).lower()}"
     init = str(config.get("prompt_tuning_init", "unknown")).lower()
@@ -154,6 +189,8 @@ def write_peft_adapter(
     """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    if vectors.ndim == 4:
+        return _write_prefix_adapter(folder, vectors, base_model=base_model, task_type=task_type)
     length, width = vectors.shape
     # PEFT gives a seq2seq model's prompt table a second block (for the decoder) that prompt tuning
     # never reads; its loader expects the [2N, E] shape, so the prompt is written twice.
@@ -177,6 +214,34 @@ def write_peft_adapter(
         "modules_to_save": None,
     }
     data = safetensors_bytes({PROMPT_KEY: np.tile(np.asarray(vectors, dtype=np.float32), (submodules, 1))})
+    write_atomic(folder / "adapter_model.safetensors", lambda handle: handle.write(data))
+    text = json.dumps(config, indent=2) + "\n"
+    write_atomic(folder / "adapter_config.json", lambda handle: handle.write(text), mode="w")
+    return folder
+
+
+def _write_prefix_adapter(folder: Path, keys_values: np.ndarray, *, base_model: str | None, task_type: str) -> Path:
+    """A PREFIX_TUNING adapter holding `keys_values` [2 * layers, kv_heads, P, head_size] as PEFT saves one (without
+    its reparameterisation MLP: `prefix_projection` false, the saved table is the prefix itself)."""
+    if task_type != "CAUSAL_LM":
+        raise AdapterError(f"a prefix task exports as a CAUSAL_LM adapter, not {task_type}")
+    pairs, heads, length, size = keys_values.shape
+    config = {
+        "peft_type": PREFIX_TYPE,
+        "task_type": task_type,
+        "num_virtual_tokens": int(length),
+        "token_dim": int(heads * size),  # PEFT's for grouped-query models: kv_heads x head_size
+        "num_transformer_submodules": 1,
+        "num_attention_heads": int(heads),
+        "num_layers": int(pairs // 2),
+        "encoder_hidden_size": int(heads * size),
+        "prefix_projection": False,
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    data = safetensors_bytes({PROMPT_KEY: prefix_table(np.asarray(keys_values, dtype=np.float32))})
     write_atomic(folder / "adapter_model.safetensors", lambda handle: handle.write(data))
     text = json.dumps(config, indent=2) + "\n"
     write_atomic(folder / "adapter_config.json", lambda handle: handle.write(text), mode="w")

@@ -24,6 +24,7 @@ from softprompt.formats.export_folder import ExportFolder, open_export
 
 from .classify import label_logprobs
 from .encoder import Encoder
+from .errors import RequestError
 from .generate import RowText, TextModel, decode_steps
 from .graph import DecoderGraph
 from .prompt_cache import PromptCache
@@ -104,19 +105,23 @@ class Model(TextModel):
         return self._prompts is None or self._prompts.wait(timeout)
 
     def is_cached(self, task: str) -> bool:
-        """Whether `task`'s prompt keys and values are cached (then a request feeds only its tokens)."""
+        """Whether `task`'s prompt keys and values are cached (then a request feeds only its tokens); a prefix task
+        always is."""
         found = self._store.resolve([task])[0]
+        if found is not None and found.past is not None:
+            return True
         return found is not None and self._prompts is not None and self._prompts.get(found, start=False) is not None
 
     def logits(self, texts: str | Sequence[str], task=None) -> np.ndarray:
         """Logits [B, P + T, V] of one forward pass over (whole prompt + templated text), left-padded.
 
-        For parity checks against other implementations: it never uses the cached prompt.
+        For parity checks against other implementations: it never uses the cached prompt (a prefix task's keys and
+        values are its past all the same, and its rows have the text's logits only).
         """
         texts = as_texts(texts)
         found = self._store.resolve(tasks_for(task, len(texts)))
         embeds, mask, past = self._first_step(self._encode_rows(texts, found), found, 0, cached=False)
-        logits, _ = self.forward(embeds, mask, position_ids(mask), past, all_logits=True)
+        logits, _ = self.forward(embeds, mask, position_ids(mask, mask.shape[1] - embeds.shape[1]), past, all_logits=True)
         return logits
 
     def logits_of_ids(self, ids: Sequence[Sequence[int]], task=None) -> np.ndarray:
@@ -149,7 +154,8 @@ class Model(TextModel):
         Rows whose task has a cached prompt take its keys/values as their past (left-padded to the
         longest, pad columns masked) and feed only their tokens, so a first step costs what it
         costs without a prompt; a row with an empty input takes all but the last cached row and
-        feeds the prompt's last vector, to have a position whose logits start generation. Other
+        feeds the prompt's last vector, to have a position whose logits start generation. A prefix
+        task's keys and values are its past in the same way (they are what it learned). Other
         rows feed their whole prompt. Positions count real columns, so they continue after the
         prompt either way.
         """
@@ -160,11 +166,16 @@ class Model(TextModel):
             limit=self.config.max_positions,
             new_tokens=max_new_tokens,
         )
+        for i, (row_ids, task) in enumerate(zip(ids, found)):
+            if task is not None and task.past is not None and not len(row_ids):
+                raise RequestError(f"input {i} is empty: prefix task {task.name!r} needs at least one token to continue from")
         prompts = self._prompts if cached else None
-        prefixes = [None if prompts is None or t is None else prompts.get(t) for t in found]
+        prefixes = [
+            None if t is None else t.past if t.past is not None else None if prompts is None else prompts.get(t) for t in found
+        ]
         rows = []
         for row_ids, task, prefix in zip(ids, found, prefixes):
-            vectors = None if task is None else task.vectors
+            vectors = None if task is None or task.past is not None else task.vectors
             if prefix is not None and vectors is not None:  # the cache holds the prompt; a row without text re-feeds its last row
                 vectors = None if len(row_ids) else vectors[-1:]
             rows.append(embed_row(self.table, row_ids, vectors))

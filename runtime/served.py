@@ -24,7 +24,11 @@ class ServedExport:
         self.session = session
         self.bank = bank
         self._store = TaskStore(
-            bank, width=self.config.hidden_size, fingerprint=self.config.fingerprint, max_positions=self.config.max_positions
+            bank,
+            width=self.config.hidden_size,
+            fingerprint=self.config.fingerprint,
+            max_positions=self.config.max_positions,
+            cache=self.config.prefix_cache,
         )
 
     @property
@@ -40,9 +44,15 @@ class ServedExport:
         return sorted(self._store.reload())
 
     def prompt(self, task: str | None) -> np.ndarray | None:
-        """The [P, E] float32 soft prompt of `task`, or None for no prompt."""
+        """The [P, E] float32 soft prompt of `task`, or None for no prompt (and for a prefix task, whose keys and
+        values `prefix` gives)."""
         found = self._store.resolve([task])[0]
-        return None if found is None else found.vectors
+        return None if found is None or found.past is not None else found.vectors
+
+    def prefix(self, task: str | None) -> tuple[np.ndarray, ...] | None:
+        """A prefix task's keys and values, one [kv_heads, P, head_size] array per cache input; None for others."""
+        found = self._store.resolve([task])[0]
+        return None if found is None else found.past
 
     def task_spec(self, task: str | None) -> TaskSpec:
         """The task's template and labels (no task: the text as it is, no labels)."""
@@ -53,7 +63,8 @@ class ServedExport:
         return self.backbone.encode(self.task_spec(task).apply(text))
 
     def inputs_embeds(self, ids: Sequence[int], task: str | None = None) -> np.ndarray:
-        """[P + n, E]: exactly what the model is fed for `ids` under `task` (training builds the same)."""
+        """[P + n, E]: exactly what the model is fed for `ids` under `task` (training builds the same; a prefix task
+        adds no rows: its keys and values are the past)."""
         return embed_row(self.table, ids, self.prompt(task))
 
     def _encode_rows(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[list[int]]:

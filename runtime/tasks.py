@@ -41,31 +41,50 @@ Stamp = tuple[FileStamp, FileStamp, tuple[FileStamp, ...]]
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
     name: str
-    vectors: np.ndarray  # [P, E] float32, read-only
+    vectors: np.ndarray  # [P, E] float32, read-only ([0, E] for a prefix task)
     spec: TaskSpec
     # An encoder task's optional linear classifier: weight [labels, E], bias [labels], and what it reads.
     head: Head | None = None
+    # A prefix task's keys and values: one [kv_heads, P, head_size] float32 array per cache input, read-only.
+    past: tuple[np.ndarray, ...] | None = None
 
     @property
     def length(self) -> int:
-        return int(self.vectors.shape[0])
+        """Positions the task takes before the input."""
+        return int(self.past[0].shape[1] if self.past is not None else self.vectors.shape[0])
 
 
-def build_task(name: str, vectors: np.ndarray, extra: Mapping) -> Task:
+def build_task(name: str, vectors: np.ndarray, extra: Mapping, prefix: bool = False) -> Task:
+    """A Task from a bank entry's vectors: [P, E] (a prompt) or, with `prefix`, [2 * layers, kv_heads, P, head_size]."""
+    spec = TaskSpec.from_extra(dict(extra), f"task {name!r}")
+    if prefix:
+        past = tuple(np.ascontiguousarray(layer, dtype=np.float32) for layer in vectors)
+        for layer in past:
+            layer.setflags(write=False)
+        empty = np.zeros((0, vectors.shape[1] * vectors.shape[3]), np.float32)
+        return Task(name, empty, spec, past=past)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     vectors.setflags(write=False)
-    spec = TaskSpec.from_extra(dict(extra), f"task {name!r}")
     return Task(name, vectors, spec, parse_head(extra.get("head"), list(spec.labels), vectors.shape[1], f"task {name!r}"))
 
 
 class TaskStore:
     """name -> Task for a bank folder, refreshed from the files when they change."""
 
-    def __init__(self, bank: Path | None, *, width: int, fingerprint: str | None, max_positions: int | None = None):
+    def __init__(
+        self,
+        bank: Path | None,
+        *,
+        width: int,
+        fingerprint: str | None,
+        max_positions: int | None = None,
+        cache: tuple[int, int, int] | None = None,
+    ):
         self.bank = bank
         self._width = width
         self._fingerprint = fingerprint
         self._max_positions = max_positions
+        self._cache = cache  # (layers, kv_heads, head_size) of a prefix task; None: the model takes none
         self._lock = threading.Lock()
         self._tasks: Mapping[str, Task] = MappingProxyType({})
         self._seen: dict[str, Stamp] = {}  # last stamps looked at, including ones that failed to load
@@ -144,9 +163,14 @@ class TaskStore:
                 continue
             try:
                 prompt = load_prompt(
-                    self.bank, name, width=self._width, fingerprint=self._fingerprint, max_positions=self._max_positions
+                    self.bank,
+                    name,
+                    width=self._width,
+                    fingerprint=self._fingerprint,
+                    max_positions=self._max_positions,
+                    cache=self._cache,
                 )
-                task = build_task(name, prompt.vectors, prompt.meta.extra)
+                task = build_task(name, prompt.vectors, prompt.meta.extra, prefix=prompt.is_prefix)
             except Exception as exc:  # whatever one entry does, it harms only itself
                 if not isinstance(exc, PromptBankError):
                     exc = InvalidPromptError(f"{self.bank}/{name}.json: cannot be read ({type(exc).__name__}: {exc})")

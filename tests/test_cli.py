@@ -158,7 +158,7 @@ def test_import_peft_refusals(llama_export, gpt2_export, tmp_path, capsys):
     model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     model.save_pretrained(adapter)
     assert bank_main(["import-peft", str(adapter), str(tmp_path / "b"), "--task", "x", "--model", str(llama_export)]) == 1
-    assert "peft_type is 'LORA'; expected 'PROMPT_TUNING' or 'P_TUNING'" in one_error_line(capsys)
+    assert "peft_type is 'LORA'; expected 'PROMPT_TUNING', 'P_TUNING' or 'PREFIX_TUNING'" in one_error_line(capsys)
     assert (
         bank_main(["import-peft", str(tmp_path / "missing"), str(tmp_path / "b"), "--task", "x", "--model", str(llama_export)])
         == 1

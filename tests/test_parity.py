@@ -30,9 +30,11 @@ def make_adapter(hf_dir, out_dir, length: int, seed: int):
 
 
 def serves_like_peft(model, task: str, peft_model, new_tokens: int) -> None:
-    """For each text: logits over prompt + text within 1e-4 of PEFT's, then PEFT's greedy tokens."""
+    """For each text: logits over prompt + text (a prefix task: text alone) within 1e-4 of PEFT's, then PEFT's
+    greedy tokens."""
     eos = model.config.eos_token_ids[0]
-    length = model.prompt(task).shape[0]
+    prompt = model.prompt(task)
+    length = 0 if prompt is None else prompt.shape[0]
     for text in TEXTS:
         ids = torch.tensor([model.encode(text)])
         with torch.no_grad():
