@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_parity import serves_like_peft
 
 from softprompt.formats.errors import BackboneMismatchError, InvalidPromptError, PromptBankError
 from softprompt.prompt_bank import load_prompt, save_prompt
@@ -15,7 +16,6 @@ from softprompt.prompt_bank.peft import prefix_keys_values, prefix_table
 from softprompt.runtime import RequestError, load
 
 from conftest import TEXTS, random_prompt
-from test_parity import serves_like_peft
 
 peft = pytest.importorskip("peft")
 
