@@ -247,6 +247,7 @@ def upgrade_bank(bank_dir: str | os.PathLike) -> list[str]:
 
 def _write_task(bank: Path, meta: PromptMeta, array: np.ndarray) -> PromptMeta:
     """The vectors under a new name, then the record naming them (the switch), then what is no longer named."""
+    check_extra(meta.extra, meta.width, f"task {meta.name!r}", meta.length, prefix=meta.method == "prefix")
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     data = buffer.getvalue()
@@ -498,15 +499,20 @@ def load_prompt(
         raise BackboneMismatchError(
             f"{npy}: a prompt of {meta.length} vectors leaves no room for text in the model's {max_positions} positions"
         )
-    check_extra(meta.extra, meta.width, str(meta_path))
+    check_extra(meta.extra, meta.width, str(meta_path), meta.length, prefix=meta.method == "prefix")
     if meta.method == "prefix" and "head" in meta.extra:
         raise InvalidPromptError(f"{meta_path}: extra.head is an encoder's classifier; a prefix task serves decoders")
     return Prompt(meta=meta, vectors=vectors)
 
 
-def check_extra(extra: Mapping[str, Any], width: int, where: str) -> None:
-    """The task in a record's `extra`: template, labels, an encoder's head, as the runtime will read them."""
+def check_extra(extra: Mapping[str, Any], width: int, where: str, length: int | None = None, prefix: bool = False) -> None:
+    """The task in a record's `extra`: template (its slots must hold the task's `length` vectors; a prefix has none
+    to place), labels, an encoder's head, as the runtime will read them."""
     spec = TaskSpec.from_extra(extra, where)
+    if prefix and spec.slots:
+        raise InvalidPromptError(f"{where}: template {spec.template!r} has slots for vectors; a prefix task has none to place")
+    if length is not None:
+        spec.check_length(length, where)
     kind = extra.get("kind")
     if kind is not None and kind not in ("classification", "generation"):
         raise InvalidPromptError(f"{where}: kind {kind!r}; expected 'classification' or 'generation'")

@@ -2,11 +2,19 @@
 
 Stored in the task's record (`NAME.json`, field `extra`) so that training and the runtime wrap
 inputs the same way: `{"template": "Review: {text}\\nSentiment:", "labels": {"positive": " positive"}}`.
+
+A template may also place the soft prompt's vectors (P-tuning's patterns, Liu et al. 2021):
+`{soft:N}` is a slot for the next N vectors, e.g. `"{soft:4}Review: {text}{soft:2} Sentiment:"`.
+The slots take the vectors in order and must account for all of them. Vectors before the template's
+first text (`lead`) are prepended like a plain prompt's, and a decoder caches them; the others
+stand in the token ids as negative numbers, -1 for the first vector after the lead, -2 for the
+next, which is how `encode` hands them to the runtime and to training alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,6 +23,7 @@ import numpy as np
 from .errors import InvalidPromptError
 
 PLACEHOLDER = "{text}"
+SLOT = re.compile(r"\{soft:(\d+)\}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +50,63 @@ class TaskSpec:
         return "classification" if self.labels else "generation"
 
     def apply(self, text: str) -> str:
-        """The templated input. Plain replacement, so braces elsewhere in the template stay as written."""
-        return self.template.replace(PLACEHOLDER, text)
+        """The templated input as text (slots left out). Plain replacement, so braces elsewhere in the template stay
+        as written."""
+        return SLOT.sub("", self.template).replace(PLACEHOLDER, text)
+
+    @property
+    def slots(self) -> list[int]:
+        """The vector count of each `{soft:N}` slot, in order (empty: the vectors all lead)."""
+        return [int(n) for n in SLOT.findall(self.template)]
+
+    @property
+    def lead(self) -> int | None:
+        """How many vectors come before the template's first text (None: a template without slots, all of them)."""
+        if not self.slots:
+            return None
+        count = 0
+        rest = self.template
+        while (match := SLOT.match(rest)) is not None:
+            count += int(match.group(1))
+            rest = rest[match.end() :]
+        return count
+
+    def encode(self, text: str, encode: Callable[..., list[int]]) -> list[int]:
+        """Token ids of the templated `text`, as `encode(text, add_special_tokens=...)` makes them, with the slots
+        after the lead as negative ids (-1: the first vector after the lead). Text between slots is tokenized
+        piece by piece, the tokenizer's special tokens going around the whole as they would around one text."""
+        lead = self.lead
+        if lead is None:
+            return encode(self.apply(text))
+        rest = self.template
+        while (match := SLOT.match(rest)) is not None:
+            rest = rest[match.end() :]
+        if not SLOT.search(rest):
+            return encode(rest.replace(PLACEHOLDER, text))  # only leading slots: exactly a plain prompt's row
+        before, after = _specials(encode)
+        ids = list(before)
+        inner = 0
+        position = 0
+        for match in SLOT.finditer(rest):
+            piece = rest[position : match.start()]
+            if piece:
+                ids += encode(piece.replace(PLACEHOLDER, text), add_special_tokens=False)
+            count = int(match.group(1))
+            ids += [-(inner + k + 1) for k in range(count)]
+            inner += count
+            position = match.end()
+        if rest[position:]:
+            ids += encode(rest[position:].replace(PLACEHOLDER, text), add_special_tokens=False)
+        return ids + list(after)
+
+    def check_length(self, length: int, where: str) -> None:
+        """A template with slots must account for exactly the task's `length` vectors."""
+        slots = self.slots
+        if slots and sum(slots) != length:
+            raise InvalidPromptError(
+                f"{where}: template {self.template!r} has slots for {' + '.join(map(str, slots))} = {sum(slots)} vectors; "
+                f"the task has {length}"
+            )
 
     def verbalizer_ids(self, encode: Callable[..., list[int]]) -> dict[str, list[int]]:
         """Each label's token ids, tokenized alone without special tokens: the one rule training and the runtime share."""
@@ -67,7 +131,23 @@ class TaskSpec:
 def check_template(template: str) -> str:
     if not isinstance(template, str) or template.count(PLACEHOLDER) != 1:
         raise InvalidPromptError(f"template {template!r} must contain {PLACEHOLDER} exactly once")
+    for match in SLOT.finditer(template):
+        if int(match.group(1)) == 0:
+            raise InvalidPromptError(
+                f"template {template!r}: slot {match.group(0)} holds no vectors; expected {{soft:N}}, N >= 1"
+            )
     return template
+
+
+def _specials(encode: Callable[..., list[int]]) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] ... [SEP], a BOS), found by a probe."""
+    probe = "x"
+    plain = encode(probe, add_special_tokens=False)
+    full = encode(probe, add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return [], []
 
 
 def unescape(text: str) -> str:

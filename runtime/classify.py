@@ -154,4 +154,4 @@ def verbalized(texts: Sequence[str], found: Sequence, encode: Callable) -> tuple
         if empty:
             raise RequestError(f"task {task.name!r}: verbalizers of {empty} have no tokens")
         verbalizers.append(list(by_label.values()))
-    return [encode(task.spec.apply(text)) for text, task in zip(texts, found)], verbalizers
+    return [task.spec.encode(text, encode) for text, task in zip(texts, found)], verbalizers

@@ -196,7 +196,8 @@ class TextModel(ServedExport):
         return self._steps(ids, self._store.resolve(tasks_for(task, len(ids))), settings)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True)
+        """Text of token ids (a pattern's slot vectors, negative ids, are not text and are left out)."""
+        return self.backbone.tokenizer.decode([int(t) for t in ids if t >= 0], skip_special_tokens=True)
 
     def classify(self, texts: str | Sequence[str], task, ensemble: str | None = None) -> list[dict]:
         """Label each text by its task's verbalizers: `[{"label": ..., "scores": {label: probability}}]`.

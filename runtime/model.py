@@ -165,6 +165,7 @@ class Model(TextModel):
             vocab_size=self.config.vocab_size,
             limit=self.config.max_positions,
             new_tokens=max_new_tokens,
+            slots=[0 if t is None else len(t.inner) for t in found],
         )
         for i, (row_ids, task) in enumerate(zip(ids, found)):
             if task is not None and task.past is not None and not len(row_ids):
@@ -178,7 +179,7 @@ class Model(TextModel):
             vectors = None if task is None or task.past is not None else task.vectors
             if prefix is not None and vectors is not None:  # the cache holds the prompt; a row without text re-feeds its last row
                 vectors = None if len(row_ids) else vectors[-1:]
-            rows.append(embed_row(self.table, row_ids, vectors))
+            rows.append(embed_row(self.table, row_ids, vectors, None if task is None else task.inner))
         embeds, mask = pad(rows, "left")
         held = [
             0 if prefix is None else prefix[0].shape[1] - (0 if len(row_ids) else 1) for prefix, row_ids in zip(prefixes, ids)

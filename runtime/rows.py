@@ -56,11 +56,13 @@ def check_rows(
     new_tokens: int = 0,
     what: str = "positions",
     need_tokens: bool = False,
+    slots: Sequence[int] | None = None,
 ) -> None:
     """Refuse a row before anything runs: no tokens and no prompt, longer than the model, ids out of range.
 
     `new_tokens` counts against the same positions (decoders); `need_tokens` refuses a row without
-    tokens even under a prompt (encoders pool over the text's tokens).
+    tokens even under a prompt (encoders pool over the text's tokens). `slots[i]` is how many of
+    row i's task's vectors its negative ids may name (a P-tuning pattern's, after the lead).
     """
     if not ids:
         raise RequestError("no input given")
@@ -75,14 +77,25 @@ def check_rows(
             raise RequestError(f"input {i} needs {prompt} prompt + {len(row)} input{new} = {total} {what}; the model has {limit}")
         if isinstance(row, (str, bytes)) or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in row):
             raise RequestTypeError(f"input {i} is {row!r:.80}; expected a list of token ids (whole numbers)")
-        bad = [t for t in row if not 0 <= t < vocab_size]
+        low = -(slots[i] if slots is not None else 0)
+        bad = [t for t in row if not low <= t < vocab_size]
         if bad:
-            raise RequestError(f"input {i} has token ids {bad[:5]} outside [0, {vocab_size})")
+            where = f"[{low}, {vocab_size}) (negative ids: the task's slot vectors)" if low else f"[0, {vocab_size})"
+            raise RequestError(f"input {i} has token ids {bad[:5]} outside {where}")
 
 
-def embed_row(table: np.ndarray, ids: Sequence[int], prompt: np.ndarray | None) -> np.ndarray:
-    """[P + n, E] float32: the task's prompt rows, then the embeddings of `ids` from the table."""
-    tokens = np.asarray(table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+def embed_row(table: np.ndarray, ids: Sequence[int], prompt: np.ndarray | None, inner: np.ndarray | None = None) -> np.ndarray:
+    """[P + n, E] float32: the task's prompt rows, then the embeddings of `ids` from the table, where a negative
+    id -k is row k - 1 of `inner` (a P-tuning pattern's vectors after the text begins)."""
+    index = np.asarray(ids, dtype=np.int64)
+    slots = index < 0
+    if slots.any():
+        if inner is None or -index.min() > len(inner):
+            raise RequestError(f"token ids {index[slots][:5].tolist()} name slot vectors the task does not have")
+        tokens = np.asarray(table[np.where(slots, 0, index)], dtype=np.float32)
+        tokens[slots] = inner[-index[slots] - 1]
+    else:
+        tokens = np.asarray(table[index], dtype=np.float32)
     if prompt is None:
         return tokens
     return np.concatenate([np.asarray(prompt, dtype=np.float32), tokens], axis=0)

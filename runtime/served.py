@@ -29,6 +29,7 @@ class ServedExport:
             fingerprint=self.config.fingerprint,
             max_positions=self.config.max_positions,
             cache=self.config.prefix_cache,
+            slots=self.config.kind == "decoder",
         )
 
     @property
@@ -44,10 +45,12 @@ class ServedExport:
         return sorted(self._store.reload())
 
     def prompt(self, task: str | None) -> np.ndarray | None:
-        """The [P, E] float32 soft prompt of `task`, or None for no prompt (and for a prefix task, whose keys and
-        values `prefix` gives)."""
+        """The [P, E] float32 soft prompt of `task` (all its vectors, a pattern's slots included), or None for no
+        prompt (and for a prefix task, whose keys and values `prefix` gives)."""
         found = self._store.resolve([task])[0]
-        return None if found is None or found.past is not None else found.vectors
+        if found is None or found.past is not None:
+            return None
+        return found.vectors if not len(found.inner) else np.concatenate([found.vectors, found.inner])
 
     def prefix(self, task: str | None) -> tuple[np.ndarray, ...] | None:
         """A prefix task's keys and values, one [kv_heads, P, head_size] array per cache input; None for others."""
@@ -60,15 +63,18 @@ class ServedExport:
 
     def encode(self, text: str, task: str | None = None) -> list[int]:
         """Token ids of `text` wrapped in the task's template, as the model's own tokenizer makes them."""
-        return self.backbone.encode(self.task_spec(task).apply(text))
+        return self.task_spec(task).encode(text, self.backbone.encode)
 
     def inputs_embeds(self, ids: Sequence[int], task: str | None = None) -> np.ndarray:
         """[P + n, E]: exactly what the model is fed for `ids` under `task` (training builds the same; a prefix task
-        adds no rows: its keys and values are the past)."""
-        return embed_row(self.table, ids, self.prompt(task))
+        adds no rows: its keys and values are the past; negative ids are a P-tuning pattern's slots)."""
+        found = self._store.resolve([task])[0]
+        if found is None or found.past is not None:
+            return embed_row(self.table, ids, None)
+        return embed_row(self.table, ids, found.vectors, found.inner)
 
     def _encode_rows(self, texts: Sequence[str], found: Sequence[Task | None]) -> list[list[int]]:
-        return [self.backbone.encode(spec_of(task).apply(text)) for text, task in zip(as_texts(texts), found)]
+        return [spec_of(task).encode(text, self.backbone.encode) for text, task in zip(as_texts(texts), found)]
 
 
 def spec_of(task: Task | None) -> TaskSpec:

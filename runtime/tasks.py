@@ -41,12 +41,14 @@ Stamp = tuple[FileStamp, FileStamp, tuple[FileStamp, ...]]
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
     name: str
-    vectors: np.ndarray  # [P, E] float32, read-only ([0, E] for a prefix task)
+    vectors: np.ndarray  # [P, E] float32, read-only: the vectors before the input ([0, E] for a prefix task)
     spec: TaskSpec
     # An encoder task's optional linear classifier: weight [labels, E], bias [labels], and what it reads.
     head: Head | None = None
     # A prefix task's keys and values: one [kv_heads, P, head_size] float32 array per cache input, read-only.
     past: tuple[np.ndarray, ...] | None = None
+    # A P-tuning pattern's vectors after the lead, [Q, E]: negative ids -1..-Q of the templated rows name them.
+    inner: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     @property
     def length(self) -> int:
@@ -65,7 +67,11 @@ def build_task(name: str, vectors: np.ndarray, extra: Mapping, prefix: bool = Fa
         return Task(name, empty, spec, past=past)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     vectors.setflags(write=False)
-    return Task(name, vectors, spec, parse_head(extra.get("head"), list(spec.labels), vectors.shape[1], f"task {name!r}"))
+    head = parse_head(extra.get("head"), list(spec.labels), vectors.shape[1], f"task {name!r}")
+    lead = spec.lead
+    if lead is None:
+        return Task(name, vectors, spec, head)
+    return Task(name, vectors[:lead], spec, head, inner=vectors[lead:])
 
 
 class TaskStore:
@@ -79,8 +85,10 @@ class TaskStore:
         fingerprint: str | None,
         max_positions: int | None = None,
         cache: tuple[int, int, int] | None = None,
+        slots: bool = True,
     ):
         self.bank = bank
+        self._slots = slots  # whether templates may place vectors after the text (P-tuning patterns)
         self._width = width
         self._fingerprint = fingerprint
         self._max_positions = max_positions
@@ -171,6 +179,11 @@ class TaskStore:
                     cache=self._cache,
                 )
                 task = build_task(name, prompt.vectors, prompt.meta.extra, prefix=prompt.is_prefix)
+                if len(task.inner) and not self._slots:
+                    raise InvalidPromptError(
+                        f"{self.bank}/{name}.json: template {task.spec.template!r} places vectors after the text "
+                        "(a P-tuning pattern); those serve on decoder exports"
+                    )
             except Exception as exc:  # whatever one entry does, it harms only itself
                 if not isinstance(exc, PromptBankError):
                     exc = InvalidPromptError(f"{self.bank}/{name}.json: cannot be read ({type(exc).__name__}: {exc})")

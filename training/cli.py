@@ -44,15 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval", type=Path, help="evaluation data; the best prompt on it is kept")
     parser.add_argument("--task", required=True, help="task name in the bank")
     parser.add_argument("--bank", type=Path, required=True, help="bank folder to save the prompt into")
-    parser.add_argument("--length", type=int, default=20, help="prompt length P (default: 20)")
+    parser.add_argument(
+        "--length", type=int, default=None, help="prompt length P (default: 20, or what the template's slots hold)"
+    )
     parser.add_argument(
         "--init", default=None, help="labels (classification default), vocab (generation default), random, text:..., file:..."
     )
     parser.add_argument(
         "--template",
         default="{text}",
-        help="hard prompt wrapping each input; must contain {text}; \\n and \\t "
-        "are read as newline and tab, as a shell passes them literally",
+        help="hard prompt wrapping each input; must contain {text}; {soft:N} places the next N prompt vectors there "
+        "(a P-tuning pattern, e.g. '{soft:4}Review: {text}{soft:2} Sentiment:'; without slots they all go in front); "
+        "\\n and \\t are read as newline and tab, as a shell passes them literally",
     )
     parser.add_argument(
         "--verbalizer",
@@ -141,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         if eval_data and eval_data.kind != train.kind:
             raise TrainingError(f"{args.eval} is {eval_data.kind} data but {args.data} is {train.kind} data")
         spec = TaskSpec(template=unescape(args.template), labels=verbalizers)
+        length = args.length if args.length is not None else (sum(spec.slots) or 20)
+        spec.check_length(length, "--template")
         if args.init:
             check_init(args.init)
         config = TrainConfig(
-            length=args.length,
+            length=length,
             init=args.init or ("labels" if spec.labels else "vocab"),
             optimizer=args.optimizer,
             lr=args.lr,

@@ -85,6 +85,8 @@ def train_encoder_prompt(
         raise TrainingError(f"{train.path}: encoder tasks are classification tasks; got {train.kind} data")
     if config.precision != "fp32":
         raise TrainingError(f"--precision {config.precision} trains decoder prompts; train an encoder's prompt at fp32")
+    if spec.slots:
+        raise TrainingError(f"--template {spec.template!r} places vectors with slots; patterns train decoder prompts only")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model

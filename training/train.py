@@ -122,25 +122,40 @@ def _checkpointed(forward):
     return run
 
 
-def build_inputs_embeds(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]]):
-    """Left-padded [B, P + T, E] embeddings, mask and positions: the runtime's construction, in torch."""
+def build_inputs_embeds(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]], lead: int | None = None):
+    """Left-padded [B, P + T, E] embeddings, mask and positions: the runtime's construction, in torch.
+
+    With `lead` (a template with slots, `TaskSpec.lead`), only the first `lead` vectors go in front and a
+    row's negative ids -k take vector lead + k - 1, where the pattern places it (runtime.rows.embed_row)."""
     embed = model.get_input_embeddings()
-    length = max(len(r) for r in rows) + prompt.shape[0]
+    front, inner = (prompt, prompt[:0]) if lead is None else (prompt[:lead], prompt[lead:])
+    length = max(len(r) for r in rows) + front.shape[0]
     batch = len(rows)
     embeds = prompt.new_zeros((batch, length, prompt.shape[1]))
     mask = torch.zeros((batch, length), dtype=torch.long)
     for i, ids in enumerate(rows):
-        start = length - len(ids) - prompt.shape[0]
-        tokens = embed(torch.tensor(ids, dtype=torch.long)) if ids else prompt.new_zeros((0, prompt.shape[1]))
-        embeds[i, start:] = torch.cat([prompt, tokens.to(prompt.dtype)])
+        start = length - len(ids) - front.shape[0]
+        embeds[i, start:] = torch.cat([front, _embed_ids(embed, ids, inner)])
         mask[i, start:] = 1
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     return embeds, mask, positions
 
 
-def _forward_tail(model, prompt, rows, keep: int) -> torch.Tensor:
+def _embed_ids(embed, ids: Sequence[int], inner: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of `ids`, with a pattern's slot vectors (`inner`) where the ids are negative."""
+    if not ids:
+        return inner.new_zeros((0, inner.shape[1]))
+    index = torch.tensor(ids, dtype=torch.long)
+    slots = index < 0
+    tokens = embed(index.clamp(min=0)).to(inner.dtype)
+    if not bool(slots.any()):
+        return tokens
+    return torch.where(slots[:, None], inner[(-index - 1).clamp(min=0, max=max(len(inner) - 1, 0))], tokens)
+
+
+def _forward_tail(model, prompt, rows, keep: int, lead: int | None = None) -> torch.Tensor:
     """Logits of the last `keep` positions only: that is where every row's targets are."""
-    embeds, mask, positions = build_inputs_embeds(model, prompt, rows)
+    embeds, mask, positions = build_inputs_embeds(model, prompt, rows, lead)
     kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs).logits
     return logits[:, -keep:]
@@ -153,17 +168,18 @@ def encode_examples(
     verbalizers = spec.verbalizer_ids(backbone.encode)
     pairs = []
     for number, example in enumerate(data.examples, 1):
-        ids = backbone.encode(spec.apply(example.text))
+        ids = spec.encode(example.text, backbone.encode)
         if data.kind == "classification":
             target = verbalizers[example.target]
         else:
             target = backbone.encode(example.target, add_special_tokens=False) + backbone.eos_ids[:1]
         # An encoder-decoder's target goes to the decoder: only prompt and input share the encoder's positions.
-        total = prompt_length + len(ids) + (0 if backbone.kind == "seq2seq" else len(target))
+        lead = spec.lead if spec.lead is not None else prompt_length  # (a pattern's other vectors are among the ids)
+        total = lead + len(ids) + (0 if backbone.kind == "seq2seq" else len(target))
         if backbone.max_positions is not None and total > backbone.max_positions:
             what = "" if backbone.kind == "seq2seq" else f" + {len(target)} target"
             raise TrainingError(
-                f"{data.path} example {number}: {prompt_length} prompt + {len(ids)} input{what} = "
+                f"{data.path} example {number}: {lead} prompt + {len(ids)} input{what} = "
                 f"{total} positions; the model has {backbone.max_positions}"
             )
         pairs.append((ids, target))
@@ -180,13 +196,13 @@ def shuffled_batches(count: int, batch_size: int, rng: np.random.Generator) -> I
         del order[:batch_size]
 
 
-def target_loss_sum(model, prompt, pairs) -> torch.Tensor:
+def target_loss_sum(model, prompt, pairs, lead: int | None = None) -> torch.Tensor:
     """Summed cross-entropy over the target tokens only (the input and prompt are context)."""
     if getattr(model.config, "is_encoder_decoder", False):
         return seq2seq_loss_sum(model, prompt, pairs)
     rows = [ids + target for ids, target in pairs]
     keep = max(len(t) for _, t in pairs) + 1
-    logits = _forward_tail(model, prompt, rows, keep)
+    logits = _forward_tail(model, prompt, rows, keep, lead)
     losses = []
     for i, (_, target) in enumerate(pairs):
         k = len(target)
@@ -195,23 +211,24 @@ def target_loss_sum(model, prompt, pairs) -> torch.Tensor:
     return torch.stack(losses).sum()
 
 
-def batch_loss(model, prompt, pairs) -> torch.Tensor:
+def batch_loss(model, prompt, pairs, lead: int | None = None) -> torch.Tensor:
     """Mean cross-entropy per target token over the batch."""
-    return target_loss_sum(model, prompt, pairs) / sum(len(t) for _, t in pairs)
+    return target_loss_sum(model, prompt, pairs, lead) / sum(len(t) for _, t in pairs)
 
 
 def evaluate(model, prompt, pairs, data: Dataset, spec: TaskSpec, backbone: FrozenModel) -> dict:
     """Accuracy by the runtime's own scoring for classification; mean target loss for generation."""
+    lead = spec.lead
     with torch.no_grad():
         if data.kind == "generation":
-            total = sum(float(target_loss_sum(model, prompt, pairs[i : i + 8])) for i in range(0, len(pairs), 8))
+            total = sum(float(target_loss_sum(model, prompt, pairs[i : i + 8], lead)) for i in range(0, len(pairs), 8))
             return {"loss": total / sum(len(t) for _, t in pairs)}
         by_label = spec.verbalizer_ids(backbone.encode)
         labels, verbalizers = list(by_label), list(by_label.values())
         keep = max(len(v) for v in verbalizers) + 1
 
         def run_rows(rows, owners):
-            return _forward_tail(model, prompt, rows, keep).float().numpy()
+            return _forward_tail(model, prompt, rows, keep, lead).float().numpy()
 
         if backbone.kind == "seq2seq":
             scores = seq2seq_label_logprobs(model, prompt, [ids for ids, _ in pairs], verbalizers)
@@ -239,6 +256,9 @@ def train_prompt(
         raise TrainingError(
             "train_prompt trains decoder and encoder-decoder prompts; encoders go through train_encoder.train_encoder_prompt"
         )
+    spec.check_length(config.length, "--template")
+    if spec.slots and backbone.kind != "decoder":
+        raise TrainingError(f"--template {spec.template!r} places vectors with slots; patterns train decoder prompts only")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model
@@ -268,7 +288,7 @@ def train_prompt(
     step = 0
     try:
         for step in range(1, total_steps + 1):
-            loss = batch_loss(model, prompt, [pairs[i] for i in next(batches)])
+            loss = batch_loss(model, prompt, [pairs[i] for i in next(batches)], spec.lead)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
