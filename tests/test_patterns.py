@@ -131,5 +131,7 @@ def test_training_a_pattern(llama_dir, llama_export, tmp_path, capsys):
 def test_patterns_serve_on_decoders_only(pattern_bank):
     from softprompt.runtime.tasks import TaskStore
 
-    with pytest.raises(InvalidPromptError, match="qa.json: template .* places vectors after the text .* serve on decoder exports"):
+    with pytest.raises(
+        InvalidPromptError, match="qa.json: template .* places vectors after the text .* serve on decoder exports"
+    ):
         TaskStore(pattern_bank, width=64, fingerprint=None, slots=False)  # what an encoder's or encoder-decoder's store is
