@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL=WORDS",
         help="words the model should produce for a label (repeatable; default: ' ' + label name)",
     )
+    parser.add_argument(
+        "--method",
+        choices=["prompt", "prefix", "p-tuning"],
+        default="prompt",
+        help="what to learn: a prompt before the input (default), a prefix of keys and values at every layer "
+        "(prefix tuning, decoders; trained through an MLP, saved as plain keys and values), or a prompt made by a "
+        "prompt encoder (P-tuning; saved as the encoder's output)",
+    )
+    parser.add_argument("--encoder", choices=["mlp", "lstm"], default="mlp", help="P-tuning's prompt encoder (default: mlp)")
+    parser.add_argument(
+        "--encoder-hidden",
+        type=int,
+        default=None,
+        help="hidden width of the P-tuning encoder or prefix MLP (default: their output width per position)",
+    )
     parser.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
     parser.add_argument("--lr", type=float, default=3e-2, help="learning rate (default: 0.03)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -110,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--eval-every", args.eval_every, 1),
         ("--seed", args.seed, 0),
         ("--checkpoint-every", args.checkpoint_every, 0),
+        ("--encoder-hidden", args.encoder_hidden, 1),
     ):
         if value is not None and value < low:
             parser.error(f"{flag} {value}; expected at least {low}")
@@ -160,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             checkpoint_every=args.checkpoint_every,
             precision=args.precision,
+            method=args.method,
+            encoder=args.encoder,
+            encoder_hidden=args.encoder_hidden,
         )
         log(f"loading {args.model}")
         backbone = load_backbone(args.model, log=log)
@@ -178,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     best = record["best"]
     summary = f"; best {', '.join(f'{k} {v:.4g}' for k, v in best.items() if k != 'step')} at step {best['step']}" if best else ""
-    print(f"saved {args.task} ({meta.length}x{meta.width}) to {args.bank} after {record['steps']} steps{summary}")
+    shape = f"a prefix of {meta.length} for {meta.layers} layers" if meta.method == "prefix" else f"{meta.length}x{meta.width}"
+    print(f"saved {args.task} ({shape}) to {args.bank} after {record['steps']} steps{summary}")
     return 0
 
 

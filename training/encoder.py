@@ -87,6 +87,8 @@ def train_encoder_prompt(
         raise TrainingError(f"--precision {config.precision} trains decoder prompts; train an encoder's prompt at fp32")
     if spec.slots:
         raise TrainingError(f"--template {spec.template!r} places vectors with slots; patterns train decoder prompts only")
+    if config.method != "prompt":
+        raise TrainingError(f"--method {config.method} trains decoder tasks; an encoder's task is a prompt (--method prompt)")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model

@@ -20,13 +20,23 @@ from tokenizers import Tokenizer
 
 from softprompt.exporter.backbone import describe
 from softprompt.exporter.sources import load_source
-from softprompt.formats.bank import PromptMeta, save_prompt
+from softprompt.formats.bank import PromptMeta, save_prefix, save_prompt
 from softprompt.formats.task import TaskSpec
 from softprompt.runtime.classify import label_logprobs
 
 from .data import Dataset
 from .errors import TrainingError
 from .init import common_token_ids, init_prompt
+from .methods import (
+    ENCODERS,
+    METHODS,
+    PrefixEncoder,
+    Prompt,
+    PromptEncoder,
+    parameter_count,
+    prefix_cache,
+    prompt_keys_values,
+)
 from .quantized import quantize_backbone
 from .seq2seq import seq2seq_label_logprobs, seq2seq_loss_sum
 
@@ -44,6 +54,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 2
     precision: str = "fp32"  # int8/int4: train through the weights that export runs (quantized.py)
+    method: str = "prompt"  # or "prefix", "p-tuning" (methods.py)
+    encoder: str = "mlp"  # p-tuning's prompt encoder: "mlp" or "lstm"
+    encoder_hidden: int | None = None  # the encoders' hidden width (default: what they output per position)
 
 
 @dataclasses.dataclass
@@ -115,7 +128,8 @@ def _checkpointed(forward):
     from torch.utils.checkpoint import checkpoint
 
     def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
+        # A layer that writes into a cache (a prefix's) cannot run twice: its recomputation would write again.
+        if not torch.is_grad_enabled() or any(hasattr(v, "get_seq_length") for v in kwargs.values()):
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
@@ -154,9 +168,18 @@ def _embed_ids(embed, ids: Sequence[int], inner: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_tail(model, prompt, rows, keep: int, lead: int | None = None) -> torch.Tensor:
-    """Logits of the last `keep` positions only: that is where every row's targets are."""
-    embeds, mask, positions = build_inputs_embeds(model, prompt, rows, lead)
+    """Logits of the last `keep` positions only: that is where every row's targets are. `prompt` is [P, E] vectors
+    before the input, or a prefix, [2 * layers, kv_heads, P, head_size], which every row attends to as its past."""
     kwargs = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    if prompt.ndim == 4:
+        embeds, mask, positions = build_inputs_embeds(model, prompt.new_zeros((0, model.config.hidden_size)), rows)
+        past = prompt.shape[2]
+        mask = torch.cat([torch.ones((len(rows), past), dtype=mask.dtype), mask], dim=1)  # the runtime's layout
+        positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 1))[:, past:]
+        cache = prefix_cache(model, prompt, len(rows))
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, **kwargs)
+        return out.logits[:, -keep:]
+    embeds, mask, positions = build_inputs_embeds(model, prompt, rows, lead)
     logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs).logits
     return logits[:, -keep:]
 
@@ -248,7 +271,8 @@ def train_prompt(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, dict]:
-    """Train and return (best prompt [P, E] float32, training record). Ctrl-C stops and keeps the best so far.
+    """Train and return (the best prompt [P, E] float32, or prefix [2 * layers, kv_heads, P, head_size], and the
+    training record). Ctrl-C stops and keeps the best so far.
 
     At `config.precision` int8 or int4 the backbone's weights are first replaced, in place, by those
     that precision's export runs."""
@@ -256,9 +280,7 @@ def train_prompt(
         raise TrainingError(
             "train_prompt trains decoder and encoder-decoder prompts; encoders go through train_encoder.train_encoder_prompt"
         )
-    spec.check_length(config.length, "--template")
-    if spec.slots and backbone.kind != "decoder":
-        raise TrainingError(f"--template {spec.template!r} places vectors with slots; patterns train decoder prompts only")
+    check_method(config, spec, backbone.kind)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = backbone.model
@@ -266,19 +288,20 @@ def train_prompt(
     if any(p.requires_grad for p in model.parameters()):
         raise TrainingError("the backbone has trainable parameters; prompt tuning keeps every backbone weight frozen")
     start_values = starting_prompt(backbone, spec, config, rng)
-    prompt = torch.nn.Parameter(torch.from_numpy(start_values.copy()))
     quantization = quantize_backbone(backbone, config.precision)
     if config.precision != "fp32":
         log(f"training through the weights of a {config.precision} export ({_settings(quantization)})")
+    source = trained_source(model, torch.from_numpy(start_values.copy()), config)
     enable_checkpointing(model, config.checkpoint_every)
-    log(f"trainable parameters: {prompt.numel():,} (prompt {config.length} x {prompt.shape[1]}); frozen: {frozen:,}")
+    trainable = parameter_count(source)
+    log(f"trainable parameters: {trainable:,} ({_described(source, config)}); frozen: {frozen:,}")
     pairs = encode_examples(backbone, train, spec, config.length)
     eval_pairs = encode_examples(backbone, eval_data, spec, config.length) if eval_data else None
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = config.steps or max(1, round(config.epochs * steps_per_epoch))
-    optimizer = _optimizer(config, [prompt])
+    optimizer = _optimizer(config, [p for p in source.parameters() if p.requires_grad])
 
-    best = prompt.detach().clone()
+    best = source().detach().clone()
     best_metric: dict | None = None
     history = []
     interrupted = False
@@ -288,16 +311,18 @@ def train_prompt(
     step = 0
     try:
         for step in range(1, total_steps + 1):
-            loss = batch_loss(model, prompt, [pairs[i] for i in next(batches)], spec.lead)
+            loss = batch_loss(model, source(), [pairs[i] for i in next(batches)], spec.lead)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             postfix = {"loss": f"{loss.detach().item():.3f}"}
             if eval_pairs and (step % config.eval_every == 0 or step == total_steps):
-                metric = evaluate(model, prompt, eval_pairs, eval_data, spec, backbone)
+                with torch.no_grad():
+                    trained = source().detach()
+                metric = evaluate(model, trained, eval_pairs, eval_data, spec, backbone)
                 history.append({"step": step, **metric})
                 if _better(metric, best_metric):
-                    best_metric, best = {"step": step, **metric}, prompt.detach().clone()
+                    best_metric, best = {"step": step, **metric}, trained.clone()
                 postfix.update({k: f"{v:.3f}" for k, v in metric.items()})
             bar.set_postfix(postfix)
             bar.update(1)
@@ -308,7 +333,7 @@ def train_prompt(
     finally:
         bar.close()
     if not eval_pairs:
-        best = prompt.detach().clone()
+        best = source().detach().clone()
     record = training_record(
         train,
         eval_data,
@@ -317,13 +342,56 @@ def train_prompt(
         steps=step,
         best=best_metric,
         history=history,
-        trainable=prompt.numel(),
+        trainable=trainable,
         frozen=frozen,
         started=started,
         interrupted=interrupted,
         precision=quantization,
+        method=_method_record(config),
     )
     return best.numpy().astype(np.float32), record
+
+
+def check_method(config: TrainConfig, spec: TaskSpec, kind: str) -> None:
+    """Refuse a method or pattern the model cannot take, before anything loads into it."""
+    if config.method not in METHODS:
+        raise TrainingError(f"--method {config.method!r}; expected one of {', '.join(METHODS)}")
+    if config.encoder not in ENCODERS:
+        raise TrainingError(f"--encoder {config.encoder!r}; expected one of {', '.join(ENCODERS)}")
+    if config.method == "prefix" and kind != "decoder":
+        raise TrainingError(f"--method prefix trains decoder prefixes (the runtime serves them there), not {kind} ones")
+    if config.method == "prefix" and spec.slots:
+        raise TrainingError(f"--template {spec.template!r} has slots for vectors; a prefix has none to place")
+    spec.check_length(config.length, "--template")
+    if spec.slots and kind != "decoder":
+        raise TrainingError(f"--template {spec.template!r} places vectors with slots; patterns train decoder prompts only")
+
+
+def trained_source(model, start: torch.Tensor, config: TrainConfig) -> torch.nn.Module:
+    """The module whose output is what `config.method` learns, starting from the [P, E] prompt `start`."""
+    if config.method == "p-tuning":
+        return PromptEncoder(start, config.encoder, config.encoder_hidden)
+    if config.method == "prefix":
+        return PrefixEncoder(prompt_keys_values(model, start), config.encoder_hidden)
+    return Prompt(start)
+
+
+def _described(source: torch.nn.Module, config: TrainConfig) -> str:
+    out = tuple(source().shape)
+    if config.method == "prefix":
+        return f"a prefix of {out[2]} positions for {out[0] // 2} layers, through an MLP"
+    if config.method == "p-tuning":
+        return f"prompt {out[0]} x {out[1]} through an {config.encoder.upper()} prompt encoder"
+    return f"prompt {out[0]} x {out[1]}"
+
+
+def _method_record(config: TrainConfig) -> dict:
+    if config.method == "prompt":
+        return {"name": "prompt"}
+    record: dict = {"name": config.method, "encoder_hidden": config.encoder_hidden}
+    if config.method == "p-tuning":
+        record["encoder"] = config.encoder
+    return record
 
 
 def starting_prompt(backbone: FrozenModel, spec: TaskSpec, config: TrainConfig, rng: np.random.Generator) -> np.ndarray:
@@ -390,7 +458,8 @@ def save_trained(
     head: dict | None = None,
 ) -> PromptMeta:
     extra = {**spec.to_extra(), **({"head": head} if head else {})}
-    return save_prompt(
+    save = save_prefix if vectors.ndim == 4 else save_prompt
+    return save(
         bank,
         task,
         vectors,
