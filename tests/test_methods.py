@@ -110,3 +110,19 @@ def test_prefixes_train_for_decoders_only():
         with pytest.raises(TrainingError, match=f"--method prefix trains decoder prefixes .*, not {kind} ones"):
             check_method(TrainConfig(length=4, method="prefix"), SPEC, kind)
     check_method(TrainConfig(length=4, method="p-tuning"), SPEC, "seq2seq")  # a P-tuning prompt is a prompt
+
+
+def test_a_prefix_gets_the_same_gradient_with_checkpointed_layers(llama_dir, data):
+    """The prefix's cache is read-only, so a layer run again in the backward pass sees the same past."""
+    from softprompt.training.train import batch_loss, enable_checkpointing, encode_examples
+
+    grads = []
+    for every in (0, 1):
+        backbone = load_backbone(str(llama_dir), log=lambda m: None)
+        assert enable_checkpointing(backbone.model, every) == (2 if every else 0)
+        start = prompt_keys_values(backbone.model, torch.from_numpy(random_prompt(3, 64))).requires_grad_(True)
+        backbone.model.train()  # checkpointing is for training
+        batch_loss(backbone.model, start, encode_examples(backbone, data, SPEC, 3)).backward()
+        grads.append(start.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

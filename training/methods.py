@@ -118,7 +118,11 @@ def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def prefix_cache(model, keys_values: torch.Tensor, batch: int):
-    """A transformers cache holding `keys_values` [2 * layers, kv_heads, P, head_size] for every row of a batch."""
+    """A transformers cache holding `keys_values` [2 * layers, kv_heads, P, head_size] for every row of a batch.
+
+    Its layers are read-only: a forward pass gets the prefix and its own keys and values back without
+    storing them, so a checkpointed layer that runs again in the backward pass (`read_only` is set)
+    sees the same past as the first time."""
     from transformers import DynamicCache
 
     try:
@@ -128,7 +132,19 @@ def prefix_cache(model, keys_values: torch.Tensor, batch: int):
     for layer in range(keys_values.shape[0] // 2):
         key, value = keys_values[2 * layer], keys_values[2 * layer + 1]
         cache.update(key[None].expand(batch, -1, -1, -1), value[None].expand(batch, -1, -1, -1), layer)
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+        for layer in layers:
+            layer.update = _appending(layer.keys, layer.values)
+        cache.read_only = True
     return cache
+
+
+def _appending(keys: torch.Tensor, values: torch.Tensor):
+    def update(key_states, value_states, cache_kwargs=None):
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    return update
 
 
 def parameter_count(module: torch.nn.Module) -> int:

@@ -128,8 +128,10 @@ def _checkpointed(forward):
     from torch.utils.checkpoint import checkpoint
 
     def run(*args, **kwargs):
-        # A layer that writes into a cache (a prefix's) cannot run twice: its recomputation would write again.
-        if not torch.is_grad_enabled() or any(hasattr(v, "get_seq_length") for v in kwargs.values()):
+        # A layer that writes into a cache cannot run twice: its recomputation would write again (a prefix's
+        # cache is read-only, methods.prefix_cache, and checkpoints as well as no cache).
+        caches = [v for v in kwargs.values() if hasattr(v, "get_seq_length")]
+        if not torch.is_grad_enabled() or any(not getattr(cache, "read_only", False) for cache in caches):
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 

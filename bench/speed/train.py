@@ -4,7 +4,7 @@ Same data (Pang & Lee sentences in the sentiment template), batch size, prompt l
 optimizer (AdamW) on each side. Each side runs in its own subprocess so its peak memory (max
 RSS) is its own; steps per second is the median over timed steps after warm-up steps.
 
-    python -m bench.speed.train [--steps 8 --batch-size 16 --length 20 --threads 2]
+    python -m bench.speed.train [--steps 8 --batch-size 16 --length 20 --threads 2] [--methods]
 """
 
 from __future__ import annotations
@@ -43,23 +43,25 @@ def timed(step, warmup: int, steps: int) -> float:
     return 1.0 / statistics.median(times)
 
 
-def side_ours(args) -> float:
-    """train-prompt's own loop: left-padded rows, loss on the verbalizer tokens, logits for the tail only."""
+def side_ours(args, method: str = "prompt") -> float:
+    """train-prompt's own loop: left-padded rows, loss on the verbalizer tokens, logits for the tail only;
+    `method` as train-prompt --method (prefix and P-tuning train through their encoders)."""
     import torch
 
-    from softprompt.training.train import batch_loss, enable_checkpointing, load_backbone
+    from softprompt.training.train import TrainConfig, batch_loss, enable_checkpointing, load_backbone, trained_source
 
     backbone = load_backbone(args.model, log=lambda m: None)
     enable_checkpointing(backbone.model, args.checkpoint_every)
     data = examples(args.batch_size * (args.steps + args.warmup))
     pairs = [(backbone.encode(text), backbone.encode(words, add_special_tokens=False)) for text, words in data]
-    prompt = torch.nn.Parameter(torch.from_numpy(backbone.table[: args.length].copy()))
-    optimizer = torch.optim.AdamW([prompt], lr=3e-2, weight_decay=0.0)
+    start = torch.from_numpy(backbone.table[: args.length].copy())
+    source = trained_source(backbone.model, start, TrainConfig(length=args.length, method=method))
+    optimizer = torch.optim.AdamW([p for p in source.parameters() if p.requires_grad], lr=3e-2, weight_decay=0.0)
     batches = iter(range(0, len(pairs), args.batch_size))
 
     def step():
         start = next(batches)
-        loss = batch_loss(backbone.model, prompt, pairs[start : start + args.batch_size])
+        loss = batch_loss(backbone.model, source(), pairs[start : start + args.batch_size])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -106,7 +108,14 @@ def side_hf(args, peft_prompt: bool) -> float:
     return timed(step, args.warmup, args.steps)
 
 
-SIDES = {"train-prompt": side_ours, "peft": lambda a: side_hf(a, True), "model-tuning": lambda a: side_hf(a, False)}
+SIDES = {
+    "train-prompt": side_ours,
+    "peft": lambda a: side_hf(a, True),
+    "model-tuning": lambda a: side_hf(a, False),
+    "train-prefix": lambda a: side_ours(a, "prefix"),
+    "train-p-tuning": lambda a: side_ours(a, "p-tuning"),
+}
+COMPARED = ("train-prompt", "peft", "model-tuning")  # the targets' sides; the other methods with --methods
 
 
 def main() -> int:
@@ -119,6 +128,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint-every", type=int, default=2, help="train-prompt's --checkpoint-every")
     parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--methods", action="store_true", help="also train-prompt --method prefix and p-tuning (their steps/s and memory)"
+    )
     args = parser.parse_args()
     if args.side:
         import torch
@@ -132,9 +144,9 @@ def main() -> int:
         f"batch {args.batch_size}, prompt {args.length}, {args.steps} timed steps after {args.warmup}, {args.threads} threads"
     )
     results = {}
-    for side in SIDES:
+    for side in [*COMPARED, *(("train-prefix", "train-p-tuning") if args.methods else ())]:
         command = [sys.executable, "-m", "bench.speed.train", "--side", side] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "side"
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("side", "methods")
         ]
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
         out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -148,6 +160,12 @@ def main() -> int:
     ours, peft, full = results["train-prompt"], results["peft"], results["model-tuning"]
     print(f"speed train-prompt / PEFT: {ours['steps_per_s'] / peft['steps_per_s']:.2f}x (target >= 1.0)")
     print(f"peak memory train-prompt / model tuning: {ours['peak_rss_mb'] / full['peak_rss_mb']:.2f} (target <= 0.5)")
+    for side in ("train-prefix", "train-p-tuning"):
+        if side in results:
+            print(
+                f"{side} / train-prompt: {results[side]['steps_per_s'] / ours['steps_per_s']:.2f}x steps/s, "
+                f"{results[side]['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x peak memory"
+            )
     return 0
 
 
