@@ -13,7 +13,7 @@ CPU_EXPORT := exports/smollm2-int4
 BANK := banks/smollm2-135m
 BANK_DATA := build/bank-data
 
-.PHONY: install test test-fast test-device lint sweep demo banks bench bench-precision serve cuda-skeleton soak bench-data bench-quality clean help
+.PHONY: install test test-fast test-device lint sweep demo banks banks-methods bench bench-precision serve cuda-skeleton soak bench-data bench-quality clean help
 
 help:
 	@echo "make demo       export the default model (SmolLM2-135M, int4) and run it with and without a task prompt"
@@ -79,6 +79,11 @@ demo: $(CPU_EXPORT)/softprompt.json
 	$(BIN)/run-model $(CPU_EXPORT) --bank $(BANK) --task sentiment --classify \
 	    "a gorgeous, moving film" "The flight was delayed three hours and nobody told us why." \
 	    "Thanks, the new update works great!" "dull, slow and far too long"
+	@echo "--- the same task learned as a prefix (keys and values at every layer) and as a P-tuning pattern"
+	$(BIN)/run-model $(CPU_EXPORT) --bank $(BANK) --task sentiment-prefix --classify \
+	    "a gorgeous, moving film" "The flight was delayed three hours and nobody told us why."
+	$(BIN)/run-model $(CPU_EXPORT) --bank $(BANK) --task sentiment-ptuning --classify \
+	    "a gorgeous, moving film" "The flight was delayed three hours and nobody told us why."
 	@echo "--- generated with the trained define prompt"
 	$(BIN)/run-model $(CPU_EXPORT) --bank $(BANK) --task define --max-new-tokens 32 "Committee, n." "Deadline, n."
 	@echo "--- the same inputs with the template alone, no soft prompt"
@@ -95,6 +100,19 @@ banks: bench-data
 	$(BIN)/train-prompt smollm2-135m --task define --bank $(BANK) --force \
 	    --data $(BANK_DATA)/define-train.jsonl --eval $(BANK_DATA)/define-eval.jsonl \
 	    --template '{text}:' --length 20 --init 'text:A short, witty and cynical dictionary definition:' \
+	    --batch-size 16 --steps 150 --eval-every 25 --seed 0
+	$(MAKE) banks-methods
+
+# The sentiment task again by prefix tuning and by P-tuning (a pattern with slots): the same data,
+# steps, batch and seed as `sentiment`; both methods train their encoders at a tenth of the prompt's lr.
+banks-methods:
+	$(BIN)/train-prompt smollm2-135m --task sentiment-prefix --bank $(BANK) --force --method prefix \
+	    --data $(BANK_DATA)/sentiment-train.jsonl --eval $(BANK_DATA)/sentiment-eval.jsonl \
+	    --template 'Text: {text}\nSentiment:' --length 20 --init labels --lr 0.003 \
+	    --batch-size 16 --steps 150 --eval-every 25 --seed 0
+	$(BIN)/train-prompt smollm2-135m --task sentiment-ptuning --bank $(BANK) --force --method p-tuning --encoder mlp \
+	    --data $(BANK_DATA)/sentiment-train.jsonl --eval $(BANK_DATA)/sentiment-eval.jsonl \
+	    --template '{soft:10}Text: {text}{soft:5}\nSentiment:{soft:5}' --init labels --lr 0.003 \
 	    --batch-size 16 --steps 150 --eval-every 25 --seed 0
 
 # fp32, int8 and int4 side by side with onnxruntime-genai, llama.cpp and PyTorch (their environments: see

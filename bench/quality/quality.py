@@ -8,6 +8,11 @@ method sees the same examples in the same order (same seed, steps and batch size
     python -m bench.quality.quality --steps 300 --methods zero-shot,pt-labels,pt-random,model-tuning
     python -m bench.quality.quality --methods lengths --lengths 1,5,20,100 --init labels
     python -m bench.quality.quality --methods ensemble --export exports/smollm2   # 5 prompts, the runtime's ensemble
+    python -m bench.quality.quality --methods prefix-p20   # prefix tuning; p-tuning-p20: P-tuning (a pattern)
+
+Prefix tuning and P-tuning train through their encoders (train-prompt --method) at --method-lr;
+`prefix-pN` and `p-tuning-pN` set P (prefix-p1 stores as many numbers as a 20-vector prompt).
+Run one method per process to read its peak memory (`peak_rss_mb`: the process's high-water mark).
 
 Each result is appended to --json as soon as it exists, so a long run that is stopped keeps what
 it measured; --table renders that file as the table in docs/QUALITY.md.
@@ -49,9 +54,28 @@ def write(rows, path: Path) -> Path:
     return path
 
 
-def accuracy(backbone, prompt: torch.Tensor, data) -> float:
-    pairs = encode_examples(backbone, data, SPEC, prompt.shape[0])
-    return evaluate(backbone.model, prompt, pairs, data, SPEC, backbone)["accuracy"]
+def accuracy(backbone, prompt: torch.Tensor, data, spec: TaskSpec = SPEC) -> float:
+    """`prompt` is [P, E] vectors (placed by `spec`'s slots, if it has any) or a prefix [2 * layers, kv_heads, P, head_size]."""
+    pairs = encode_examples(backbone, data, spec, prompt.shape[0] if prompt.ndim == 2 else prompt.shape[2])
+    return evaluate(backbone.model, prompt, pairs, data, spec, backbone)["accuracy"]
+
+
+def pattern(length: int) -> TaskSpec:
+    """P-tuning's pattern for `length` vectors: half before the text, a quarter after it, a quarter after the question."""
+    before, after = length - 2 * (length // 4), length // 4
+    slots = f"{{soft:{before}}}Review: {{text}}" + (f"{{soft:{after}}}\nSentiment:{{soft:{after}}}" if after else "\nSentiment:")
+    return TaskSpec(template=slots, labels=SPEC.labels)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux VmHWM; 0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def model_tuning(backbone, train, config: TrainConfig, lr: float) -> tuple[object, float]:
@@ -83,6 +107,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-2, help="prompt tuning learning rate (AdamW)")
+    parser.add_argument(
+        "--method-lr", type=float, default=3e-3, help="prefix tuning's and P-tuning's learning rate (AdamW, their encoders)"
+    )
     parser.add_argument("--model-lr", type=float, default=2e-5, help="model tuning learning rate (AdamW)")
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--ood-size", type=int, default=1000)
@@ -150,13 +177,48 @@ def main() -> int:
                     "bytes_per_task": vectors.size * 4,
                     "steps": args.steps,
                     "wall_s": log["wall_time_s"],
+                    "steps_per_s": round(args.steps / log["wall_time_s"], 3),
+                    "peak_rss_mb": round(peak_rss_mb()),
                     "in_domain": accuracy(backbone, prompt, test),
                     "out_of_domain": accuracy(backbone, prompt, ood),
                 }
             )
 
+        def other_method(name: str, length: int) -> None:
+            method = "prefix" if name == "prefix" else "p-tuning"
+            spec = SPEC if method == "prefix" else pattern(length)
+            config = TrainConfig(
+                length=length,
+                init="labels",
+                lr=args.method_lr,
+                batch_size=args.batch_size,
+                steps=args.steps,
+                seed=args.seed,
+                method=method,
+            )
+            vectors, log = train_prompt(backbone, train, spec, config, progress=False, log=lambda m: None)
+            trained = torch.from_numpy(vectors)
+            record(
+                {
+                    "method": "prefix tuning (MLP)" if method == "prefix" else f"P-tuning (MLP; {spec.template!r})",
+                    "length": length,
+                    "trainable": log["trainable_parameters"],
+                    "saved": vectors.size,
+                    "bytes_per_task": vectors.size * 4,
+                    "steps": args.steps,
+                    "wall_s": log["wall_time_s"],
+                    "steps_per_s": round(args.steps / log["wall_time_s"], 3),
+                    "peak_rss_mb": round(peak_rss_mb()),
+                    "in_domain": accuracy(backbone, trained, test, spec),
+                    "out_of_domain": accuracy(backbone, trained, ood, spec),
+                }
+            )
+
         for method in args.methods.split(","):
-            if method == "zero-shot":
+            if method.startswith(("prefix-p", "p-tuning-p")):
+                name, _, length = method.rpartition("-p")
+                other_method(name, int(length))
+            elif method == "zero-shot":
                 empty = torch.zeros((0, width))
                 record(
                     {
@@ -304,13 +366,16 @@ def ensemble(backbone, train, test_rows, ood_rows, args, record) -> None:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| method | P | trainable parameters | bytes per task | steps | wall time (s) | in domain | out of domain (tweets) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | P | trainable parameters | bytes per task | steps | wall time (s) | steps/s | peak RSS (MiB) "
+        "| in domain | out of domain (tweets) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        rate = f"{r['steps_per_s']:.3f}" if "steps_per_s" in r else "-"
         lines.append(
             f"| {r['method']} | {r['length']} | {r['trainable']:,} | {r['bytes_per_task']:,} | {r['steps']} | "
-            f"{r['wall_s']:.0f} | {100 * r['in_domain']:.1f}% | {100 * r['out_of_domain']:.1f}% |"
+            f"{r['wall_s']:.0f} | {rate} | {r.get('peak_rss_mb', '-')} | {100 * r['in_domain']:.1f}% | "
+            f"{100 * r['out_of_domain']:.1f}% |"
         )
     return "\n".join(lines)
 
