@@ -348,6 +348,12 @@ def _export_peft(args) -> int:
         base = config.source.get("folder") or config.source.get("path") or config.source.get("name")
         task_type = {"encoder": "FEATURE_EXTRACTION", "seq2seq": "SEQ_2_SEQ_LM"}.get(config.kind, "CAUSAL_LM")
     prompt = load_prompt(args.bank, args.task, fingerprint=fingerprint)
+    spec = TaskSpec.from_extra(prompt.meta.extra)
+    if spec.lead is not None and spec.lead < prompt.meta.length:
+        raise PromptBankError(
+            f"task {args.task!r}: its template {spec.template!r} places vectors after the text (a P-tuning pattern); "
+            "a PEFT adapter prepends every vector, so it would be another task"
+        )
     write_peft_adapter(
         args.out,
         prompt.vectors.astype(np.float32),

@@ -135,3 +135,12 @@ def test_patterns_serve_on_decoders_only(pattern_bank):
         InvalidPromptError, match="qa.json: template .* places vectors after the text .* serve on decoder exports"
     ):
         TaskStore(pattern_bank, width=64, fingerprint=None, slots=False)  # what an encoder's or encoder-decoder's store is
+
+
+def test_a_pattern_is_not_exported_as_a_peft_adapter_that_would_prepend_it(pattern_bank, tmp_path, capsys):
+    from softprompt.prompt_bank.cli import main as bank_main
+
+    assert bank_main(["export-peft", str(pattern_bank), "qa", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "places vectors after the text (a P-tuning pattern); a PEFT adapter prepends every vector" in err
+    assert not (tmp_path / "out" / "adapter_config.json").exists()

@@ -186,3 +186,22 @@ def test_a_prompt_swapped_for_a_prefix_is_served_from_the_next_request(llama_dir
 
 def _fingerprint(export) -> str:
     return json.loads((export / "softprompt.json").read_text())["fingerprint"]
+
+
+def test_a_prefix_is_no_starting_point_for_a_prompt(llama_dir, llama_export, tmp_path):
+    from softprompt.training.errors import TrainingError
+    from softprompt.training.init import init_prompt
+
+    adapter = make_prefix_adapter(llama_dir, tmp_path / "adapter", length=3, projection=False)
+    import_task(adapter, tmp_path / "bank", llama_export)
+    table = np.zeros((320, 64), np.float32)
+    with pytest.raises(TrainingError, match="a prefix task \\(keys and values\\); a prompt starts from a prompt task"):
+        init_prompt(
+            f"file:{tmp_path}/bank/pre.json",
+            3,
+            table,
+            encode=lambda text: [],
+            common_ids=np.arange(10),
+            fingerprint=_fingerprint(llama_export),
+            rng=np.random.default_rng(0),
+        )

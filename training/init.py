@@ -103,7 +103,11 @@ def init_prompt(
         path = Path(spec[5:])
         if path.suffix not in (".json", ".npy"):
             raise TrainingError(f"--init {spec!r}: expected a bank task's record, BANK/NAME.json")
-        prompt = load_prompt(path.parent, path.stem, width=width, fingerprint=fingerprint)
+        prompt = load_prompt(path.parent, path.stem, fingerprint=fingerprint)
+        if prompt.is_prefix:
+            raise TrainingError(f"--init {spec!r}: a prefix task (keys and values); a prompt starts from a prompt task")
+        if prompt.meta.width != width:
+            raise TrainingError(f"--init {spec!r}: prompt width {prompt.meta.width}; the model's embedding width is {width}")
         vectors = np.asarray(prompt.vectors, np.float32)
         return vectors[np.resize(np.arange(len(vectors)), length)]
     raise TrainingError(f"--init {spec!r}; expected one of {', '.join(INITS)}")
