@@ -151,40 +151,17 @@ def save_prompt(
     vectors: np.ndarray,
     *,
     fingerprint: str | None,
-    init: str | None = None,
-    source: str | None = None,
-    training: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    dtype: str | None = None,
     overwrite: bool = True,
+    dtype: str | None = None,
+    **record: Any,
 ) -> PromptMeta:
     """Write task `name` into `bank_dir` as one unit: its vectors' file, then `NAME.json` naming it.
 
     `dtype` ("float32" or "float16") converts before saving; by default the array's own dtype
-    is kept when allowed, else float32.
+    is kept when allowed, else float32. `record` holds the record's other fields: init, source,
+    training, extra.
     """
-    check_task_name(name)
-    bank = Path(bank_dir)
-    target = dtype or (vectors.dtype.name if vectors.dtype.name in ALLOWED_DTYPES else "float32")
-    if target not in ALLOWED_DTYPES:
-        raise InvalidPromptError(f"dtype {target!r} for task {name!r}; expected one of {ALLOWED_DTYPES}")
-    array = np.ascontiguousarray(np.asarray(vectors).astype(target, copy=False))
-    validate_vectors(array, f"task {name!r}")
-    if not overwrite and task_exists(bank, name):
-        raise InvalidPromptError(f"{bank / (name + '.json')} exists; pass overwrite (--force) to replace it")
-    meta = PromptMeta(
-        name=name,
-        length=int(array.shape[0]),
-        width=int(array.shape[1]),
-        dtype=target,
-        fingerprint=fingerprint,
-        init=init,
-        source=source,
-        training=dict(training) if training else None,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        extra=dict(extra or {}),
-    )
-    return _write_task(bank, meta, array)
+    return _save(bank_dir, name, vectors, "prompt", fingerprint=fingerprint, overwrite=overwrite, dtype=dtype, **record)
 
 
 def save_prefix(
@@ -193,31 +170,55 @@ def save_prefix(
     keys_values: np.ndarray,
     *,
     fingerprint: str | None,
+    overwrite: bool = True,
+    dtype: str | None = None,
+    **record: Any,
+) -> PromptMeta:
+    """Write prefix task `name`: `keys_values` [2 * layers, kv_heads, P, head_size], the keys and values every
+    layer attends to before the input, in the graph's cache order (layer 0 key, layer 0 value, layer 1 key, ...)."""
+    return _save(bank_dir, name, keys_values, "prefix", fingerprint=fingerprint, overwrite=overwrite, dtype=dtype, **record)
+
+
+def _save(
+    bank_dir: str | os.PathLike,
+    name: str,
+    vectors: np.ndarray,
+    method: str,
+    *,
+    fingerprint: str | None,
+    overwrite: bool,
+    dtype: str | None,
     init: str | None = None,
     source: str | None = None,
     training: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
-    dtype: str | None = None,
-    overwrite: bool = True,
 ) -> PromptMeta:
-    """Write prefix task `name`: `keys_values` [2 * layers, kv_heads, P, head_size], the keys and values every
-    layer attends to before the input, in the graph's cache order (layer 0 key, layer 0 value, layer 1 key, ...)."""
     check_task_name(name)
     bank = Path(bank_dir)
-    target = dtype or (keys_values.dtype.name if keys_values.dtype.name in ALLOWED_DTYPES else "float32")
+    target = dtype or (vectors.dtype.name if vectors.dtype.name in ALLOWED_DTYPES else "float32")
     if target not in ALLOWED_DTYPES:
         raise InvalidPromptError(f"dtype {target!r} for task {name!r}; expected one of {ALLOWED_DTYPES}")
-    array = np.ascontiguousarray(np.asarray(keys_values).astype(target, copy=False))
-    validate_vectors(array, f"prefix task {name!r}", ndim=(4,))
-    if array.shape[0] % 2:
-        raise InvalidPromptError(f"prefix task {name!r}: {array.shape[0]} keys and values; expected a key and a value per layer")
+    array = np.ascontiguousarray(np.asarray(vectors).astype(target, copy=False))
+    where = f"{'prefix ' if method == 'prefix' else ''}task {name!r}"
+    validate_vectors(array, where, ndim=(4,) if method == "prefix" else (2,))
+    if method == "prefix":
+        if array.shape[0] % 2:
+            raise InvalidPromptError(f"{where}: {array.shape[0]} keys and values; expected a key and a value per layer")
+        pairs, heads, length, size = (int(n) for n in array.shape)
+        shape: dict[str, Any] = {
+            "length": length,
+            "width": heads * size,
+            "method": method,
+            "layers": pairs // 2,
+            "kv_heads": heads,
+            "head_size": size,
+        }
+    else:
+        shape = {"length": int(array.shape[0]), "width": int(array.shape[1])}
     if not overwrite and task_exists(bank, name):
         raise InvalidPromptError(f"{bank / (name + '.json')} exists; pass overwrite (--force) to replace it")
-    pairs, heads, length, size = (int(n) for n in array.shape)
     meta = PromptMeta(
         name=name,
-        length=length,
-        width=heads * size,
         dtype=target,
         fingerprint=fingerprint,
         init=init,
@@ -225,10 +226,7 @@ def save_prefix(
         training=dict(training) if training else None,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         extra=dict(extra or {}),
-        method="prefix",
-        layers=pairs // 2,
-        kv_heads=heads,
-        head_size=size,
+        **shape,
     )
     return _write_task(bank, meta, array)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.harness import peak_rss_mb
 from bench.quality import datasets
 from softprompt.formats.task import TaskSpec
 from softprompt.prompt_bank import load_prompt, save_prompt
@@ -65,17 +66,6 @@ def pattern(length: int) -> TaskSpec:
     before, after = length - 2 * (length // 4), length // 4
     slots = f"{{soft:{before}}}Review: {{text}}" + (f"{{soft:{after}}}\nSentiment:{{soft:{after}}}" if after else "\nSentiment:")
     return TaskSpec(template=slots, labels=SPEC.labels)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux VmHWM; 0 where there is none)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def model_tuning(backbone, train, config: TrainConfig, lr: float) -> tuple[object, float]:
