@@ -101,13 +101,17 @@ def test_shipped_banks_load_unchanged_and_work(exported):
 
     bank = Path(__file__).resolve().parent.parent / "banks" / "smollm2-135m"
     model = load(exported, bank=bank, threads=2)
-    assert {"sentiment", "define"} <= set(model.tasks)
+    assert {"sentiment", "define", "sentiment-prefix", "sentiment-ptuning"} <= set(model.tasks)
     texts = ["I love this, it is wonderful and works perfectly.", "This is awful, broken and a total waste of money."]
     assert [r["label"] for r in model.classify(texts, task="sentiment")] == ["positive", "negative"]
+    # The same task learned as a prefix and as a P-tuning pattern, in one batch with the prompt.
+    assert model.prefix("sentiment-prefix") is not None and -1 in model.encode(texts[0], task="sentiment-ptuning")
+    mixed = model.classify(texts * 3, task=["sentiment"] * 2 + ["sentiment-prefix"] * 2 + ["sentiment-ptuning"] * 2)
+    assert [r["label"] for r in mixed] == ["positive", "negative"] * 3
     with_prompt = model.generate("Committee, n.", task="define", max_new_tokens=24)
     without = model.generate("Committee, n.:", max_new_tokens=24)
     assert with_prompt.strip() and with_prompt != without
     # Each shipped prompt says how it was made.
-    for task in ("sentiment", "define"):
+    for task in ("sentiment", "define", "sentiment-prefix", "sentiment-ptuning"):
         record = json.loads((bank / f"{task}.json").read_text())["training"]
         assert record["steps"] > 0 and record["data_sha256"] and record["best"]
