@@ -14,6 +14,7 @@ next, which is how `encode` hands them to the runtime and to training alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -54,7 +55,7 @@ class TaskSpec:
         as written."""
         return SLOT.sub("", self.template).replace(PLACEHOLDER, text)
 
-    @property
+    @functools.cached_property
     def slots(self) -> list[int]:
         """The vector count of each `{soft:N}` slot, in order (empty: the vectors all lead)."""
         return [int(n) for n in SLOT.findall(self.template)]
@@ -62,25 +63,15 @@ class TaskSpec:
     @property
     def lead(self) -> int | None:
         """How many vectors come before the template's first text (None: a template without slots, all of them)."""
-        if not self.slots:
-            return None
-        count = 0
-        rest = self.template
-        while (match := SLOT.match(rest)) is not None:
-            count += int(match.group(1))
-            rest = rest[match.end() :]
-        return count
+        return _leading_slots(self.template)[0] if self.slots else None
 
     def encode(self, text: str, encode: Callable[..., list[int]]) -> list[int]:
         """Token ids of the templated `text`, as `encode(text, add_special_tokens=...)` makes them, with the slots
         after the lead as negative ids (-1: the first vector after the lead). Text between slots is tokenized
         piece by piece, the tokenizer's special tokens going around the whole as they would around one text."""
-        lead = self.lead
-        if lead is None:
+        if not self.slots:
             return encode(self.apply(text))
-        rest = self.template
-        while (match := SLOT.match(rest)) is not None:
-            rest = rest[match.end() :]
+        rest = _leading_slots(self.template)[1]
         if not SLOT.search(rest):
             return encode(rest.replace(PLACEHOLDER, text))  # only leading slots: exactly a plain prompt's row
         before, after = _specials(encode)
@@ -137,6 +128,15 @@ def check_template(template: str) -> str:
                 f"template {template!r}: slot {match.group(0)} holds no vectors; expected {{soft:N}}, N >= 1"
             )
     return template
+
+
+def _leading_slots(template: str) -> tuple[int, str]:
+    """The vectors of the slots a template starts with, and the template after them."""
+    count = 0
+    while (match := SLOT.match(template)) is not None:
+        count += int(match.group(1))
+        template = template[match.end() :]
+    return count, template
 
 
 def _specials(encode: Callable[..., list[int]]) -> tuple[list[int], list[int]]:

@@ -27,7 +27,7 @@ from .encoder import Encoder
 from .errors import RequestError
 from .generate import RowText, TextModel, decode_steps
 from .graph import DecoderGraph
-from .prompt_cache import PromptCache
+from .prompt_cache import Prefix, PromptCache
 from .rows import as_texts, check_rows, embed_row, pad, position_ids, tasks_for
 from .sampling import chooser
 from .seq2seq import Seq2Seq
@@ -107,10 +107,7 @@ class Model(TextModel):
     def is_cached(self, task: str) -> bool:
         """Whether `task`'s prompt keys and values are cached (then a request feeds only its tokens); a prefix task
         always is."""
-        found = self._store.resolve([task])[0]
-        if found is not None and found.past is not None:
-            return True
-        return found is not None and self._prompts is not None and self._prompts.get(found, start=False) is not None
+        return self._past(self._store.resolve([task])[0], start=False) is not None
 
     def logits(self, texts: str | Sequence[str], task=None) -> np.ndarray:
         """Logits [B, P + T, V] of one forward pass over (whole prompt + templated text), left-padded.
@@ -170,10 +167,7 @@ class Model(TextModel):
         for i, (row_ids, task) in enumerate(zip(ids, found)):
             if task is not None and task.past is not None and not len(row_ids):
                 raise RequestError(f"input {i} is empty: prefix task {task.name!r} needs at least one token to continue from")
-        prompts = self._prompts if cached else None
-        prefixes = [
-            None if t is None else t.past if t.past is not None else None if prompts is None else prompts.get(t) for t in found
-        ]
+        prefixes = [self._past(t, cached) for t in found]
         rows = []
         for row_ids, task, prefix in zip(ids, found, prefixes):
             vectors = None if task is None or task.past is not None else task.vectors
@@ -199,6 +193,15 @@ class Model(TextModel):
                             layer[i, :, width - held[i] :] = values[:, : held[i]]
             mask = np.concatenate([past_mask, mask], axis=1)
         return embeds, mask, past
+
+    def _past(self, task: Task | None, cached: bool = True, start: bool = True) -> Prefix | None:
+        """The keys and values a row of `task` starts from: a prefix task's own, or its prompt's cached ones (with
+        `cached`; None while they are computed, which `start` begins)."""
+        if task is None:
+            return None
+        if task.past is not None:
+            return task.past
+        return self._prompts.get(task, start) if cached and self._prompts is not None else None
 
     def _steps(
         self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings

@@ -63,8 +63,6 @@ class PromptCache:
 
     def get(self, task: Task, start: bool = True) -> Prefix | None:
         """The cached prompt, or None while it is not ready (then, with `start`, computed in the background)."""
-        if task.past is not None:
-            return task.past
         with self._lock:
             found = self._ready.get(task)
             if found is not None or not start or task in self._pending:
