@@ -478,7 +478,7 @@ def load_prompt(
         if width is not None and cache is None:
             raise BackboneMismatchError(
                 f"{meta_path}: a prefix task (keys and values for every layer); this export's graph takes no past keys "
-                "and values (prefix tasks serve on decoder exports)"
+                "and values (prefix tasks serve on decoder and encoder-decoder exports)"
             )
         found = (meta.layers, meta.kv_heads, meta.head_size)
         if cache is not None and found != tuple(cache):

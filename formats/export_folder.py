@@ -88,9 +88,9 @@ class ExportConfig:
 
     @property
     def prefix_cache(self) -> tuple[int, int, int] | None:
-        """(layers, kv_heads, head_size) of the keys and values a prefix task gives every layer; None where the
-        export takes no prefix (encoders have no past; encoder-decoders' prefixes are not served yet)."""
-        if self.kind != "decoder":
+        """(layers, kv_heads, head_size) of the keys and values a prefix task gives every layer (an encoder-decoder's:
+        every decoder layer's self-attention); None where the export takes no prefix (an encoder has no past)."""
+        if self.kind == "encoder":
             return None
         return (self.num_layers, self.num_kv_heads, self.head_size)
 

@@ -254,12 +254,20 @@ def _import_prefix(args, config, adapter) -> int:
     if cache is None:
         raise BackboneMismatchError(
             f"{args.adapter} is a prefix-tuning adapter; the export {args.model} is a {config.kind} export, and prefix "
-            "tasks serve decoder exports"
+            "tasks serve decoder and encoder-decoder exports"
         )
     if args.labels:
         raise PromptBankError(f"--labels is for sequence-classification adapters; {args.adapter} is a prefix-tuning adapter")
+    submodules = adapter.config.get("num_transformer_submodules", 1)
+    expected = 2 if config.kind == "seq2seq" else 1
+    if submodules != expected:
+        made = "an encoder-decoder" if submodules == 2 else "a decoder-only model"
+        raise BackboneMismatchError(
+            f"{args.adapter}: a prefix for {made} (num_transformer_submodules {submodules}); the export {args.model} is "
+            f"a {config.kind} export (expected {expected})"
+        )
     layers, kv_heads, head_size = cache
-    keys_values = prefix_keys_values(adapter.vectors, layers, kv_heads, head_size, str(adapter.weights_file))
+    keys_values = prefix_keys_values(adapter.vectors, layers, kv_heads, head_size, str(adapter.weights_file), submodules)
     peft_record = {
         k: adapter.config[k]
         for k in ("peft_type", "task_type", "base_model_name_or_path", "num_virtual_tokens", "prefix_projection")

@@ -13,6 +13,15 @@ layer attends to before the input: [P, layers * 2 * kv_heads * head_size] (its r
 MLP, where it has one, already applied), which PEFT views as [P, 2 * layers, kv_heads, head_size]
 and hands the model as its cache. `prefix_keys_values` turns that into the bank's prefix layout,
 [2 * layers, kv_heads, P, head_size]; `prefix_table` back.
+
+For an encoder-decoder (num_transformer_submodules 2) PEFT differs from Li and Liang, who give the
+encoder, the decoder and the cross-attention prefixes of their own. PEFT (0.21) gives the decoder's
+self-attention alone a prefix (the encoder and the cross-attention see none), and its layer split
+feeds decoder layer i the keys and values it saved for layer 2i mod L (`seq2seq_layer_sources`):
+with an even number of layers, half of what it saves is never read and layer i + L/2 repeats layer
+i. Imports reproduce what PEFT serves, so the bank holds each decoder layer's keys and values as
+the model reads them; exports write them back where PEFT will read them, and refuse a prefix
+PEFT cannot serve (layers i and i + L/2 differing).
 """
 
 from __future__ import annotations
@@ -65,10 +74,10 @@ def read_peft_adapter(adapter_dir: str | Path) -> PeftPrompt:
             f"{config_path}: peft_type is {config.get('peft_type')!r}; expected 'PROMPT_TUNING', 'P_TUNING' or "
             "'PREFIX_TUNING' (the methods that learn a prompt or a prefix for a frozen model)"
         )
-    if peft_type == PREFIX_TYPE and config.get("num_transformer_submodules", 1) != 1:
+    if peft_type == PREFIX_TYPE and config.get("num_transformer_submodules", 1) not in (1, 2):
         raise AdapterError(
-            f"{config_path}: num_transformer_submodules is {config.get('num_transformer_submodules')!r}: an "
-            "encoder-decoder's prefix; prefix tasks serve decoder-only exports (expected 1)"
+            f"{config_path}: num_transformer_submodules is {config.get('num_transformer_submodules')!r}; expected 1 "
+            "(a decoder-only model's prefix) or 2 (an encoder-decoder's)"
         )
     tokens = config.get("num_virtual_tokens")
     if not isinstance(tokens, int) or tokens <= 0:
@@ -143,9 +152,21 @@ def _read_prompt_table(folder: Path) -> _Table:
     return _Table(state[PROMPT_KEY].detach().float().numpy(), pickled)
 
 
-def prefix_keys_values(table: np.ndarray, layers: int, kv_heads: int, head_size: int, where: str) -> np.ndarray:
+def seq2seq_layer_sources(layers: int) -> list[int]:
+    """For each decoder layer, the layer whose saved keys and values PEFT's seq2seq prefix feeds it.
+
+    PEFT doubles the [2 * layers] key/value axis (one copy per "submodule"), splits it into groups of
+    four and takes each group's first two as a decoder layer's self-attention past: layer i reads
+    entries 4i and 4i + 1 of the doubled axis, saved layer 2i mod layers."""
+    return [(2 * i) % layers for i in range(layers)]
+
+
+def prefix_keys_values(
+    table: np.ndarray, layers: int, kv_heads: int, head_size: int, where: str, submodules: int = 1
+) -> np.ndarray:
     """PEFT's saved prefix [P, layers * 2 * kv_heads * head_size] as the bank's [2 * layers, kv_heads, P, head_size]
-    (layer 0 key, layer 0 value, layer 1 key, ...: the order PEFT splits it into the model's cache)."""
+    (layer 0 key, layer 0 value, layer 1 key, ...: the order PEFT splits it into the model's cache). With
+    `submodules` 2 (an encoder-decoder), each decoder layer gets what PEFT feeds it (`seq2seq_layer_sources`)."""
     expected = layers * 2 * kv_heads * head_size
     if table.ndim != 2 or table.shape[1] != expected:
         raise AdapterError(
@@ -153,13 +174,32 @@ def prefix_keys_values(table: np.ndarray, layers: int, kv_heads: int, head_size:
             f"({layers} layers x key and value x {kv_heads} key/value heads x head size {head_size})"
         )
     length = table.shape[0]
-    return np.ascontiguousarray(table.reshape(length, 2 * layers, kv_heads, head_size).transpose(1, 2, 0, 3))
+    saved = table.reshape(length, layers, 2, kv_heads, head_size).transpose(1, 2, 3, 0, 4)
+    if submodules == 2:
+        saved = saved[seq2seq_layer_sources(layers)]
+    return np.ascontiguousarray(saved.reshape(2 * layers, kv_heads, length, head_size))
 
 
-def prefix_table(keys_values: np.ndarray) -> np.ndarray:
-    """The inverse of `prefix_keys_values`: PEFT's [P, layers * 2 * kv_heads * head_size]."""
+def prefix_table(keys_values: np.ndarray, submodules: int = 1) -> np.ndarray:
+    """The inverse of `prefix_keys_values`: PEFT's [P, layers * 2 * kv_heads * head_size]. For an encoder-decoder a
+    layer PEFT never reads is saved as zeros, and a prefix whose layers PEFT would feed the same keys and values
+    but that differ is refused (PEFT cannot serve it)."""
     pairs, heads, length, size = keys_values.shape
-    return np.ascontiguousarray(keys_values.transpose(2, 0, 1, 3).reshape(length, pairs * heads * size))
+    layers = pairs // 2
+    per_layer = keys_values.reshape(layers, 2, heads, length, size)
+    if submodules == 2:
+        saved = np.zeros_like(per_layer)
+        owner: dict[int, int] = {}
+        for layer, source in enumerate(seq2seq_layer_sources(layers)):
+            if source in owner and not np.array_equal(per_layer[owner[source]], per_layer[layer]):
+                raise AdapterError(
+                    f"decoder layers {owner[source]} and {layer} have different prefixes; PEFT's seq2seq prefix tuning "
+                    f"feeds both the keys and values it saves for layer {source}, so it cannot serve this prefix"
+                )
+            owner[source] = layer
+            saved[source] = per_layer[layer]
+        per_layer = saved
+    return np.ascontiguousarray(per_layer.transpose(3, 0, 1, 2, 4).reshape(length, pairs * heads * size))
 
 
 def adapter_init(config: dict[str, Any]) -> str:
@@ -223,15 +263,17 @@ def write_peft_adapter(
 def _write_prefix_adapter(folder: Path, keys_values: np.ndarray, *, base_model: str | None, task_type: str) -> Path:
     """A PREFIX_TUNING adapter holding `keys_values` [2 * layers, kv_heads, P, head_size] as PEFT saves one (without
     its reparameterisation MLP: `prefix_projection` false, the saved table is the prefix itself)."""
-    if task_type != "CAUSAL_LM":
-        raise AdapterError(f"a prefix task exports as a CAUSAL_LM adapter, not {task_type}")
+    if task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise AdapterError(f"a prefix task exports as a CAUSAL_LM or SEQ_2_SEQ_LM adapter, not {task_type}")
+    submodules = 2 if task_type == "SEQ_2_SEQ_LM" else 1
+    table = prefix_table(np.asarray(keys_values, dtype=np.float32), submodules)
     pairs, heads, length, size = keys_values.shape
     config = {
         "peft_type": PREFIX_TYPE,
         "task_type": task_type,
         "num_virtual_tokens": int(length),
         "token_dim": int(heads * size),  # PEFT's for grouped-query models: kv_heads x head_size
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": submodules,
         "num_attention_heads": int(heads),
         "num_layers": int(pairs // 2),
         "encoder_hidden_size": int(heads * size),
@@ -241,7 +283,7 @@ def _write_prefix_adapter(folder: Path, keys_values: np.ndarray, *, base_model: 
         "inference_mode": True,
         "modules_to_save": None,
     }
-    data = safetensors_bytes({PROMPT_KEY: prefix_table(np.asarray(keys_values, dtype=np.float32))})
+    data = safetensors_bytes({PROMPT_KEY: table})
     write_atomic(folder / "adapter_model.safetensors", lambda handle: handle.write(data))
     text = json.dumps(config, indent=2) + "\n"
     write_atomic(folder / "adapter_config.json", lambda handle: handle.write(text), mode="w")

@@ -9,6 +9,11 @@ CUDA), bound through I/O binding rather than copied through numpy.
 
 A prompt cannot be cached here as for decoders: the encoder attends in both directions, so the
 prompt's states depend on the text it precedes. Rows of different tasks still share batches.
+
+A prefix task (PEFT's prefix tuning of a seq2seq model) is the decoder's self-attention past: its
+keys and values start every row's self cache, and the decoder's positions continue after them. The
+decoder graph takes no self-attention mask, so rows whose pasts differ in length (a prefix of P,
+or none) cannot share its calls: they run as one group per past length, stepped together.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import numpy as np
 from softprompt.formats.export_folder import ExportFolder
 
 from .classify import log_softmax
-from .errors import InferenceError
+from .errors import InferenceError, RequestError
 from .generate import RowText, TextModel
-from .rows import check_rows, embed_row, pad
+from .rows import as_texts, check_rows, embed_row, pad, tasks_for
 from .sampling import chooser
 from .settings import GenerationSettings
 from .tasks import Task
@@ -49,6 +54,24 @@ class Seq2Seq(TextModel):
         self._start = config.bos_token_id
         self._device = "cuda" if "CUDAExecutionProvider" in decoder.get_providers() else "cpu"
 
+    def decoder_logits(self, texts: str | Sequence[str], decoder_ids: Sequence[Sequence[int]], task=None) -> np.ndarray:
+        """Logits [B, 1 + T, V] of the decoder reading [start] + `decoder_ids[i]` (right-padded) after each templated
+        text under its task: teacher forcing in one pass, for parity checks against other implementations."""
+        texts = as_texts(texts)
+        found = self._store.resolve(tasks_for(task, len(texts)))
+        ids = self._encode_rows(texts, found)
+        length = 1 + max(len(row) for row in decoder_ids)
+        out = np.zeros((len(ids), length, self.config.vocab_size), dtype=np.float32)
+        for group in _by_past(found):
+            tasks = [found[i] for i in group]
+            cross, mask = self._encoder([ids[i] for i in group], tasks)
+            tokens = np.full((len(group), length), self._start, dtype=np.int64)
+            for r, i in enumerate(group):
+                tokens[r, 1 : 1 + len(decoder_ids[i])] = decoder_ids[i]
+            embeds = np.asarray(self.table[tokens], dtype=np.float32)
+            out[group], _ = self._decoder_step(embeds, mask, self._start_past(tasks), cross, all_logits=True)
+        return out
+
     # ---- internals ----------------------------------------------------------------------------
 
     def _label_logprobs(
@@ -65,6 +88,14 @@ class Seq2Seq(TextModel):
         self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], targets: Sequence[Sequence[Sequence[int]]]
     ) -> list[np.ndarray]:
         """Per input row, the summed log-probability of each candidate target (decoder ids) given the row."""
+        groups = _by_past(found)
+        if len(groups) > 1:
+            out: list[np.ndarray] = [np.zeros(0)] * len(ids)
+            for group in groups:
+                scores = self._candidate_logprobs([ids[i] for i in group], [found[i] for i in group], [targets[i] for i in group])
+                for i, row in zip(group, scores):
+                    out[i] = row
+            return out
         cross, mask = self._encoder(ids, found)
         owners = [i for i, row in enumerate(targets) for _ in row]
         candidates = [list(words) for row in targets for words in row]
@@ -75,7 +106,7 @@ class Seq2Seq(TextModel):
         tokens = np.full((len(candidates), length), self._start, dtype=np.int64)
         for r, words in enumerate(candidates):
             tokens[r, 1 : 1 + len(words)] = words  # right-padded: a causal decoder never looks ahead
-        past = self._empty_past(len(candidates))
+        past = self._start_past([found[i] for i in owners])
         cross = [np.asarray(_numpy(c))[pick] for c in cross]
         logits, _ = self._decoder_step(np.asarray(self.table[tokens], dtype=np.float32), mask[pick], past, cross, all_logits=True)
         scores = [np.zeros(len(row), dtype=np.float64) for row in targets]
@@ -90,10 +121,11 @@ class Seq2Seq(TextModel):
         """Cross-attention keys/values of every decoder layer for the right-padded rows, and their mask."""
         check_rows(
             ids,
-            [0 if t is None else t.length for t in found],
+            [0 if t is None else len(t.vectors) for t in found],  # a prefix is the decoder's: none of these
             vocab_size=self.config.vocab_size,
             limit=self.config.max_positions,
             what="encoder positions",
+            need_tokens=any(t is not None and t.past is not None for t in found),
         )
         embeds, mask = pad([embed_row(self.table, row, None if t is None else t.vectors) for row, t in zip(ids, found)], "right")
         binding = self.encoder.io_binding()
@@ -129,13 +161,41 @@ class Seq2Seq(TextModel):
         logits = logits.numpy()
         return (logits if all_logits else logits[:, -1]), present
 
-    def _empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, heads, 0, size), dtype=np.float32) for heads, size in self._past_shapes]
+    def _start_past(self, found: Sequence[Task | None]) -> list[np.ndarray]:
+        """The decoder's self cache before its first step: the rows' prefixes (all of one length), or empty."""
+        pasts = [task.past for task in found if task is not None and task.past is not None]
+        if not pasts:
+            return [np.zeros((len(found), heads, 0, size), dtype=np.float32) for heads, size in self._past_shapes]
+        return [np.stack([past[j] for past in pasts]) for j in range(len(self._past_shapes))]
 
     def _steps(
         self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
     ) -> Iterator[list[RowText]]:
-        """Encode once, then decode token by token; yields the rows' states after every step (the last is final)."""
+        """Encode once, then decode token by token; yields the rows' states after every step (the last is final).
+
+        Rows whose decoder pasts differ in length decode as separate groups, one step of each per step."""
+        groups = _by_past(found)
+        if len(groups) == 1:
+            yield from self._group_steps(ids, found, settings)
+            return
+        states: list = [None] * len(ids)
+        runs = [(group, self._group_steps([ids[i] for i in group], [found[i] for i in group], settings)) for group in groups]
+        while runs:
+            stepped = []
+            for group, run in runs:
+                rows = next(run, None)
+                if rows is not None:
+                    stepped.append((group, run))
+                    for i, state in zip(group, rows):
+                        states[i] = state
+            if stepped:
+                yield list(states)
+            runs = stepped
+
+    def _group_steps(
+        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
+    ) -> Iterator[list[RowText]]:
+        """`_steps` for rows whose decoder pasts have one length."""
         generation = self.config.generation
         choose = chooser(
             settings,
@@ -144,10 +204,16 @@ class Seq2Seq(TextModel):
             forced_last=generation.get("forced_eos_token_id"),
         )
         max_new_tokens = settings.max_new_tokens
+        past: list = self._start_past(found)
+        limit, held = self.config.max_positions, past[0].shape[2]
+        if held and limit is not None and held + max_new_tokens > limit:
+            raise RequestError(
+                f"task {found[0].name!r}: a prefix of {held} + {max_new_tokens} new tokens = {held + max_new_tokens} "  # type: ignore[union-attr]
+                f"decoder positions; the model has {limit}"
+            )
         cross, mask = self._encoder(ids, found)
         states = [RowText(self.decode, self._eos, settings.stop) for _ in ids]
         tokens = np.full(len(ids), self._start, dtype=np.int64)
-        past: list = self._empty_past(len(ids))
         for step in range(max_new_tokens):
             logits, past = self._decoder_step(np.asarray(self.table[tokens], dtype=np.float32)[:, None], mask, past, cross)
             tokens = choose(logits)
@@ -159,6 +225,14 @@ class Seq2Seq(TextModel):
         for state in states:
             state.finish()
         yield states
+
+
+def _by_past(found: Sequence[Task | None]) -> list[list[int]]:
+    """Row indices grouped by the length of their decoder past (0: no prefix), in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, task in enumerate(found):
+        groups.setdefault(0 if task is None or task.past is None else task.length, []).append(i)
+    return list(groups.values())
 
 
 def _numpy(value):

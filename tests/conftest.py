@@ -154,3 +154,60 @@ def greedy_without_cache(model, ids, new_tokens: int, min_new_tokens: int = 0, e
             if eos is not None and out[-1] == eos:
                 break
     return out
+
+
+def make_seq2seq(folder, kind: str):
+    """A tiny random T5 or BART. BART scales its embeddings (scale_embedding=True) and forces the end token at the
+    length limit (forced_eos_token_id), so both details are exercised."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        config = T5Config(
+            vocab_size=320,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=2,
+            initializer_factor=3.0,
+        )
+        model = T5ForConditionalGeneration(config)
+        template = "$A </s>"  # T5's tokenizer ends every input with </s>
+    else:
+        config = BartConfig(
+            vocab_size=320,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=40,
+            scale_embedding=True,
+            init_std=0.2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=2,
+        )
+        model = BartForConditionalGeneration(config)
+        template = "<s> $A </s>"
+    model.save_pretrained(folder)
+    make_tokenizer(folder, add_bos=False, template=template)
+    return folder
+
+
+@pytest.fixture(scope="session", params=["t5", "bart"])
+def seq2seq(request, tmp_path_factory):
+    hf = make_seq2seq(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+    export = tmp_path_factory.mktemp(f"export-{request.param}") / "out"
+    _export(hf, export)
+    return request.param, hf, export

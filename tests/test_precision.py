@@ -125,7 +125,8 @@ def test_traced_gpt2_and_keep_rules(gpt2_dir, tmp_path):
 
 def test_encoder_and_seq2seq_exports_take_int8_and_fp16(tmp_path):
     from test_encoder import make_bert
-    from test_seq2seq import make_seq2seq
+
+    from conftest import make_seq2seq
 
     bert = make_bert(tmp_path / "bert")
     export_model(str(bert), tmp_path / "bert-fp32", log=lambda m: None)

@@ -162,10 +162,14 @@ def test_prefix_tasks_are_refused_where_the_graph_has_no_past(llama_dir, llama_e
     assert bank_main(args) == 1
     err = capsys.readouterr().err
     assert "is a prefix-tuning adapter; the export" in err and "is a encoder export, and prefix tasks serve decoder" in err
-    # Seq2seq adapters (a prefix for the encoder and the decoder) are not read as decoder prefixes.
+    # An encoder-decoder's adapter (PEFT feeds it differently) is not read as a decoder's prefix, nor the reverse.
     config_path = adapter / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_transformer_submodules": 2}))
-    with pytest.raises(PromptBankError, match="num_transformer_submodules is 2: an encoder-decoder's prefix"):
+    args = ["import-peft", str(adapter), str(tmp_path / "bank"), "--task", "x", "--model", str(llama_export)]
+    assert bank_main(args) == 1
+    assert "a prefix for an encoder-decoder (num_transformer_submodules 2); the export" in capsys.readouterr().err
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_transformer_submodules": 3}))
+    with pytest.raises(PromptBankError, match="num_transformer_submodules is 3; expected 1 .* or 2"):
         from softprompt.prompt_bank.peft import read_peft_adapter
 
         read_peft_adapter(adapter)

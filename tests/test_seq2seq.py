@@ -1,7 +1,6 @@
 """Encoder-decoders (T5, BART): export, greedy parity with PEFT's seq2seq prompt tuning, classify, PEFT both ways, training.
 
-Tiny random models from configs. BART scales its embeddings (scale_embedding=True) and forces
-the end token at the length limit (forced_eos_token_id), so both details are exercised.
+Tiny random models from configs (conftest.make_seq2seq).
 """
 
 from __future__ import annotations
@@ -21,60 +20,6 @@ from softprompt.runtime.seq2seq import Seq2Seq
 from conftest import make_tokenizer, random_prompt
 
 TEXTS = ["a gorgeous, moving film", "dull, slow and far too long", "the quick brown fox", "Tell me a story"]
-
-
-def make_seq2seq(folder, kind: str):
-    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    if kind == "t5":
-        config = T5Config(
-            vocab_size=320,
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=2,
-            initializer_factor=3.0,
-        )
-        model = T5ForConditionalGeneration(config)
-        template = "$A </s>"  # T5's tokenizer ends every input with </s>
-    else:
-        config = BartConfig(
-            vocab_size=320,
-            d_model=64,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=128,
-            decoder_ffn_dim=128,
-            max_position_embeddings=40,
-            scale_embedding=True,
-            init_std=0.2,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            decoder_start_token_id=2,
-            forced_eos_token_id=2,
-        )
-        model = BartForConditionalGeneration(config)
-        template = "<s> $A </s>"
-    model.save_pretrained(folder)
-    make_tokenizer(folder, add_bos=False, template=template)
-    return folder
-
-
-@pytest.fixture(scope="module", params=["t5", "bart"])
-def seq2seq(request, tmp_path_factory):
-    hf = make_seq2seq(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
-    export = tmp_path_factory.mktemp(f"export-{request.param}") / "out"
-    export_model(str(hf), export, log=lambda m: None)
-    return request.param, hf, export
 
 
 def peft_model(hf, prompt: np.ndarray):

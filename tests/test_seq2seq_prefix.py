@@ -1,0 +1,168 @@
+"""Prefix tasks on encoder-decoders (T5, BART): PEFT's seq2seq prefix tuning, the decoder's self-attention past.
+
+PEFT gives decoder layer i the keys and values it saved for layer 2i mod L (prompt_bank.peft); the
+import reproduces what PEFT serves, which the parity tests check with adapters whose every saved
+layer differs. The reference is PEFT's forward pass, the one it trains with: its `generate` starts
+the decoder's positions at 0 under the prefix (and T5's causal mask then hides most of it), so
+greedy tokens are checked against greedy decoding by PEFT's forward instead.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_seq2seq import TEXTS, bank_with
+
+from softprompt.formats.errors import PromptBankError
+from softprompt.prompt_bank import load_prompt
+from softprompt.prompt_bank.cli import main as bank_main
+from softprompt.prompt_bank.peft import prefix_keys_values, prefix_table, seq2seq_layer_sources
+from softprompt.runtime import RequestError, load
+
+from conftest import random_prompt
+
+peft = pytest.importorskip("peft")
+
+
+def make_adapter(hf, out, length: int, projection: bool, seed: int = 0):
+    from transformers import AutoModelForSeq2SeqLM
+
+    base = AutoModelForSeq2SeqLM.from_pretrained(hf).eval()
+    config = peft.PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=length, prefix_projection=projection, encoder_hidden_size=24
+    )
+    model = peft.get_peft_model(base, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.prompt_encoder["default"].parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+def reference(hf, adapter):
+    from transformers import AutoModelForSeq2SeqLM
+
+    return peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(hf).eval(), adapter).eval()
+
+
+def greedy_by_forward(model, batch, start: int, config, new_tokens: int) -> list[int]:
+    """Greedy tokens from whole forward passes (no cache), with the model's forced end token at the limit (BART)."""
+    tokens: list[int] = []
+    forced = config.generation.get("forced_eos_token_id")
+    for step in range(new_tokens):
+        with torch.no_grad():
+            logits = model(**batch, decoder_input_ids=torch.tensor([[start, *tokens]])).logits[0, -1]
+        token = forced if forced is not None and step == new_tokens - 1 else int(logits.argmax())
+        tokens.append(token)
+        if token in config.eos_token_ids:
+            break
+    return tokens
+
+
+def import_task(adapter, bank, export, task="pre"):
+    assert bank_main(["import-peft", str(adapter), str(bank), "--task", task, "--model", str(export)]) == 0
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_seq2seq_prefix_adapters_serve_what_peft_serves(seq2seq, tmp_path, projection):
+    """Decoder logits within 1e-4 of PEFT's and its greedy tokens, T5 (relative positions) and BART (learned ones)."""
+    from transformers import AutoTokenizer
+
+    _, hf, export = seq2seq
+    adapter = make_adapter(hf, tmp_path / "adapter", length=4, projection=projection)
+    import_task(adapter, tmp_path / "bank", export)
+    model = load(export, bank=tmp_path / "bank")
+    config = model.config
+    assert model.prompt("pre") is None and len(model.prefix("pre")) == 2 * config.num_layers
+    peft_model = reference(hf, adapter)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    start = config.bos_token_id
+    targets = [[5, 9, 13], [7], [30, 31, 32, 33], [11, 12]]
+    got = model.decoder_logits(TEXTS, targets, task="pre")
+    want_tokens = []
+    for i, text in enumerate(TEXTS):
+        encoded = tokenizer(text, return_tensors="pt")
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        with torch.no_grad():
+            want = peft_model(**batch, decoder_input_ids=torch.tensor([[start, *targets[i]]])).logits[0].numpy()
+        want_tokens.append(greedy_by_forward(peft_model, batch, start, config, new_tokens=8))
+        np.testing.assert_allclose(got[i, : 1 + len(targets[i])], want, atol=1e-4 * np.abs(want).max())
+    assert [c.token_ids for c in model.complete(TEXTS, task="pre", max_new_tokens=8)] == want_tokens
+
+
+def test_mixed_batches_of_prefix_prompt_and_plain_rows_equal_each_row_alone(seq2seq, tmp_path):
+    _, hf, export = seq2seq
+    import_task(make_adapter(hf, tmp_path / "adapter", length=3, projection=False), tmp_path / "bank", export)
+    import_task(make_adapter(hf, tmp_path / "adapter5", length=5, projection=True, seed=2), tmp_path / "bank", export, "long")
+    width = json.loads((export / "softprompt.json").read_text())["hidden_size"]
+    bank_with(export, tmp_path / "bank", random_prompt(3, width, seed=3), name="soft")
+    model = load(export, bank=tmp_path / "bank")
+    tasks = ["pre", "soft", None, "long", "pre"]
+    texts = [*TEXTS, TEXTS[1]]
+    together = model.complete(texts, task=tasks, max_new_tokens=6)
+    for text, task, row in zip(texts, tasks, together):
+        assert row.token_ids == model.complete(text, task=task, max_new_tokens=6)[0].token_ids
+        assert row.task == task
+    streamed = "".join(model.stream(TEXTS[0], task="pre", max_new_tokens=6))
+    assert streamed == together[0].text
+    # classify scores rows of the three kinds in one call as it scores each alone
+    from softprompt.formats.task import TaskSpec
+
+    spec = TaskSpec(template="{text} Sentiment:", labels={"positive": " positive", "negative": " dull slow"})
+    bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "cls", "--model", str(export)])
+    record = json.loads((tmp_path / "bank" / "cls.json").read_text())
+    record["extra"].update(spec.to_extra())
+    (tmp_path / "bank" / "cls.json").write_text(json.dumps(record))
+    bank_with(export, tmp_path / "bank", random_prompt(3, width, seed=3), name="cls2", spec=spec)
+    both = model.classify([TEXTS[0], TEXTS[1]], task=["cls", "cls2"])
+    assert both[0]["scores"] == pytest.approx(model.classify(TEXTS[0], task="cls")[0]["scores"], abs=1e-5)
+    assert both[1]["scores"] == pytest.approx(model.classify(TEXTS[1], task="cls2")[0]["scores"], abs=1e-5)
+
+
+def test_a_prefix_counts_against_the_decoder_positions(seq2seq, tmp_path):
+    kind, hf, export = seq2seq
+    import_task(make_adapter(hf, tmp_path / "adapter", length=30, projection=False), tmp_path / "bank", export)
+    model = load(export, bank=tmp_path / "bank")
+    if kind == "bart":  # learned positions: 40
+        with pytest.raises(RequestError, match="a prefix of 30 \\+ 12 new tokens = 42 decoder positions; the model has 40"):
+            model.generate(TEXTS[0], task="pre", max_new_tokens=12)
+    assert isinstance(model.generate(TEXTS[0], task="pre", max_new_tokens=10), str)
+    with pytest.raises(RequestError, match="input 0 has no tokens"):
+        model.complete_ids([[]], task="pre", max_new_tokens=2)
+
+
+def test_seq2seq_prefix_round_trips_through_export_peft(seq2seq, tmp_path):
+    _, hf, export = seq2seq
+    adapter = make_adapter(hf, tmp_path / "adapter", length=3, projection=True)
+    import_task(adapter, tmp_path / "bank", export)
+    assert bank_main(["export-peft", str(tmp_path / "bank"), "pre", str(tmp_path / "out"), "--model", str(export)]) == 0
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["num_transformer_submodules"] == 2
+    import_task(tmp_path / "out", tmp_path / "again", export)
+    np.testing.assert_array_equal(load_prompt(tmp_path / "bank", "pre").vectors, load_prompt(tmp_path / "again", "pre").vectors)
+    ids = torch.tensor([[5, 6, 7, 8, 2]])
+    decoder = torch.tensor([[json.loads((export / "softprompt.json").read_text())["bos_token_id"], 9, 10]])
+    with torch.no_grad():
+        want = reference(hf, adapter)(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder).logits
+        got = reference(hf, tmp_path / "out")(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder)
+    torch.testing.assert_close(got.logits, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 4, 6])
+def test_seq2seq_layouts_follow_peft_and_refuse_what_it_cannot_serve(layers):
+    rng = np.random.default_rng(layers)
+    table = rng.standard_normal((3, layers * 2 * 2 * 4)).astype(np.float32)
+    keys_values = prefix_keys_values(table, layers, 2, 4, "adapter", submodules=2)
+    per_layer = table.reshape(3, layers, 2, 2, 4)
+    for layer, source in enumerate(seq2seq_layer_sources(layers)):
+        np.testing.assert_array_equal(keys_values[2 * layer], per_layer[:, source, 0].transpose(1, 0, 2))
+    again = prefix_keys_values(prefix_table(keys_values, submodules=2), layers, 2, 4, "adapter", submodules=2)
+    np.testing.assert_array_equal(again, keys_values)
+    if layers % 2 == 0:  # layers i and i + L/2 read one saved layer: a prefix where they differ has no PEFT form
+        different = keys_values.copy()
+        different[2 * (layers // 2)] += 1.0
+        with pytest.raises(PromptBankError, match=f"decoder layers 0 and {layers // 2} have different prefixes"):
+            prefix_table(different, submodules=2)
