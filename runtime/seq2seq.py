@@ -126,8 +126,13 @@ class Seq2Seq(TextModel):
             limit=self.config.max_positions,
             what="encoder positions",
             need_tokens=any(t is not None and t.past is not None for t in found),
+            slots=[0 if t is None else len(t.inner) for t in found],
         )
-        embeds, mask = pad([embed_row(self.table, row, None if t is None else t.vectors) for row, t in zip(ids, found)], "right")
+        rows = [
+            embed_row(self.table, row, None if t is None else t.vectors, None if t is None else t.inner)
+            for row, t in zip(ids, found)
+        ]
+        embeds, mask = pad(rows, "right")
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("attention_mask", mask)

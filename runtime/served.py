@@ -29,7 +29,7 @@ class ServedExport:
             fingerprint=self.config.fingerprint,
             max_positions=self.config.max_positions,
             cache=self.config.prefix_cache,
-            slots=self.config.kind == "decoder",
+            slots=self.config.kind != "encoder",
         )
 
     @property

@@ -182,7 +182,7 @@ class TaskStore:
                 if len(task.inner) and not self._slots:
                     raise InvalidPromptError(
                         f"{self.bank}/{name}.json: template {task.spec.template!r} places vectors after the text "
-                        "(a P-tuning pattern); those serve on decoder exports"
+                        "(a P-tuning pattern); those serve on decoder and encoder-decoder exports"
                     )
             except Exception as exc:  # whatever one entry does, it harms only itself
                 if not isinstance(exc, PromptBankError):

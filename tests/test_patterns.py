@@ -128,13 +128,14 @@ def test_training_a_pattern(llama_dir, llama_export, tmp_path, capsys):
     assert vectors.shape == (4, 64) and record["steps"] == 2
 
 
-def test_patterns_serve_on_decoders_only(pattern_bank):
+def test_patterns_are_refused_where_the_store_takes_no_slots(pattern_bank):
     from softprompt.runtime.tasks import TaskStore
 
     with pytest.raises(
-        InvalidPromptError, match="qa.json: template .* places vectors after the text .* serve on decoder exports"
+        InvalidPromptError,
+        match="qa.json: template .* places vectors after the text .* serve on decoder and encoder-decoder exports",
     ):
-        TaskStore(pattern_bank, width=64, fingerprint=None, slots=False)  # what an encoder's or encoder-decoder's store is
+        TaskStore(pattern_bank, width=64, fingerprint=None, slots=False)  # what an encoder export's store is
 
 
 def test_a_pattern_is_not_exported_as_a_peft_adapter_that_would_prepend_it(pattern_bank, tmp_path, capsys):

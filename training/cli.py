@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["prompt", "prefix", "p-tuning"],
         default="prompt",
         help="what to learn: a prompt before the input (default), a prefix of keys and values at every layer "
-        "(prefix tuning, decoders; trained through an MLP, saved as plain keys and values), or a prompt made by a "
+        "(prefix tuning: every decoder layer, an encoder-decoder's decoder self-attention as PEFT does; trained through an MLP, saved as plain keys and values), or a prompt made by a "
         "prompt encoder (P-tuning; saved as the encoder's output)",
     )
     parser.add_argument("--encoder", choices=["mlp", "lstm"], default="mlp", help="P-tuning's prompt encoder (default: mlp)")

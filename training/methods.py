@@ -107,11 +107,11 @@ def prompt_keys_values(model, prompt: torch.Tensor) -> torch.Tensor:
         out = model(
             inputs_embeds=prompt[None], attention_mask=torch.ones(positions.shape, dtype=torch.long), position_ids=positions
         )
-        layers = _cache_layers(out.past_key_values)
+        layers = cache_layers(out.past_key_values)
     return torch.stack([t[0] for layer in layers for t in layer]).detach()
 
 
-def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if hasattr(cache, "layers"):  # transformers 5's Cache
         return [(layer.keys, layer.values) for layer in cache.layers]
     return [(k, v) for k, v in cache]

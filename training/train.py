@@ -38,7 +38,8 @@ from .methods import (
     prompt_keys_values,
 )
 from .quantized import quantize_backbone
-from .seq2seq import seq2seq_label_logprobs, seq2seq_loss_sum
+from .rows import embed_ids
+from .seq2seq import decoder_keys_values, seq2seq_label_logprobs, seq2seq_loss_sum
 
 
 @dataclasses.dataclass
@@ -151,22 +152,10 @@ def build_inputs_embeds(model, prompt: torch.Tensor, rows: Sequence[Sequence[int
     mask = torch.zeros((batch, length), dtype=torch.long)
     for i, ids in enumerate(rows):
         start = length - len(ids) - front.shape[0]
-        embeds[i, start:] = torch.cat([front, _embed_ids(embed, ids, inner)])
+        embeds[i, start:] = torch.cat([front, embed_ids(embed, ids, inner)])
         mask[i, start:] = 1
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     return embeds, mask, positions
-
-
-def _embed_ids(embed, ids: Sequence[int], inner: torch.Tensor) -> torch.Tensor:
-    """Token embeddings of `ids`, with a pattern's slot vectors (`inner`) where the ids are negative."""
-    if not ids:
-        return inner.new_zeros((0, inner.shape[1]))
-    index = torch.tensor(ids, dtype=torch.long)
-    slots = index < 0
-    tokens = embed(index.clamp(min=0)).to(inner.dtype)
-    if not bool(slots.any()):
-        return tokens
-    return torch.where(slots[:, None], inner[(-index - 1).clamp(min=0, max=max(len(inner) - 1, 0))], tokens)
 
 
 def _forward_tail(model, prompt, rows, keep: int, lead: int | None = None) -> torch.Tensor:
@@ -224,7 +213,7 @@ def shuffled_batches(count: int, batch_size: int, rng: np.random.Generator) -> I
 def target_loss_sum(model, prompt, pairs, lead: int | None = None) -> torch.Tensor:
     """Summed cross-entropy over the target tokens only (the input and prompt are context)."""
     if getattr(model.config, "is_encoder_decoder", False):
-        return seq2seq_loss_sum(model, prompt, pairs)
+        return seq2seq_loss_sum(model, prompt, pairs, lead)
     rows = [ids + target for ids, target in pairs]
     keep = max(len(t) for _, t in pairs) + 1
     logits = _forward_tail(model, prompt, rows, keep, lead)
@@ -256,7 +245,7 @@ def evaluate(model, prompt, pairs, data: Dataset, spec: TaskSpec, backbone: Froz
             return _forward_tail(model, prompt, rows, keep, lead).float().numpy()
 
         if backbone.kind == "seq2seq":
-            scores = seq2seq_label_logprobs(model, prompt, [ids for ids, _ in pairs], verbalizers)
+            scores = seq2seq_label_logprobs(model, prompt, [ids for ids, _ in pairs], verbalizers, lead=lead)
         else:
             scores = np.stack(label_logprobs(run_rows, [ids for ids, _ in pairs], [verbalizers] * len(pairs)))
         predicted = [labels[i] for i in scores.argmax(1)]
@@ -360,13 +349,15 @@ def check_method(config: TrainConfig, spec: TaskSpec, kind: str) -> None:
         raise TrainingError(f"--method {config.method!r}; expected one of {', '.join(METHODS)}")
     if config.encoder not in ENCODERS:
         raise TrainingError(f"--encoder {config.encoder!r}; expected one of {', '.join(ENCODERS)}")
-    if config.method == "prefix" and kind != "decoder":
-        raise TrainingError(f"--method prefix trains decoder prefixes (the runtime serves them there), not {kind} ones")
+    if config.method == "prefix" and kind not in ("decoder", "seq2seq"):
+        raise TrainingError(f"--method prefix trains decoder and encoder-decoder prefixes, not {kind} ones (no past to feed)")
     if config.method == "prefix" and spec.slots:
         raise TrainingError(f"--template {spec.template!r} has slots for vectors; a prefix has none to place")
     spec.check_length(config.length, "--template")
-    if spec.slots and kind != "decoder":
-        raise TrainingError(f"--template {spec.template!r} places vectors with slots; patterns train decoder prompts only")
+    if spec.slots and kind not in ("decoder", "seq2seq"):
+        raise TrainingError(
+            f"--template {spec.template!r} places vectors with slots; patterns train decoder and encoder-decoder prompts"
+        )
 
 
 def trained_source(model, start: torch.Tensor, config: TrainConfig) -> torch.nn.Module:
@@ -374,7 +365,8 @@ def trained_source(model, start: torch.Tensor, config: TrainConfig) -> torch.nn.
     if config.method == "p-tuning":
         return PromptEncoder(start, config.encoder, config.encoder_hidden)
     if config.method == "prefix":
-        return PrefixEncoder(prompt_keys_values(model, start), config.encoder_hidden)
+        starts = decoder_keys_values if getattr(model.config, "is_encoder_decoder", False) else prompt_keys_values
+        return PrefixEncoder(starts(model, start), config.encoder_hidden)
     return Prompt(start)
 
 

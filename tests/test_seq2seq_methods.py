@@ -1,4 +1,6 @@
-"""Prefix tasks on encoder-decoders (T5, BART): PEFT's seq2seq prefix tuning, the decoder's self-attention past.
+"""Prefix tuning and P-tuning patterns on encoder-decoders (T5, BART): import, serve, train.
+
+A prefix task is PEFT's seq2seq prefix tuning: the decoder's self-attention past.
 
 PEFT gives decoder layer i the keys and values it saved for layer 2i mod L (prompt_bank.peft); the
 import reproduces what PEFT serves, which the parity tests check with adapters whose every saved
@@ -17,6 +19,7 @@ import torch
 from test_seq2seq import TEXTS, bank_with
 
 from softprompt.formats.errors import PromptBankError
+from softprompt.formats.task import TaskSpec
 from softprompt.prompt_bank import load_prompt
 from softprompt.prompt_bank.cli import main as bank_main
 from softprompt.prompt_bank.peft import prefix_keys_values, prefix_table, seq2seq_layer_sources
@@ -110,8 +113,6 @@ def test_mixed_batches_of_prefix_prompt_and_plain_rows_equal_each_row_alone(seq2
     streamed = "".join(model.stream(TEXTS[0], task="pre", max_new_tokens=6))
     assert streamed == together[0].text
     # classify scores rows of the three kinds in one call as it scores each alone
-    from softprompt.formats.task import TaskSpec
-
     spec = TaskSpec(template="{text} Sentiment:", labels={"positive": " positive", "negative": " dull slow"})
     bank_main(["import-peft", str(tmp_path / "adapter"), str(tmp_path / "bank"), "--task", "cls", "--model", str(export)])
     record = json.loads((tmp_path / "bank" / "cls.json").read_text())
@@ -166,3 +167,80 @@ def test_seq2seq_layouts_follow_peft_and_refuse_what_it_cannot_serve(layers):
         different[2 * (layers // 2)] += 1.0
         with pytest.raises(PromptBankError, match=f"decoder layers 0 and {layers // 2} have different prefixes"):
             prefix_table(different, submodules=2)
+
+
+PATTERN = "{soft:2}Review: {text}{soft:1} Sentiment:{soft:1}"
+SPEC = TaskSpec(template=PATTERN, labels={"positive": " positive", "negative": " dull slow"})
+
+
+def test_seq2seq_patterns_feed_the_encoder_what_training_builds(seq2seq, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from softprompt.training.seq2seq import encoder_inputs
+    from softprompt.training.train import load_backbone
+
+    _, hf, export = seq2seq
+    width = json.loads((export / "softprompt.json").read_text())["hidden_size"]
+    prompt = random_prompt(4, width, seed=6)
+    bank_with(export, tmp_path, prompt, name="qa", spec=SPEC)
+    bank_with(export, tmp_path, random_prompt(3, width, seed=7), name="plain")
+    model = load(export, bank=tmp_path)
+    backbone = load_backbone(str(hf), log=lambda m: None)
+    reference = AutoModelForSeq2SeqLM.from_pretrained(hf).eval()
+    start = model.config.bos_token_id
+    for text in TEXTS:
+        ids = model.encode(text, task="qa")
+        assert -1 in ids and -2 in ids and ids == SPEC.encode(text, backbone.encode)
+        embeds, mask = encoder_inputs(backbone.model, torch.from_numpy(prompt), [ids], SPEC.lead)
+        np.testing.assert_array_equal(model.inputs_embeds(ids, task="qa"), embeds[0].detach().numpy())
+        with torch.no_grad():
+            want = reference(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=torch.tensor([[start, 9, 10]])).logits[
+                0
+            ]
+        got = model.decoder_logits(text, [[9, 10]], task="qa")[0]
+        np.testing.assert_allclose(got, want.numpy(), atol=2e-4 * float(want.abs().max()))  # fp32, ops reordered
+    tasks = ["qa", "plain", None, "qa"]
+    together = model.complete(TEXTS, task=tasks, max_new_tokens=6)
+    for text, task, row in zip(TEXTS, tasks, together):
+        assert row.token_ids == model.complete(text, task=task, max_new_tokens=6)[0].token_ids
+    with pytest.raises(RequestError, match=r"token ids \[-3\] outside \[-2, 320\)"):
+        model.complete_ids([[5, -3]], task="qa")
+
+
+@pytest.mark.parametrize("method", ["prefix", "p-tuning"])
+def test_training_seq2seq_prefixes_and_patterns(seq2seq, tmp_path, method):
+    """Backbone bit-identical; the saved task classifies the rows as training's evaluation did, in the runtime."""
+    from softprompt.formats.bank import save_prefix, save_prompt
+    from softprompt.training.data import read_jsonl
+    from softprompt.training.train import TrainConfig, load_backbone, train_prompt
+
+    _, hf, export = seq2seq
+    texts = ["a gorgeous film", "dull and slow", "moving, gorgeous", "slow, dull film", "a moving story", "too long"]
+    rows = [{"text": t, "label": "positive" if "gorgeous" in t or "moving" in t else "negative"} for t in texts] * 2
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = read_jsonl(tmp_path / "train.jsonl")
+    spec = SPEC if method == "p-tuning" else TaskSpec(template="{text} Sentiment:", labels=SPEC.labels)
+    backbone = load_backbone(str(hf), log=lambda m: None)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    config = TrainConfig(length=4, init="labels", batch_size=4, steps=6, lr=0.05, eval_every=3, method=method)
+    vectors, record = train_prompt(backbone, data, spec, config, eval_data=data, progress=False, log=lambda m: None)
+    for key, value in backbone.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    layers = json.loads((export / "softprompt.json").read_text())["num_layers"]
+    assert vectors.shape[0] == (2 * layers if method == "prefix" else 4)
+    if method == "prefix":  # every decoder layer's keys and values get a gradient through the decoder's past
+        from softprompt.training.seq2seq import decoder_keys_values
+        from softprompt.training.train import batch_loss, encode_examples
+
+        start = decoder_keys_values(
+            backbone.model, torch.from_numpy(random_prompt(4, backbone.model.get_input_embeddings().weight.shape[1]))
+        )
+        start.requires_grad_(True)
+        batch_loss(backbone.model, start, encode_examples(backbone, data, spec, 4)[:4]).backward()
+        assert (start.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
+    save = save_prefix if method == "prefix" else save_prompt
+    save(tmp_path / "bank", "s", vectors, fingerprint=backbone.fingerprint, extra=spec.to_extra())
+    model = load(export, bank=tmp_path / "bank")
+    predicted = [r["label"] for r in model.classify([r["text"] for r in rows], task="s")]
+    accuracy = float(np.mean([p == r["label"] for p, r in zip(predicted, rows)]))
+    assert accuracy == pytest.approx(record["best"]["accuracy"])
