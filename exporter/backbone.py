@@ -18,7 +18,7 @@ from softprompt.formats.fingerprint import backbone_fingerprint
 from .encoder import encoder_facts, encoder_tokens, sentence_max_length, sentence_pooling
 from .graph import CacheLayout, probe_cache
 from .metadata import embedding_table, special_tokens, structural
-from .seq2seq import check_shared_embeddings, cross_layout, generation_tokens, seq2seq_facts
+from .seq2seq import check_shared_embeddings, cross_layout, encoder_prefix_layers, generation_tokens, seq2seq_facts
 from .sources import Source
 
 
@@ -32,7 +32,7 @@ class Backbone:
     facts: dict[str, Any]  # architecture and shapes: the fingerprint covers these and the table
     tokens: dict[str, Any]  # bos_token_id, eos_token_ids, pad_token_id
     fields: dict[str, Any]  # kind-specific softprompt.json fields: pooling, max_seq_length, generation
-    layout: Any  # decoder: CacheLayout; seq2seq: (self, cross) shapes per layer; encoder: None
+    layout: Any  # decoder: CacheLayout; seq2seq: (self, cross) shapes per layer and encoder prefix layers; encoder: None
     tokenizer: Any = None  # the transformers tokenizer the export writes as tokenizer.json
 
     @property
@@ -64,7 +64,8 @@ def describe(source: Source) -> Backbone:
         )
     if source.kind == "seq2seq":
         check_shared_embeddings(model, table)
-        layout = cross_layout(model)
+        self_shapes, cross_shapes = cross_layout(model)
+        prefix_layers = encoder_prefix_layers(model, self_shapes, cross_shapes)
         tokens = generation_tokens(model, source.tokenizer)
         forced = {key: tokens.pop(key) for key in ("forced_bos_token_id", "forced_eos_token_id")}
         generation = {key: int(value) for key, value in forced.items() if value is not None}
@@ -72,10 +73,10 @@ def describe(source: Source) -> Backbone:
             "seq2seq",
             model,
             table,
-            seq2seq_facts(model, table, layout[0]),
+            seq2seq_facts(model, table, self_shapes),
             tokens,
-            {"generation": generation},
-            layout,
+            {"generation": generation, "encoder_prefix_layers": prefix_layers or None},
+            (self_shapes, cross_shapes, prefix_layers),
             source.tokenizer,
         )
     layout: CacheLayout = probe_cache(model)

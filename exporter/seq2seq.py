@@ -1,6 +1,8 @@
 """Encoder-decoders (T5, BART and the like): two graphs, the soft prompt on the encoder input only.
 
-- `encoder.onnx`: inputs_embeds [B, S, E], attention_mask [B, S] -> `cross.{i}.key/value`
+- `encoder.onnx`: inputs_embeds [B, S, E], attention_mask [B, S] (and, where the encoder's heads
+  match the decoder's, `encoder_prefix.{i}.key/value` [B, H, P, D] for every encoder layer: a prefix
+  task's encoder part, P = 0 for other rows; encoder_prefix.py) -> `cross.{i}.key/value`
   [B, H, S, D] for every decoder layer. The cross-attention keys and values depend on the encoder
   output alone, so they are computed once per request, in the encoder graph, and never again.
 - `decoder.onnx`: inputs_embeds [B, T, E] (decoder tokens, from the same embedding table),
@@ -27,9 +29,23 @@ import torch
 
 from softprompt.formats.export_folder import CROSS, PAST, PRESENT, cache_names
 
+from .encoder_prefix import encoder_kwargs, encoder_prefix, self_attention_shape
 from .errors import ExportError
 from .graph import cache_tensors, onnx_export
 from .validate import passed, relative_diff
+
+ENCODER_PREFIX = "encoder_prefix."  # encoder graph inputs: a prefix task's keys and values for every encoder layer
+
+
+def encoder_prefix_layers(model, self_shapes: list[tuple[int, int]], cross_shapes: list[tuple[int, int]]) -> int:
+    """How many encoder layers a prefix task can reach (0: none). A prefix is one array of one [heads, P, head size]
+    per layer, so the encoder's self-attention and the cross-attention must have the decoder's heads."""
+    try:
+        layers, heads, size = self_attention_shape(model)
+    except ExportError:
+        return 0
+    shapes = {(heads, size), *self_shapes, *cross_shapes}
+    return layers if len(shapes) == 1 else 0
 
 
 def cross_layout(model) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -106,8 +122,9 @@ def _start_id(model) -> int:
     return int(start)
 
 
-def _run(model, embeds, mask, decoder_embeds, self_cache=None, cross_cache=None, encoder_hidden=None):
-    """One forward of the whole model through transformers' encoder-decoder cache; returns the two caches (and output)."""
+def _run(model, embeds, mask, decoder_embeds, self_cache=None, cross_cache=None, encoder_hidden=None, fill=False):
+    """One forward of the whole model through transformers' encoder-decoder cache; returns the two caches (and the
+    output, given `encoder_hidden` and a filled cross cache; with `fill`, the cross cache is made from it)."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -117,7 +134,8 @@ def _run(model, embeds, mask, decoder_embeds, self_cache=None, cross_cache=None,
     kwargs = {}
     if encoder_hidden is not None:
         kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden)
-        cache.is_updated = {i: True for i in range(len(cross_cache))}  # the cross cache is filled: read it
+        if not fill:
+            cache.is_updated = {i: True for i in range(len(cross_cache))}  # the cross cache is filled: read it
     else:
         kwargs["inputs_embeds"] = embeds
     with torch.no_grad():
@@ -129,33 +147,41 @@ def _run(model, embeds, mask, decoder_embeds, self_cache=None, cross_cache=None,
             return_dict=True,
             **kwargs,
         )
-    if encoder_hidden is not None:
+    if encoder_hidden is not None and not fill:
         return out
     return out.past_key_values.self_attention_cache, out.past_key_values.cross_attention_cache
 
 
 class Seq2SeqEncoder(torch.nn.Module):
-    """inputs_embeds [B, S, E], attention_mask [B, S] -> cross.{i}.key, cross.{i}.value."""
+    """inputs_embeds [B, S, E], attention_mask [B, S], *encoder prefix -> cross.{i}.key, cross.{i}.value."""
 
-    def __init__(self, model):
+    def __init__(self, model, prefix_layers: int = 0):
         super().__init__()
         self.model = model
         self.scale = input_scales(model)[0]
+        self.prefix_layers = prefix_layers
 
-    def forward(self, inputs_embeds, attention_mask):
+    def forward(self, inputs_embeds, attention_mask, prefix=()):
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
 
         if self.scale != 1.0:  # what the encoder does to token embeddings on its ids path
             inputs_embeds = inputs_embeds * self.scale
+        kwargs = {"inputs_embeds": inputs_embeds}
+        if self.prefix_layers:
+            with encoder_prefix(self.model, prefix):
+                extra = encoder_kwargs(self.model, prefix[0].shape[2], inputs_embeds.shape[1])
+                hidden = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra)
+            kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden.last_hidden_state)}
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         start = inputs_embeds.new_zeros((inputs_embeds.shape[0], 1, inputs_embeds.shape[2]))
         out = self.model(
-            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             decoder_inputs_embeds=start,
             past_key_values=cache,
             use_cache=True,
             return_dict=True,
+            **kwargs,
         )
         return tuple(cache_tensors(out.past_key_values.cross_attention_cache))
 
@@ -197,36 +223,45 @@ class Seq2SeqDecoder(torch.nn.Module):
         return (out.logits, *cache_tensors(out.past_key_values.self_attention_cache))
 
 
-def names(layers: int) -> dict[str, list[str]]:
-    return {"past": cache_names(PAST, layers), "present": cache_names(PRESENT, layers), "cross": cache_names(CROSS, layers)}
+def names(layers: int, encoder_layers: int = 0) -> dict[str, list[str]]:
+    return {
+        "past": cache_names(PAST, layers),
+        "present": cache_names(PRESENT, layers),
+        "cross": cache_names(CROSS, layers),
+        "encoder_prefix": cache_names(ENCODER_PREFIX, encoder_layers),
+    }
 
 
-def export_seq2seq_graphs(
-    model, folder: Path, opset: int, external_data: bool, layout: tuple[list[tuple[int, int]], list[tuple[int, int]]]
-) -> None:
+def export_seq2seq_graphs(model, folder: Path, opset: int, external_data: bool, layout: tuple) -> None:
     """Write encoder.onnx and decoder.onnx into `folder`.
 
-    `layout` is `cross_layout(model)`: the self- and cross-attention cache shapes per layer.
+    `layout` is `cross_layout(model)`: the self- and cross-attention cache shapes per layer, and
+    `encoder_prefix_layers` (0: the encoder graph takes no prefix).
     """
     from torch.export import Dim
 
-    self_shapes, cross_shapes = layout
+    self_shapes, cross_shapes, encoder_layers = layout
     layers = len(self_shapes)
     hidden = int(model.get_input_embeddings().weight.shape[1])
-    n = names(layers)
+    n = names(layers, encoder_layers)
     batch, seq, src, past = Dim("batch"), Dim("sequence"), Dim("source_sequence"), Dim("past_sequence")
     b, s, t, p = 2, 5, 3, 4  # no size 0 or 1, so torch.export keeps every axis symbolic
     embeds = torch.randn(b, s, hidden) * 0.02
     mask = torch.ones(b, s, dtype=torch.long)
-    encoder = Seq2SeqEncoder(model)
+    encoder = Seq2SeqEncoder(model, encoder_layers)
+    heads, size = self_shapes[0]
+    prefix = tuple(torch.randn(b, heads, 3, size) * 0.02 for _ in n["encoder_prefix"])
+    dynamic: dict = {"inputs_embeds": {0: batch, 1: src}, "attention_mask": {0: batch, 1: src}}
+    if encoder_layers:
+        dynamic["prefix"] = tuple({0: batch, 2: Dim("prefix_length")} for _ in prefix)
     _export(
         encoder,
-        (embeds, mask),
+        (embeds, mask, prefix) if encoder_layers else (embeds, mask),
         folder / "encoder.onnx",
         opset,
         external_data,
-        {"inputs_embeds": {0: batch, 1: src}, "attention_mask": {0: batch, 1: src}},
-        ["inputs_embeds", "attention_mask"],
+        dynamic,
+        ["inputs_embeds", "attention_mask", *n["encoder_prefix"]],
         n["cross"],
     )
     cross = tuple(torch.randn(b, h, s, d) * 0.02 for h, d in cross_shapes for _ in range(2))
@@ -277,7 +312,10 @@ def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -
     options.log_severity_level = 3
     encoder = ort.InferenceSession(str(folder / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
     decoder = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
-    cross = encoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask})
+    prefix_names = [i.name for i in encoder.get_inputs() if i.name.startswith(ENCODER_PREFIX)]
+    heads, size = encoder.get_outputs()[0].shape[1], encoder.get_outputs()[0].shape[3]
+    empty = {name: np.zeros((2, heads, 0, size), np.float32) for name in prefix_names}
+    cross = encoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask, **empty})
     encoder_scale, decoder_scale = input_scales(model)
     self_cache, cross_cache = _run(
         model,
@@ -287,6 +325,11 @@ def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -
     )
     want_cross = [t.numpy() for t in cache_tensors(cross_cache)]
     diffs = {"cross keys/values": _cache_diff(cross, want_cross, mask)}
+    if prefix_names:
+        prefix = [rng.standard_normal((2, heads, 3, size)).astype(np.float32) for _ in prefix_names]
+        got = encoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask, **dict(zip(prefix_names, prefix))})
+        want = _prefixed_cross(model, torch.from_numpy(embeds) * encoder_scale, torch.from_numpy(mask), prefix)
+        diffs["cross keys/values under an encoder prefix"] = _cache_diff(got, want, mask)
     layers = len(cross) // 2
     n = names(layers)
     past = [np.zeros((2, t.shape[1], 0, t.shape[3]), dtype=np.float32) for t in want_cross]
@@ -317,6 +360,17 @@ def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -
         tokens = logits[:, -1:].argmax(-1)
     diffs["decoder logits, 2 cached steps"] = worst
     return passed(diffs, tolerance)
+
+
+def _prefixed_cross(model, embeds: torch.Tensor, mask: torch.Tensor, prefix: list[np.ndarray]) -> list[np.ndarray]:
+    """PyTorch's cross-attention keys and values when the encoder attends to `prefix` before the text."""
+
+    with torch.no_grad(), encoder_prefix(model, [torch.from_numpy(p) for p in prefix]):
+        extra = encoder_kwargs(model, prefix[0].shape[2], embeds.shape[1])
+        hidden = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
+    start = torch.zeros(embeds.shape[0], 1, embeds.shape[2])
+    _, cross = _run(model, None, mask, start, encoder_hidden=hidden, fill=True)
+    return [t.numpy() for t in cache_tensors(cross)]
 
 
 def _cache_diff(got: list[np.ndarray], want: list[np.ndarray], mask: np.ndarray) -> float:

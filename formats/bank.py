@@ -79,12 +79,18 @@ class PromptMeta:
     layers: int | None = None  # prefix only, with kv_heads and head_size: the cache shape it was made for
     kv_heads: int | None = None
     head_size: int | None = None
+    # An encoder-decoder's prefix for its encoder and cross-attention as well (Li and Liang): how many of the
+    # `layers` key/value pairs are each part's, {"decoder": Ld, "encoder": Le, "cross": Ld}, held in that order.
+    # None: every pair is the graph's past (a decoder's layers; an encoder-decoder's decoder self-attention, PEFT's).
+    parts: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if self.method == "prompt":  # a prompt's record stays what every schema 2 reader knows
             for key in PREFIX_FIELDS:
                 del data[key]
+        if self.parts is None:
+            del data["parts"]
         return data
 
     @property
@@ -179,6 +185,23 @@ def save_prefix(
     return _save(bank_dir, name, keys_values, "prefix", fingerprint=fingerprint, overwrite=overwrite, dtype=dtype, **record)
 
 
+PARTS = ("decoder", "encoder", "cross")
+
+
+def check_parts(parts: Any, layers: int, where: str) -> None:
+    """A prefix's `parts`: a count of key/value pairs for each of the three (the array holds them in PARTS order),
+    adding up to `layers`."""
+    if not isinstance(parts, dict) or set(parts) != set(PARTS):
+        raise InvalidPromptError(f"{where}: parts {parts!r:.80}; expected {{'decoder': N, 'encoder': N, 'cross': N}}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in parts.values()):
+        raise InvalidPromptError(f"{where}: parts {parts!r}; expected positive layer counts")
+    if sum(parts.values()) != layers or parts["decoder"] != parts["cross"]:
+        raise InvalidPromptError(
+            f"{where}: parts {parts!r} for {layers} key/value pairs; expected decoder + encoder + cross = {layers}, and as "
+            "many cross-attention layers as decoder layers"
+        )
+
+
 def _save(
     bank_dir: str | os.PathLike,
     name: str,
@@ -192,6 +215,7 @@ def _save(
     source: str | None = None,
     training: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    parts: Mapping[str, int] | None = None,
 ) -> PromptMeta:
     check_task_name(name)
     bank = Path(bank_dir)
@@ -213,7 +237,12 @@ def _save(
             "kv_heads": heads,
             "head_size": size,
         }
+        if parts is not None:
+            check_parts(dict(parts), pairs // 2, where)
+            shape["parts"] = dict(parts)
     else:
+        if parts is not None:
+            raise InvalidPromptError(f"{where}: parts are a prefix's; a prompt has none")
         shape = {"length": int(array.shape[0]), "width": int(array.shape[1])}
     if not overwrite and task_exists(bank, name):
         raise InvalidPromptError(f"{bank / (name + '.json')} exists; pass overwrite (--force) to replace it")
@@ -421,6 +450,10 @@ def read_meta(path: Path) -> PromptMeta:
             raise InvalidPromptError(f"{path}: {key} is {value!r}; a prefix task's record gives it as a positive integer")
         if method == "prompt" and value is not None:
             raise InvalidPromptError(f"{path}: {key} is {value!r} in a prompt task's record; only prefix tasks have it")
+    if data.get("parts") is not None:
+        if method != "prefix":
+            raise InvalidPromptError(f"{path}: parts in a prompt task's record; only prefix tasks have them")
+        check_parts(data["parts"], data["layers"], str(path))
     if "extra" in data and data["extra"] is None:
         raise InvalidPromptError(f"{path}: extra is null; expected an object (empty for a task without template or labels)")
     if version >= 2:
@@ -440,11 +473,12 @@ def load_prompt(
     width: int | None = None,
     fingerprint: str | None = None,
     max_positions: int | None = None,
-    cache: tuple[int, int, int] | None = None,
+    cache: tuple[int, ...] | None = None,
 ) -> Prompt:
     """Load one task and check everything the runtime will rely on, and (when given) that it fits the backbone's
-    width, fingerprint and positions. `cache` is the export's (layers, kv_heads, head_size) a prefix task must
-    have: with `width` given and no `cache`, the export takes no prefix (an encoder's graph has no past).
+    width, fingerprint and positions. `cache` is the export's (layers, kv_heads, head_size, encoder layers) a prefix
+    task must have (ExportConfig.prefix_cache): with `width` given and no `cache`, the export takes no prefix (an
+    encoder's graph has no past).
     `prompt-bank verify`, `load()` and hot swap all check tasks here."""
     check_task_name(name)
     bank = Path(bank_dir)
@@ -480,11 +514,24 @@ def load_prompt(
                 f"{meta_path}: a prefix task (keys and values for every layer); this export's graph takes no past keys "
                 "and values (prefix tasks serve on decoder and encoder-decoder exports)"
             )
-        found = (meta.layers, meta.kv_heads, meta.head_size)
-        if cache is not None and found != tuple(cache):
+        if meta.parts is not None:
+            check_parts(meta.parts, meta.layers or 0, str(meta_path))
+        found = (meta.parts["decoder"] if meta.parts else meta.layers, meta.kv_heads, meta.head_size)
+        if cache is not None and found != tuple(cache[:3]):
             raise BackboneMismatchError(
                 f"{npy}: a prefix for {found[0]} layers of {found[1]} key/value heads of size {found[2]}; the export has "
                 f"{cache[0]} layers of {cache[1]} heads of size {cache[2]}"
+            )
+        encoder_layers = cache[3] if cache is not None and len(cache) > 3 else 0
+        if cache is not None and meta.parts is not None and meta.parts["encoder"] != encoder_layers:
+            has = (
+                f"an encoder graph that takes a prefix for {encoder_layers} layers"
+                if encoder_layers
+                else "no encoder prefix input"
+            )
+            raise BackboneMismatchError(
+                f"{npy}: a prefix for {meta.parts['encoder']} encoder layers as well; the export has {has} (re-export it "
+                "with this version, or train a decoder-only prefix)"
             )
     elif width is not None and meta.width != width:
         raise BackboneMismatchError(f"{npy}: prompt width E={meta.width}; the backbone's embedding width is {width}")
@@ -523,7 +570,7 @@ def load_bank(
     width: int | None = None,
     fingerprint: str | None = None,
     max_positions: int | None = None,
-    cache: tuple[int, int, int] | None = None,
+    cache: tuple[int, ...] | None = None,
 ) -> dict[str, Prompt]:
     """Load and check every task of a bank at once, so a bad file is reported at load time."""
     return {

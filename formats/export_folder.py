@@ -74,6 +74,9 @@ class ExportConfig:
     max_seq_length: int | None = None
     # Generation settings a model's `generate` applies (encoder-decoders: forced_bos/eos_token_id).
     generation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Encoder-decoders whose encoder graph takes `encoder_prefix.{i}.key/value`: how many encoder layers (a prefix
+    # task's encoder part); None: the encoder takes no prefix (then prefix tasks are the decoder's only, PEFT's).
+    encoder_prefix_layers: int | None = None
     # The graphs' weights: fp32, fp16 (for CUDA) or weight-only int8/int4 (MatMulNBits), and how they were made.
     precision: str = "fp32"
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -87,12 +90,13 @@ class ExportConfig:
         return [name for name in self.input_names if name.startswith(PAST)]
 
     @property
-    def prefix_cache(self) -> tuple[int, int, int] | None:
-        """(layers, kv_heads, head_size) of the keys and values a prefix task gives every layer (an encoder-decoder's:
-        every decoder layer's self-attention); None where the export takes no prefix (an encoder has no past)."""
+    def prefix_cache(self) -> tuple[int, int, int, int] | None:
+        """(layers, kv_heads, head_size, encoder layers) of the keys and values a prefix task gives every layer (an
+        encoder-decoder's: every decoder layer's self-attention, and where its encoder graph takes one, every encoder
+        layer's and the cross-attention's); None where the export takes no prefix (an encoder has no past)."""
         if self.kind == "encoder":
             return None
-        return (self.num_layers, self.num_kv_heads, self.head_size)
+        return (self.num_layers, self.num_kv_heads, self.head_size, self.encoder_prefix_layers or 0)
 
     @property
     def present_names(self) -> list[str]:

@@ -188,9 +188,7 @@ def _verify(args) -> int:
                 args.bank, name, width=width, fingerprint=fingerprint, max_positions=max_positions, cache=cache
             ).meta
             valid += 1
-            shape = (
-                f"prefix of {meta.length} for {meta.layers} layers" if meta.method == "prefix" else f"{meta.length}x{meta.width}"
-            )
+            shape = f"prefix of {meta.length} for {_layers(meta)}" if meta.method == "prefix" else f"{meta.length}x{meta.width}"
             print(f"ok    {name} ({shape} {meta.dtype})")
         except PromptBankError as exc:
             failed += 1
@@ -200,6 +198,12 @@ def _verify(args) -> int:
         print(f"FAIL  {orphan[:-4]}: {args.bank / orphan} has no {orphan[:-4]}.json record beside it")
     print(f"{valid} of {len(tasks)} tasks valid{against}")
     return 1 if failed else 0
+
+
+def _layers(meta) -> str:
+    if meta.parts is None:
+        return f"{meta.layers} layers"
+    return ", ".join(f"{meta.parts[part]} {part} layers" for part in ("decoder", "encoder", "cross"))
 
 
 def _upgrade(args) -> int:
@@ -266,7 +270,7 @@ def _import_prefix(args, config, adapter) -> int:
             f"{args.adapter}: a prefix for {made} (num_transformer_submodules {submodules}); the export {args.model} is "
             f"a {config.kind} export (expected {expected})"
         )
-    layers, kv_heads, head_size = cache
+    layers, kv_heads, head_size = cache[:3]
     keys_values = prefix_keys_values(adapter.vectors, layers, kv_heads, head_size, str(adapter.weights_file), submodules)
     peft_record = {
         k: adapter.config[k]
@@ -361,6 +365,11 @@ def _export_peft(args) -> int:
         raise PromptBankError(
             f"task {args.task!r}: its template {spec.template!r} places vectors after the text (a P-tuning pattern); "
             "a PEFT adapter prepends every vector, so it would be another task"
+        )
+    if prompt.meta.parts is not None:
+        raise PromptBankError(
+            f"task {args.task!r}: a prefix for the encoder and the cross-attention as well ({prompt.meta.parts}); PEFT's "
+            "seq2seq prefix tuning reaches the decoder's self-attention only, so it would be another task"
         )
     write_peft_adapter(
         args.out,

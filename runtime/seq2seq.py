@@ -10,10 +10,14 @@ CUDA), bound through I/O binding rather than copied through numpy.
 A prompt cannot be cached here as for decoders: the encoder attends in both directions, so the
 prompt's states depend on the text it precedes. Rows of different tasks still share batches.
 
-A prefix task (PEFT's prefix tuning of a seq2seq model) is the decoder's self-attention past: its
-keys and values start every row's self cache, and the decoder's positions continue after them. The
-decoder graph takes no self-attention mask, so rows whose pasts differ in length (a prefix of P,
-or none) cannot share its calls: they run as one group per past length, stepped together.
+A prefix task is the decoder's self-attention past (PEFT's prefix tuning of a seq2seq model): its
+keys and values start every row's self cache, and the decoder's positions continue after them. A
+prefix with parts (Li and Liang's) also gives every encoder layer keys and values to attend to
+before the text (the encoder graph's `encoder_prefix.*` inputs, empty for other rows) and every
+cross-attention layer keys and values before the encoder's (joined to the encoder graph's output,
+with P more mask columns). The decoder graph takes no self-attention mask, so rows whose pasts
+differ (a prefix of P, with parts or not, or none) cannot share its calls: they run as one group
+per kind of past, stepped together.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Seq2Seq(TextModel):
         self.encoder = encoder
         self.decoder = decoder
         self._cross_names = [o.name for o in encoder.get_outputs()]
+        self._prefix_inputs = [i for i in encoder.get_inputs() if i.name.startswith("encoder_prefix.")]
         self._past_names = config.past_names
         self._present_names = config.present_names
         inputs = {i.name: i for i in decoder.get_inputs()}
@@ -133,16 +138,37 @@ class Seq2Seq(TextModel):
             for row, t in zip(ids, found)
         ]
         embeds, mask = pad(rows, "right")
+        parts = [self._parts(t) for t in found]  # one kind of past per call (_by_past)
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("attention_mask", mask)
+        for j, node in enumerate(self._prefix_inputs):
+            empty = np.zeros((len(ids), node.shape[1], 0, node.shape[3]), np.float32)
+            binding.bind_cpu_input(node.name, np.stack([p[1][j] for p in parts]) if parts[0][1] else empty)
         for name in self._cross_names:
             binding.bind_output(name, self._device)
         try:
             self.encoder.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime raises its own types
             raise InferenceError(f"onnxruntime failed in the encoder with inputs_embeds {embeds.shape}: {exc}") from exc
-        return binding.get_outputs(), mask
+        cross = binding.get_outputs()
+        if not parts[0][2]:
+            return cross, mask
+        # The cross-attention prefix: its keys and values before the encoder's, attended by every row.
+        joined = [np.concatenate([np.stack([p[2][j] for p in parts]), _numpy(c)], axis=2) for j, c in enumerate(cross)]
+        length = parts[0][2][0].shape[1]
+        return joined, np.concatenate([np.ones((len(ids), length), dtype=mask.dtype), mask], axis=1)
+
+    def _parts(self, task: Task | None) -> tuple[tuple, tuple, tuple]:
+        """A row's (decoder self-attention, encoder, cross-attention) keys and values, each one array per layer's key
+        or value; empty where the row has none."""
+        if task is None or task.past is None:
+            return (), (), ()
+        decoder, encoder = len(self._past_names), len(self._prefix_inputs)
+        past = task.past
+        if len(past) == decoder:
+            return past, (), ()
+        return past[:decoder], past[decoder : decoder + encoder], past[decoder + encoder :]
 
     def _decoder_step(
         self, embeds: np.ndarray, mask: np.ndarray, past: Sequence, cross: Sequence, all_logits: bool = False
@@ -168,7 +194,7 @@ class Seq2Seq(TextModel):
 
     def _start_past(self, found: Sequence[Task | None]) -> list[np.ndarray]:
         """The decoder's self cache before its first step: the rows' prefixes (all of one length), or empty."""
-        pasts = [task.past for task in found if task is not None and task.past is not None]
+        pasts = [self._parts(task)[0] for task in found if task is not None and task.past is not None]
         if not pasts:
             return [np.zeros((len(found), heads, 0, size), dtype=np.float32) for heads, size in self._past_shapes]
         return [np.stack([past[j] for past in pasts]) for j in range(len(self._past_shapes))]
@@ -233,10 +259,12 @@ class Seq2Seq(TextModel):
 
 
 def _by_past(found: Sequence[Task | None]) -> list[list[int]]:
-    """Row indices grouped by the length of their decoder past (0: no prefix), in order of first appearance."""
-    groups: dict[int, list[int]] = {}
+    """Row indices grouped by their kind of past (its length, and which parts it has; (0, 0): no prefix), in order of
+    first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, task in enumerate(found):
-        groups.setdefault(0 if task is None or task.past is None else task.length, []).append(i)
+        key = (0, 0) if task is None or task.past is None else (task.length, len(task.past))
+        groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 

@@ -45,7 +45,8 @@ class Task:
     spec: TaskSpec
     # An encoder task's optional linear classifier: weight [labels, E], bias [labels], and what it reads.
     head: Head | None = None
-    # A prefix task's keys and values: one [kv_heads, P, head_size] float32 array per cache input, read-only.
+    # A prefix task's keys and values: one [kv_heads, P, head_size] float32 array per cache input, read-only (an
+    # encoder-decoder's prefix with parts: the decoder's, then the encoder's and the cross-attention's, runtime/seq2seq.py).
     past: tuple[np.ndarray, ...] | None = None
     # A P-tuning pattern's vectors after the lead, [Q, E]: negative ids -1..-Q of the templated rows name them.
     inner: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
@@ -56,14 +57,15 @@ class Task:
         return int(self.past[0].shape[1] if self.past is not None else self.vectors.shape[0])
 
 
-def build_task(name: str, vectors: np.ndarray, extra: Mapping, prefix: bool = False) -> Task:
-    """A Task from a bank entry's vectors: [P, E] (a prompt) or, with `prefix`, [2 * layers, kv_heads, P, head_size]."""
+def build_task(name: str, vectors: np.ndarray, extra: Mapping, prefix: bool = False, width: int | None = None) -> Task:
+    """A Task from a bank entry's vectors: [P, E] (a prompt) or, with `prefix`, [2 * layers, kv_heads, P, head_size]
+    (then `width`, the model's E, is the width of its empty prompt rows)."""
     spec = TaskSpec.from_extra(dict(extra), f"task {name!r}")
     if prefix:
         past = tuple(np.ascontiguousarray(layer, dtype=np.float32) for layer in vectors)
         for layer in past:
             layer.setflags(write=False)
-        empty = np.zeros((0, vectors.shape[1] * vectors.shape[3]), np.float32)
+        empty = np.zeros((0, width or vectors.shape[1] * vectors.shape[3]), np.float32)
         return Task(name, empty, spec, past=past)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     vectors.setflags(write=False)
@@ -84,7 +86,7 @@ class TaskStore:
         width: int,
         fingerprint: str | None,
         max_positions: int | None = None,
-        cache: tuple[int, int, int] | None = None,
+        cache: tuple[int, ...] | None = None,
         slots: bool = True,
     ):
         self.bank = bank
@@ -92,7 +94,7 @@ class TaskStore:
         self._width = width
         self._fingerprint = fingerprint
         self._max_positions = max_positions
-        self._cache = cache  # (layers, kv_heads, head_size) of a prefix task; None: the model takes none
+        self._cache = cache  # ExportConfig.prefix_cache: the shape a prefix task must have; None: the model takes none
         self._lock = threading.Lock()
         self._tasks: Mapping[str, Task] = MappingProxyType({})
         self._seen: dict[str, Stamp] = {}  # last stamps looked at, including ones that failed to load
@@ -178,7 +180,7 @@ class TaskStore:
                     max_positions=self._max_positions,
                     cache=self._cache,
                 )
-                task = build_task(name, prompt.vectors, prompt.meta.extra, prefix=prompt.is_prefix)
+                task = build_task(name, prompt.vectors, prompt.meta.extra, prefix=prompt.is_prefix, width=self._width)
                 if len(task.inner) and not self._slots:
                     raise InvalidPromptError(
                         f"{self.bank}/{name}.json: template {task.spec.template!r} places vectors after the text "

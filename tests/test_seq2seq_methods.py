@@ -207,12 +207,11 @@ def test_seq2seq_patterns_feed_the_encoder_what_training_builds(seq2seq, tmp_pat
         model.complete_ids([[5, -3]], task="qa")
 
 
-@pytest.mark.parametrize("method", ["prefix", "p-tuning"])
+@pytest.mark.parametrize("method", ["prefix", "prefix-decoder", "p-tuning"])
 def test_training_seq2seq_prefixes_and_patterns(seq2seq, tmp_path, method):
     """Backbone bit-identical; the saved task classifies the rows as training's evaluation did, in the runtime."""
-    from softprompt.formats.bank import save_prefix, save_prompt
     from softprompt.training.data import read_jsonl
-    from softprompt.training.train import TrainConfig, load_backbone, train_prompt
+    from softprompt.training.train import TrainConfig, load_backbone, save_trained, train_prompt
 
     _, hf, export = seq2seq
     texts = ["a gorgeous film", "dull and slow", "moving, gorgeous", "slow, dull film", "a moving story", "too long"]
@@ -222,25 +221,65 @@ def test_training_seq2seq_prefixes_and_patterns(seq2seq, tmp_path, method):
     spec = SPEC if method == "p-tuning" else TaskSpec(template="{text} Sentiment:", labels=SPEC.labels)
     backbone = load_backbone(str(hf), log=lambda m: None)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    config = TrainConfig(length=4, init="labels", batch_size=4, steps=6, lr=0.05, eval_every=3, method=method)
+    parts = "decoder" if method == "prefix-decoder" else "all"
+    name = "prefix" if method.startswith("prefix") else method
+    config = TrainConfig(length=4, init="labels", batch_size=4, steps=6, lr=0.05, eval_every=3, method=name, prefix_parts=parts)
     vectors, record = train_prompt(backbone, data, spec, config, eval_data=data, progress=False, log=lambda m: None)
     for key, value in backbone.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     layers = json.loads((export / "softprompt.json").read_text())["num_layers"]
-    assert vectors.shape[0] == (2 * layers if method == "prefix" else 4)
-    if method == "prefix":  # every decoder layer's keys and values get a gradient through the decoder's past
-        from softprompt.training.seq2seq import decoder_keys_values
+    assert vectors.shape[0] == {"prefix": 2 * (3 * layers), "prefix-decoder": 2 * layers, "p-tuning": 4}[method]
+    if method.startswith("prefix"):  # every part's keys and values get a gradient
+        from softprompt.training.seq2seq import seq2seq_prefix_start
         from softprompt.training.train import batch_loss, encode_examples
 
-        start = decoder_keys_values(
-            backbone.model, torch.from_numpy(random_prompt(4, backbone.model.get_input_embeddings().weight.shape[1]))
-        )
-        start.requires_grad_(True)
+        width = backbone.model.get_input_embeddings().weight.shape[1]
+        start = seq2seq_prefix_start(backbone.model, torch.from_numpy(random_prompt(4, width)), parts).requires_grad_(True)
         batch_loss(backbone.model, start, encode_examples(backbone, data, spec, 4)[:4]).backward()
         assert (start.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
-    save = save_prefix if method == "prefix" else save_prompt
-    save(tmp_path / "bank", "s", vectors, fingerprint=backbone.fingerprint, extra=spec.to_extra())
+    meta = save_trained(tmp_path / "bank", "s", vectors, backbone, spec, record, str(hf), overwrite=True)
+    assert meta.parts == ({"decoder": layers, "encoder": layers, "cross": layers} if method == "prefix" else None)
     model = load(export, bank=tmp_path / "bank")
     predicted = [r["label"] for r in model.classify([r["text"] for r in rows], task="s")]
     accuracy = float(np.mean([p == r["label"] for p, r in zip(predicted, rows)]))
     assert accuracy == pytest.approx(record["best"]["accuracy"])
+
+
+def test_a_prefix_for_encoder_decoder_and_cross_serves_the_logits_training_computes(seq2seq, tmp_path):
+    """Li and Liang's prefix: the runtime's encoder and decoder graphs against training's PyTorch forward, and mixed
+    batches (all parts, decoder-only prefix, prompt, nothing) equal to each row alone."""
+    from softprompt.formats.bank import save_prefix
+    from softprompt.training.seq2seq import seq2seq_prefix_start, target_logits
+    from softprompt.training.train import load_backbone
+
+    _, hf, export = seq2seq
+    backbone = load_backbone(str(hf), log=lambda m: None)
+    width = backbone.model.get_input_embeddings().weight.shape[1]
+    prefix = seq2seq_prefix_start(backbone.model, torch.from_numpy(random_prompt(3, width, seed=8)), "all")
+    prefix = prefix + torch.from_numpy(np.random.default_rng(0).standard_normal(prefix.shape).astype(np.float32)) * 0.3
+    layers = json.loads((export / "softprompt.json").read_text())["num_layers"]
+    parts = {"decoder": layers, "encoder": layers, "cross": layers}
+    save_prefix(tmp_path, "all", prefix.numpy(), fingerprint=backbone.fingerprint, parts=parts)
+    import_task(make_adapter(hf, tmp_path / "adapter", length=3, projection=False), tmp_path, export, "dec")
+    bank_with(export, tmp_path, random_prompt(3, width, seed=3), name="soft")
+    model = load(export, bank=tmp_path)
+    targets = [[5, 9, 13], [7], [30, 31, 32, 33], [11, 12]]
+    got = model.decoder_logits(TEXTS, targets, task="all")
+    rows = [model.encode(t) for t in TEXTS]
+    want = target_logits(backbone.model, prefix, rows, [[*t, 0] for t in targets]).detach().numpy()
+    for i, target in enumerate(targets):
+        np.testing.assert_allclose(got[i, : 1 + len(target)], want[i, : 1 + len(target)], atol=1e-4 * np.abs(want).max())
+    tasks = ["all", "dec", "soft", None, "all"]
+    texts = [*TEXTS, TEXTS[2]]
+    together = model.complete(texts, task=tasks, max_new_tokens=6)
+    for text, task, row in zip(texts, tasks, together):
+        assert row.token_ids == model.complete(text, task=task, max_new_tokens=6)[0].token_ids
+    # verify names the parts; PEFT cannot hold them; an export whose encoder takes no prefix refuses them
+    from softprompt.prompt_bank.cli import main as cli
+
+    assert cli(["verify", str(tmp_path), "--model", str(export)]) == 0
+    assert cli(["export-peft", str(tmp_path), "all", str(tmp_path / "out"), "--model", str(export)]) == 1
+    with pytest.raises(PromptBankError, match="a prefix for 2 encoder layers as well; the export has no encoder prefix input"):
+        load_prompt(tmp_path, "all", cache=(layers, 4, 16, 0))
+    with pytest.raises(PromptBankError, match="parts .* expected decoder \\+ encoder \\+ cross = 6"):
+        save_prefix(tmp_path, "bad", prefix.numpy(), fingerprint=None, parts={"decoder": 2, "encoder": 1, "cross": 2})

@@ -69,8 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["prompt", "prefix", "p-tuning"],
         default="prompt",
         help="what to learn: a prompt before the input (default), a prefix of keys and values at every layer "
-        "(prefix tuning: every decoder layer, an encoder-decoder's decoder self-attention as PEFT does; trained through an MLP, saved as plain keys and values), or a prompt made by a "
+        "(prefix tuning; trained through an MLP, saved as plain keys and values), or a prompt made by a "
         "prompt encoder (P-tuning; saved as the encoder's output)",
+    )
+    parser.add_argument(
+        "--prefix-parts",
+        choices=["all", "decoder"],
+        default="all",
+        help="encoder-decoders, --method prefix: a prefix for the encoder, the decoder and the cross-attention "
+        "(all, Li and Liang's; default) or for the decoder's self-attention only (PEFT's, which export-peft can write)",
     )
     parser.add_argument("--encoder", choices=["mlp", "lstm"], default="mlp", help="P-tuning's prompt encoder (default: mlp)")
     parser.add_argument(
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method,
             encoder=args.encoder,
             encoder_hidden=args.encoder_hidden,
+            prefix_parts=args.prefix_parts,
         )
         log(f"loading {args.model}")
         backbone = load_backbone(args.model, log=log)

@@ -24,6 +24,7 @@ from softprompt.formats.bank import PromptMeta, save_prefix, save_prompt
 from softprompt.formats.task import TaskSpec
 from softprompt.runtime.classify import label_logprobs
 
+from .checkpointing import enable_checkpointing
 from .data import Dataset
 from .errors import TrainingError
 from .init import common_token_ids, init_prompt
@@ -39,7 +40,7 @@ from .methods import (
 )
 from .quantized import quantize_backbone
 from .rows import embed_ids
-from .seq2seq import decoder_keys_values, seq2seq_label_logprobs, seq2seq_loss_sum
+from .seq2seq import prefix_parts, seq2seq_label_logprobs, seq2seq_loss_sum, seq2seq_prefix_start
 
 
 @dataclasses.dataclass
@@ -58,6 +59,8 @@ class TrainConfig:
     method: str = "prompt"  # or "prefix", "p-tuning" (methods.py)
     encoder: str = "mlp"  # p-tuning's prompt encoder: "mlp" or "lstm"
     encoder_hidden: int | None = None  # the encoders' hidden width (default: what they output per position)
+    # An encoder-decoder's prefix: "all" (encoder, decoder and cross-attention, Li and Liang) or "decoder" (PEFT's).
+    prefix_parts: str = "all"
 
 
 @dataclasses.dataclass
@@ -96,47 +99,6 @@ def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> Frozen
         backbone.kind,
         backbone.fields.get("pooling", "mean"),
     )
-
-
-def enable_checkpointing(model, every: int = 2) -> int:
-    """Recompute the activations of every `every`-th layer during backward instead of keeping them.
-
-    Prompt tuning still backpropagates through every frozen layer to reach the prompt, so stored
-    activations, not weights, dominate its memory. Every layer (every=1) cuts train-prompt's peak
-    memory on SmolLM2 by half but costs a recomputed forward; every second layer keeps most of the
-    saving for half the cost (docs/BENCHMARKS.md). transformers only checkpoints layers in training
-    mode, which also switches on their dropout (BART's layers and T5's attention call dropout with
-    their own flag), so the chosen layers are wrapped here instead and the model stays in eval mode:
-    the loss is unchanged. Calling it again on the same model changes nothing. Returns how many
-    layers are checkpointed (0 where transformers marks no layer as checkpointable).
-    """
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:
-        return 0
-    if every <= 0:
-        return 0
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    chosen = blocks[::every]
-    for block in chosen:
-        if not getattr(block, "_softprompt_checkpointed", False):
-            block.forward = _checkpointed(block.forward)
-            block._softprompt_checkpointed = True
-    return len(chosen)
-
-
-def _checkpointed(forward):
-    from torch.utils.checkpoint import checkpoint
-
-    def run(*args, **kwargs):
-        # A layer that writes into a cache cannot run twice: its recomputation would write again (a prefix's
-        # cache is read-only, methods.prefix_cache, and checkpoints as well as no cache).
-        caches = [v for v in kwargs.values() if hasattr(v, "get_seq_length")]
-        if not torch.is_grad_enabled() or any(not getattr(cache, "read_only", False) for cache in caches):
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
 
 
 def build_inputs_embeds(model, prompt: torch.Tensor, rows: Sequence[Sequence[int]], lead: int | None = None):
@@ -347,6 +309,8 @@ def check_method(config: TrainConfig, spec: TaskSpec, kind: str) -> None:
     """Refuse a method or pattern the model cannot take, before anything loads into it."""
     if config.method not in METHODS:
         raise TrainingError(f"--method {config.method!r}; expected one of {', '.join(METHODS)}")
+    if config.prefix_parts not in ("all", "decoder"):
+        raise TrainingError(f"--prefix-parts {config.prefix_parts!r}; expected all or decoder")
     if config.encoder not in ENCODERS:
         raise TrainingError(f"--encoder {config.encoder!r}; expected one of {', '.join(ENCODERS)}")
     if config.method == "prefix" and kind not in ("decoder", "seq2seq"):
@@ -364,9 +328,10 @@ def trained_source(model, start: torch.Tensor, config: TrainConfig) -> torch.nn.
     """The module whose output is what `config.method` learns, starting from the [P, E] prompt `start`."""
     if config.method == "p-tuning":
         return PromptEncoder(start, config.encoder, config.encoder_hidden)
+    if config.method == "prefix" and getattr(model.config, "is_encoder_decoder", False):
+        return PrefixEncoder(seq2seq_prefix_start(model, start, config.prefix_parts), config.encoder_hidden)
     if config.method == "prefix":
-        starts = decoder_keys_values if getattr(model.config, "is_encoder_decoder", False) else prompt_keys_values
-        return PrefixEncoder(starts(model, start), config.encoder_hidden)
+        return PrefixEncoder(prompt_keys_values(model, start), config.encoder_hidden)
     return Prompt(start)
 
 
@@ -383,6 +348,8 @@ def _method_record(config: TrainConfig) -> dict:
     if config.method == "prompt":
         return {"name": "prompt"}
     record: dict = {"name": config.method, "encoder_hidden": config.encoder_hidden}
+    if config.method == "prefix":
+        record["parts"] = config.prefix_parts
     if config.method == "p-tuning":
         record["encoder"] = config.encoder
     return record
@@ -452,11 +419,13 @@ def save_trained(
     head: dict | None = None,
 ) -> PromptMeta:
     extra = {**spec.to_extra(), **({"head": head} if head else {})}
+    parts = {"parts": prefix_parts(backbone.model, vectors.shape[0])} if vectors.ndim == 4 and backbone.kind == "seq2seq" else {}
     save = save_prefix if vectors.ndim == 4 else save_prompt
     return save(
         bank,
         task,
         vectors,
+        **parts,
         fingerprint=backbone.fingerprint,
         init=record["init"],
         source=f"train-prompt {model_spec}",
