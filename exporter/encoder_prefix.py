@@ -26,8 +26,10 @@ def self_attentions(model) -> list[torch.nn.Module]:
     """The encoder's self-attention modules, in layer order (T5's blocks or BART-like layers)."""
     encoder = model.get_encoder()
     blocks = getattr(encoder, "block", None)
-    if blocks is not None:
-        return [block.layer[0].SelfAttention for block in blocks]
+    if blocks is not None:  # LongT5's local and transient-global attention have no such module
+        found = [getattr(block.layer[0], "SelfAttention", None) for block in blocks]
+        if all(module is not None for module in found):
+            return found
     layers = getattr(encoder, "layers", None)
     if layers is not None and all(hasattr(layer, "self_attn") for layer in layers):
         return [layer.self_attn for layer in layers]
