@@ -20,13 +20,14 @@ from conftest import TEXTS, random_prompt
 peft = pytest.importorskip("peft")
 
 
-def make_prefix_adapter(hf_dir, out_dir, length: int, projection: bool, seed: int = 0):
+def make_prefix_adapter(hf_dir, out_dir, length: int, projection: bool, seed: int = 0, task_type: str = "CAUSAL_LM"):
     """A PEFT prefix-tuning adapter whose prefix (or reparameterisation MLP) is away from its initial values."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    base = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    model_class = AutoModelForSeq2SeqLM if task_type == "SEQ_2_SEQ_LM" else AutoModelForCausalLM
+    base = model_class.from_pretrained(hf_dir).eval()
     config = peft.PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=length, prefix_projection=projection, encoder_hidden_size=24
+        task_type=task_type, num_virtual_tokens=length, prefix_projection=projection, encoder_hidden_size=24
     )
     model = peft.get_peft_model(base, config)
     torch.manual_seed(seed)

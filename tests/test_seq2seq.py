@@ -159,15 +159,21 @@ def test_prompt_counts_against_encoder_positions(seq2seq, tmp_path):
         assert isinstance(model.generate("a gorgeous, moving film again and again", task="t", max_new_tokens=2), str)
 
 
-def test_train_prompt_on_seq2seq_leaves_the_backbone_unchanged(seq2seq, tmp_path, capsys):
+def sentiment_data(folder):
+    """Twelve labelled rows (positive: gorgeous or moving) as dicts and as a training Dataset read from a file."""
     from softprompt.training.data import read_jsonl
+
+    texts = ["a gorgeous film", "dull and slow", "moving, gorgeous", "slow, dull film", "a moving story", "too long"]
+    rows = [{"text": t, "label": "positive" if "gorgeous" in t or "moving" in t else "negative"} for t in texts] * 2
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows, read_jsonl(folder / "train.jsonl")
+
+
+def test_train_prompt_on_seq2seq_leaves_the_backbone_unchanged(seq2seq, tmp_path, capsys):
     from softprompt.training.train import TrainConfig, load_backbone, train_prompt
 
     _, hf, export = seq2seq
-    texts = ["a gorgeous film", "dull and slow", "moving, gorgeous", "slow, dull film", "a moving story", "too long"]
-    rows = [{"text": t, "label": "positive" if "gorgeous" in t or "moving" in t else "negative"} for t in texts] * 2
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = read_jsonl(tmp_path / "train.jsonl")
+    rows, data = sentiment_data(tmp_path)
     spec = TaskSpec(template="{text} Sentiment:", labels={"positive": " positive", "negative": " negative"})
     backbone = load_backbone(str(hf), log=lambda m: None)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}

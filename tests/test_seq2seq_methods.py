@@ -16,7 +16,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_seq2seq import TEXTS, bank_with
+from test_prefix import make_prefix_adapter
+from test_seq2seq import TEXTS, bank_with, sentiment_data
 
 from softprompt.formats.errors import PromptBankError
 from softprompt.formats.task import TaskSpec
@@ -31,19 +32,7 @@ peft = pytest.importorskip("peft")
 
 
 def make_adapter(hf, out, length: int, projection: bool, seed: int = 0):
-    from transformers import AutoModelForSeq2SeqLM
-
-    base = AutoModelForSeq2SeqLM.from_pretrained(hf).eval()
-    config = peft.PrefixTuningConfig(
-        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=length, prefix_projection=projection, encoder_hidden_size=24
-    )
-    model = peft.get_peft_model(base, config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.prompt_encoder["default"].parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.5)
-    model.save_pretrained(out)
-    return out
+    return make_prefix_adapter(hf, out, length, projection, seed, task_type="SEQ_2_SEQ_LM")
 
 
 def reference(hf, adapter):
@@ -210,14 +199,10 @@ def test_seq2seq_patterns_feed_the_encoder_what_training_builds(seq2seq, tmp_pat
 @pytest.mark.parametrize("method", ["prefix", "prefix-decoder", "p-tuning"])
 def test_training_seq2seq_prefixes_and_patterns(seq2seq, tmp_path, method):
     """Backbone bit-identical; the saved task classifies the rows as training's evaluation did, in the runtime."""
-    from softprompt.training.data import read_jsonl
     from softprompt.training.train import TrainConfig, load_backbone, save_trained, train_prompt
 
     _, hf, export = seq2seq
-    texts = ["a gorgeous film", "dull and slow", "moving, gorgeous", "slow, dull film", "a moving story", "too long"]
-    rows = [{"text": t, "label": "positive" if "gorgeous" in t or "moving" in t else "negative"} for t in texts] * 2
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = read_jsonl(tmp_path / "train.jsonl")
+    rows, data = sentiment_data(tmp_path)
     spec = SPEC if method == "p-tuning" else TaskSpec(template="{text} Sentiment:", labels=SPEC.labels)
     backbone = load_backbone(str(hf), log=lambda m: None)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
