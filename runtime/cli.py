@@ -17,6 +17,8 @@ line. A single text without --json is streamed.
 
 examples:
   run-model exports/smollm2 --bank banks/smollm2-135m --task define "Committee, n."
+  run-model exports/smollm2 --chat "How do I reset my password?"
+  run-model exports/smollm2 --chat --system "Answer politely and briefly." "Where is my order?"
   run-model exports/smollm2 --json "one" "two"
   run-model exports/smollm2 --bank banks/smollm2-135m --task sentiment --classify "a gorgeous, moving film"
   run-model exports/smollm2 --bank banks/mine --task s1,s2,s3 --ensemble vote --classify "dull and slow"
@@ -59,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --classify and --task A,B,C: run every text under each prompt and combine them",
     )
     parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="each TEXT is a user's message: render it with the model's chat template and answer as the assistant",
+    )
+    parser.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the user's")
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per input: input, task, text, token_ids, finish_reason (stop or length)",
@@ -83,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     members = [name.strip() for name in (args.task or "").split(",") if name.strip()]
     if args.ensemble and not (args.classify and len(members) >= 2):
         parser.error("--ensemble needs --classify and several tasks: --task A,B,C")
+    if args.system is not None and not args.chat:
+        parser.error("--system needs --chat")
+    if args.chat and args.classify:
+        parser.error("--chat and --classify do not go together: classify labels texts, chat answers them")
     if len(members) > 1 and not args.ensemble:
         parser.error(f"--task {args.task!r} names several tasks; that needs --ensemble vote or --ensemble mean")
     from softprompt.formats.errors import SoftpromptError, unexpected
@@ -122,16 +134,26 @@ def main(argv: list[str] | None = None) -> int:
             task = members if args.ensemble else args.task
             return _print_labels(texts, args.task, model.classify(texts, task=task, ensemble=args.ensemble), args.json)
         if isinstance(model, Encoder):  # an encoder makes sentence embeddings, not text
+            if args.chat:
+                print(f"error: {args.export_dir} is an encoder export: it embeds texts and cannot chat", file=sys.stderr)
+                return 1
             for text, vector in zip(texts, model.embed(texts, task=args.task)):
                 print(json.dumps({"input": text, "task": args.task, "embedding": [round(float(x), 6) for x in vector]}))
             return 0
-        if len(texts) == 1 and not args.json:
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system is not None else []
+            completions = [model.chat([*system, {"role": "user", "content": text}], task=args.task, **settings) for text in texts]
+            if len(texts) == 1 and not args.json:
+                print(completions[0].text)
+                return 0
+        elif len(texts) == 1 and not args.json:
             for piece in model.stream(texts[0], task=args.task, **settings):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
             return 0
-        completions = model.complete(texts, task=args.task, **settings)
+        else:
+            completions = model.complete(texts, task=args.task, **settings)
     except (SoftpromptError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -140,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(unexpected(exc), file=sys.stderr)
         return 1
-    for completion in completions:
+    for text, completion in zip(texts, completions):
         if args.json:
-            print(json.dumps(completion.to_json(), ensure_ascii=False))
+            print(json.dumps({**completion.to_json(), **({"message": text} if args.chat else {})}, ensure_ascii=False))
         else:  # several inputs: each output under its input, so multi-line outputs stay readable
-            print(f"> {completion.input}\n{completion.text}\n")
+            print(f"> {text if args.chat else completion.input}\n{completion.text}\n")
     return 0
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from functools import cached_property
 
 import numpy as np
 
+from softprompt.formats.task import PLACEHOLDER
+
+from .chat import ChatTemplate, check_messages, read_chat_template
 from .classify import classify_ensemble, classify_rows, ensemble_members, label_probabilities
-from .errors import RequestTypeError
+from .errors import RequestError, RequestTypeError
 from .rows import as_texts, position_ids, tasks_for
 from .served import ServedExport
 from .settings import GenerationSettings
@@ -194,6 +198,41 @@ class TextModel(ServedExport):
         the step-by-step form of `complete_ids`, for callers that time or drive the loop themselves."""
         settings = GenerationSettings.of(settings, **overrides)
         return self._steps(ids, self._store.resolve(tasks_for(task, len(ids))), settings)
+
+    def chat(
+        self, messages: Sequence[dict], task: str | None = None, settings: GenerationSettings | None = None, **overrides
+    ) -> Completion:
+        """Answer a conversation (`[{"role": "user", "content": ...}, ...]`) in the model's own chat format (its chat
+        template, with the assistant's turn opened), under `task`'s soft prompt; the task's template, if it has one,
+        wraps the last user message. Settings as for `complete`."""
+        settings = GenerationSettings.of(settings, **overrides)
+        found = self._store.resolve([task])
+        text = self.render_chat(messages, task)
+        return self._complete([self.backbone.encode(text, add_special_tokens=False)], found, [text], settings)[0]
+
+    def render_chat(self, messages: Sequence[dict], task: str | None = None) -> str:
+        """The text `chat` feeds the model for `messages` under `task` (before its soft prompt)."""
+        template = self._chat_template
+        if template is None:
+            raise RequestError(
+                f"{self.backbone.folder} has no chat template (chat_template.jinja): the model was not tuned for chat; "
+                "use generate() or complete()"
+            )
+        messages = check_messages(messages)
+        found = self._store.resolve([task])[0]
+        if found is not None and len(found.inner):
+            raise RequestError(f"task {found.name!r} places vectors inside its template (a P-tuning pattern); chat cannot")
+        spec = self.task_spec(task)
+        if spec.template != PLACEHOLDER:
+            users = [i for i, message in enumerate(messages) if message["role"] == "user"]
+            if not users:
+                raise RequestError(f"task {task!r} has a template for the user's text; the messages have no user message")
+            messages[users[-1]]["content"] = spec.apply(messages[users[-1]]["content"])
+        return template.render(messages, add_generation_prompt=True)
+
+    @cached_property
+    def _chat_template(self) -> ChatTemplate | None:
+        return read_chat_template(self.backbone.folder)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (a pattern's slot vectors, negative ids, are not text and are left out)."""

@@ -1,0 +1,110 @@
+"""Chat: messages rendered with the export's chat template give the ids transformers' apply_chat_template gives."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from softprompt.formats.task import TaskSpec
+from softprompt.prompt_bank import save_prompt
+from softprompt.runtime import RequestError, load
+from softprompt.runtime.cli import main as run_main
+from softprompt.runtime.errors import RequestTypeError
+
+from conftest import random_prompt
+
+# A template in the style of chat models' own: the tokenizer's special tokens, a default system
+# message, loop controls, tojson and raise_exception.
+TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}<|system|>\nYou are helpful.{{ eos_token }}\n{% endif %}"
+    "{% if message['role'] == 'assistant' and message['content'] == '' %}{% continue %}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] | trim }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CONVERSATION = [  # short: the tiny test tokenizer spends a token on most characters of the markup
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": " Hi? "},
+    {"role": "assistant", "content": "Yes."},
+    {"role": "assistant", "content": ""},
+    {"role": "user", "content": 'Ok, "é"?'},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_export(llama_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from softprompt.exporter import export_model
+
+    folder = tmp_path_factory.mktemp("chat-llama")
+    shutil.copytree(llama_dir, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(folder)
+    export = folder.parent / (folder.name + "-export")
+    export_model(str(folder), export, log=lambda m: None)
+    return folder, export
+
+
+@pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:2], CONVERSATION[:3]])
+def test_rendered_ids_are_transformers_apply_chat_template(chat_export, messages):
+    from transformers import AutoTokenizer
+
+    folder, export = chat_export
+    model = load(export, providers="cpu")
+    want = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) else list(want)
+    text = model.render_chat(messages)
+    assert model.backbone.encode(text, add_special_tokens=False) == want
+    answer = model.chat(messages, max_new_tokens=5)
+    assert answer.token_ids == model.complete_ids([want], max_new_tokens=5)[0].token_ids
+    assert answer.input == text
+
+
+def test_a_task_prompts_the_chat_and_its_template_wraps_the_last_user_message(chat_export, tmp_path):
+    _, export = chat_export
+    model = load(export, providers="cpu")
+    fingerprint = model.config.fingerprint
+    save_prompt(
+        tmp_path, "polite", random_prompt(3, 64), fingerprint=fingerprint, extra=TaskSpec(template="Q: {text}").to_extra()
+    )
+    save_prompt(
+        tmp_path,
+        "pattern",
+        random_prompt(4, 64),
+        fingerprint=fingerprint,
+        extra=TaskSpec(template="{soft:2}A {text}{soft:2}").to_extra(),
+    )
+    model = load(export, bank=tmp_path, providers="cpu")
+    text = model.render_chat(CONVERSATION, task="polite")
+    assert "<|user|>\nQ: Ok" in text and "<|user|>\nHi?" in text  # the last user message only
+    ids = model.backbone.encode(text, add_special_tokens=False)
+    answer = model.chat(CONVERSATION, task="polite", max_new_tokens=5)
+    assert answer.token_ids == model.complete_ids([ids], task="polite", max_new_tokens=5)[0].token_ids
+    assert answer.task == "polite"
+    with pytest.raises(RequestError, match="'pattern' places vectors inside its template"):
+        model.chat(CONVERSATION, task="pattern")
+    with pytest.raises(RequestError, match="chat template refused the messages: unknown role tool"):
+        model.chat([{"role": "tool", "content": "x"}])
+    with pytest.raises(RequestTypeError, match="message 0's content is 3; expected a string"):
+        model.chat([{"role": "user", "content": 3}])
+    with pytest.raises(RequestTypeError, match="expected a non-empty list"):
+        model.chat("hello")
+
+
+def test_chat_needs_a_template_and_the_cli_says_so(llama_export, chat_export, capsys):
+    model = load(llama_export, providers="cpu")
+    with pytest.raises(RequestError, match="has no chat template"):
+        model.chat([{"role": "user", "content": "hi"}])
+    assert run_main([str(llama_export), "--chat", "hi"]) == 1
+    assert "has no chat template" in capsys.readouterr().err
+    _, export = chat_export
+    assert run_main([str(export), "--chat", "--system", "Be brief.", "hi", "--max-new-tokens", "3", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"message": "hi"' in out and "<|system|>\\nBe brief." in out
+    with pytest.raises(SystemExit) as exit_info:
+        run_main([str(export), "--system", "Be brief.", "hi"])
+    assert exit_info.value.code == 2 and "--system needs --chat" in capsys.readouterr().err
