@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from softprompt.formats import __version__
 
@@ -23,6 +24,11 @@ examples:
   run-model exports/smollm2 --bank banks/smollm2-135m --task sentiment --classify "a gorgeous, moving film"
   run-model exports/smollm2 --bank banks/mine --task s1,s2,s3 --ensemble vote --classify "dull and slow"
   printf 'first\\nsecond\\n' | run-model exports/smollm2 --max-new-tokens 16
+  run-model exports/smollm2 --bank banks/smollm2-135m --task define --input words.jsonl --output defined.jsonl
+
+--input runs a JSONL file ({"text": ...} a line, optionally "task"; with --chat, "messages" or "text") in
+batches of --batch-size and writes one JSON object a line to --output, in input order; run it again
+after a stop and it continues after the last line written.
 """
 
 
@@ -66,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="each TEXT is a user's message: render it with the model's chat template and answer as the assistant",
     )
     parser.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the user's")
+    parser.add_argument("--input", metavar="IN.jsonl", help="run every line of a JSONL file (with --output)")
+    parser.add_argument("--output", metavar="OUT.jsonl", help="where --input's results go, one JSON object a line")
+    parser.add_argument("--batch-size", type=int, default=16, help="--input rows run together (default: 16)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar for --input")
     parser.add_argument(
         "--json",
         action="store_true",
@@ -91,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     members = [name.strip() for name in (args.task or "").split(",") if name.strip()]
     if args.ensemble and not (args.classify and len(members) >= 2):
         parser.error("--ensemble needs --classify and several tasks: --task A,B,C")
+    if (args.input is None) != (args.output is None):
+        parser.error("--input and --output go together: the file to run and where its results go")
+    if args.input is not None and args.texts:
+        parser.error("give TEXT arguments or --input, not both")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}; expected at least 1")
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
     if args.chat and args.classify:
@@ -120,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--{setting.replace('_', '-')} {rest}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads}; expected at least 1")
+    if args.input is not None:
+        return _run_file(args, settings)
     try:
         texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     except UnicodeDecodeError as exc:
@@ -167,6 +185,44 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({**completion.to_json(), **({"message": text} if args.chat else {})}, ensure_ascii=False))
         else:  # several inputs: each output under its input, so multi-line outputs stay readable
             print(f"> {text if args.chat else completion.input}\n{completion.text}\n")
+    return 0
+
+
+def _run_file(args, settings: dict) -> int:
+    from softprompt.formats.errors import SoftpromptError, unexpected
+
+    from .batch_file import run_file
+    from .encoder import Encoder
+    from .model import load
+
+    try:
+        model = load(args.export_dir, bank=args.bank, providers=args.providers.split(",") if args.providers else None)
+        mode = "classify" if args.classify else "chat" if args.chat else "generate"
+        if isinstance(model, Encoder) and mode != "classify":
+            if args.chat:
+                raise SoftpromptError(f"{args.export_dir} is an encoder export: it embeds texts and cannot chat")
+            mode = "embed"
+        ran = run_file(
+            model,
+            Path(args.input),
+            Path(args.output),
+            mode=mode,
+            task=args.task,
+            batch_size=args.batch_size,
+            settings=settings if mode in ("generate", "chat") else None,
+            system=args.system,
+            progress=not args.quiet,
+            log=lambda message: print(message, file=sys.stderr),
+        )
+    except (SoftpromptError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("SOFTPROMPT_DEBUG"):
+            raise
+        print(unexpected(exc), file=sys.stderr)
+        return 1
+    print(f"{args.output}: {ran} rows written", file=sys.stderr)
     return 0
 
 

@@ -108,3 +108,20 @@ def test_chat_needs_a_template_and_the_cli_says_so(llama_export, chat_export, ca
     with pytest.raises(SystemExit) as exit_info:
         run_main([str(export), "--system", "Be brief.", "hi"])
     assert exit_info.value.code == 2 and "--system needs --chat" in capsys.readouterr().err
+
+
+def test_a_chat_file_answers_each_row_as_chat_does(chat_export, tmp_path):
+    import json
+
+    _, export = chat_export
+    rows = [{"text": "Hi?"}, {"messages": CONVERSATION[:2]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [str(export), "--chat", "--system", "Be brief.", "--max-new-tokens", "3", "--quiet"]
+    assert run_main([*args, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    model = load(export, providers="cpu")
+    want = [
+        model.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}], max_new_tokens=3),
+        model.chat(CONVERSATION[:2], max_new_tokens=3),  # a row's own messages keep their own system message
+    ]
+    assert [r["token_ids"] for r in out] == [w.token_ids for w in want]
