@@ -57,6 +57,11 @@ class ServedExport:
         found = self._store.resolve([task])[0]
         return None if found is None else found.past
 
+    def task_length(self, task: str | None) -> int:
+        """Positions the task takes before the input (its prompt's vectors, or its prefix's length; 0 for no task)."""
+        found = self._store.resolve([task])[0]
+        return 0 if found is None else found.length
+
     def task_spec(self, task: str | None) -> TaskSpec:
         """The task's template and labels (no task: the text as it is, no labels)."""
         return spec_of(self._store.resolve([task])[0])

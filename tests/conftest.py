@@ -211,3 +211,37 @@ def seq2seq(request, tmp_path_factory):
     export = tmp_path_factory.mktemp(f"export-{request.param}") / "out"
     _export(hf, export)
     return request.param, hf, export
+
+
+# A template in the style of chat models' own: the tokenizer's special tokens, a default system
+# message, loop controls, tojson and raise_exception.
+TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}<|system|>\nYou are helpful.{{ eos_token }}\n{% endif %}"
+    "{% if message['role'] == 'assistant' and message['content'] == '' %}{% continue %}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] | trim }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CONVERSATION = [  # short: the tiny test tokenizer spends a token on most characters of the markup
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": " Hi? "},
+    {"role": "assistant", "content": "Yes."},
+    {"role": "assistant", "content": ""},
+    {"role": "user", "content": 'Ok, "é"?'},
+]
+
+
+@pytest.fixture(scope="session")
+def chat_export(llama_dir, tmp_path_factory):
+    """The tiny llama with TEMPLATE as its chat template, and its export."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat-llama")
+    shutil.copytree(llama_dir, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder, _export(folder, folder.parent / (folder.name + "-export"))

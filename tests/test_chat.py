@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from softprompt.formats.task import TaskSpec
@@ -12,41 +10,7 @@ from softprompt.runtime import RequestError, load
 from softprompt.runtime.cli import main as run_main
 from softprompt.runtime.errors import RequestTypeError
 
-from conftest import random_prompt
-
-# A template in the style of chat models' own: the tokenizer's special tokens, a default system
-# message, loop controls, tojson and raise_exception.
-TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
-    "{% if loop.first and message['role'] != 'system' %}<|system|>\nYou are helpful.{{ eos_token }}\n{% endif %}"
-    "{% if message['role'] == 'assistant' and message['content'] == '' %}{% continue %}{% endif %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] | trim }}{{ eos_token }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-CONVERSATION = [  # short: the tiny test tokenizer spends a token on most characters of the markup
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": " Hi? "},
-    {"role": "assistant", "content": "Yes."},
-    {"role": "assistant", "content": ""},
-    {"role": "user", "content": 'Ok, "é"?'},
-]
-
-
-@pytest.fixture(scope="module")
-def chat_export(llama_dir, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from softprompt.exporter import export_model
-
-    folder = tmp_path_factory.mktemp("chat-llama")
-    shutil.copytree(llama_dir, folder, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(folder)
-    export = folder.parent / (folder.name + "-export")
-    export_model(str(folder), export, log=lambda m: None)
-    return folder, export
+from conftest import CONVERSATION, random_prompt
 
 
 @pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:2], CONVERSATION[:3]])

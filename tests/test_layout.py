@@ -25,6 +25,7 @@ ALLOWED = {
     "runtime": {"formats"},  # what ships to devices
     "exporter": {"formats"},  # torch -> ONNX, validated against PyTorch
     "training": {"formats", "exporter", "runtime"},  # loads models as the exporter does, scores as the runtime does
+    "server": {"formats", "runtime"},  # the HTTP server: the runtime behind the OpenAI API
 }
 
 # Third-party imports each room may make, as distribution names (`[cpu]`/`[gpu]` both give onnxruntime).
@@ -133,6 +134,7 @@ def test_pyproject_declares_what_the_code_imports():
         "runtime": declared["core"] | onnxruntime,
         "exporter": declared["core"] | declared["export"] | onnxruntime,
         "training": declared["core"] | declared["train"] | declared["export"] | onnxruntime,
+        "server": declared["core"] | declared["serve"] | onnxruntime,
     }
     used: set[str] = set()
     for room, folder in ROOMS.items():

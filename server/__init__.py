@@ -1,0 +1,6 @@
+"""An OpenAI-compatible HTTP server for one export and its bank (`serve-model`): every task is a model id, and
+requests for different tasks share batches."""
+
+from .app import Limits, create_app
+
+__all__ = ["Limits", "create_app"]

@@ -1,0 +1,82 @@
+"""`serve-model EXPORT_DIR [--bank BANK]`: the export and its tasks behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from softprompt.formats import __version__
+
+EPILOG = """\
+Every task of the bank is a model id, NAME:TASK (NAME: --name, default the export folder's name);
+NAME alone is the backbone without a task. Tasks swapped into the bank folder are served from the
+next request. Listens on 127.0.0.1 unless --host says otherwise.
+
+examples:
+  serve-model exports/smollm2-int4 --bank banks/smollm2-135m --name smollm2
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "smollm2:define", "prompt": "Committee, n.", "max_tokens": 32}'
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="serve-model",
+        description="Serve an export and its bank's tasks over HTTP, speaking the OpenAI API.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by export-model")
+    parser.add_argument("--bank", help="prompt-bank folder whose tasks are served as NAME:TASK")
+    parser.add_argument("--name", help="the backbone's model id (default: the export folder's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SOFTPROMPT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $SOFTPROMPT_API_KEY; none: no key)",
+    )
+    parser.add_argument("--max-batch", type=int, default=16, help="rows run together at most (default: 16)")
+    parser.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 (default: 256)")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default: 2048)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt in tokens (default: 4096)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    parser.add_argument("--providers", default=None, help="onnxruntime providers, e.g. cpu or cuda (default: CUDA if available)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option in ("max_batch", "max_queue", "max_tokens", "max_prompt_tokens", "max_body_bytes"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}; expected at least 1")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port}; expected 1..65535")
+    import uvicorn
+
+    from softprompt.formats.errors import SoftpromptError
+    from softprompt.runtime import load
+
+    from .app import Limits, create_app
+
+    try:
+        providers = args.providers.split(",") if args.providers else None
+        model = load(args.export_dir, bank=args.bank, providers=providers, threads=args.threads)
+    except (SoftpromptError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens, args.max_batch, args.max_queue)
+    name = args.name or Path(args.export_dir).resolve().name
+    app = create_app(model, name=name, api_key=args.api_key, limits=limits)
+    print(f"serving {name} and {len(model.tasks)} task(s) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""serve-model with the real `openai` client: completions, chat, streaming, classify, errors, keys, mixed tasks, hot swap."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from softprompt.formats.task import TaskSpec
+from softprompt.prompt_bank import save_prompt
+from softprompt.runtime import load
+
+from conftest import CONVERSATION, TEXTS, random_prompt
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+SPEC = TaskSpec(template="Review: {text} Sentiment:", labels={"positive": " good", "negative": " bad"})
+KEY = "sk-test-0123456789"
+
+
+def start(app):
+    """Serve `app` on a free localhost port in a thread; returns (base url, stop)."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(30)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def served(chat_export, tmp_path_factory):
+    """The chat-capable tiny llama with two prompt tasks, behind serve-model's app, with and without a key."""
+    from softprompt.server import Limits, create_app
+
+    _, export = chat_export
+    bank = tmp_path_factory.mktemp("served-bank")
+    fingerprint = json.loads((export / "softprompt.json").read_text())["fingerprint"]
+    save_prompt(bank, "a", random_prompt(3, 64, seed=1), fingerprint=fingerprint, extra=SPEC.to_extra())
+    save_prompt(bank, "b", random_prompt(2, 64, seed=2), fingerprint=fingerprint)
+    model = load(export, bank=bank, providers="cpu")
+    limits = Limits(max_tokens=64, max_prompt_tokens=100, max_body_bytes=8192)
+    url, stop = start(create_app(model, name="tiny", limits=limits))
+    keyed_url, stop_keyed = start(create_app(model, name="tiny", api_key=KEY, limits=limits))
+    yield model, bank, url, keyed_url
+    stop()
+    stop_keyed()
+
+
+def http(method: str, url: str, body: bytes | dict | None = None) -> tuple[int, dict | str]:
+    """A raw request (what no client library would send): status and the JSON (or text) answer."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            status, text = answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def client(url, key="none"):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_models_completions_and_streams_give_the_python_api_s_outputs(served):
+    model, _, url, _ = served
+    api = client(url)
+    assert [m.id for m in api.models.list().data] == ["tiny", "tiny:a", "tiny:b"]
+    for task, name in ((None, "tiny"), ("a", "tiny:a"), ("b", "tiny:b")):
+        want = model.complete(TEXTS[0], task=task, max_new_tokens=6)[0]
+        got = api.completions.create(model=name, prompt=TEXTS[0], max_tokens=6)
+        assert got.choices[0].text == want.text and got.choices[0].finish_reason == want.finish_reason
+        assert got.usage.completion_tokens == len(want.token_ids)
+        assert got.usage.prompt_tokens == len(model.encode(TEXTS[0], task))
+        pieces = list(api.completions.create(model=name, prompt=TEXTS[0], max_tokens=6, stream=True))
+        assert "".join(p.choices[0].text for p in pieces) == want.text
+        assert pieces[-1].choices[0].finish_reason == want.finish_reason
+    sampled = [api.completions.create(model="tiny:a", prompt=TEXTS[1], max_tokens=6, temperature=0.9, seed=3).choices[0].text]
+    assert sampled[0] == model.complete(TEXTS[1], task="a", max_new_tokens=6, temperature=0.9, seed=3)[0].text
+    stopped = api.completions.create(model="tiny", prompt=TEXTS[0], max_tokens=20, stop=[want.text[:2] or "x"])
+    assert stopped.choices[0].text == model.complete(TEXTS[0], max_new_tokens=20, stop=[want.text[:2] or "x"])[0].text
+
+
+def test_chat_and_its_stream(served):
+    model, _, url, _ = served
+    api = client(url)
+    want = model.chat(CONVERSATION, task="b", max_new_tokens=5)
+    got = api.chat.completions.create(model="tiny:b", messages=CONVERSATION, max_tokens=5)
+    assert got.choices[0].message.content == want.text and got.choices[0].message.role == "assistant"
+    chunks = list(
+        api.chat.completions.create(
+            model="tiny:b", messages=CONVERSATION, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_concurrent_requests_for_different_tasks_equal_each_alone(served):
+    model, _, url, _ = served
+    api = client(url)
+    jobs = [(["tiny", "tiny:a", "tiny:b"][i % 3], TEXTS[i % len(TEXTS)]) for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda job: api.completions.create(model=job[0], prompt=job[1], max_tokens=8).choices[0].text, jobs))
+    for (name, text), answer in zip(jobs, got):
+        task = name.partition(":")[2] or None
+        assert answer == model.complete(text, task=task, max_new_tokens=8)[0].text
+    _, metrics = http("GET", url + "/metrics")
+    assert "softprompt_batches_total" in metrics and "softprompt_requests_total" in metrics
+
+
+def test_classify_health_and_hot_swap(served):
+    model, bank, url, _ = served
+    _, got = http("POST", url + "/v1/classify", {"model": "tiny:a", "input": TEXTS[:2]})
+    assert [d["label"] for d in got["data"]] == [r["label"] for r in model.classify(TEXTS[:2], task="a")]
+    assert http("GET", url + "/health")[1]["status"] == "ok"
+    fingerprint = model.config.fingerprint
+    save_prompt(bank, "c", random_prompt(4, 64, seed=9), fingerprint=fingerprint)
+    api = client(url)
+    assert "tiny:c" in [m.id for m in api.models.list().data]
+    answer = api.completions.create(model="tiny:c", prompt=TEXTS[2], max_tokens=5).choices[0].text
+    assert answer == model.complete(TEXTS[2], task="c", max_new_tokens=5)[0].text
+
+
+def test_errors_are_openai_error_objects(served):
+    _, _, url, keyed_url = served
+    api = client(url)
+    with pytest.raises(openai.NotFoundError, match="model 'tiny:nope' does not exist"):
+        api.completions.create(model="tiny:nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens 999; the limit is 64"):
+        api.completions.create(model="tiny", prompt="x", max_tokens=999)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        api.completions.create(model="tiny", prompt="x", max_tokens=2, temperature="hot")
+    with pytest.raises(openai.BadRequestError, match="the prompt has .* tokens; the limit is 100"):
+        api.completions.create(model="tiny", prompt="word " * 200, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n is 2"):
+        api.completions.create(model="tiny", prompt="x", max_tokens=2, n=2)
+    status, bad = http("POST", url + "/v1/completions", b"{not json")
+    assert status == 400 and bad["error"]["type"] == "invalid_request_error" and "not JSON" in bad["error"]["message"]
+    status, big = http("POST", url + "/v1/completions", b" " * 9000)
+    assert status == 413 and "limit" in big["error"]["message"]
+    status, wrong = http("POST", url + "/v1/classify", {"model": "tiny:a", "input": [3]})
+    assert status == 400 and wrong["error"]["param"] == "input"
+    with pytest.raises(openai.AuthenticationError):
+        client(keyed_url, key="wrong").completions.create(model="tiny", prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        client(keyed_url, key="wrong").models.list()
+    assert client(keyed_url, key=KEY).completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+def test_a_full_queue_is_refused_and_closing_finishes_what_runs(served):
+    from softprompt.runtime.settings import GenerationSettings
+    from softprompt.server.engine import Engine, Job, QueueFull
+
+    model = served[0]
+    done = []
+    engine = Engine(model, max_batch=4, max_queue=2)
+    settings = GenerationSettings(max_new_tokens=3)
+    jobs = [Job(model.encode(TEXTS[0]), None, settings, lambda s: None, done.append, lambda e: done.append(e)) for _ in range(3)]
+    engine._lock.acquire()  # hold the engine so the queue fills
+    try:
+        engine._waiting.extend(jobs[:2])
+        with pytest.raises(QueueFull, match="2 requests are waiting"):
+            engine.submit(jobs[2])
+    finally:
+        engine._lock.notify()
+        engine._lock.release()
+    engine.close(timeout=60)
+    assert len(done) == 2 and all(d.ids == done[0].ids and len(d.ids) == 3 for d in done)
