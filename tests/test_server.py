@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 
 from softprompt.formats.task import TaskSpec
@@ -15,9 +16,6 @@ from softprompt.prompt_bank import save_prompt
 from softprompt.runtime import load
 
 from conftest import CONVERSATION, TEXTS, random_prompt
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("uvicorn")
 
 SPEC = TaskSpec(template="Review: {text} Sentiment:", labels={"positive": " good", "negative": " bad"})
 KEY = "sk-test-0123456789"
