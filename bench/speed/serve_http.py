@@ -1,0 +1,193 @@
+"""serve-model under load, measured with the real `openai` client: 1, 4 and 16 concurrent clients, each asking its own task.
+
+The server runs in its own process on the default model's export with a bank of 16 tasks (the
+shipped prompt, prefix and P-tuning tasks under 16 names). Every client streams its requests one
+after another (greedy, --new-tokens each). For each number of clients: tokens/s over the run,
+first-token and request latency p50/p95. The baseline, in the same run: the 16 clients' requests
+served one at a time (one client). And one request by one client against the same request through
+the Python API in this process (medians of --repeats).
+
+    python -m bench.speed.serve_http --export exports/smollm2-int4 --bank banks/smollm2-135m
+
+Targets: 16 clients >= 4x the throughput of one at a time; one client's latency within 10% of the
+Python API's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.harness import machine
+
+TEXTS = [
+    "the film is a gorgeous, moving piece of work",
+    "dull, slow and far too long",
+    "Thanks, the new update works great!",
+    "The flight was delayed three hours and nobody told us why.",
+    "an honest, funny script with nothing to prove",
+    "I want my two hours back.",
+    "Committee, n.",
+    "Deadline, n.",
+]
+
+
+def make_bank(source: Path, folder: Path, count: int) -> list[str]:
+    """`count` tasks named t00.. cycling through the source bank's tasks (their vectors, templates and kinds)."""
+    from softprompt.formats.bank import save_prefix, save_prompt
+    from softprompt.prompt_bank import list_tasks, load_prompt
+
+    names = list_tasks(source)
+    made = []
+    for i in range(count):
+        prompt = load_prompt(source, names[i % len(names)])
+        save = save_prefix if prompt.is_prefix else save_prompt
+        save(folder, f"t{i:02d}", prompt.vectors, fingerprint=prompt.meta.fingerprint, extra=prompt.meta.extra)
+        made.append(f"t{i:02d}")
+    return made
+
+
+def start_server(export: Path, bank: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "softprompt.server.cli", str(export), "--bank", str(bank), "--name", "m"]
+    command += ["--port", str(port), "--threads", str(threads), "--max-batch", "16"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process, url
+        except OSError:
+            if process.poll() is not None:
+                raise SystemExit(f"serve-model exited: {process.stderr.read() if process.stderr else ''}") from None
+            time.sleep(0.1)
+    raise SystemExit("serve-model did not start in 60 s")
+
+
+def one_request(client, model: str, prompt: str, new_tokens: int) -> tuple[float, float, int]:
+    """(first-token seconds, request seconds, tokens) of one streamed completion."""
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    for chunk in client.completions.create(
+        model=model, prompt=prompt, max_tokens=new_tokens, stream=True, stream_options={"include_usage": True}
+    ):
+        if chunk.choices and chunk.choices[0].text and first is None:
+            first = time.perf_counter() - start
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    total = time.perf_counter() - start
+    return (first if first is not None else total), total, tokens
+
+
+def run_clients(url: str, tasks: list[str], clients: int, per_client: int, new_tokens: int) -> dict:
+    """`clients` threads, client i asking task i for `per_client` prompts in turn."""
+    from openai import OpenAI
+
+    def client_run(i: int) -> list[tuple[float, float, int]]:
+        client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+        return [
+            one_request(client, f"m:{tasks[i % len(tasks)]}", TEXTS[(i + j) % len(TEXTS)], new_tokens) for j in range(per_client)
+        ]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rows in pool.map(client_run, range(clients)) for r in rows]
+    wall = time.perf_counter() - start
+    firsts, totals = sorted(r[0] for r in results), sorted(r[1] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": sum(r[2] for r in results),
+        "tokens_per_s": sum(r[2] for r in results) / wall,
+        "first_token_ms_p50": 1000 * percentile(firsts, 50),
+        "first_token_ms_p95": 1000 * percentile(firsts, 95),
+        "latency_ms_p50": 1000 * percentile(totals, 50),
+        "latency_ms_p95": 1000 * percentile(totals, 95),
+    }
+
+
+def one_at_a_time(url: str, tasks: list[str], clients: int, per_client: int, new_tokens: int) -> dict:
+    """The same requests as `clients` clients make, served one after another by one client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    start = time.perf_counter()
+    tokens = 0
+    for i in range(clients):
+        for j in range(per_client):
+            tokens += one_request(client, f"m:{tasks[i % len(tasks)]}", TEXTS[(i + j) % len(TEXTS)], new_tokens)[2]
+    return {"tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export", type=Path, default=Path("exports/smollm2-int4"))
+    parser.add_argument("--bank", type=Path, default=Path("banks/smollm2-135m"))
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--per-client", type=int, default=2, help="requests each client makes, one after another")
+    parser.add_argument("--repeats", type=int, default=5, help="single-request latency: medians of this many")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    from openai import OpenAI
+
+    from softprompt.runtime import load
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tasks = make_bank(args.bank, Path(scratch), 16)
+        process, url = start_server(args.export, Path(scratch), args.threads)
+        try:
+            client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+            one_request(client, f"m:{tasks[0]}", TEXTS[0], 4)  # warm-up
+            rows = [run_clients(url, tasks, n, args.per_client, args.new_tokens) for n in (1, 4, 16)]
+            baseline = one_at_a_time(url, tasks, 16, args.per_client, args.new_tokens)
+            served = [one_request(client, f"m:{tasks[1]}", TEXTS[1], args.new_tokens)[1] for _ in range(args.repeats)]
+        finally:
+            process.terminate()
+            process.wait(60)
+        model = load(args.export, bank=Path(scratch), providers="cpu", threads=args.threads)
+        direct = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            model.complete(TEXTS[1], task=tasks[1], max_new_tokens=args.new_tokens)
+            direct.append(time.perf_counter() - start)
+    print(f"serve-model, {args.export}, 16 tasks, {args.new_tokens} new tokens, {args.threads} threads; {machine()}")
+    print("clients  requests  tokens/s  first-token p50/p95 ms  latency p50/p95 ms")
+    for row in rows:
+        print(
+            f"{row['clients']:7d}  {row['requests']:8d}  {row['tokens_per_s']:8.1f}  "
+            f"{row['first_token_ms_p50']:9.0f} / {row['first_token_ms_p95']:<9.0f}  "
+            f"{row['latency_ms_p50']:7.0f} / {row['latency_ms_p95']:.0f}"
+        )
+    ratio = rows[-1]["tokens_per_s"] / baseline["tokens_per_s"]
+    latency = statistics.median(served) / statistics.median(direct)
+    print(
+        f"16 clients: {ratio:.2f}x the throughput of the same requests one at a time ({baseline['tokens_per_s']:.1f} tok/s); target >= 4x"
+    )
+    print(
+        f"one client: {1000 * statistics.median(served):.0f} ms per request, the Python API {1000 * statistics.median(direct):.0f} ms: "
+        f"{latency:.2f}x; target <= 1.10x"
+    )
+    if args.json_out:
+        record = {"rows": rows, "baseline": baseline, "throughput_ratio": ratio, "latency_ratio": latency, "machine": machine()}
+        args.json_out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
