@@ -32,8 +32,10 @@ from starlette.routing import Route
 from softprompt.formats.errors import SoftpromptError, UnknownTaskError
 from softprompt.runtime.encoder import Encoder
 from softprompt.runtime.errors import RequestError
+from softprompt.runtime.model import Model
 from softprompt.runtime.settings import GenerationSettings
 
+from .continuous import ContinuousEngine
 from .engine import Engine, Job, QueueFull, log
 from .metrics import Metrics
 
@@ -60,7 +62,9 @@ def error_response(error: ApiError, headers: dict | None = None) -> JSONResponse
 
 def create_app(model, *, name: str, api_key: str | None = None, limits: Limits = Limits()) -> Starlette:
     """The app serving `model` (a loaded export) as `name` and `name:TASK`."""
-    engine = None if isinstance(model, Encoder) else Engine(model, limits.max_batch, limits.max_queue)
+    # Decoders batch continuously (a request joins the running batch at the next step); encoder-decoders in turns.
+    kind = None if isinstance(model, Encoder) else ContinuousEngine if isinstance(model, Model) else Engine
+    engine = None if kind is None else kind(model, limits.max_batch, limits.max_queue)
     metrics = Metrics()
     state = {"closing": False}
 

@@ -1,11 +1,11 @@
 """The one thread that runs generation: requests queue here and run together, whatever their tasks.
 
-A free engine takes the waiting requests that share generation settings (up to `max_batch`, in
-arrival order) and runs them as one batch of the runtime (`model.steps`): rows of different tasks
-share every decode step. Each request hears of its row after every step (for streaming) and at
-the end. Requests that arrive while a batch runs wait for the next one; a batch whose clients have
-all gone away stops at the next step. (Rows cannot yet join a running batch: that is continuous
-batching, not done here.)
+This engine batches in turns (encoder-decoders): a free engine takes the waiting requests that
+share generation settings (up to `max_batch`, in arrival order) and runs them as one batch of the
+runtime (`model.steps`): rows of different tasks share every decode step. Each request hears of
+its row after every step (for streaming) and at the end. Requests that arrive while a batch runs
+wait for the next one; a batch whose clients have all gone away stops at the next step. Decoders
+batch continuously instead (continuous.py), on the same queue.
 """
 
 from __future__ import annotations

@@ -188,3 +188,32 @@ def test_a_full_queue_is_refused_and_closing_finishes_what_runs(served):
         engine._lock.release()
     engine.close(timeout=60)
     assert len(done) == 2 and all(d.ids == done[0].ids and len(d.ids) == 3 for d in done)
+
+
+def test_a_request_joins_the_running_batch_and_leaves_when_done(served):
+    """Continuous batching: B arrives while A decodes, runs beside it and finishes first; each gives its tokens alone."""
+    from softprompt.runtime.settings import GenerationSettings
+    from softprompt.server.continuous import ContinuousEngine
+    from softprompt.server.engine import Job
+
+    model = served[0]
+    engine = ContinuousEngine(model, max_batch=4)
+    order, steps, started = [], {"a": 0}, threading.Event()
+
+    def counting(state):
+        steps["a"] += 1
+        if steps["a"] == 3:
+            started.set()
+
+    long = GenerationSettings(max_new_tokens=30, min_new_tokens=30)
+    short = GenerationSettings(max_new_tokens=4, temperature=0.8, seed=5)
+    results = {}
+    a = Job(model.encode(TEXTS[0], "a"), "a", long, counting, lambda s: (order.append("a"), results.update(a=s)), print)
+    b = Job(model.encode(TEXTS[1], "b"), "b", short, lambda s: None, lambda s: (order.append("b"), results.update(b=s)), print)
+    engine.submit(a)
+    assert started.wait(60)
+    engine.submit(b)
+    engine.close(timeout=120)
+    assert order == ["b", "a"] and engine.stats.batches == 2  # b was admitted on its own, into the running batch
+    assert results["a"].ids == model.complete(TEXTS[0], task="a", settings=long)[0].token_ids
+    assert results["b"].ids == model.complete(TEXTS[1], task="b", settings=short)[0].token_ids
