@@ -49,6 +49,11 @@ class Limits:
     max_queue: int = 256
 
 
+# OpenAI fields this server cannot honour: refused rather than silently ignored (absent, null, false, empty or
+# best_of 1 is fine).
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code=None):
         super().__init__(message)
@@ -108,6 +113,20 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
         return data
 
     def settings_of(data: dict) -> GenerationSettings:
+        for key, wanted in (("stream", bool), ("stream_options", dict)):
+            if data.get(key) is not None and not isinstance(data[key], wanted):
+                raise ApiError(400, f"{key} is {data[key]!r:.60}; expected a {wanted.__name__}", param=key)
+        for key in UNSUPPORTED:
+            value = data.get(key)
+            if (
+                value is not None
+                and value is not False
+                and value != ""
+                and value != []
+                and value != {}
+                and (key, value) != ("best_of", 1)
+            ):
+                raise ApiError(400, f"{key} is not supported by this server", param=key)
         if data.get("n", 1) != 1:
             raise ApiError(400, f"n is {data.get('n')!r}; this server makes one choice per request (n=1)", param="n")
         max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))

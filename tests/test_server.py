@@ -156,6 +156,12 @@ def test_errors_are_openai_error_objects(served):
         api.completions.create(model="tiny", prompt="word " * 200, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="n is 2"):
         api.completions.create(model="tiny", prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+        api.completions.create(model="tiny", prompt="x", max_tokens=2, logprobs=2)
+    status, body = http("POST", url + "/v1/completions", {"model": "tiny", "prompt": "x", "echo": True})
+    assert status == 400 and body["error"]["param"] == "echo"
+    status, body = http("POST", url + "/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"})
+    assert status == 400 and body["error"]["param"] == "stream"
     status, bad = http("POST", url + "/v1/completions", b"{not json")
     assert status == 400 and bad["error"]["type"] == "invalid_request_error" and "not JSON" in bad["error"]["message"]
     status, big = http("POST", url + "/v1/completions", b" " * 9000)
