@@ -14,6 +14,7 @@ Errors are OpenAI's error objects (`{"error": {"message", "type", "param", "code
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hmac
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -273,9 +275,20 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
             raise ApiError(400, f"{name} generates text; embeddings come from encoder exports", param="model")
         task = resolve(data.get("model"))
         texts = texts_of(data)
+        encoding = data.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise ApiError(400, f"encoding_format {encoding!r}; expected float or base64", param="encoding_format")
         vectors = await run_in_threadpool(model.embed, texts, task)
         tokens = sum(len(model.encode(t, task)) for t in texts)
-        items = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)]
+
+        def encoded(vector):  # base64: little-endian float32 bytes, as OpenAI sends them
+            return (
+                base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
+                if encoding == "base64"
+                else [float(x) for x in vector]
+            )
+
+        items = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)]
         return JSONResponse(
             {"object": "list", "data": items, "model": data["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         )

@@ -268,3 +268,35 @@ def test_a_prefix_for_encoder_decoder_and_cross_serves_the_logits_training_compu
         load_prompt(tmp_path, "all", cache=(layers, 4, 16, 0))
     with pytest.raises(PromptBankError, match="parts .* expected decoder \\+ encoder \\+ cross = 6"):
         save_prefix(tmp_path, "bad", prefix.numpy(), fingerprint=None, parts={"decoder": 2, "encoder": 1, "cross": 2})
+
+
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_seq2seq_p_tuning_adapters_serve_what_peft_serves(seq2seq, tmp_path, encoder):
+    """PEFT saves a seq2seq P-tuning adapter's encoder output for both "submodules"; the first block leads the encoder
+    input, as PEFT feeds it: decoder logits within 1e-4 of PEFT's and its greedy tokens."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    _, hf, export = seq2seq
+    config = peft.PromptEncoderConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, encoder_hidden_size=32, encoder_reparameterization_type=encoder
+    )
+    trained = peft.get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(hf).eval(), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in trained.prompt_encoder["default"].parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.3)
+    trained.save_pretrained(tmp_path / "adapter")
+    import_task(tmp_path / "adapter", tmp_path / "bank", export, "p")
+    model = load(export, bank=tmp_path / "bank")
+    reference = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(hf).eval(), tmp_path / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    start = model.config.bos_token_id
+    got = model.decoder_logits(TEXTS, [[5, 9]] * len(TEXTS), task="p")
+    for i, text in enumerate(TEXTS):
+        encoded = tokenizer(text, return_tensors="pt")
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        with torch.no_grad():
+            want = reference(**batch, decoder_input_ids=torch.tensor([[start, 5, 9]])).logits[0].numpy()
+            tokens = reference.generate(**batch, max_new_tokens=6, do_sample=False, num_beams=1)[0, 1:].tolist()
+        np.testing.assert_allclose(got[i], want, atol=1e-4 * np.abs(want).max())
+        assert model.complete(text, task="p", max_new_tokens=6)[0].token_ids == tokens

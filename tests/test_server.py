@@ -223,3 +223,27 @@ def test_a_request_joins_the_running_batch_and_leaves_when_done(served):
     assert order == ["b", "a"] and engine.stats.batches == 2  # b was admitted on its own, into the running batch
     assert results["a"].ids == model.complete(TEXTS[0], task="a", settings=long)[0].token_ids
     assert results["b"].ids == model.complete(TEXTS[1], task="b", settings=short)[0].token_ids
+
+
+def test_embeddings_of_an_encoder_export(tmp_path):
+    """An encoder export serves /v1/embeddings (the embed of the Python API) and classify, and refuses completions."""
+    from test_encoder import make_bert
+
+    from softprompt.exporter import export_model
+    from softprompt.server import create_app
+
+    export_model(str(make_bert(tmp_path / "bert")), tmp_path / "export", log=lambda m: None)
+    model = load(tmp_path / "export", providers="cpu")
+    url, stop = start(create_app(model, name="bert"))
+    try:
+        api = client(url)
+        got = api.embeddings.create(model="bert", input=["a gorgeous film", "dull"])
+        want = model.embed(["a gorgeous film", "dull"])
+        assert [d.index for d in got.data] == [0, 1]
+        assert max(abs(a - b) for d, w in zip(got.data, want) for a, b in zip(d.embedding, w)) < 1e-6
+        floats = api.embeddings.create(model="bert", input="dull", encoding_format="float").data[0].embedding
+        assert max(abs(a - b) for a, b in zip(floats, want[1])) < 1e-6
+        with pytest.raises(openai.BadRequestError, match="bert is an encoder"):
+            api.completions.create(model="bert", prompt="x", max_tokens=2)
+    finally:
+        stop()
