@@ -88,6 +88,8 @@ demo: $(CPU_EXPORT)/softprompt.json
 	$(BIN)/run-model $(CPU_EXPORT) --bank $(BANK) --task define --max-new-tokens 32 "Committee, n." "Deadline, n."
 	@echo "--- the same inputs with the template alone, no soft prompt"
 	$(BIN)/run-model $(CPU_EXPORT) --max-new-tokens 32 "Committee, n.:" "Deadline, n.:"
+	@echo "--- the instruct model in its own chat format (serve-model serves the same over the OpenAI API)"
+	$(BIN)/run-model $(CPU_EXPORT) --chat --max-new-tokens 48 "How do I reset my password?"
 
 # Retrain the shipped prompts from packaged data. Not part of demo or test: it takes about half an
 # hour on 2 cores and rewrites the committed files (their training records say how they were made).

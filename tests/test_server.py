@@ -247,3 +247,32 @@ def test_embeddings_of_an_encoder_export(tmp_path):
             api.completions.create(model="bert", prompt="x", max_tokens=2)
     finally:
         stop()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
+    from urllib.parse import urlparse
+
+    from softprompt.server import create_app
+
+    model = served[0]
+    assert model.complete(TEXTS[0], max_new_tokens=100)[0].finish_reason == "length"  # it would run all 100 steps
+    app = create_app(model, name="tiny")
+    url, stop = start(app)
+    try:
+        address = urlparse(url)
+        body = json.dumps({"model": "tiny", "prompt": TEXTS[0], "max_tokens": 100, "stream": True}).encode()
+        with socket.create_connection((address.hostname, address.port)) as connection:
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            connection.sendall(head.encode() + body)
+            received = b""
+            while b"data: " not in received:  # the stream has begun
+                chunk = connection.recv(4096)
+                assert chunk, received
+                received += chunk
+        engine = app.state.engine
+        deadline = time.time() + 30
+        while engine.stats.running and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats.running == 0 and engine.stats.steps < 90, engine.stats  # it left well before its 100 tokens
+    finally:
+        stop()
