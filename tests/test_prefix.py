@@ -210,3 +210,12 @@ def test_a_prefix_is_no_starting_point_for_a_prompt(llama_dir, llama_export, tmp
             fingerprint=_fingerprint(llama_export),
             rng=np.random.default_rng(0),
         )
+
+
+def test_a_prefix_with_a_non_finite_value_is_refused_naming_where(tmp_path):
+    from softprompt.formats.bank import save_prefix
+
+    keys_values = np.zeros((4, 2, 3, 8), np.float32)
+    keys_values[1, 0, 2, 5] = np.nan
+    with pytest.raises(InvalidPromptError, match=r"1 non-finite values \(first: nan at index \[1, 0, 2, 5\]\)"):
+        save_prefix(tmp_path, "bad", keys_values, fingerprint=None)
