@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .chat import user_turn
 from .errors import RequestError
 
 MODES = ("generate", "classify", "chat", "embed")
@@ -122,9 +123,8 @@ def _run_batch(model, rows: list[dict], mode: str, task: str | None, settings: d
         vectors = model.embed([row["text"] for row in rows], task=tasks)
         return [{"task": t, "embedding": [round(float(x), 6) for x in v]} for t, v in zip(tasks, vectors)]
     if mode == "chat":
-        lead = [{"role": "system", "content": system}] if system is not None else []
         texts = [
-            model.render_chat(row["messages"] if "messages" in row else [*lead, {"role": "user", "content": row["text"]}], t)
+            model.render_chat(row["messages"] if "messages" in row else user_turn(row["text"], system), t)
             for row, t in zip(rows, tasks)
         ]
         ids = [model.backbone.encode(text, add_special_tokens=False) for text in texts]

@@ -99,3 +99,8 @@ def check_messages(messages: Any) -> list[dict]:
         if not isinstance(message.get("content"), str):
             raise RequestTypeError(f"message {i}'s content is {message.get('content')!r:.80}; expected a string")
     return [dict(message) for message in messages]
+
+
+def user_turn(text: str, system: str | None = None) -> list[dict]:
+    """A conversation of one user message, after a system message where one is given."""
+    return [*([{"role": "system", "content": system}] if system is not None else []), {"role": "user", "content": text}]

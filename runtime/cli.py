@@ -113,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--chat and --classify do not go together: classify labels texts, chat answers them")
     if len(members) > 1 and not args.ensemble:
         parser.error(f"--task {args.task!r} names several tasks; that needs --ensemble vote or --ensemble mean")
-    from softprompt.formats.errors import SoftpromptError, unexpected
-
-    from .encoder import Encoder
     from .errors import RequestError
-    from .model import load
     from .settings import GenerationSettings
 
     settings = dict(
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads}; expected at least 1")
     if args.input is not None:
-        return _run_file(args, settings)
+        return _reporting(lambda: _run_file(args, settings))
     try:
         texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     except UnicodeDecodeError as exc:
@@ -145,41 +141,60 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not texts:
         parser.error("no input: give TEXT arguments or lines on standard input")
+    return _reporting(lambda: _run_texts(args, texts, members, settings))
+
+
+def _reporting(run) -> int:
+    """Run a command; its errors as one `error:` line and exit status 1 (SOFTPROMPT_DEBUG=1 shows where)."""
+    from softprompt.formats.errors import SoftpromptError, unexpected
+
     try:
-        providers = args.providers.split(",") if args.providers else None
-        model = load(args.export_dir, bank=args.bank, providers=providers, threads=args.threads)
-        if args.classify:
-            task = members if args.ensemble else args.task
-            return _print_labels(texts, args.task, model.classify(texts, task=task, ensemble=args.ensemble), args.json)
-        if isinstance(model, Encoder):  # an encoder makes sentence embeddings, not text
-            if args.chat:
-                print(f"error: {args.export_dir} is an encoder export: it embeds texts and cannot chat", file=sys.stderr)
-                return 1
-            for text, vector in zip(texts, model.embed(texts, task=args.task)):
-                print(json.dumps({"input": text, "task": args.task, "embedding": [round(float(x), 6) for x in vector]}))
-            return 0
-        if args.chat:
-            system = [{"role": "system", "content": args.system}] if args.system is not None else []
-            completions = [model.chat([*system, {"role": "user", "content": text}], task=args.task, **settings) for text in texts]
-            if len(texts) == 1 and not args.json:
-                print(completions[0].text)
-                return 0
-        elif len(texts) == 1 and not args.json:
-            for piece in model.stream(texts[0], task=args.task, **settings):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            return 0
-        else:
-            completions = model.complete(texts, task=args.task, **settings)
+        return run()
     except (SoftpromptError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # still one line; SOFTPROMPT_DEBUG=1 shows where
+    except Exception as exc:
         if os.environ.get("SOFTPROMPT_DEBUG"):
             raise
         print(unexpected(exc), file=sys.stderr)
         return 1
+
+
+def _load(args):
+    from .model import load
+
+    providers = args.providers.split(",") if args.providers else None
+    return load(args.export_dir, bank=args.bank, providers=providers, threads=args.threads)
+
+
+def _run_texts(args, texts: list[str], members: list[str], settings: dict) -> int:
+    from .chat import user_turn
+    from .encoder import Encoder
+
+    model = _load(args)
+    if args.classify:
+        task = members if args.ensemble else args.task
+        return _print_labels(texts, args.task, model.classify(texts, task=task, ensemble=args.ensemble), args.json)
+    if isinstance(model, Encoder):  # an encoder makes sentence embeddings, not text
+        if args.chat:
+            print(f"error: {args.export_dir} is an encoder export: it embeds texts and cannot chat", file=sys.stderr)
+            return 1
+        for text, vector in zip(texts, model.embed(texts, task=args.task)):
+            print(json.dumps({"input": text, "task": args.task, "embedding": [round(float(x), 6) for x in vector]}))
+        return 0
+    if args.chat:
+        completions = [model.chat(user_turn(text, args.system), task=args.task, **settings) for text in texts]
+        if len(texts) == 1 and not args.json:
+            print(completions[0].text)
+            return 0
+    elif len(texts) == 1 and not args.json:
+        for piece in model.stream(texts[0], task=args.task, **settings):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    else:
+        completions = model.complete(texts, task=args.task, **settings)
     for text, completion in zip(texts, completions):
         if args.json:
             print(json.dumps({**completion.to_json(), **({"message": text} if args.chat else {})}, ensure_ascii=False))
@@ -189,39 +204,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_file(args, settings: dict) -> int:
-    from softprompt.formats.errors import SoftpromptError, unexpected
+    from softprompt.formats.errors import SoftpromptError
 
     from .batch_file import run_file
     from .encoder import Encoder
-    from .model import load
 
-    try:
-        model = load(args.export_dir, bank=args.bank, providers=args.providers.split(",") if args.providers else None)
-        mode = "classify" if args.classify else "chat" if args.chat else "generate"
-        if isinstance(model, Encoder) and mode != "classify":
-            if args.chat:
-                raise SoftpromptError(f"{args.export_dir} is an encoder export: it embeds texts and cannot chat")
-            mode = "embed"
-        ran = run_file(
-            model,
-            Path(args.input),
-            Path(args.output),
-            mode=mode,
-            task=args.task,
-            batch_size=args.batch_size,
-            settings=settings if mode in ("generate", "chat") else None,
-            system=args.system,
-            progress=not args.quiet,
-            log=lambda message: print(message, file=sys.stderr),
-        )
-    except (SoftpromptError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        if os.environ.get("SOFTPROMPT_DEBUG"):
-            raise
-        print(unexpected(exc), file=sys.stderr)
-        return 1
+    model = _load(args)
+    mode = "classify" if args.classify else "chat" if args.chat else "generate"
+    if isinstance(model, Encoder) and mode != "classify":
+        if args.chat:
+            raise SoftpromptError(f"{args.export_dir} is an encoder export: it embeds texts and cannot chat")
+        mode = "embed"
+    ran = run_file(
+        model,
+        Path(args.input),
+        Path(args.output),
+        mode=mode,
+        task=args.task,
+        batch_size=args.batch_size,
+        settings=settings if mode in ("generate", "chat") else None,
+        system=args.system,
+        progress=not args.quiet,
+        log=lambda message: print(message, file=sys.stderr),
+    )
     print(f"{args.output}: {ran} rows written", file=sys.stderr)
     return 0
 

@@ -20,7 +20,7 @@ from .chat import ChatTemplate, check_messages, read_chat_template
 from .classify import classify_ensemble, classify_rows, ensemble_members, label_probabilities
 from .errors import RequestError, RequestTypeError
 from .rows import as_texts, position_ids, tasks_for
-from .served import ServedExport
+from .served import ServedExport, spec_of
 from .settings import GenerationSettings
 from .tasks import Task
 
@@ -207,11 +207,14 @@ class TextModel(ServedExport):
         wraps the last user message. Settings as for `complete`."""
         settings = GenerationSettings.of(settings, **overrides)
         found = self._store.resolve([task])
-        text = self.render_chat(messages, task)
+        text = self._render_chat(messages, found[0])  # the template and the soft prompt of one version of the task
         return self._complete([self.backbone.encode(text, add_special_tokens=False)], found, [text], settings)[0]
 
     def render_chat(self, messages: Sequence[dict], task: str | None = None) -> str:
         """The text `chat` feeds the model for `messages` under `task` (before its soft prompt)."""
+        return self._render_chat(messages, self._store.resolve([task])[0])
+
+    def _render_chat(self, messages: Sequence[dict], found: Task | None) -> str:
         template = self._chat_template
         if template is None:
             raise RequestError(
@@ -219,14 +222,14 @@ class TextModel(ServedExport):
                 "use generate() or complete()"
             )
         messages = check_messages(messages)
-        found = self._store.resolve([task])[0]
         if found is not None and len(found.inner):
             raise RequestError(f"task {found.name!r} places vectors inside its template (a P-tuning pattern); chat cannot")
-        spec = self.task_spec(task)
+        spec = spec_of(found)
         if spec.template != PLACEHOLDER:
             users = [i for i, message in enumerate(messages) if message["role"] == "user"]
             if not users:
-                raise RequestError(f"task {task!r} has a template for the user's text; the messages have no user message")
+                name = None if found is None else found.name
+                raise RequestError(f"task {name!r} has a template for the user's text; the messages have no user message")
             messages[users[-1]]["content"] = spec.apply(messages[users[-1]]["content"])
         return template.render(messages, add_generation_prompt=True)
 
