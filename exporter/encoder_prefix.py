@@ -9,7 +9,7 @@ the encoder graph, validating it and training.
 Positions: BART-like encoders add learned positions to the text's embeddings, so the text keeps
 positions 0..S-1 and the prefix has none, as in Li and Liang's BART. T5's relative positions are
 computed between query and key positions: the text's queries are placed at P..P+S-1
-(`encoder_kwargs`) so that the prefix sits at 0..P-1 before them, as a decoder's past does.
+(`encode`) so that the prefix sits at 0..P-1 before them, as a decoder's past does.
 """
 
 from __future__ import annotations
@@ -49,7 +49,15 @@ def self_attention_shape(model) -> tuple[int, int, int]:
     return len(modules), int(heads), int(size)
 
 
-def encoder_kwargs(model, prefix_length, text_length) -> dict:
+def encode(model, inputs_embeds, attention_mask, keys_values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The encoder's last hidden state when every layer attends to `keys_values` ([B, heads, P, head size] per key or
+    value, `encoder_prefix`'s order) before the text: what the export's encoder graph computes, and training."""
+    with encoder_prefix(model, keys_values):
+        extra = _positions(model, keys_values[0].shape[2], inputs_embeds.shape[1])
+        return model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra).last_hidden_state
+
+
+def _positions(model, prefix_length, text_length) -> dict:
     """What the encoder is called with besides its inputs: T5's query positions after the prefix."""
     if getattr(model.config, "relative_attention_num_buckets", None):
         return {"cache_position": torch.arange(text_length) + prefix_length}

@@ -29,7 +29,7 @@ import torch
 
 from softprompt.formats.export_folder import CROSS, PAST, PRESENT, cache_names
 
-from .encoder_prefix import encoder_kwargs, encoder_prefix, self_attention_shape
+from .encoder_prefix import encode, self_attention_shape
 from .errors import ExportError
 from .graph import cache_tensors, onnx_export
 from .validate import passed, relative_diff
@@ -169,10 +169,8 @@ class Seq2SeqEncoder(torch.nn.Module):
             inputs_embeds = inputs_embeds * self.scale
         kwargs = {"inputs_embeds": inputs_embeds}
         if self.prefix_layers:
-            with encoder_prefix(self.model, prefix):
-                extra = encoder_kwargs(self.model, prefix[0].shape[2], inputs_embeds.shape[1])
-                hidden = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra)
-            kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden.last_hidden_state)}
+            hidden = encode(self.model, inputs_embeds, attention_mask, prefix)
+            kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)}
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         start = inputs_embeds.new_zeros((inputs_embeds.shape[0], 1, inputs_embeds.shape[2]))
         out = self.model(
@@ -365,9 +363,8 @@ def validate_seq2seq(folder: Path, model, table: np.ndarray, tolerance: float) -
 def _prefixed_cross(model, embeds: torch.Tensor, mask: torch.Tensor, prefix: list[np.ndarray]) -> list[np.ndarray]:
     """PyTorch's cross-attention keys and values when the encoder attends to `prefix` before the text."""
 
-    with torch.no_grad(), encoder_prefix(model, [torch.from_numpy(p) for p in prefix]):
-        extra = encoder_kwargs(model, prefix[0].shape[2], embeds.shape[1])
-        hidden = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
+    with torch.no_grad():
+        hidden = encode(model, embeds, mask, [torch.from_numpy(p) for p in prefix])
     start = torch.zeros(embeds.shape[0], 1, embeds.shape[2])
     _, cross = _run(model, None, mask, start, encoder_hidden=hidden, fill=True)
     return [t.numpy() for t in cache_tensors(cross)]

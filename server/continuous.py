@@ -29,8 +29,9 @@ from .engine import Engine, Job, log
 class _Row:
     def __init__(self, job: Job, model):
         self.job = job
-        self.state = RowText(model.decode, set(model.config.eos_token_ids), job.settings.stop)
-        self.choose = chooser(job.settings, set(model.config.eos_token_ids))
+        eos = set(model.config.eos_token_ids)
+        self.state = RowText(model.decode, eos, job.settings.stop)
+        self.choose = chooser(job.settings, eos)
         self.position = 0  # the next token's position
         self.token = 0  # the last chosen token, fed at the next step
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from softprompt.exporter.encoder_prefix import encoder_kwargs, encoder_prefix, self_attention_shape
+from softprompt.exporter.encoder_prefix import encode, encoder_prefix, self_attention_shape
 from softprompt.exporter.seq2seq import input_scales
 
 from .checkpointing import paused
@@ -76,9 +76,8 @@ def _prefixed_logits(model, prefix: torch.Tensor, rows, decoder_ids: torch.Tenso
         return model(
             inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids, past_key_values=cache, use_cache=True
         ).logits
-    with encoder_prefix(model, [t[None].expand(batch, -1, -1, -1) for t in encoder]), paused():
-        extra = encoder_kwargs(model, length, embeds.shape[1])
-        hidden = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
+    with paused():  # the encoder's layers attend to the prefix only while this forward runs
+        hidden = encode(model, embeds, mask, [t[None].expand(batch, -1, -1, -1) for t in encoder])
     cache = EncoderDecoderCache(prefix_cache(model, own, batch), prefix_cache(model, cross, batch))
     cache.is_updated = {i: False for i in range(len(cache.is_updated))}  # compute the encoder's keys, after the prefix
     return model(

@@ -27,17 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.harness import machine
+from bench.speed import methods
 
-TEXTS = [
-    "the film is a gorgeous, moving piece of work",
-    "dull, slow and far too long",
-    "Thanks, the new update works great!",
-    "The flight was delayed three hours and nobody told us why.",
-    "an honest, funny script with nothing to prove",
-    "I want my two hours back.",
-    "Committee, n.",
-    "Deadline, n.",
-]
+TEXTS = [*methods.TEXTS, "Committee, n.", "Deadline, n."]
 
 
 def make_bank(source: Path, folder: Path, count: int) -> list[str]:
