@@ -28,6 +28,7 @@ from softprompt.formats.embedding_table import BLOCK, TABLE_ZERO_POINT, quantize
 from softprompt.formats.export_folder import PRECISIONS
 
 from .errors import ExportError
+from .graph_rewrites import drop_unused_initializers, gemm_as_matmul, offset_int4, use_contrib_ops
 
 BITS = {"int8": 8, "int4": 4}
 ALGORITHMS = ("rtn", "offset", "hqq", "dynamic")
@@ -180,7 +181,7 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         MatMulNBitsQuantizer,
     )
 
-    _gemm_as_matmul(model)
+    gemm_as_matmul(model)
     initializers = {t.name for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
     rules = precision.kept()
@@ -210,7 +211,7 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
     if precision.algorithm == "offset":
         dims = {t.name: t.dims for t in model.graph.initializer}  # shapes, without reading the data
         offset = [n.name for n in matmuls if n.name not in kept and dims[n.input[1]][0] % precision.block_size == 0]
-        _offset_int4(model, offset, precision.block_size)
+        offset_int4(model, offset, precision.block_size)
         kept.update((name, "offset") for name in offset)  # done: the pass below leaves them alone
         kept.update((f"{name}.offsets", "offset product") for name in offset)  # their small float products too
     if precision.algorithm == "hqq":
@@ -307,8 +308,8 @@ def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, tab
     index = list(model.graph.node).index(head)
     model.graph.node.remove(head)
     model.graph.node.insert(index, product)
-    _drop_unused_initializers(model)
-    _use_contrib_ops(model)
+    drop_unused_initializers(model)
+    use_contrib_ops(model)
     kept[head.name] = "table"  # done: the quantizers leave it alone
     return True
 
@@ -332,121 +333,6 @@ def table_in_graph(path: Path) -> dict[str, int] | None:
     if not places:
         return None
     return {"codes_offset": places[TABLE_CODES], "scales_offset": places[TABLE_SCALES], "zero_point": TABLE_ZERO_POINT}
-
-
-def _offset_int4(model, names: list[str], block_size: int) -> None:
-    """int4 codes with a float minimum per block: w = d * q + m, q in 0..15, d and m floats.
-
-    MatMulNBits takes integer zero points only, so a block's minimum m is off the 4-bit grid by up
-    to half a step, the same way for the whole block: a bias that adds up along every dot product
-    (8% of the weights' norm on the default model, whose weights come from a Q4_1 GGUF, exactly a
-    float minimum plus 4-bit steps). Here the codes run on MatMulNBits' fast integer kernel with
-    its default zero point 8, and the rest, sum over blocks of (m + 8d) times the block's sum of
-    x, is one small float matrix product of x's block sums ([K/block, N], a sixteenth of the
-    weights' size): error 0.1% of the norm instead of 8% on those weights.
-    """
-    from onnx import helper, numpy_helper
-
-    wanted = set(names)
-    initializers = {t.name: t for t in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
-        if node.name not in wanted:
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-        rows, cols = weight.shape
-        blocks = rows // block_size
-        grouped = weight.reshape(blocks, block_size, cols)
-        low = grouped.min(axis=1)
-        step = (grouped.max(axis=1) - low) / 15.0
-        step[step == 0] = 1.0
-        codes = np.clip(np.rint((grouped - low[:, None]) / step[:, None]), 0, 15).astype(np.uint8).transpose(2, 0, 1)
-        name, x, out = node.input[1], node.input[0], node.output[0]
-        model.graph.initializer.extend(
-            [
-                numpy_helper.from_array(codes[..., 0::2] | (codes[..., 1::2] << 4), f"{name}.int4"),  # [N, blocks, bytes]
-                numpy_helper.from_array(np.ascontiguousarray(step.T), f"{name}.scales"),
-                numpy_helper.from_array((low + 8 * step).astype(np.float32), f"{name}.offsets"),  # [blocks, N]
-                numpy_helper.from_array(np.array([-1, blocks, block_size], np.int64), f"{name}.blocks"),
-                numpy_helper.from_array(np.array([-1], np.int64), f"{name}.last_axis"),
-            ]
-        )
-        nodes += [
-            helper.make_node(
-                "MatMulNBits",
-                [x, f"{name}.int4", f"{name}.scales"],
-                [f"{out}.codes"],
-                name=f"{node.name}.int4",
-                domain="com.microsoft",
-                K=rows,
-                N=cols,
-                bits=4,
-                block_size=block_size,
-            ),
-            helper.make_node("Reshape", [x, f"{name}.blocks"], [f"{out}.blocks"], name=f"{node.name}.blocks"),
-            helper.make_node(
-                "ReduceSum", [f"{out}.blocks", f"{name}.last_axis"], [f"{out}.sums"], keepdims=0, name=f"{node.name}.sums"
-            ),
-            helper.make_node("MatMul", [f"{out}.sums", f"{name}.offsets"], [f"{out}.flat"], name=f"{node.name}.offsets"),
-            helper.make_node("Shape", [f"{out}.codes"], [f"{out}.shape"], name=f"{node.name}.shape"),
-            helper.make_node("Reshape", [f"{out}.flat", f"{out}.shape"], [f"{out}.offset"], name=f"{node.name}.offset"),
-            helper.make_node("Add", [f"{out}.codes", f"{out}.offset"], [out], name=f"{node.name}.add"),
-        ]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    _drop_unused_initializers(model)
-    _use_contrib_ops(model)
-
-
-def _gemm_as_matmul(model) -> None:
-    """Gemm by a constant weight (what a traced Conv1D or 2-D Linear becomes) as MatMul (+ Add), which
-    MatMulNBits replaces; a transposed weight is stored transposed once, here."""
-    import onnx
-    from onnx import numpy_helper
-
-    weights = {t.name: t for t in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if (
-            node.op_type != "Gemm"
-            or node.input[1] not in weights
-            or attrs.get("transA", 0)
-            or attrs.get("alpha", 1.0) != 1.0
-            or attrs.get("beta", 1.0) != 1.0
-        ):
-            nodes.append(node)
-            continue
-        weight = node.input[1]
-        if attrs.get("transB", 0):
-            transposed = numpy_helper.to_array(weights[weight]).T.copy()
-            weight = f"{weight}.transposed"
-            model.graph.initializer.append(numpy_helper.from_array(transposed, weight))
-        has_bias = len(node.input) > 2 and node.input[2]
-        product = node.output[0] + ".product" if has_bias else node.output[0]
-        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
-        if has_bias:
-            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + ".bias"))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    _drop_unused_initializers(model)  # a weight stored transposed is not kept twice
-
-
-def _drop_unused_initializers(model) -> None:
-    """Remove the weights no node reads any more (those a rewrite replaced)."""
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-
-
-def _use_contrib_ops(model) -> None:
-    """Declare onnxruntime's com.microsoft domain (MatMulNBits) where the graph does not yet."""
-    from onnx import helper
-
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _lm_head(model, matmuls) -> list:

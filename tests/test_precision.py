@@ -339,12 +339,12 @@ def test_dynamic_int8_keeps_the_products_that_move_the_output_most(tmp_path):
 
     from softprompt.exporter.dynamic_int8 import Calibration, choose_kept, output_error, products, quantize
     from softprompt.exporter.encoder import calibration_feeds
-    from softprompt.exporter.precision import _gemm_as_matmul
+    from softprompt.exporter.graph_rewrites import gemm_as_matmul
 
     folder = make_bert(tmp_path / "bert")
     export_model(str(folder), tmp_path / "fp32", log=lambda m: None)
     model = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
-    _gemm_as_matmul(model)
+    gemm_as_matmul(model)
     table = np.load(tmp_path / "fp32" / "embeddings.npy")
     sets = calibration_feeds(AutoTokenizer.from_pretrained(folder), table, read_config(tmp_path / "fp32").max_positions)
     names = products(model)
