@@ -1,7 +1,7 @@
 """A file of inputs in, a file of outputs out: `run-model EXPORT --input in.jsonl --output out.jsonl`.
 
 One JSON object a line each way. An input line has `text` (or, for chat, `messages`, a list of
-{"role", "content"}; a `text` is then one user message) and may name its own `task`; the output line
+{"role", "content"}; a `text` is then one user message) and may name its own `task` (null: the default); the output line
 repeats the input's fields and adds `line` (the input's line number), `task` and the result: a
 generation's `output`, `token_ids` and `finish_reason`; or `label` and `scores`; or `embedding`. Rows run in batches of
 `batch_size` (rows of different tasks share a batch) and are written in input order, a batch at a
@@ -79,7 +79,7 @@ def run_file(
         raise RequestError(f"batch size {batch_size}; expected at least 1")
     rows = list(read_rows(source))
     for number, row in rows:
-        _check_row(row, mode, f"{source}:{number}")
+        check_row(row, mode, f"{source}:{number}")
     done = lines_done(target)
     if done > len(rows):
         raise RequestError(f"{target} has {done} result lines; {source} has only {len(rows)} inputs: another file's results?")
@@ -92,7 +92,7 @@ def run_file(
     with open(target, "a", encoding="utf-8") as out:
         for start in range(done, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            results = _run_batch(model, [row for _, row in chunk], mode, task, settings or {}, system)
+            results = run_batch(model, [row for _, row in chunk], mode, task, settings or {}, system)
             out.write(
                 "".join(json.dumps({"line": n, **row, **r}, ensure_ascii=False) + "\n" for (n, row), r in zip(chunk, results))
             )
@@ -104,7 +104,8 @@ def run_file(
     return ran
 
 
-def _check_row(row: dict, mode: str, where: str) -> None:
+def check_row(row: dict, mode: str, where: str) -> None:
+    """Refuse a row this mode cannot run, naming it by `where` (a file and line, or the row itself)."""
     if mode == "chat" and "messages" in row:
         if not isinstance(row["messages"], list):
             raise RequestError(f'{where}: messages is {row["messages"]!r:.60}; expected a list of {{"role", "content"}}')
@@ -115,8 +116,9 @@ def _check_row(row: dict, mode: str, where: str) -> None:
         raise RequestError(f"{where}: task is {row['task']!r:.60}; expected a task name")
 
 
-def _run_batch(model, rows: list[dict], mode: str, task: str | None, settings: dict, system: str | None) -> list[dict]:
-    tasks = [row.get("task", task) for row in rows]
+def run_batch(model, rows: list[dict], mode: str, task: str | None, settings: dict, system: str | None) -> list[dict]:
+    """One result object per row (rows of different tasks in one batch): what a batch file's output line adds."""
+    tasks = [task if row.get("task") is None else row["task"] for row in rows]  # null: the default, as in columnar files
     if mode == "classify":
         return [{"task": t, **r} for t, r in zip(tasks, model.classify([row["text"] for row in rows], task=tasks))]
     if mode == "embed":

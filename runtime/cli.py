@@ -43,19 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("texts", metavar="TEXT", nargs="*", help="input texts (default: lines of standard input)")
     parser.add_argument("--bank", help="prompt-bank folder holding the task prompts")
     parser.add_argument("--task", help="task whose soft prompt is prepended (default: no prompt)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
-    parser.add_argument("--min-new-tokens", type=int, default=0, help="tokens to generate before end-of-sequence is allowed")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); above 0 samples")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens with this mass")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="stop when this text appears (repeatable); it is not included in the output",
-    )
+    add_generation_options(parser)
     parser.add_argument(
         "--classify",
         action="store_true",
@@ -91,6 +79,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """The generation settings, shared by every command that generates (run-model, cluster-model run)."""
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="tokens to generate before end-of-sequence is allowed")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); above 0 samples")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens with this mass")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text appears (repeatable); it is not included in the output",
+    )
+
+
+def generation_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The settings `add_generation_options` parsed; an out-of-range value is a usage error naming its option."""
+    from .errors import RequestError
+    from .settings import GenerationSettings
+
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    try:
+        GenerationSettings(**settings)  # refused before anything loads
+    except RequestError as exc:  # "top_p 2.0; expected ..." names the setting: say it as the option
+        setting, _, rest = str(exc).partition(" ")
+        parser.error(f"--{setting.replace('_', '-')} {rest}")
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
@@ -113,27 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--chat and --classify do not go together: classify labels texts, chat answers them")
     if len(members) > 1 and not args.ensemble:
         parser.error(f"--task {args.task!r} names several tasks; that needs --ensemble vote or --ensemble mean")
-    from .errors import RequestError
-    from .settings import GenerationSettings
-
-    settings = dict(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-    )
-    try:
-        GenerationSettings(**settings)  # out-of-range values are usage errors, refused before anything loads
-    except RequestError as exc:  # "top_p 2.0; expected ..." names the setting: say it as the option
-        setting, _, rest = str(exc).partition(" ")
-        parser.error(f"--{setting.replace('_', '-')} {rest}")
+    settings = generation_settings(args, parser)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads}; expected at least 1")
     if args.input is not None:
-        return _reporting(lambda: _run_file(args, settings))
+        return report_errors(lambda: _run_file(args, settings))
     try:
         texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     except UnicodeDecodeError as exc:
@@ -141,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not texts:
         parser.error("no input: give TEXT arguments or lines on standard input")
-    return _reporting(lambda: _run_texts(args, texts, members, settings))
+    return report_errors(lambda: _run_texts(args, texts, members, settings))
 
 
-def _reporting(run) -> int:
+def report_errors(run) -> int:
     """Run a command; its errors as one `error:` line and exit status 1 (SOFTPROMPT_DEBUG=1 shows where)."""
     from softprompt.formats.errors import SoftpromptError, unexpected
 

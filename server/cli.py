@@ -6,8 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from softprompt.formats import __version__
+
+if TYPE_CHECKING:
+    from .app import Limits
 
 EPILOG = """\
 Every task of the bank is a model id, NAME:TASK (NAME: --name, default the export folder's name);
@@ -29,10 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by export-model")
-    parser.add_argument("--bank", help="prompt-bank folder whose tasks are served as NAME:TASK")
-    parser.add_argument("--name", help="the backbone's model id (default: the export folder's name)")
+    add_serving_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def add_serving_options(parser: argparse.ArgumentParser) -> None:
+    """What one server process needs beside its export and address; shared with `cluster-model serve`."""
+    parser.add_argument("--bank", help="prompt-bank folder whose tasks are served as NAME:TASK")
+    parser.add_argument("--name", help="the backbone's model id (default: the export folder's name)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("SOFTPROMPT_API_KEY"),
@@ -45,16 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
     parser.add_argument("--providers", default=None, help="onnxruntime providers, e.g. cpu or cuda (default: CUDA if available)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
+
+
+def limits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Limits:
+    """The limits `add_serving_options` parsed; a value below 1 is a usage error naming its option."""
+    from .app import Limits
+
+    for option in ("max_batch", "max_queue", "max_tokens", "max_prompt_tokens", "max_body_bytes"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}; expected at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}; expected at least 1")
+    return Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens, args.max_batch, args.max_queue)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    """The backbone's model id: --name, or the export folder's name."""
+    return args.name or Path(args.export_dir).resolve().name
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for option in ("max_batch", "max_queue", "max_tokens", "max_prompt_tokens", "max_body_bytes"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}; expected at least 1")
+    chosen = limits(args, parser)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port}; expected 1..65535")
     import uvicorn
@@ -62,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from softprompt.formats.errors import SoftpromptError
     from softprompt.runtime import load
 
-    from .app import Limits, create_app
+    from .app import create_app
 
     try:
         providers = args.providers.split(",") if args.providers else None
@@ -70,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SoftpromptError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens, args.max_batch, args.max_queue)
-    name = args.name or Path(args.export_dir).resolve().name
-    app = create_app(model, name=name, api_key=args.api_key, limits=limits)
+    name = served_name(args)
+    app = create_app(model, name=name, api_key=args.api_key, limits=chosen)
     print(f"serving {name} and {len(model.tasks)} task(s) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
     return 0

@@ -238,9 +238,11 @@ def test_console_scripts_are_installed_and_run(llama_export):
     from pathlib import Path
 
     names = {ep.name for ep in entry_points(group="console_scripts") if ep.value.startswith("softprompt.")}
-    assert names == {"export-model", "prompt-bank", "run-model", "train-prompt", "serve-model"}
+    assert names == {"export-model", "prompt-bank", "run-model", "train-prompt", "serve-model", "cluster-model"}
     helped = subprocess.run([str(Path(sys.executable).with_name("serve-model")), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "OpenAI API" in helped.stdout
+    helped = subprocess.run([str(Path(sys.executable).with_name("cluster-model")), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "Ray Serve replicas" in helped.stdout and "{serve,run}" in helped.stdout
     script = Path(sys.executable).with_name("run-model")
     result = subprocess.run(
         [str(script), str(llama_export), "--max-new-tokens", "2", "--json", "hi"], capture_output=True, text=True, timeout=120

@@ -26,6 +26,7 @@ ALLOWED = {
     "exporter": {"formats"},  # torch -> ONNX, validated against PyTorch
     "training": {"formats", "exporter", "runtime"},  # loads models as the exporter does, scores as the runtime does
     "server": {"formats", "runtime"},  # the HTTP server: the runtime behind the OpenAI API
+    "cluster": {"formats", "runtime", "server"},  # the server and batch runs on Ray
 }
 
 # Third-party imports each room may make, as distribution names (`[cpu]`/`[gpu]` both give onnxruntime).
@@ -135,6 +136,7 @@ def test_pyproject_declares_what_the_code_imports():
         "exporter": declared["core"] | declared["export"] | onnxruntime,
         "training": declared["core"] | declared["train"] | declared["export"] | onnxruntime,
         "server": declared["core"] | declared["serve"] | onnxruntime,
+        "cluster": declared["core"] | declared["serve"] | declared["ray"] | onnxruntime,
     }
     used: set[str] = set()
     for room, folder in ROOMS.items():
