@@ -276,3 +276,32 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
         assert engine.stats.running == 0 and engine.stats.steps < 90, engine.stats  # it left well before its 100 tokens
     finally:
         stop()
+
+
+def test_shutting_down_lets_a_running_stream_finish(served):
+    """Graceful shutdown: told to stop (what uvicorn's SIGTERM handler does) while a stream runs, the server sends
+    that stream to its end before it stops. The engine is held mid-stream, so the stream cannot end before the stop."""
+    from softprompt.server import create_app
+
+    model = served[0]
+    want = model.complete(TEXTS[0], max_new_tokens=100)[0]
+    assert want.finish_reason == "length"  # it runs all 100 steps
+    app = create_app(model, name="tiny")
+    url, stop = start(app)
+    engine = app.state.engine
+    stopping = threading.Thread(target=stop)
+    try:
+        stream = client(url).completions.create(model="tiny", prompt=TEXTS[0], max_tokens=100, stream=True)
+        pieces = [next(iter(stream))]  # the stream has begun
+        with engine._lock:  # the engine waits for this lock before its next step
+            assert engine.stats.running == 1
+            stopping.start()
+            time.sleep(0.5)
+            assert stopping.is_alive() and engine.stats.running == 1  # stopping, and waiting for the stream
+        pieces += list(stream)
+        assert "".join(p.choices[0].text for p in pieces) == want.text and pieces[-1].choices[0].finish_reason == "length"
+        stopping.join(30)
+        assert not stopping.is_alive() and engine.stats.running == 0
+    finally:
+        if not stopping.is_alive() and stopping.ident is None:
+            stop()
