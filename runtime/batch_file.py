@@ -125,12 +125,13 @@ def run_batch(model, rows: list[dict], mode: str, task: str | None, settings: di
         vectors = model.embed([row["text"] for row in rows], task=tasks)
         return [{"task": t, "embedding": [round(float(x), 6) for x in v]} for t, v in zip(tasks, vectors)]
     if mode == "chat":
+        found = model.resolve_tasks(tasks)  # one version of each task renders and runs its rows
         texts = [
             model.render_chat(row["messages"] if "messages" in row else user_turn(row["text"], system), t)
-            for row, t in zip(rows, tasks)
+            for row, t in zip(rows, found)
         ]
         ids = [model.backbone.encode(text, add_special_tokens=False) for text in texts]
-        completions = model.complete_ids(ids, task=tasks, **settings)
+        completions = model.complete_ids(ids, task=found, **settings)
     else:
         completions = model.complete([row["text"] for row in rows], task=tasks, **settings)
     return [{"task": c.task, "output": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in completions]

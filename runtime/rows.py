@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import RequestError, RequestTypeError
+from .tasks import Task
 
 
 def as_texts(texts: str | Sequence[str]) -> list[str]:
@@ -35,9 +36,9 @@ def as_texts(texts: str | Sequence[str]) -> list[str]:
     return texts
 
 
-def tasks_for(task, count: int) -> list[str | None]:
-    """One task per row: a single task (or None) applies to every row; a list gives one per row."""
-    if task is None or isinstance(task, str):
+def tasks_for(task, count: int) -> list:
+    """One task per row: a single task (a name, a resolved Task, or None) applies to every row; a list gives one per row."""
+    if task is None or isinstance(task, (str, Task)):
         return [task] * count
     if not isinstance(task, Sequence):
         raise RequestTypeError(f"task {task!r}; expected a task name, None, or one of those per input")

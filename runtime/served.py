@@ -40,6 +40,12 @@ class ServedExport:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    def resolve_tasks(self, names: Sequence[str | None]) -> list[Task | None]:
+        """The tasks of a request's rows, all from one version of the bank. Every `task=` argument takes these in place
+        of names, so a request that is templated, checked and run in separate calls (as a server does) runs under
+        the version it was templated with, even while the task's files are swapped."""
+        return self._store.resolve(names)
+
     def reload(self) -> list[str]:
         """Re-read every task file of the bank now (changes are also picked up before each request)."""
         return sorted(self._store.reload())

@@ -110,13 +110,14 @@ class TaskStore:
                 self._refresh(strict=False)
         return self._tasks
 
-    def resolve(self, names: Sequence[str | None]) -> list[Task | None]:
-        """The Task objects of one request (None stays None), all from one version of the bank."""
+    def resolve(self, names: Sequence[str | Task | None]) -> list[Task | None]:
+        """The Task objects of one request (None stays None), all from one version of the bank. A Task given in
+        place of a name is kept as it is: a request resolved once keeps that version through every later call."""
         current = self.current()
         found: list[Task | None] = []
         for name in names:
-            if name is None:
-                found.append(None)
+            if name is None or isinstance(name, Task):
+                found.append(name)
                 continue
             if not isinstance(name, str):
                 raise RequestTypeError(f"task {name!r}; expected a task name or None")

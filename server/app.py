@@ -36,6 +36,7 @@ from softprompt.runtime.encoder import Encoder
 from softprompt.runtime.errors import RequestError
 from softprompt.runtime.model import Model
 from softprompt.runtime.settings import GenerationSettings
+from softprompt.runtime.tasks import Task
 
 from .continuous import ContinuousEngine
 from .engine import Engine, Job, QueueFull, log
@@ -75,15 +76,17 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
     metrics = Metrics()
     state = {"closing": False}
 
-    def resolve(model_id: Any) -> str | None:
-        """The task a model id names (None: the backbone)."""
+    def resolve(model_id: Any) -> Task | None:
+        """The task a model id names (None: the backbone), resolved once: the request's template, checks and run
+        all use this version of it, even if its files are swapped meanwhile."""
         if not isinstance(model_id, str):
             raise ApiError(400, f"model is {model_id!r:.60}; expected a model id string", param="model")
         if model_id == name:
             return None
         base, _, task = model_id.partition(":")
-        if base == name and task in model.tasks:
-            return task
+        if base == name:
+            with contextlib.suppress(UnknownTaskError):
+                return model.resolve_tasks([task])[0]
         known = ", ".join([name, *(f"{name}:{t}" for t in model.tasks)])
         raise ApiError(404, f"model {model_id!r} does not exist; models: {known}", param="model", code="model_not_found")
 
@@ -149,7 +152,7 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
         except RequestError as exc:
             raise ApiError(400, str(exc)) from None
 
-    def check_prompt(ids: list[int], task: str | None, settings: GenerationSettings) -> None:
+    def check_prompt(ids: list[int], task: Task | None, settings: GenerationSettings) -> None:
         if len(ids) > limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}", param="prompt")
         limit = model.config.max_positions

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from softprompt.formats.errors import SoftpromptError
+from softprompt.runtime.tasks import Task
 
 log = logging.getLogger("softprompt.server")
 
@@ -31,7 +32,7 @@ class Job:
     """One request's row: token ids (templated), its task, its settings, and where to report."""
 
     ids: list[int]
-    task: str | None
+    task: Task | str | None  # the version the ids were templated with (a name is resolved when the row starts)
     settings: Any  # GenerationSettings: rows share a batch only with rows of equal settings
     on_step: Callable[[Any], None]  # the row's RowText after a step (called on the engine thread)
     on_done: Callable[[Any], None]  # the final RowText

@@ -187,6 +187,26 @@ def test_hot_swap_add_replace_remove_and_dot_files(llama_export, tmp_path):
         model.generate(TEXTS[0], task="one")
 
 
+def test_a_resolved_task_keeps_its_version_through_a_swap(llama_export, tmp_path):
+    """A request templated and run in separate calls (a server, a batch file's chats) holds the Task it resolved:
+    a swap between the calls reaches the next request, never the rest of this one."""
+    config = read_config(llama_export)
+    bank = make_bank(llama_export, tmp_path / "bank")
+    model = load(llama_export, bank=bank)
+    before = model.complete(TEXTS[0], task="s1", max_new_tokens=6)[0]
+    held = model.resolve_tasks(["s1", None])
+    swapped = TaskSpec(template="Tweet: {text} =>", labels=SENTIMENT.labels)
+    save_prompt(
+        bank, "s1", random_prompt(4, config.hidden_size, seed=77), fingerprint=config.fingerprint, extra=swapped.to_extra()
+    )
+    ids = model.encode(TEXTS[0], held[0])
+    assert ids == model.encode(SENTIMENT.apply(TEXTS[0]))  # the held template, not the swapped one
+    again = model.complete_ids([ids], task=held[:1], max_new_tokens=6)[0]
+    assert (again.token_ids, again.task) == (before.token_ids, "s1")
+    assert model.complete(TEXTS[0], task=held[0], max_new_tokens=6)[0].token_ids == before.token_ids
+    assert model.complete(TEXTS[0], task="s1", max_new_tokens=6)[0].token_ids != before.token_ids  # by name: the new one
+
+
 def test_a_bad_new_file_never_replaces_a_working_prompt(llama_export, tmp_path, caplog):
     bank = make_bank(llama_export, tmp_path / "bank")
     model = load(llama_export, bank=bank)
