@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 from softprompt.formats import __version__
-from softprompt.runtime.cli import add_generation_options, generation_settings, report_errors
+from softprompt.runtime.cli import (
+    add_generation_options,
+    add_providers_option,
+    check_row_options,
+    generation_settings,
+    report_errors,
+)
 from softprompt.server.cli import add_serving_options
 
 APP = "softprompt"  # the Ray Serve application's name
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=16, help="rows a worker runs together (default: 16)")
     run.add_argument("--workers", type=int, default=1, help="workers, each with its own loaded model (default: 1)")
     run.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs Ray gives each worker (default: 1)")
-    run.add_argument("--providers", default=None, help="onnxruntime providers, e.g. cpu or cuda (default: CUDA if available)")
+    add_providers_option(run)
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
     return parser
 
@@ -87,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
         app = application_of(args, parser)
         return report_errors(lambda: _serve(args, app))
-    if args.task and not args.bank:
-        parser.error("--task needs --bank (the folder that holds the task's prompt)")
-    if args.chat and args.classify:
-        parser.error("--chat and --classify do not go together: classify labels texts, chat answers them")
-    if args.system is not None and not args.chat:
-        parser.error("--system needs --chat")
+    check_row_options(args, parser)
     if args.batch_size < 1 or args.workers < 1 or args.cpus_per_worker <= 0:
         parser.error(
             f"--batch-size {args.batch_size}, --workers {args.workers}, --cpus-per-worker {args.cpus_per_worker}; "
@@ -163,7 +164,7 @@ def _run(args: argparse.Namespace, settings: dict) -> int:
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
         batch_size=args.batch_size,
-        providers=args.providers.split(",") if args.providers else None,
+        providers=args.providers,
     )
     try:
         write_outputs(dataset, args.output, args.output_format or fmt)

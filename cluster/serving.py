@@ -109,6 +109,6 @@ def application_of(parsed: argparse.Namespace, parser: argparse.ArgumentParser) 
         cpus_per_replica=parsed.cpus_per_replica,
         api_key=parsed.api_key,
         limits=limits(parsed, parser),
-        providers=parsed.providers.split(",") if parsed.providers else None,
+        providers=parsed.providers,
         threads=parsed.threads,
     )

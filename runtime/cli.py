@@ -69,11 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON object per input: input, task, text, token_ids, finish_reason (stop or length)",
     )
-    parser.add_argument(
-        "--providers",
-        default=None,
-        help="comma-separated onnxruntime providers, e.g. cpu or cuda (default: CUDA if available, else CPU)",
-    )
+    add_providers_option(parser)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -94,6 +90,26 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="stop when this text appears (repeatable); it is not included in the output",
     )
+
+
+def add_providers_option(parser: argparse.ArgumentParser) -> None:
+    """--providers, parsed into the list `load` takes; shared by every command that loads an export."""
+    parser.add_argument(
+        "--providers",
+        type=lambda value: value.split(","),
+        default=None,
+        help="comma-separated onnxruntime providers, e.g. cpu or cuda (default: CUDA if available, else CPU)",
+    )
+
+
+def check_row_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """What --bank, --task, --classify, --chat and --system need of each other (run-model, cluster-model run)."""
+    if args.task and not args.bank:
+        parser.error("--task needs --bank (the folder that holds the task's prompt)")
+    if args.system is not None and not args.chat:
+        parser.error("--system needs --chat")
+    if args.chat and args.classify:
+        parser.error("--chat and --classify do not go together: classify labels texts, chat answers them")
 
 
 def generation_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
@@ -121,8 +137,7 @@ def generation_settings(args: argparse.Namespace, parser: argparse.ArgumentParse
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
-    if args.task and not args.bank:
-        parser.error("--task needs --bank (the folder that holds the task's prompt)")
+    check_row_options(args, parser)
     if args.classify and not args.task:
         parser.error("--classify needs --bank and --task (a classification task)")
     members = [name.strip() for name in (args.task or "").split(",") if name.strip()]
@@ -134,10 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give TEXT arguments or --input, not both")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}; expected at least 1")
-    if args.system is not None and not args.chat:
-        parser.error("--system needs --chat")
-    if args.chat and args.classify:
-        parser.error("--chat and --classify do not go together: classify labels texts, chat answers them")
     if len(members) > 1 and not args.ensemble:
         parser.error(f"--task {args.task!r} names several tasks; that needs --ensemble vote or --ensemble mean")
     settings = generation_settings(args, parser)
@@ -174,8 +185,7 @@ def report_errors(run) -> int:
 def _load(args):
     from .model import load
 
-    providers = args.providers.split(",") if args.providers else None
-    return load(args.export_dir, bank=args.bank, providers=providers, threads=args.threads)
+    return load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
 
 
 def _run_texts(args, texts: list[str], members: list[str], settings: dict) -> int:

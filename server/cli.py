@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from softprompt.formats import __version__
+from softprompt.runtime.cli import add_providers_option
 
 if TYPE_CHECKING:
     from .app import Limits
@@ -54,7 +55,7 @@ def add_serving_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default: 2048)")
     parser.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt in tokens (default: 4096)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
-    parser.add_argument("--providers", default=None, help="onnxruntime providers, e.g. cpu or cuda (default: CUDA if available)")
+    add_providers_option(parser)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
 
 
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
 
     try:
-        providers = args.providers.split(",") if args.providers else None
-        model = load(args.export_dir, bank=args.bank, providers=providers, threads=args.threads)
+        model = load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
     except (SoftpromptError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
