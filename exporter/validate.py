@@ -133,7 +133,7 @@ def validate(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, toleran
             diff = relative_diff(keep_g, keep_r)
             worst[case.name] = max(worst[case.name], diff)
             if diff > tolerance:
-                problems.append(f"{case.name}: {name} max |diff| / max |ref| = {diff:.2e} > {tolerance:.0e}")
+                problems.append(f"{case.name}: {name} max |diff| / max |ref| = {diff:.2e} > {tolerance:g}")
     if problems:
         raise ExportValidationError(
             f"the ONNX graph does not reproduce PyTorch ({len(problems)} mismatches): " + "; ".join(problems)
