@@ -174,12 +174,25 @@ def apply_precision(
     return {**changed, "bytes_fp32": before, "bytes": _size(path)}
 
 
+def _nbits_quantizer():
+    """onnxruntime's MatMulNBits quantizer module, imported without its side effect on the caller's logging.
+
+    Importing it calls `logging.basicConfig(level=INFO)` (onnxruntime 1.32), which gives the root logger a
+    handler at INFO: from then on every library in the process (onnx_ir's passes, for one, a line per
+    weight) prints its INFO messages. The root logger is put back as it was.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return matmul_nbits_quantizer
+
+
 def _quantize(model, precision: Precision, table: np.ndarray | None, calibration=None, log=lambda message: None):
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+    nbits_quantizer = _nbits_quantizer()
 
     gemm_as_matmul(model)
     initializers = {t.name for t in model.graph.initializer}
@@ -202,9 +215,11 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     at_int8 = [name for name, keep_as in kept.items() if keep_as == "int8"]
     if at_int8:
-        config = DefaultWeightOnlyQuantConfig(block_size=precision.block_size, is_symmetric=precision.symmetric, bits=8)
+        config = nbits_quantizer.DefaultWeightOnlyQuantConfig(
+            block_size=precision.block_size, is_symmetric=precision.symmetric, bits=8
+        )
         others = [n.name for n in matmuls if n.name not in at_int8]  # (its nodes_to_include adds, it does not restrict)
-        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
+        quantizer = nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
         quantizer.process()
         model = quantizer.model.model
     bits = BITS[precision.name]
@@ -215,10 +230,12 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         kept.update((name, "offset") for name in offset)  # done: the pass below leaves them alone
         kept.update((f"{name}.offsets", "offset product") for name in offset)  # their small float products too
     if precision.algorithm == "hqq":
-        config = HQQWeightOnlyQuantConfig(block_size=precision.block_size, bits=bits)
+        config = nbits_quantizer.HQQWeightOnlyQuantConfig(block_size=precision.block_size, bits=bits)
     else:
-        config = DefaultWeightOnlyQuantConfig(block_size=precision.block_size, is_symmetric=precision.symmetric, bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(kept), algo_config=config)
+        config = nbits_quantizer.DefaultWeightOnlyQuantConfig(
+            block_size=precision.block_size, is_symmetric=precision.symmetric, bits=bits
+        )
+    quantizer = nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=list(kept), algo_config=config)
     quantizer.process()
     model = quantizer.model.model
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -166,14 +169,32 @@ def test_a_quantized_export_out_of_bounds_is_refused_and_the_old_one_kept(llama_
     out = tmp_path / "export"
     export_model(str(llama_dir), out, log=lambda m: None)
     before = json.loads((out / "softprompt.json").read_text())
-    with pytest.raises(ExportValidationError, match=r"--precision int4: .*logits max \|diff\|.*--keep"):
-        export_model(str(llama_dir), out, precision="int4", tolerance=1e-3, overwrite=True, log=lambda m: None)
+    # The message names the tolerance as given (2.5e-3, not rounded to "2e-03").
+    with pytest.raises(
+        ExportValidationError, match=r"--precision int4: .*logits max \|diff\| / max \|ref\| = \S+ > 0\.0025.*--keep"
+    ):
+        export_model(str(llama_dir), out, precision="int4", tolerance=2.5e-3, overwrite=True, log=lambda m: None)
     assert json.loads((out / "softprompt.json").read_text()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging folder left behind
-    args = [str(llama_dir), str(out), "--force", "--precision", "int4", "--tolerance", "1e-3", "-q"]
+    args = [str(llama_dir), str(out), "--force", "--precision", "int4", "--tolerance", "2.5e-3", "-q"]
     assert export_main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --precision int4:")
+
+
+def test_quantizing_leaves_the_callers_logging_alone(llama_export, tmp_path):
+    """onnxruntime's weight quantizer sets the root logger to INFO when imported; an export from a program must not."""
+    shutil.copytree(llama_export, tmp_path / "export")
+    code = (
+        "import logging\n"
+        "from pathlib import Path\n"
+        "from softprompt.exporter.precision import Precision, apply_precision\n"
+        f"apply_precision(Path({str(tmp_path / 'export' / 'model.onnx')!r}), Precision('int8', algorithm='rtn'))\n"
+        "logging.getLogger('some.library').info('an INFO message of another library')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert nbits(tmp_path / "export" / "model.onnx")[8] > 0  # the quantizer ran
+    assert "an INFO message" not in result.stderr
 
 
 @pytest.mark.parametrize(
