@@ -101,18 +101,31 @@ def side_arguments(model_help: str, repeats: int) -> argparse.ArgumentParser:
     return parser
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: Linux carries that
-    over from the parent through fork and exec, so every child of a large parent reports the parent's."""
+def _status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status in MB, or None where there is none (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: Linux carries that
+    over from the parent through fork and exec, so every child of a large parent reports the parent's."""
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (VmRSS; 0 where /proc is missing)."""
+    return _status_mb("VmRSS") or 0.0
 
 
 def machine() -> str:

@@ -179,7 +179,8 @@ def _nbits_quantizer():
 
     Importing it calls `logging.basicConfig(level=INFO)` (onnxruntime 1.32), which gives the root logger a
     handler at INFO: from then on every library in the process (onnx_ir's passes, for one, a line per
-    weight) prints its INFO messages. The root logger is put back as it was.
+    weight) prints its INFO messages. The root logger is put back as it was, and the quantizer's own logger,
+    which logs every node at INFO, is kept to warnings.
     """
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -188,6 +189,7 @@ def _nbits_quantizer():
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     return matmul_nbits_quantizer
 
 
@@ -212,7 +214,6 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
     if precision.algorithm == "dynamic":
         return _dynamic(model, [name for name, keep_as in kept.items() if keep_as == "fp32"], bool(rules), calibration, log)
     shared = table is not None and _share_table(model, matmuls, kept, precision, table)
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     at_int8 = [name for name, keep_as in kept.items() if keep_as == "int8"]
     if at_int8:
         config = nbits_quantizer.DefaultWeightOnlyQuantConfig(

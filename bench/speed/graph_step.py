@@ -25,13 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import ROOT, machine
-
-
-def rss_mb() -> tuple[float, float]:
-    """(resident, peak resident) of this process in MB, from /proc/self/status."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+from bench.harness import ROOT, machine, peak_rss_mb, rss_mb
 
 
 def head_size(graph: Path) -> int | None:
@@ -79,13 +73,13 @@ def side(graph: Path, threads: int, past: int, calls: int) -> dict:
     """In a fresh process: the session's memory, then the median of 5 timings of `calls` bound steps."""
     import onnxruntime as ort
 
-    before = rss_mb()[0]
+    before = rss_mb()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    resident, peak = rss_mb()
+    resident, peak = rss_mb(), peak_rss_mb()
     binding = session.io_binding()
     for name, value in feeds(session, past, head_size(graph)).items():
         binding.bind_cpu_input(name, value)
