@@ -18,9 +18,10 @@ MODEL is one of:
 The kind of model is read from its config: a decoder-only LM (Llama, GPT-2, ...) gives model.onnx
 with a KV cache; an encoder (BERT, MiniLM, ...) model.onnx to the last hidden state; an
 encoder-decoder (T5, BART, ...) encoder.onnx and decoder.onnx, the prompt on the encoder input.
-OUT_DIR also receives embeddings.npy, the tokenizer files and softprompt.json (weights go beside a
-graph as .onnx.data above 1 GiB). The export is validated against PyTorch before OUT_DIR
-is written; on failure every mismatch is listed and OUT_DIR is left as it was.
+OUT_DIR also receives the embedding table (embeddings.npy; at int8 and int4 a tied lm_head is the
+table, kept once in model.onnx.data), the tokenizer files and softprompt.json. Weights go beside a
+graph as .onnx.data above 1 GiB, and always at fp16, int8 and int4. The export is validated against
+PyTorch before OUT_DIR is written; on failure every mismatch is listed and OUT_DIR is left as it was.
 
 examples:
   export-model smollm2-135m exports/smollm2
@@ -64,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         "precision",
         "int8 and int4 quantize the weights of every constant matrix product (lm_head included) to onnxruntime's "
         "MatMulNBits: the CPU choice, 2-3x faster than fp32 and 3.5-5x smaller (encoders at int8 quantize activations "
-        "too: --algorithm dynamic). fp16 is for CUDA. The embedding table, the KV cache and every prompt stay float32: "
-        "prompts trained on one precision load on all.",
+        "too: --algorithm dynamic). fp16 is for CUDA. The embedding table is stored at int8 (fp16 for fp16) and read back as "
+        "float32; activations, the KV cache and every prompt stay float32: prompts trained on one precision load on all.",
     )
     precision.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weights of the graphs (default: fp32)")
     precision.add_argument("--block-size", type=int, default=None, help="int8/int4: weights per scale (default: 32)")
