@@ -10,6 +10,7 @@ DEVICE_STAMP := $(DEVICE_VENV)/.installed
 DEMO_EXPORT := exports/smollm2
 # What `make demo` runs: the precision a CPU user should pick (README, "Precision").
 CPU_EXPORT := exports/smollm2-int4
+FP16_EXPORT := exports/smollm2-fp16
 BANK := banks/smollm2-135m
 BANK_DATA := build/bank-data
 
@@ -25,7 +26,7 @@ help:
 	@echo "make bench      bench/speed/generate.py: this runtime against PyTorch + PEFT"
 	@echo "make bench-precision  bench/speed/precision.py and bench/quality/precision.py: fp32, int8, int4"
 	@echo "make serve      bench/speed/serve.py: serving speed against the bandwidth limit, onnxruntime-genai and PyTorch"
-	@echo "make cuda-skeleton  the default export without its weights (build/cuda-skeleton) for bench/gpu/cuda_check.py"
+	@echo "make cuda-skeleton  the default export at fp32 and fp16 without weights (build/cuda-skeleton*) for bench/gpu/cuda_check.py"
 	@echo "make soak       bench/stress/soak.py: 60 s of 8 request threads while a task file is swapped"
 	@echo "make bench-quality  bench/quality/quality.py on real data (needs root for apt: see bench-data)"
 
@@ -130,9 +131,14 @@ bench: $(STAMP) $(DEMO_EXPORT)/softprompt.json
 serve: $(STAMP) $(DEMO_EXPORT)/softprompt.json
 	$(BIN)/python -m bench.speed.serve --export $(DEMO_EXPORT)
 
-# Small enough to carry to a GPU machine; there: python -m bench.gpu.cuda_check run --skeleton build/cuda-skeleton
-cuda-skeleton: $(STAMP) $(DEMO_EXPORT)/softprompt.json
+$(FP16_EXPORT)/softprompt.json: $(STAMP)
+	$(BIN)/export-model smollm2-135m $(FP16_EXPORT) --precision fp16 --force
+
+# Small enough to carry to a GPU machine; there:
+# python -m bench.gpu.cuda_check run --skeleton build/cuda-skeleton --fp16 build/cuda-skeleton-fp16
+cuda-skeleton: $(STAMP) $(DEMO_EXPORT)/softprompt.json $(FP16_EXPORT)/softprompt.json
 	$(BIN)/python -m bench.gpu.cuda_check skeleton --export $(DEMO_EXPORT) --out build/cuda-skeleton
+	$(BIN)/python -m bench.gpu.cuda_check skeleton --export $(FP16_EXPORT) --out build/cuda-skeleton-fp16
 
 # 60 s of requests from 8 threads while a task's files are swapped (hot-swap safety).
 soak: $(STAMP) $(DEMO_EXPORT)/softprompt.json

@@ -1,5 +1,6 @@
 """CUDA check: greedy tokens on CUDA equal the CPU's, and decode tokens/s with the KV
-cache kept on the GPU (I/O binding) against copying it to the host every step.
+cache kept on the GPU (I/O binding) against copying it to the host every step; with `--fp16`, the
+same model's fp16 export on CUDA against fp32 on the CPU (the first 32 greedy tokens) and its speed.
 
 Two steps, because the GPU machines lent to this project take 64 MiB a call and the default model's
 weights are 540 MB:
@@ -7,11 +8,15 @@ weights are 540 MB:
     python -m bench.gpu.cuda_check skeleton --export exports/smollm2 --out build/cuda-skeleton   # here
     python -m bench.gpu.cuda_check run --skeleton build/cuda-skeleton                           # GPU machine
 
+(`make cuda-skeleton` writes both skeletons, fp32 and fp16; there, add `--fp16 build/cuda-skeleton-fp16`.)
+
 `skeleton` copies an export without its large weight tensors (the graph, norm gains, rotary tables,
 tokenizer and config stay; 5 MB for SmolLM2). `run` fills them with seeded random values of the same
 shapes and compares the CPU and CUDA execution providers on them. Decode speed depends only on the
 shapes and parity compares two providers on the same weights, so random weights serve both; the
-generated text means nothing. `run` needs onnxruntime-gpu and only the runtime's dependencies.
+generated text means nothing. For fp16 that is a proxy: what rounding does to greedy tokens depends
+on the margins between the top logits, which the real weights would give; these give logits of unit
+spread over the whole vocabulary. `run` needs onnxruntime-gpu and only the runtime's dependencies.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 from bench.harness import new_steps
 
 WEIGHTS = "weights.bin"
+FP16_TOKENS = 32  # leading greedy tokens an fp16 export must share with fp32
 KEPT = ("cos", "sin")  # rotary tables: computed, not learned; random values would break positions
 
 
@@ -57,17 +63,24 @@ def skeleton(export: Path, out: Path, keep_below: int = 4096) -> None:
     onnx.save(model, str(out / "model.onnx"))
     table = np.load(export / "embeddings.npy", mmap_mode="r")
     for path in export.iterdir():
-        if path.is_file() and path.name not in ("model.onnx", "embeddings.npy"):
+        if path.is_file() and path.name not in ("model.onnx", "model.onnx.data", "embeddings.npy"):  # kept tensors: inline
             shutil.copy2(path, out / path.name)
     (out / "skeleton.json").write_text(
-        json.dumps({"weights": entries, "weights_bytes": offset, "embeddings": list(table.shape)}, indent=1)
+        json.dumps(
+            {"weights": entries, "weights_bytes": offset, "embeddings": list(table.shape), "embeddings_dtype": table.dtype.str},
+            indent=1,
+        )
     )
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"{out}: {len(entries)} tensors ({offset / 1e6:.0f} MB) left out, {size / 1e6:.1f} MB written")
 
 
 def fill(skeleton_dir: Path, out: Path, seed: int = 0) -> Path:
-    """A runnable export: the skeleton with seeded random weights, scaled 1/sqrt(fan-in) so activations stay O(1)."""
+    """A runnable export: the skeleton with seeded random weights, scaled 1/sqrt(fan-in) so activations stay O(1).
+
+    The values are drawn in float32 and stored in each tensor's own type, so the skeletons of one model's
+    fp32 and fp16 exports (same tensors, same order) filled with one seed hold the same weights, rounded
+    to fp16 in the second: the fp16 check compares them as the real exports would be compared."""
     info = json.loads((skeleton_dir / "skeleton.json").read_text())
     shutil.copytree(skeleton_dir, out, dirs_exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -78,7 +91,8 @@ def fill(skeleton_dir: Path, out: Path, seed: int = 0) -> Path:
             values = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[0]))
             handle.seek(entry["offset"])
             handle.write(values.astype(np.dtype(entry["dtype"])).tobytes())
-    np.save(out / "embeddings.npy", rng.standard_normal(info["embeddings"], dtype=np.float32))
+    table = rng.standard_normal(info["embeddings"], dtype=np.float32)
+    np.save(out / "embeddings.npy", table.astype(np.dtype(info.get("embeddings_dtype", "<f4"))))
     return out
 
 
@@ -142,7 +156,12 @@ def decode_rate(model, rows, tasks, new_tokens: int, repeats: int) -> float:
 
 
 def run(
-    skeleton_dir: Path, new_tokens: int, repeats: int, dry_run: bool = False, prompt_lengths: tuple[int, int, int] = (20, 100, 7)
+    skeleton_dir: Path,
+    new_tokens: int,
+    repeats: int,
+    dry_run: bool = False,
+    prompt_lengths: tuple[int, int, int] = (20, 100, 7),
+    fp16_skeleton: Path | None = None,
 ) -> int:
     import onnxruntime as ort
 
@@ -218,8 +237,50 @@ def run(
             f"{copied:.0f} ({bound / copied:.2f}x); CPU provider on this machine {host:.0f}"
         )
     ok = all(same_batch) and all(same_alone)
+    if fp16_skeleton is not None:
+        export16 = fill(fp16_skeleton, work / "export-fp16")
+        half = load(export16, bank=bank, providers="cpu" if dry_run else "cuda")
+        half.graph.binds = half.graph.binds or dry_run
+        ok = fp16_parity(skeleton_dir, fp16_skeleton, cpu, gpu, half, texts, tasks, [one, eight], repeats) and ok
     print("PASS" if ok else "FAIL: greedy tokens differ")
     return 0 if ok else 1
+
+
+def leading(reference: list[int], tokens: list[int]) -> int:
+    """How many tokens `tokens` shares with `reference` before the first difference."""
+    return next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), min(len(reference), len(tokens)))
+
+
+def fp16_parity(fp32_skeleton: Path, fp16_skeleton: Path, cpu, gpu, half, texts, tasks, batches, repeats: int) -> bool:
+    """The fp16 export on CUDA (`half`) against fp32 on the CPU (`cpu`), both filled with the same weights:
+    each row's greedy tokens must equal fp32's for the first FP16_TOKENS; also the input logits' error and
+    decode speed against fp32 on CUDA (`gpu`). The bank's prompts, saved for the fp32 export, load unchanged."""
+    shapes = [
+        [(entry["name"], entry["shape"]) for entry in json.loads((folder / "skeleton.json").read_text())["weights"]]
+        for folder in (fp32_skeleton, fp16_skeleton)
+    ]
+    if shapes[0] != shapes[1]:
+        raise SystemExit(f"{fp16_skeleton} is not a skeleton of the same model as {fp32_skeleton}: their weights differ")
+    if half.backbone.config.precision != "fp16":
+        raise SystemExit(f"{fp16_skeleton}: precision {half.backbone.config.precision}; expected an fp16 export's skeleton")
+    settings = {"max_new_tokens": FP16_TOKENS, "min_new_tokens": FP16_TOKENS}
+    reference = cpu.complete(texts, task=tasks, **settings)
+    got = half.complete(texts, task=tasks, **settings)
+    agreed = [leading(a.token_ids, b.token_ids) for a, b in zip(reference, got)]
+    ids = [cpu.encode(text, task) for text, task in zip(texts, tasks)]
+    expected = cpu.logits_of_ids(ids, tasks)
+    error = np.abs(half.logits_of_ids(ids, tasks) - expected).max() / np.abs(expected).max()
+    print(
+        f"fp16 parity: greedy tokens equal to fp32 (CPU) before the first difference, per row {agreed} of "
+        f"{FP16_TOKENS} (target: all); input logits max |fp16 - fp32| / max |fp32| {error:.2e}; providers "
+        f"{half.session.get_providers()}"
+    )
+    for rows in batches:
+        row_tasks = [None] * len(rows)
+        fast = decode_rate(half, rows, row_tasks, FP16_TOKENS, repeats)
+        full = decode_rate(gpu, rows, row_tasks, FP16_TOKENS, repeats)
+        print(f"batch {len(rows)}, no prompt: fp16 {fast:.0f} tokens/s, fp32 {full:.0f} ({fast / full:.2f}x), same provider")
+    return all(count >= FP16_TOKENS for count in agreed)
 
 
 def main() -> int:
@@ -232,12 +293,20 @@ def main() -> int:
     check.add_argument("--skeleton", type=Path, default=Path("build/cuda-skeleton"))
     check.add_argument("--new-tokens", type=int, default=64)
     check.add_argument("--repeats", type=int, default=5)
+    check.add_argument(
+        "--fp16",
+        type=Path,
+        default=None,
+        metavar="SKELETON",
+        help="also check the skeleton of the same model's fp16 export (e.g. build/cuda-skeleton-fp16): its greedy "
+        f"tokens on CUDA against fp32's on the CPU for the first {FP16_TOKENS}, and its speed",
+    )
     check.add_argument("--dry-run", action="store_true", help="the CPU provider for both sides: checks this script")
     args = parser.parse_args()
     if args.verb == "skeleton":
         skeleton(args.export, args.out)
         return 0
-    return run(args.skeleton, args.new_tokens, args.repeats, args.dry_run)
+    return run(args.skeleton, args.new_tokens, args.repeats, args.dry_run, fp16_skeleton=args.fp16)
 
 
 if __name__ == "__main__":
