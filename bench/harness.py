@@ -128,6 +128,41 @@ def rss_mb() -> float:
     return _status_mb("VmRSS") or 0.0
 
 
+def decoder_feeds(session, length: int = 1, past: int = 0, embeds=None, all_logits: bool = False, head_size=None) -> dict:
+    """Inputs for one call of a KV-cached decoder graph, made from its input names (this runtime's and
+    onnxruntime-genai's): `length` new positions after `past` cached ones (random keys and values, of
+    `head_size` where the graph leaves it symbolic), every position attended. The new positions are
+    `embeds` [1, length, E] where given, else small random embeddings, or token 42 for a graph that
+    takes input_ids; `all_logits` asks a graph with logits_to_keep for every position's logits."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    if embeds is not None:
+        embeds = np.asarray(embeds, np.float32)
+        length = embeds.shape[1]
+    made = {}
+    for node in session.get_inputs():
+        name, shape = node.name, node.shape
+        if name.startswith("past"):
+            size = shape[3] if isinstance(shape[3], int) else head_size
+            if not isinstance(shape[1], int) or size is None:
+                raise SystemExit(f"{name} {shape}: no head count or head size in the graph or a config beside it")
+            made[name] = rng.standard_normal((1, shape[1], past, size), dtype=np.float32)
+        elif name == "inputs_embeds":
+            made[name] = embeds if embeds is not None else 0.1 * rng.standard_normal((1, length, shape[2]), dtype=np.float32)
+        elif name == "input_ids":
+            made[name] = np.full((1, length), 42, np.int64)
+        elif name == "attention_mask":
+            made[name] = np.ones((1, past + length), np.int64)
+        elif name == "position_ids":
+            made[name] = np.arange(past, past + length, dtype=np.int64)[None]
+        elif name == "logits_to_keep":
+            made[name] = np.array([0 if all_logits else 1], np.int64)
+        else:
+            raise SystemExit(f"{name}: an input this benchmark does not know how to fill")
+    return made
+
+
 def machine() -> str:
     """CPU model, visible cores, Python and onnxruntime versions: printed with every result."""
     cpu = platform.processor() or platform.machine()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import new_steps
+from bench.harness import decoder_feeds, new_steps
 
 WEIGHTS = "weights.bin"
 FP16_TOKENS = 32  # leading greedy tokens an fp16 export must share with fp32
@@ -121,19 +121,7 @@ def placement(model_path: Path) -> dict[str, dict[str, int]]:
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "placement")
     session = ort.InferenceSession(str(model_path), options, providers=[(CUDA, CUDA_OPTIONS), "CPUExecutionProvider"])
-    feeds = {}
-    for node in session.get_inputs():
-        if node.name == "inputs_embeds":
-            feeds[node.name] = np.zeros((1, 4, node.shape[-1]), np.float32)
-        elif node.name == "attention_mask":
-            feeds[node.name] = np.ones((1, 4), np.int64)
-        elif node.name == "position_ids":
-            feeds[node.name] = np.arange(4, dtype=np.int64)[None]
-        elif node.name == "logits_to_keep":
-            feeds[node.name] = np.array([1], np.int64)
-        else:
-            feeds[node.name] = np.zeros((1, node.shape[1], 0, node.shape[3]), np.float32)
-    session.run(None, feeds)
+    session.run(None, decoder_feeds(session, length=4))
     events = json.loads(Path(session.end_profiling()).read_text())
     found: dict[str, dict[str, int]] = {}
     for event in events:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import machine
+from bench.harness import decoder_feeds, machine
 
 BLOCK = 32
 RECIPES = ("offset", "rtn", "rtn-symmetric", "gptq", "gptq-symmetric", "rtn+bias", "offset+lm_head", "offset+table")
@@ -136,20 +136,8 @@ def session(model):
 
 
 def feeds(graph, table, ids: Sequence[int]) -> dict[str, np.ndarray]:
-    length = len(ids)
-    out = {}
-    for node in graph.get_inputs():
-        if node.name == "inputs_embeds":
-            out[node.name] = np.asarray(table[np.asarray(ids)], np.float32)[None]
-        elif node.name == "attention_mask":
-            out[node.name] = np.ones((1, length), np.int64)
-        elif node.name == "position_ids":
-            out[node.name] = np.arange(length, dtype=np.int64)[None]
-        elif node.name == "logits_to_keep":
-            out[node.name] = np.array([0], np.int64)
-        else:  # an empty past
-            out[node.name] = np.zeros((1, node.shape[1], 0, node.shape[3]), np.float32)
-    return out
+    """The token ids' embeddings from `table` as one sequence, no past, every position's logits."""
+    return decoder_feeds(graph, embeds=np.asarray(table[np.asarray(ids)], np.float32)[None], all_logits=True)
 
 
 def statistics(model, table, sequences: Sequence[Sequence[int]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

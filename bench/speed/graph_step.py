@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import ROOT, machine, peak_rss_mb, rss_mb
+from bench.harness import ROOT, decoder_feeds, machine, peak_rss_mb, rss_mb
 
 
 def head_size(graph: Path) -> int | None:
@@ -41,34 +41,6 @@ def head_size(graph: Path) -> int | None:
     return None
 
 
-def feeds(session, past: int, head: int | None) -> dict:
-    """Inputs for one decode step after `past` positions, from the graph's input names and shapes."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    made = {}
-    for node in session.get_inputs():
-        name, shape = node.name, node.shape
-        if name.startswith("past"):
-            size = shape[3] if isinstance(shape[3], int) else head
-            if not isinstance(shape[1], int) or size is None:
-                raise SystemExit(f"{name} {shape}: no head count or head size in the graph or a config beside it")
-            made[name] = rng.standard_normal((1, shape[1], past, size), dtype=np.float32)
-        elif name == "inputs_embeds":
-            made[name] = 0.1 * rng.standard_normal((1, 1, shape[2]), dtype=np.float32)
-        elif name == "input_ids":
-            made[name] = np.array([[42]], np.int64)
-        elif name == "attention_mask":
-            made[name] = np.ones((1, past + 1), np.int64)
-        elif name == "position_ids":
-            made[name] = np.array([[past]], np.int64)
-        elif name == "logits_to_keep":
-            made[name] = np.array([1], np.int64)
-        else:
-            raise SystemExit(f"{name}: an input this benchmark does not know how to fill")
-    return made
-
-
 def side(graph: Path, threads: int, past: int, calls: int) -> dict:
     """In a fresh process: the session's memory, then the median of 5 timings of `calls` bound steps."""
     import onnxruntime as ort
@@ -81,7 +53,7 @@ def side(graph: Path, threads: int, past: int, calls: int) -> dict:
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     resident, peak = rss_mb(), peak_rss_mb()
     binding = session.io_binding()
-    for name, value in feeds(session, past, head_size(graph)).items():
+    for name, value in decoder_feeds(session, past=past, head_size=head_size(graph)).items():
         binding.bind_cpu_input(name, value)
     for output in session.get_outputs():
         binding.bind_output(output.name, "cpu")

@@ -8,7 +8,7 @@ import sys
 import onnx
 import pytest
 
-from bench.harness import ROOT
+from bench.harness import ROOT, decoder_feeds
 from bench.speed import graph_step
 
 
@@ -25,7 +25,7 @@ def test_the_past_takes_the_head_size_from_the_config_where_the_graph_leaves_it_
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(llama_export / "model.onnx"), providers=["CPUExecutionProvider"])
-    made = graph_step.feeds(session, 7, graph_step.head_size(llama_export / "model.onnx"))
+    made = decoder_feeds(session, past=7, head_size=graph_step.head_size(llama_export / "model.onnx"))
     past = [value for name, value in made.items() if name.startswith("past")]
     assert past and all(value.shape[2] == 7 for value in past)
     assert made["attention_mask"].shape == (1, 8)
@@ -36,4 +36,4 @@ def test_the_past_takes_the_head_size_from_the_config_where_the_graph_leaves_it_
     onnx.save(model, str(tmp_path / "model.onnx"))
     odd = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     with pytest.raises(SystemExit, match="mystery: an input this benchmark does not know how to fill"):
-        graph_step.feeds(odd, 7, None)
+        decoder_feeds(odd, past=7)
