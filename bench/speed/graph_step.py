@@ -3,9 +3,10 @@
 bench/speed/precision.py times whole generations, so its figures carry each side's own loop (this
 runtime's Python, onnxruntime-genai's C++). This times only `run` of each graph on the same
 onnxruntime: batch 1, one new token on a past of `--past` positions, inputs and outputs bound once
-(I/O binding), each graph in a fresh process holding one session (a second session's idle threads
-would compete for the cores), graphs alternating and their order flipping every round. It also
-prints what creating the session added to the process's resident memory, steady and at its peak.
+(I/O binding), each graph in a fresh process holding one onnxruntime InferenceSession (a second
+one's idle threads would compete for the cores), graphs alternating and their order flipping every
+round. It also prints what creating the InferenceSession added to the process's resident memory,
+steady and at its peak.
 
     python -m bench.speed.graph_step /tmp/genai-int8/model.onnx exports/smollm2-int8/model.onnx
 
