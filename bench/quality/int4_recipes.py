@@ -6,7 +6,8 @@ distribution moves from fp32's (mean KL divergence), how often its top token is 
 largest error relative to their scale (what export-model's validation bounds). Weights only: the int8
 rounding of activations that MatMulNBits' accuracy level 4 adds at run time is the same for every recipe.
 
-Recipes, blocks of 32 along the input dimension:
+Recipes, blocks of 32 along the input dimension (offset and rtn values are the exporter's own, read back
+through `exporter.precision.dequantized`; GPTQ rounds to the same grids):
 - offset: 4-bit codes plus a float minimum per block (export-model's int4 default, `--algorithm offset`);
 - rtn, rtn-symmetric: round to nearest with an integer zero point per block (`--algorithm rtn`) or none
   (`--symmetric`, onnxruntime-genai's int4);
@@ -40,7 +41,7 @@ BLOCK = 32
 RECIPES = ("offset", "rtn", "rtn-symmetric", "gptq", "gptq-symmetric", "rtn+bias", "offset+lm_head", "offset+table")
 
 
-# ---- the grids: each returns a [N, K] weight (rows = outputs) as the recipe stores it ---------------------
+# ---- the grids: onnxruntime's 4-bit codes as GPTQ chooses them, and the exporter's own for the rest ---------
 
 
 def grid(block: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -61,24 +62,12 @@ def on_grid(values: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarr
     return (np.clip(np.rint(values / scale) + zero, 0, 15) - zero) * scale
 
 
-def rtn(weight: np.ndarray, symmetric: bool) -> np.ndarray:
-    out = np.empty_like(weight)
-    for start in range(0, weight.shape[1], BLOCK):
-        block = weight[:, start : start + BLOCK]
-        out[:, start : start + BLOCK] = on_grid(block, *grid(block, symmetric))
-    return out
+def exported(weights: dict[str, np.ndarray], algorithm: str, symmetric: bool = False) -> dict[str, np.ndarray]:
+    """The values each [K, N] weight takes in an int4 export made with `algorithm` ("rtn" or "offset"): the
+    exporter's own quantizer, read back as onnxruntime holds them (`exporter.precision.dequantized`)."""
+    from softprompt.exporter.precision import Precision, dequantized
 
-
-def offset(weight: np.ndarray) -> np.ndarray:
-    """Codes 0..15 between each block's minimum and maximum, the minimum kept as a float (Q4_1's grid)."""
-    out = np.empty_like(weight)
-    for start in range(0, weight.shape[1], BLOCK):
-        block = weight[:, start : start + BLOCK]
-        low = block.min(axis=1, keepdims=True)
-        step = (block.max(axis=1, keepdims=True) - low) / 15.0
-        step = np.where(step == 0, 1.0, step)
-        out[:, start : start + BLOCK] = low + step * np.clip(np.rint((block - low) / step), 0, 15)
-    return out
+    return dequantized(weights, Precision("int4", block_size=BLOCK, symmetric=symmetric, algorithm=algorithm))
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, symmetric: bool, damp: float = 0.01, lazy: int = 128) -> np.ndarray:
@@ -168,33 +157,31 @@ def apply(model, recipe: str, stats, table: np.ndarray):
     changed = onnx.ModelProto()
     changed.CopyFrom(model)
     found, head = products(changed)
-    weights = {t.name: t for t in changed.graph.initializer}
+    chosen = [n for n in found if n.name != head or recipe == "offset+lm_head"]
+    initializers = {t.name: t for t in changed.graph.initializer}
+    weights = {n.input[1]: numpy_helper.to_array(initializers[n.input[1]]).astype(np.float32) for n in chosen}  # [K, N]
     base = recipe.split("+")[0]
+    if base.startswith("gptq"):
+        symmetric = base.endswith("symmetric")
+        stored = {n.input[1]: gptq(weights[n.input[1]].T, stats[n.input[0]][0], symmetric).T for n in chosen}
+    else:
+        stored = exported(weights, "offset" if base == "offset" else "rtn", symmetric=base.endswith("symmetric"))
     after: dict[str, object] = {}  # product name -> the bias Add that follows it (rtn+bias)
-    for node in found:
-        if node.name == head and recipe != "offset+lm_head":
-            continue
-        weight = numpy_helper.to_array(weights[node.input[1]]).T.astype(np.float64)  # [N, K]
-        gram, mean = stats[node.input[0]] if stats else (None, None)
-        if base == "offset":
-            stored = offset(weight)
-        elif base.startswith("gptq"):
-            stored = gptq(weight, gram, symmetric=base.endswith("symmetric"))
-        else:
-            stored = rtn(weight, symmetric=base.endswith("symmetric"))
-        weights[node.input[1]].CopyFrom(numpy_helper.from_array(stored.T.astype(np.float32), node.input[1]))
+    for node in chosen:
+        name = node.input[1]
+        initializers[name].CopyFrom(numpy_helper.from_array(np.asarray(stored[name], np.float32), name))
         if recipe == "rtn+bias":  # the mean error on calibration text, added back after the product
-            bias = (mean @ (weight - stored).T).astype(np.float32)
+            bias = (stats[node.input[0]][1] @ (weights[name] - stored[name])).astype(np.float32)
             output = node.output[0]
             node.output[0] = f"{output}.unbiased"
-            changed.graph.initializer.append(numpy_helper.from_array(bias, f"{node.input[1]}.bias"))
-            after[node.name] = onnx.helper.make_node("Add", [node.output[0], f"{node.input[1]}.bias"], [output])
+            changed.graph.initializer.append(numpy_helper.from_array(bias, f"{name}.bias"))
+            after[node.name] = onnx.helper.make_node("Add", [node.output[0], f"{name}.bias"], [output])
     if after:
         nodes = [added for node in changed.graph.node for added in (node, after.get(node.name)) if added is not None]
         del changed.graph.node[:]
         changed.graph.node.extend(nodes)
     if recipe == "offset+table":
-        table = offset(np.asarray(table, np.float64)).astype(np.float32)
+        table = np.ascontiguousarray(exported({"table": table.T}, "offset")["table"].T)
     return changed, table
 
 
