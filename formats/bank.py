@@ -302,17 +302,51 @@ def orphans(bank_dir: str | os.PathLike) -> list[str]:
     )
 
 
+def misnamed(bank_dir: str | os.PathLike) -> list[str]:
+    """Files that look like a task's (`.json` or `.npy` in the name) but that no reader serves, since their names are
+    not task names (a space, a trailing newline, a leading dash, over 128 characters): `verify` lists them, where
+    a reader skips them."""
+    found = []
+    for entry in os.listdir(bank_dir):
+        if entry.startswith(".") or (".json" not in entry and ".npy" not in entry):
+            continue
+        if task_of(entry) is not None or VECTORS_FILE.fullmatch(entry):
+            continue
+        if entry.endswith(".npy") and task_of(entry[: -len(".npy")] + ".json") is not None:
+            continue  # schema 1 vectors: a task's, or an orphan (listed as one)
+        found.append(entry)
+    return sorted(found)
+
+
 def vectors_path(bank_dir: str | os.PathLike, meta: PromptMeta) -> Path:
     """Where a task's vectors are: the file its record names (schema 2), else `NAME.npy`."""
     return Path(bank_dir) / (meta.vectors or f"{meta.name}.npy")
 
 
-def read_meta(path: Path) -> PromptMeta:
-    """Read and check `NAME.json` against the schema."""
+def confined(bank: Path, file_name: str, task: str, what: str) -> Path:
+    """`file_name` in the bank with its links resolved, refused unless it lies in the bank folder itself: no
+    record, name or link may make a reader open a file elsewhere (export folders are confined the same way).
+    The result has no link left in it; read it with `follow=False`, so a link put there since is refused too."""
+    if not isinstance(file_name, str) or Path(file_name).name != file_name or "\\" in file_name or file_name in ("", ".", ".."):
+        raise InvalidPromptError(f"task {task!r}: its {what} is {file_name!r:.80}; expected a plain file name in the bank")
+    path = bank / file_name
     try:
-        raw = read_bounded(path, MAX_RECORD_BYTES, "a task record (JSON)")
+        real = path.resolve(strict=True)
+        home = bank.resolve(strict=True)
     except FileNotFoundError:
-        raise InvalidPromptError(f"{path}: missing; every task needs its NAME.json record") from None
+        return path  # the reader says it is missing (or retries: a writer may have just replaced it)
+    except (OSError, RuntimeError):  # a loop of links
+        raise InvalidPromptError(f"task {task!r}: its {what} {path} is a link that leads nowhere (a loop)") from None
+    if real.parent != home:
+        raise InvalidPromptError(
+            f"task {task!r}: its {what} {path} is a link to a file outside the bank {bank}; a task's files must lie in "
+            "its bank folder (copy the file in instead)"
+        )
+    return real
+
+
+def parse_meta(raw: bytes, path: Path) -> PromptMeta:
+    """A record's bytes checked against the schema; `path` is the record's place in its bank (NAME.json)."""
     try:
         data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -363,6 +397,11 @@ def read_meta(path: Path) -> PromptMeta:
         check_parts(data["parts"], data["layers"], str(path))
     if "extra" in data and data["extra"] is None:
         raise InvalidPromptError(f"{path}: extra is null; expected an object (empty for a task without template or labels)")
+    if version == 1 and (data.get("vectors") is not None or data.get("vectors_sha256") is not None):
+        raise InvalidPromptError(
+            f"{path}: a schema 1 record naming a vectors file ({data.get('vectors')!r:.80}); schema 1 keeps a task's vectors "
+            "in NAME.npy beside its record, and only schema 2 records name a file (with its sha256)"
+        )
     if version >= 2:
         stem = path.name[: -len(".json")]
         named, digest = data["vectors"], data["vectors_sha256"]
@@ -397,17 +436,23 @@ def load_prompt(
             raise InvalidPromptError(f"{bank / (name + '.npy')}: has no {name}.json record beside it; every task needs one")
         raise UnknownTaskError(f"no task {name!r} in bank {bank}; tasks there: {', '.join(list_tasks(bank)) or 'none'}")
     for attempt in range(3):
-        meta = read_meta(meta_path)
+        try:
+            raw = read_bounded(
+                confined(bank, meta_path.name, name, "record"), MAX_RECORD_BYTES, "a task record (JSON)", follow=False
+            )
+        except FileNotFoundError:
+            raise InvalidPromptError(f"{meta_path}: missing; every task needs its NAME.json record") from None
+        meta = parse_meta(raw, meta_path)
+        if meta.name != name:  # before its vectors are looked for: the name must not lead anywhere
+            raise InvalidPromptError(f"{meta_path}: name is {meta.name!r:.80}; expected {name!r} (the file's name)")
         npy = vectors_path(bank, meta)
         try:
-            vectors = read_vectors(npy, meta.vectors_sha256)
+            vectors = read_vectors(confined(bank, npy.name, name, "vectors file"), meta.vectors_sha256, follow=False)
             break
         except InvalidPromptError:
             # A writer may have replaced the record and removed the file it named since it was read.
             if attempt == 2 or npy.exists() or meta.vectors is None:
                 raise
-    if meta.name != name:
-        raise InvalidPromptError(f"{meta_path}: name is {meta.name!r}; expected {name!r} (the file's name)")
     if (vectors.shape, vectors.dtype.name) != (meta.shape, meta.dtype):
         raise InvalidPromptError(
             f"{npy}: array is {'x'.join(map(str, vectors.shape))} {vectors.dtype.name} but {meta_path.name} says "
@@ -498,18 +543,28 @@ def remove_prompt(bank_dir: str | os.PathLike, name: str) -> None:
 
 def _remove_strays(bank: Path, name: str, keep: str | None) -> None:
     """Files of task `name` that its record does not name: older versions' vectors, schema 1's NAME.npy, and
-    temporary files of killed writes. A file that is another task's (it has a record of its own) is left."""
-    temporary = re.compile(r"\." + re.escape(name) + r"(\.[0-9a-f]{16})?\.(npy|json)\.[a-z0-9_]{8}\.tmp")
+    temporary files of killed writes.
+
+    Task names may hold dots, so a name alone does not say whose a file is: `a.0123456789abcdef.npy` is a
+    version of task `a` and the schema 1 vectors of task `a.0123456789abcdef`. Only a file that can be no other
+    task's, in any of its states (a write in flight included), is removed; an ambiguous one is left as a stray.
+    """
+    ours = re.escape(name)
+    versions = re.compile(ours + r"\.[0-9a-f]{16}\.npy")  # NAME.<hash>.npy
+    temporary = re.compile(r"\." + ours + r"(\.json|\.[0-9a-f]{16}\.npy)\.[a-z0-9_]{8}\.tmp")  # atomic_writer's names
     try:
         entries = set(os.listdir(bank))
     except OSError:
         return
     for entry in entries - {keep, f"{name}.json"}:
-        version = VECTORS_FILE.fullmatch(entry)
-        if version and version.group(1) == name:
+        if versions.fullmatch(entry):
+            # Also task NAME.<hash>'s schema 1 vectors, while that task has a record.
             if f"{entry[: -len('.npy')]}.json" in entries:
-                continue  # schema 1's vectors of a task named NAME.<hex>, which has its own record
-        elif not (temporary.fullmatch(entry) or entry == f"{name}.npy"):
+                continue
+        elif entry == f"{name}.npy":
+            if VECTORS_FILE.fullmatch(entry):  # also another task's version: ambiguous, kept
+                continue
+        elif not temporary.fullmatch(entry):
             continue
         with contextlib.suppress(OSError):
             os.unlink(bank / entry)

@@ -172,12 +172,13 @@ _TYPES = [
         (key, lambda v: isinstance(v, str), "a string")
         for key in ("kind", "architecture", "model_type", "dtype", "fingerprint", "precision")
     ),
+    ("max_positions", lambda v: v is None or (_int(v) and v >= 2), "a whole number of positions (at least 2) or null"),
     *(
-        (key, lambda v: v is None or _int(v), "a whole number or null")
-        for key in ("max_positions", "bos_token_id", "pad_token_id")
+        (key, lambda v: v is None or (_int(v) and v >= 0), "a token id (0 or more) or null")
+        for key in ("bos_token_id", "pad_token_id")
     ),
     *((key, _int, "a whole number") for key in ("opset",)),
-    ("eos_token_ids", _ints, "a list of whole numbers"),
+    ("eos_token_ids", lambda v: _ints(v) and all(i >= 0 for i in v), "a list of token ids (0 or more)"),
     *((key, _strings, "a list of strings") for key in ("input_names", "output_names")),
     ("files", lambda v: isinstance(v, dict), "an object of file names"),
     *((key, lambda v: isinstance(v, dict), "an object") for key in ("source", "validation", "generation", "quantization")),

@@ -20,6 +20,8 @@ from .errors import InvalidPromptError
 MAX_VECTORS_BYTES = 256 * 2**20
 HASH_DIGITS = 16  # of a vectors file's sha256, in its name and in messages
 ALLOWED_DTYPES = ("float32", "float16")
+NPY_MAGIC = b"\x93NUMPY"
+EXPECTED = "expected a float32/float16 array saved by numpy"
 SHAPES = {2: "2 ([prompt length, embedding width])", 4: "4 ([2 * layers, kv heads, prefix length, head size])"}
 
 
@@ -46,11 +48,15 @@ def validate_vectors(vectors: np.ndarray, where: str, ndim: tuple[int, ...] = (2
         )
 
 
-def read_bounded(path: Path, limit: int, what: str) -> bytes:
+def read_bounded(path: Path, limit: int, what: str, follow: bool = True) -> bytes:
     """The bytes of a regular file of at most `limit` bytes, opened without blocking (a FIFO or a device in a
-    bank is refused, never waited on)."""
+    bank is refused, never waited on). `follow=False` refuses a link in the last place of `path` (a bank's
+    reader passes a path with its links already resolved and checked, so a link put there since is refused)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -70,14 +76,17 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
 def parse_vectors(data: bytes, where: str) -> np.ndarray:
     """A `.npy` prompt from its bytes: the header's shape and dtype are checked against the data's size before
     anything is allocated, and nothing is ever unpickled."""
+    if not data.startswith(NPY_MAGIC):
+        raise InvalidPromptError(f"{where}: not a .npy file (it does not start with numpy's magic bytes); {EXPECTED}")
     stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(stream)
-    except Exception as exc:  # numpy parses the header as Python literals: SyntaxError, TokenError, ... on garbage
+    except Exception:  # numpy parses the header as Python literals: SyntaxError, TokenError, ... on garbage
+        # numpy's own text is not passed on: it quotes the file's bytes and advises allow_pickle=True.
         raise InvalidPromptError(
-            f"{where}: not a readable .npy file ({exc}); expected a float32/float16 array saved by numpy (is it truncated?)"
+            f"{where}: its .npy header cannot be read (damaged, truncated, or longer than numpy's 10,000-byte limit); {EXPECTED}"
         ) from None
     if dtype.hasobject:
         raise InvalidPromptError(
@@ -97,10 +106,10 @@ def parse_vectors(data: bytes, where: str) -> np.ndarray:
     return vectors
 
 
-def read_vectors(path: Path, sha256: str | None = None) -> np.ndarray:
+def read_vectors(path: Path, sha256: str | None = None, follow: bool = True) -> np.ndarray:
     """Read a `.npy` prompt, checked against `sha256` (its record's) where given."""
     try:
-        data = read_bounded(path, MAX_VECTORS_BYTES, "a .npy prompt")
+        data = read_bounded(path, MAX_VECTORS_BYTES, "a .npy prompt", follow=follow)
     except FileNotFoundError:
         raise InvalidPromptError(f"{path}: file not found") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:

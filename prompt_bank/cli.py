@@ -14,6 +14,7 @@ from softprompt.formats import __version__
 from softprompt.formats.bank import (
     list_tasks,
     load_prompt,
+    misnamed,
     orphans,
     remove_prompt,
     save_prefix,
@@ -38,6 +39,11 @@ examples:
   prompt-bank verify banks/smollm2 --model exports/smollm2
   prompt-bank export-peft banks/smollm2 sentiment out/peft_adapter --model exports/smollm2
 """
+
+NOT_A_TASK = (
+    "not served: its name is not a task's (NAME.json or NAME.<hash>.npy, NAME of letters, digits, '_', '-' and '.', "
+    "starting with a letter or digit, at most 128 characters)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _list(args) -> int:
     tasks = list_tasks(args.bank)
-    if not tasks and not orphans(args.bank):
+    if not tasks and not orphans(args.bank) and not misnamed(args.bank):
         print(f"{args.bank}: no tasks", file=sys.stderr)
         return 0
     failed = 0
@@ -153,6 +159,9 @@ def _list(args) -> int:
     for orphan in orphans(args.bank):
         failed += 1
         print(f"{orphan[:-4]:24} INVALID: {args.bank / orphan} has no {orphan[:-4]}.json record beside it")
+    for entry in misnamed(args.bank):
+        failed += 1
+        print(f"{entry!r:24} INVALID: {NOT_A_TASK}")
     return 1 if failed else 0
 
 
@@ -196,6 +205,9 @@ def _verify(args) -> int:
     for orphan in orphans(args.bank):
         failed += 1
         print(f"FAIL  {orphan[:-4]}: {args.bank / orphan} has no {orphan[:-4]}.json record beside it")
+    for entry in misnamed(args.bank):
+        failed += 1
+        print(f"FAIL  {entry!r}: {NOT_A_TASK}")
     print(f"{valid} of {len(tasks)} tasks valid{against}")
     return 1 if failed else 0
 

@@ -47,7 +47,7 @@ BROKEN_EXPORTS = {
     "empty graph": (lambda f: (f / "model.onnx").write_bytes(b""), "onnxruntime cannot load"),
     "garbage tokenizer": (lambda f: (f / "tokenizer.json").write_text("garbage"), "not a readable tokenizer.json"),
     "empty table": (lambda f: (f / "embeddings.npy").write_bytes(b""), "not a readable .npy table"),
-    "eos ids a string": (retype("eos_token_ids", "x"), "eos_token_ids is 'x'; expected a list of whole numbers"),
+    "eos ids a string": (retype("eos_token_ids", "x"), "eos_token_ids is 'x'; expected a list of token ids (0 or more)"),
     "input names a number": (retype("input_names", 5), "input_names is 5; expected a list of strings"),
     "config a list": (lambda f: (f / "softprompt.json").write_text("[]"), "expected a JSON object, got list"),
 }
