@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -182,9 +183,37 @@ def report_errors(run) -> int:
         return 1
 
 
+def log_to_stderr(level: int = logging.WARNING) -> None:
+    """The runtime's log lines (a task that fails to load, a swapped task) on stderr as `warning: ...` lines."""
+    logger = logging.getLogger("softprompt")
+    logger.setLevel(level)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_LevelFormatter())
+        logger.addHandler(handler)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (a test's capture, a redirected stream)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 def _load(args):
     from .model import load
 
+    log_to_stderr()
     return load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
 
 

@@ -81,12 +81,25 @@ class RowText:
 
     The text is decoded when it is read, or every step only when stop strings must be looked for:
     decoding all the ids again each step cost about 1% of a decode step.
+
+    `labels` (a classification task's verbalizers, as token ids) end the row once it has written one
+    (and no longer label goes on from it), or as many tokens as the longest: a classification prompt
+    asked to generate answers with a label, not with the label repeated until max_new_tokens.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], eos_ids: set[int], stops: Sequence[str]):
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        eos_ids: set[int],
+        stops: Sequence[str],
+        labels: Sequence[Sequence[int]] = (),
+    ):
         self._decode = decode
         self._eos = eos_ids
         self._stops = [s for s in stops if s]
+        self._labels = {tuple(label) for label in labels if len(label)}
+        self._longest = max(map(len, self._labels), default=0)
+        self._going_on = {label[:k] for label in self._labels for k in range(1, len(label))}  # starts of longer labels
         self.ids: list[int] = []
         self._text = ""
         self._decoded = 0  # how many ids `_text` covers
@@ -113,6 +126,11 @@ class RowText:
             self.finish_reason = "stop"
             return
         self.ids.append(int(token))
+        if self._labels:
+            written = tuple(self.ids)
+            if len(written) >= self._longest or (written in self._labels and written not in self._going_on):
+                self.finish_reason = "stop"
+                return
         if not self._stops:
             return
         text = self.text
@@ -146,6 +164,8 @@ class TextModel(ServedExport):
     every step (the last yield final), and `_label_logprobs(inputs, verbalizers, tasks)`, each
     row's summed log-probability of each of its labels' verbalizer ids.
     """
+
+    _eos: set[int]  # the model's end-of-sequence ids
 
     def complete(
         self, texts: str | Sequence[str], task=None, settings: GenerationSettings | None = None, **overrides
@@ -236,6 +256,13 @@ class TextModel(ServedExport):
     @cached_property
     def _chat_template(self) -> ChatTemplate | None:
         return read_chat_template(self.backbone.folder)
+
+    def row_text(self, task: Task | str | None, settings: GenerationSettings) -> RowText:
+        """The state of one row generating under `task`: a classification task's row ends after a label (unless
+        min_new_tokens asks for more)."""
+        spec = spec_of(self._store.resolve([task])[0])
+        labels = spec.verbalizer_ids(self.backbone.encode).values() if spec.labels and not settings.min_new_tokens else ()
+        return RowText(self.decode, self._eos, settings.stop, labels=list(labels))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (a pattern's slot vectors, negative ids, are not text and are left out)."""

@@ -209,7 +209,7 @@ class Model(TextModel):
         """Run the batch, yielding the rows' states after every step (the last yield is final)."""
         choose = chooser(settings, self._eos)
         embeds, mask, past = self._first_step(ids, found, settings.max_new_tokens)
-        states = [RowText(self.decode, self._eos, settings.stop) for _ in ids]
+        states = [self.row_text(task, settings) for task in found]
         for tokens in decode_steps(self.graph.forward, self.table, embeds, mask, past, choose, settings.max_new_tokens):
             for state, token in zip(states, tokens.tolist()):
                 state.add(token)

@@ -243,7 +243,7 @@ class Seq2Seq(TextModel):
                 f"decoder positions; the model has {limit}"
             )
         cross, mask = self._encoder(ids, found)
-        states = [RowText(self.decode, self._eos, settings.stop) for _ in ids]
+        states = [self.row_text(task, settings) for task in found]
         tokens = np.full(len(ids), self._start, dtype=np.int64)
         for step in range(max_new_tokens):
             logits, past = self._decoder_step(np.asarray(self.table[tokens], dtype=np.float32)[:, None], mask, past, cross)

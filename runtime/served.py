@@ -37,6 +37,12 @@ class ServedExport:
         return sorted(self._store.current())
 
     @property
+    def unserved(self) -> dict[str, str]:
+        """Tasks of the bank that failed to load, each with the reason: a request for one is refused with it, while
+        every other task serves."""
+        return dict(self._store.failed())
+
+    @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 

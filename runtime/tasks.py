@@ -98,17 +98,23 @@ class TaskStore:
         self._lock = threading.Lock()
         self._tasks: Mapping[str, Task] = MappingProxyType({})
         self._seen: dict[str, Stamp] = {}  # last stamps looked at, including ones that failed to load
+        self._failed: Mapping[str, str] = MappingProxyType({})  # name -> why it is not served (none of its versions loaded)
         if bank is not None:
             if not Path(bank).is_dir():
                 raise InvalidPromptError(f"bank {bank} is not a folder")
-            self._refresh(strict=True)
+            self._refresh()
 
     def current(self) -> Mapping[str, Task]:
         """The tasks to serve a request with, after picking up any change in the folder."""
         if self.bank is not None and self._stamps() != self._seen:
             with self._lock:
-                self._refresh(strict=False)
+                self._refresh()
         return self._tasks
+
+    def failed(self) -> Mapping[str, str]:
+        """Tasks of the bank that are not served, each with the reason (the error, naming its file)."""
+        self.current()
+        return self._failed
 
     def resolve(self, names: Sequence[str | Task | None]) -> list[Task | None]:
         """The Task objects of one request (None stays None), all from one version of the bank. A Task given in
@@ -122,6 +128,8 @@ class TaskStore:
             if not isinstance(name, str):
                 raise RequestTypeError(f"task {name!r}; expected a task name or None")
             task = current.get(name)
+            if task is None and name in self._failed:
+                raise InvalidPromptError(f"task {name!r} is in the bank but cannot be served: {self._failed[name]}")
             if task is None:
                 where = f"bank {self.bank}" if self.bank else "this model (no bank was loaded)"
                 raise UnknownTaskError(f"no task {name!r} in {where}; tasks: {', '.join(sorted(current)) or 'none'}")
@@ -133,7 +141,7 @@ class TaskStore:
         if self.bank is not None:
             with self._lock:
                 self._seen = {}
-                self._refresh(strict=False, everything=True)
+                self._refresh(everything=True)
         return self._tasks
 
     # ---- internals ----------------------------------------------------------------------------
@@ -161,11 +169,14 @@ class TaskStore:
                 )
         return stamps
 
-    def _refresh(self, strict: bool, everything: bool = False) -> None:
+    def _refresh(self, everything: bool = False) -> None:
         stamps = self._stamps()
         if stamps == self._seen and not everything:
             return  # another thread did it while this one waited for the lock
+        # At load a bad task is a warning (the rest serve); a bad new version of a served task is an error.
+        level = logging.ERROR if self._tasks or self._failed else logging.WARNING
         tasks = dict(self._tasks)
+        failed = {name: why for name, why in self._failed.items() if name in stamps}
         for name in set(tasks) - set(stamps):
             del tasks[name]
             log.info("task %r removed (%s/%s.json is gone)", name, self.bank, name)
@@ -190,15 +201,17 @@ class TaskStore:
             except Exception as exc:  # whatever one entry does, it harms only itself
                 if not isinstance(exc, PromptBankError):
                     exc = InvalidPromptError(f"{self.bank}/{name}.json: cannot be read ({type(exc).__name__}: {exc})")
-                if strict:
-                    raise exc from None
                 kept = "keeping the version already loaded" if name in tasks else "not served"
-                log.error("task %r failed to load: %s; %s", name, exc, kept)  # the error names the file
+                log.log(level, "task %r failed to load: %s; %s", name, exc, kept)  # the error names the file
+                if name not in tasks:
+                    failed[name] = str(exc)
                 continue
             if name in tasks:
                 log.info("task %r reloaded from %s", name, self.bank)
             tasks[name] = task
+            failed.pop(name, None)
         self._seen = stamps
+        self._failed = MappingProxyType(failed)
         self._tasks = MappingProxyType(tasks)
 
 

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from softprompt.formats.errors import SoftpromptError, UnknownTaskError
+from softprompt.formats.errors import PromptBankError, SoftpromptError, UnknownTaskError
 from softprompt.runtime.encoder import Encoder
 from softprompt.runtime.errors import RequestError
 from softprompt.runtime.model import Model
@@ -54,7 +54,7 @@ class Limits:
 
 # OpenAI fields this server cannot honour: refused rather than silently ignored (absent, null, false, empty or
 # best_of 1 is fine).
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias")
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias", "response_format")
 
 
 class ApiError(Exception):
@@ -85,10 +85,29 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
             return None
         base, _, task = model_id.partition(":")
         if base == name:
-            with contextlib.suppress(UnknownTaskError):
+            try:
                 return model.resolve_tasks([task])[0]
-        known = ", ".join([name, *(f"{name}:{t}" for t in model.tasks)])
+            except UnknownTaskError:
+                pass
+            except PromptBankError as exc:  # in the bank, but it failed to load: say why
+                raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+        known = ", ".join(model_ids())
         raise ApiError(404, f"model {model_id!r} does not exist; models: {known}", param="model", code="model_not_found")
+
+    def model_ids() -> list[str]:
+        return [name, *(f"{name}:{t}" for t in model.tasks)]
+
+    def access(request: Request, status: int, started: float, tokens: int | None = None) -> None:
+        """One line a request: method, path, model id, status, tokens generated, milliseconds."""
+        log.info(
+            "%s %s %s %d %s %.0f ms",
+            request.method,
+            request.url.path,
+            getattr(request.state, "model", "-"),
+            status,
+            "-" if tokens is None else f"{tokens} tokens",
+            1000 * (time.perf_counter() - started),
+        )
 
     def authorize(request: Request) -> None:
         """The Bearer key, compared in constant time."""
@@ -130,6 +149,7 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
                 and value != []
                 and value != {}
                 and (key, value) != ("best_of", 1)
+                and (key, value) != ("response_format", {"type": "text"})  # what every answer is
             ):
                 raise ApiError(400, f"{key} is not supported by this server", param=key)
         if data.get("n", 1) != 1:
@@ -160,58 +180,82 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
         if limit is not None and used > limit:
             raise ApiError(400, f"prompt, task and max_tokens need {used} positions; the model has {limit}", param="max_tokens")
 
-    async def generate(data: dict, chat: bool) -> Response:
+    async def generate(request: Request, data: dict, chat: bool) -> Response:
         if engine is None:
             raise ApiError(400, f"{name} is an encoder: it serves /v1/embeddings and /v1/classify", param="model")
         task = resolve(data.get("model"))
+        request.state.model = data["model"]
         settings = settings_of(data)
         try:
             if chat:
                 text = model.render_chat(data.get("messages"), task)
-                ids = model.backbone.encode(text, add_special_tokens=False)
+                rows = [model.backbone.encode(text, add_special_tokens=False)]
             else:
-                prompt = data.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise ApiError(400, f"prompt is {prompt!r:.60}; expected a string", param="prompt")
-                ids = model.encode(prompt, task)
+                rows = [model.encode(prompt, task) for prompt in prompts_of(data)]
         except RequestError as exc:
             raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
-        check_prompt(ids, task, settings)
+        for ids in rows:
+            check_prompt(ids, task, settings)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def tell(kind):
-            return lambda value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-
-        job = Job(ids, task, settings, on_step=tell("step"), on_done=tell("done"), on_error=tell("error"))
+        jobs: list[Job] = []
+        queues: list[asyncio.Queue] = []
         try:
-            engine.submit(job)
+            for ids in rows:  # one row a prompt; each its own choice, all in the running batch together
+                events: asyncio.Queue = asyncio.Queue()
+
+                def tell(kind, events=events):
+                    return lambda value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+                job = Job(ids, task, settings, on_step=tell("step"), on_done=tell("done"), on_error=tell("error"))
+                engine.submit(job)
+                jobs.append(job)
+                queues.append(events)
         except QueueFull as exc:
+            for job in jobs:
+                job.cancelled = True
             raise ApiError(503 if state["closing"] else 429, str(exc), kind="server_error") from None
         kind = "chat.completion" if chat else "text_completion"
         answer_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
         started = time.perf_counter()
-        base = {"id": answer_id, "object": kind, "created": created, "model": data["model"]}
+        base = {"id": answer_id, "object": kind, "created": int(time.time()), "model": data["model"]}
+        prompt_tokens = sum(map(len, rows))
         if data.get("stream"):
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(
-                stream(job, events, base, chat, len(ids), include_usage, started), media_type="text/event-stream"
-            )
+            request.state.streaming = True
+            chunks = stream(request, jobs, queues, base, chat, prompt_tokens, include_usage, started)
+            return StreamingResponse(chunks, media_type="text/event-stream")
         try:
-            final = await finished(events)
+            finals = [await finished(events) for events in queues]
         finally:
-            job.cancelled = True  # a client gone before the end frees nothing else; its row is dropped
-        metrics.request(len(ids), len(final.ids), time.perf_counter() - started)
-        choice: dict = {"index": 0, "finish_reason": final.finish_reason or "length"}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": final.text}
-        else:
-            choice |= {"text": final.text, "logprobs": None}
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(final.ids), "total_tokens": len(ids) + len(final.ids)}
-        return JSONResponse({**base, "choices": [choice], "usage": usage})
+            for job in jobs:
+                job.cancelled = True  # a client gone before the end frees nothing else; its rows are dropped
+        choices = []
+        for index, (ids, final) in enumerate(zip(rows, finals)):
+            metrics.request(len(ids), len(final.ids), time.perf_counter() - started)
+            choice: dict = {"index": index, "finish_reason": final.finish_reason or "length"}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": final.text}
+            else:
+                choice |= {"text": final.text, "logprobs": None}
+            choices.append(choice)
+        completion_tokens = sum(len(final.ids) for final in finals)
+        request.state.tokens = completion_tokens
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return JSONResponse({**base, "choices": choices, "usage": usage})
+
+    def prompts_of(data: dict) -> list[str]:
+        """A completion's prompts: a string, or a list of strings (a choice each, as OpenAI's API answers it)."""
+        prompt = data.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ApiError(400, f"prompt is {prompt!r:.60}; expected a string or a list of strings", param="prompt")
+        if len(prompts) > limits.max_batch:
+            raise ApiError(400, f"{len(prompts)} prompts in one request; the limit is {limits.max_batch}", param="prompt")
+        return prompts
 
     async def finished(events: asyncio.Queue):
         while True:
@@ -221,43 +265,51 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
             if kind == "error":
                 raise value
 
-    async def stream(job, events, base, chat, prompt_tokens, include_usage, started) -> AsyncIterator[str]:
-        sent = 0
-        first = True
+    async def stream(request, jobs, queues, base, chat, prompt_tokens, include_usage, started) -> AsyncIterator[str]:
+        """Server-sent events: each choice's pieces in turn (all of them are generated together), then usage, [DONE]."""
+        completion_tokens = 0
+        status = 200
         try:
-            while True:
-                kind, value = await events.get()
-                if kind == "error":
-                    message = str(value) if isinstance(value, SoftpromptError) else "generation failed"
-                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
-                    return
-                done = kind == "done"
-                text = value.text if done else value.stable_text()
-                if len(text) > sent or done:
-                    piece, sent = text[sent:], max(sent, len(text))
-                    if chat:
-                        delta = {"role": "assistant", "content": piece} if first else {"content": piece}
-                        choice = {"index": 0, "delta": delta, "finish_reason": None}
-                    else:
-                        choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": None}
+            for index, events in enumerate(queues):
+                sent = 0
+                first = True
+                while True:
+                    kind, value = await events.get()
+                    if kind == "error":
+                        status = 500
+                        message = str(value) if isinstance(value, SoftpromptError) else "generation failed"
+                        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                        return
+                    done = kind == "done"
+                    text = value.text if done else value.stable_text()
+                    if len(text) > sent or done:
+                        piece, sent = text[sent:], max(sent, len(text))
+                        if chat:
+                            delta = {"role": "assistant", "content": piece} if first else {"content": piece}
+                            choice = {"index": index, "delta": delta, "finish_reason": None}
+                        else:
+                            choice = {"index": index, "text": piece, "logprobs": None, "finish_reason": None}
+                        if done:
+                            choice["finish_reason"] = value.finish_reason or "length"
+                        chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
+                        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                        first = False
                     if done:
-                        choice["finish_reason"] = value.finish_reason or "length"
-                    chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-                    first = False
-                if done:
-                    metrics.request(prompt_tokens, len(value.ids), time.perf_counter() - started)
-                    if include_usage:
-                        usage = {
-                            "prompt_tokens": prompt_tokens,
-                            "completion_tokens": len(value.ids),
-                            "total_tokens": prompt_tokens + len(value.ids),
-                        }
-                        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
+                        completion_tokens += len(value.ids)
+                        metrics.request(len(jobs[index].ids), len(value.ids), time.perf_counter() - started)
+                        break
+            if include_usage:
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                }
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
-            job.cancelled = True  # a client that went away stops counting in its batch
+            for job in jobs:
+                job.cancelled = True  # a client that went away stops counting in its batch
+            access(request, status, started, completion_tokens)
 
     def texts_of(data: dict) -> list[str]:
         given = data.get("input")
@@ -267,17 +319,25 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
         return texts
 
     async def completions(request: Request) -> Response:
-        return await generate(await read_json(request), chat=False)
+        return await generate(request, await read_json(request), chat=False)
 
     async def chat_completions(request: Request) -> Response:
-        return await generate(await read_json(request), chat=True)
+        return await generate(request, await read_json(request), chat=True)
 
     async def embeddings(request: Request) -> Response:
         data = await read_json(request)
         if not isinstance(model, Encoder):
             raise ApiError(400, f"{name} generates text; embeddings come from encoder exports", param="model")
         task = resolve(data.get("model"))
+        request.state.model = data["model"]
         texts = texts_of(data)
+        width = model.config.hidden_size
+        if data.get("dimensions") not in (None, width):  # no Matryoshka training here: a cut vector would be another
+            raise ApiError(
+                400,
+                f"dimensions {data['dimensions']!r:.20}; this model's embeddings have {width} (the only value)",
+                param="dimensions",
+            )
         encoding = data.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise ApiError(400, f"encoding_format {encoding!r}; expected float or base64", param="encoding_format")
@@ -299,6 +359,7 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
     async def classify(request: Request) -> Response:
         data = await read_json(request)
         task = resolve(data.get("model"))
+        request.state.model = data["model"]
         if task is None:
             raise ApiError(400, f"classify needs a task's model id ({name}:TASK) whose task has labels", param="model")
         results = await run_in_threadpool(model.classify, texts_of(data), task)
@@ -306,13 +367,31 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
             {"object": "list", "model": data["model"], "data": [{"index": i, **r} for i, r in enumerate(results)]}
         )
 
+    def model_object(model_id: str, created: int) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "softprompt"}
+
     async def models(request: Request) -> Response:
         authorize(request)
         created = int(time.time())
-        ids = [name, *(f"{name}:{t}" for t in model.tasks)]
-        return JSONResponse(
-            {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "softprompt"} for i in ids]}
-        )
+        return JSONResponse({"object": "list", "data": [model_object(i, created) for i in model_ids()]})
+
+    async def one_model(request: Request) -> Response:
+        """GET /v1/models/{id} (the openai client's models.retrieve)."""
+        authorize(request)
+        model_id = request.path_params["model_id"]
+        request.state.model = model_id
+        resolve(model_id)  # 404 with the known ids, or the reason a task of the bank is not served
+        return JSONResponse(model_object(model_id, int(time.time())))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        """Unknown routes and methods as OpenAI error objects, not Starlette's plain text."""
+        status = getattr(exc, "status_code", 404)
+        what = "no route" if status == 404 else f"{request.method} is not allowed on"
+        error = ApiError(status, f"{what} {request.url.path}; this server serves /v1/models, /v1/completions, "
+                         "/v1/chat/completions, /v1/embeddings, /v1/classify, /health and /metrics")  # fmt: skip
+        metrics.error(status)
+        access(request, status, time.perf_counter())
+        return error_response(error)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "shutting down" if state["closing"] else "ok", "tasks": len(model.tasks)})
@@ -322,25 +401,31 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
 
     def guarded(handler):
         async def run(request: Request) -> Response:
-            try:
-                response = await handler(request)
-            except ApiError as exc:
-                metrics.error(exc.status)
-                retry = {"Retry-After": "1"} if exc.status in (429, 503) else None
-                return error_response(exc, retry)
-            except UnknownTaskError as exc:  # a task removed from the bank between the lookup and the run
-                metrics.error(404)
-                return error_response(ApiError(404, str(exc), param="model", code="model_not_found"))
-            except SoftpromptError as exc:
-                metrics.error(400)
-                return error_response(ApiError(400, str(exc)))
-            except Exception:  # never a traceback to the client; the server's log has it
-                log.exception("request failed")
-                metrics.error(500)
-                return error_response(ApiError(500, "the server failed on this request", kind="server_error"))
+            started = time.perf_counter()
+            response = await answer(handler, request)
+            if not getattr(request.state, "streaming", False) or response.status_code != 200:  # a stream logs at its end
+                access(request, response.status_code, started, getattr(request.state, "tokens", None))
             return response
 
         return run
+
+    async def answer(handler, request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            metrics.error(exc.status)
+            retry = {"Retry-After": "1"} if exc.status in (429, 503) else None
+            return error_response(exc, retry)
+        except UnknownTaskError as exc:  # a task removed from the bank between the lookup and the run
+            metrics.error(404)
+            return error_response(ApiError(404, str(exc), param="model", code="model_not_found"))
+        except SoftpromptError as exc:
+            metrics.error(400)
+            return error_response(ApiError(400, str(exc)))
+        except Exception:  # never a traceback to the client; the server's log has it
+            log.exception("request failed")
+            metrics.error(500)
+            return error_response(ApiError(500, "the server failed on this request", kind="server_error"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -355,9 +440,10 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits =
         Route("/v1/embeddings", guarded(embeddings), methods=["POST"]),
         Route("/v1/classify", guarded(classify), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", guarded(one_model), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.engine = engine
     return app

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,19 +88,58 @@ def main(argv: list[str] | None = None) -> int:
 
     from softprompt.formats.errors import SoftpromptError
     from softprompt.runtime import load
+    from softprompt.runtime.cli import log_to_stderr
 
     from .app import create_app
 
+    log_to_stderr(logging.INFO)  # a task that fails to load, then a line a request
     try:
-        model = load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
-    except (SoftpromptError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        listener = listen(args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} (another server there? pick another --port)",
+              file=sys.stderr)  # fmt: skip
         return 1
-    name = served_name(args)
-    app = create_app(model, name=name, api_key=args.api_key, limits=chosen)
-    print(f"serving {name} and {len(model.tasks)} task(s) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    with listener:
+        try:
+            model = load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
+        except (SoftpromptError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        name = served_name(args)
+        app = create_app(model, name=name, api_key=args.api_key, limits=chosen)
+        print(describe(model, name, args), file=sys.stderr)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60)
+        uvicorn.Server(config).run(sockets=[listener])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a busy port is one error line at once, not after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT, not one in use
+        listener.bind((host, port))
+        listener.listen(2048)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def describe(model, name: str, args: argparse.Namespace) -> str:
+    """What this server serves, said once at start: the model, its precision and threads, its tasks."""
+    config = model.config
+    threads = args.threads or os.environ.get("SOFTPROMPT_THREADS") or f"onnxruntime's default ({os.cpu_count()} cores)"
+    tasks = ", ".join(model.tasks) or "none"
+    lines = [
+        f"serving {name} ({config.architecture}, {config.precision}, {', '.join(model.providers)}, threads: {threads}) "
+        f"on http://{args.host}:{args.port}/v1",
+        f"tasks ({len(model.tasks)}), each as {name}:TASK: {tasks}",
+    ]
+    if model.unserved:
+        lines.append(f"not served (see the warnings above): {', '.join(model.unserved)}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from softprompt.formats.errors import SoftpromptError
-from softprompt.runtime.generate import RowText
 from softprompt.runtime.rows import position_ids
 from softprompt.runtime.sampling import chooser
 
@@ -30,7 +29,7 @@ class _Row:
     def __init__(self, job: Job, model):
         self.job = job
         eos = set(model.config.eos_token_ids)
-        self.state = RowText(model.decode, eos, job.settings.stop)
+        self.state = model.row_text(job.task, job.settings)
         self.choose = chooser(job.settings, eos)
         self.position = 0  # the next token's position
         self.token = 0  # the last chosen token, fed at the next step

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -118,8 +119,11 @@ def test_verify_refuses_what_the_runtime_cannot_serve(llama_export, bank, case, 
     (bank / "bad.json").write_text(json.dumps({**good, "extra": extra}))
     assert bank_main(["verify", str(bank), "--model", str(llama_export)]) == 1
     assert message in capsys.readouterr().out
-    with pytest.raises(PromptBankError, match=message):
-        load(llama_export, bank=bank)
+    model = load(llama_export, bank=bank)  # the other tasks serve; only a request for the bad one is refused
+    assert model.tasks == ["good"] and message in model.unserved["bad"]
+    assert model.generate(TEXTS[0], task="good", max_new_tokens=2)
+    with pytest.raises(PromptBankError, match=f"task 'bad' is in the bank but cannot be served: .*{re.escape(message)}"):
+        model.generate(TEXTS[0], task="bad", max_new_tokens=2)
 
 
 def test_a_prompt_longer_than_the_models_positions_is_refused_everywhere(llama_export, bank, capsys, caplog):
@@ -133,3 +137,25 @@ def test_a_prompt_longer_than_the_models_positions_is_refused_everywhere(llama_e
     assert f"leaves no room for text in the model's {config.max_positions} positions" in caplog.records[-1].getMessage()
     assert bank_main(["verify", str(bank), "--model", str(llama_export)]) == 1
     assert "leaves no room" in capsys.readouterr().out
+
+
+def test_a_task_that_fails_at_load_harms_only_itself(llama_export, bank, capsys):
+    """Another model's width at load: the model loads, the good task serves, a warning names the bad one, and only a
+    request for it is refused, by the library, run-model and serve-model's routes alike."""
+    from softprompt.runtime.cli import main as run_main
+
+    save_prompt(bank, "other-width", random_prompt(2, 8), fingerprint=read_config(llama_export).fingerprint)
+    model = load(llama_export, bank=bank)
+    assert model.tasks == ["good"] and "embedding width" in model.unserved["other-width"]
+    assert model.complete(TEXTS[0], task="good", max_new_tokens=2)[0].token_ids
+    with pytest.raises(PromptBankError, match="task 'other-width' is in the bank but cannot be served: .*embedding width"):
+        model.complete(TEXTS[0], task="other-width", max_new_tokens=2)
+    capsys.readouterr()
+    assert run_main([str(llama_export), "--bank", str(bank), "--task", "good", "--max-new-tokens", "2", "--json", "hi"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["task"] == "good"
+    (warning,) = captured.err.strip().splitlines()
+    assert warning.startswith("warning: task 'other-width' failed to load") and "good" not in warning.split(":")[1]
+    assert run_main([str(llama_export), "--bank", str(bank), "--task", "other-width", "hi"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: task 'other-width' is in the bank but cannot be served")

@@ -249,3 +249,29 @@ def test_console_scripts_are_installed_and_run(llama_export):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["input"] == "hi"
+
+
+def test_a_classification_task_asked_to_generate_answers_with_one_label(llama_export, tmp_path, capsys):
+    """Not the label repeated until max_new_tokens: the row ends after a label, or after the longest label's tokens."""
+
+    config = read_config(llama_export)
+    bank = tmp_path / "bank"
+    prompt = np.zeros((1, config.hidden_size), np.float32)
+    save_prompt(bank, "free", prompt, fingerprint=config.fingerprint)
+    model = load(llama_export, bank=bank)
+    plain = model.complete("a gorgeous film", task="free", max_new_tokens=32)[0]
+    assert len(plain.token_ids) == 32
+    # One label is what this random model writes first under the prompt; the other is longer and never written.
+    labels = {"yes": model.decode(plain.token_ids[:1]), "no": " zzzz qqqq xxxx wwww"}
+    longest = max(len(model.backbone.encode(words, add_special_tokens=False)) for words in labels.values())
+    save_prompt(bank, "labelled", prompt, fingerprint=config.fingerprint, extra={"labels": labels})
+    row = model.complete("a gorgeous film", task="labelled", max_new_tokens=32)[0]
+    assert row.finish_reason == "stop" and 1 <= len(row.token_ids) <= longest < 32
+    assert row.token_ids == plain.token_ids[: len(row.token_ids)]  # the same tokens, cut after the label
+    if model.backbone.encode(labels["yes"], add_special_tokens=False) == plain.token_ids[:1]:
+        assert row.token_ids == plain.token_ids[:1]
+    # min_new_tokens asks for more than a label: then the row runs on.
+    assert len(model.complete("a gorgeous film", task="labelled", max_new_tokens=8, min_new_tokens=8)[0].token_ids) == 8
+    # run-model prints the label once.
+    assert run_main([str(llama_export), "--bank", str(bank), "--task", "labelled", "--json", "a gorgeous film"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == row.token_ids

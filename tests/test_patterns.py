@@ -131,11 +131,12 @@ def test_training_a_pattern(llama_dir, llama_export, tmp_path, capsys):
 def test_patterns_are_refused_where_the_store_takes_no_slots(pattern_bank):
     from softprompt.runtime.tasks import TaskStore
 
+    store = TaskStore(pattern_bank, width=64, fingerprint=None, slots=False)  # what an encoder export's store is
     with pytest.raises(
         InvalidPromptError,
-        match="qa.json: template .* places vectors after the text .* serve on decoder and encoder-decoder exports",
+        match="task 'qa' .*qa.json: template .* places vectors after the text .* serve on decoder and encoder-decoder exports",
     ):
-        TaskStore(pattern_bank, width=64, fingerprint=None, slots=False)  # what an encoder export's store is
+        store.resolve(["qa"])
 
 
 def test_a_pattern_is_not_exported_as_a_peft_adapter_that_would_prepend_it(pattern_bank, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -245,6 +246,10 @@ def test_embeddings_of_an_encoder_export(tmp_path):
         assert max(abs(a - b) for a, b in zip(floats, want[1])) < 1e-6
         with pytest.raises(openai.BadRequestError, match="bert is an encoder"):
             api.completions.create(model="bert", prompt="x", max_tokens=2)
+        width = model.config.hidden_size
+        assert len(api.embeddings.create(model="bert", input="dull", dimensions=width).data[0].embedding) == width
+        with pytest.raises(openai.BadRequestError, match=f"dimensions 8; this model's embeddings have {width}"):
+            api.embeddings.create(model="bert", input="dull", dimensions=8)  # never a silently cut vector
     finally:
         stop()
 
@@ -305,3 +310,90 @@ def test_shutting_down_lets_a_running_stream_finish(served):
     finally:
         if not stopping.is_alive() and stopping.ident is None:
             stop()
+
+
+def test_a_list_of_prompts_gets_a_choice_each(served):
+    model, _, url, _ = served
+    api = client(url)
+    want = [model.complete(text, task="a", max_new_tokens=6)[0] for text in TEXTS[:3]]
+    got = api.completions.create(model="tiny:a", prompt=TEXTS[:3], max_tokens=6)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.text for c in got.choices] == [w.text for w in want]
+    assert got.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    pieces: dict[int, str] = {}
+    for chunk in api.completions.create(model="tiny:a", prompt=TEXTS[:3], max_tokens=6, stream=True):
+        for choice in chunk.choices:
+            pieces[choice.index] = pieces.get(choice.index, "") + choice.text
+    assert pieces == {i: w.text for i, w in enumerate(want)}
+    with pytest.raises(openai.BadRequestError, match="expected a string or a list of strings"):
+        api.completions.create(model="tiny:a", prompt=[], max_tokens=2)
+
+
+def test_the_openai_surface_a_client_meets(served):
+    """models.retrieve, OpenAI-shaped 404s for unknown routes, and fields this server cannot honour refused."""
+    _, _, url, _ = served
+    api = client(url)
+    assert api.models.retrieve("tiny:a").id == "tiny:a" and api.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="model 'tiny:nope' does not exist"):
+        api.models.retrieve("tiny:nope")
+    for method, path in (("GET", "/v1/nothing"), ("POST", "/v1/engines/tiny/completions"), ("GET", "/v1/completions")):
+        status, body = http(method, url + path, {} if method == "POST" else None)
+        assert status in (404, 405) and body["error"]["type"] == "invalid_request_error" and path in body["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="response_format is not supported"):
+        api.chat.completions.create(model="tiny", messages=CONVERSATION, max_tokens=2, response_format={"type": "json_object"})
+    plain = api.chat.completions.create(model="tiny", messages=CONVERSATION, max_tokens=2, response_format={"type": "text"})
+    assert plain.choices[0].message.content is not None
+
+
+def test_a_classification_task_completes_with_one_label(served):
+    """NAME:TASK of a classification task answers a completion with a label, not the label until max_tokens."""
+    model, _, url, _ = served
+    got = client(url).completions.create(model="tiny:a", prompt=TEXTS[0], max_tokens=40)
+    longest = max(len(model.backbone.encode(words, add_special_tokens=False)) for words in SPEC.labels.values())
+    assert got.choices[0].finish_reason == "stop" and got.usage.completion_tokens <= longest
+    assert got.choices[0].text == model.complete(TEXTS[0], task="a", max_new_tokens=40)[0].text
+
+
+def test_serve_model_says_what_it_serves_logs_each_request_and_refuses_a_busy_port(chat_export, tmp_path):
+    """The command itself: a busy port is one error line and exit 1; the start lines name precision, threads and
+    tasks (and a task that failed to load); each request is one log line."""
+    import subprocess
+    import sys
+
+    _, export = chat_export
+    bank = tmp_path / "bank"
+    fingerprint = json.loads((export / "softprompt.json").read_text())["fingerprint"]
+    save_prompt(bank, "a", random_prompt(3, 64, seed=1), fingerprint=fingerprint, extra=SPEC.to_extra())
+    save_prompt(bank, "wide", random_prompt(3, 8, seed=1), fingerprint=fingerprint)  # another model's width
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        command = [sys.executable, "-m", "softprompt.server.cli", str(export), "--bank", str(bank), "--port", str(port)]
+        ran = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 1 and ran.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+        assert len(ran.stderr.strip().splitlines()) == 1
+    server = subprocess.Popen(command + ["--threads", "1", "--name", "tiny"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and http_ok(f"http://127.0.0.1:{port}/health") is None:
+            time.sleep(0.2)
+        answer = client(f"http://127.0.0.1:{port}").completions.create(model="tiny:a", prompt=TEXTS[0], max_tokens=3)
+        http("GET", f"http://127.0.0.1:{port}/v1/nothing")
+    finally:
+        server.terminate()
+        err = server.communicate(timeout=60)[1]
+    assert "serving tiny (LlamaForCausalLM, fp32, CPUExecutionProvider, threads: 1)" in err
+    assert "tasks (1), each as tiny:TASK: a" in err and "not served (see the warnings above): wide" in err
+    assert "warning: task 'wide' failed to load" in err
+    tokens = answer.usage.completion_tokens
+    assert re.search(rf"info: POST /v1/completions tiny:a 200 {tokens} tokens \d+ ms", err), err
+    assert re.search(r"info: GET /v1/nothing - 404 - \d+ ms", err), err
+    assert "Traceback" not in err
+
+
+def http_ok(url: str):
+    try:
+        return http("GET", url)
+    except OSError:
+        return None
