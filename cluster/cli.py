@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
 
 from softprompt.formats import __version__
+from softprompt.formats.command import Parser, stop_on_sigterm
 from softprompt.runtime.cli import (
     add_generation_options,
     add_providers_option,
@@ -33,7 +35,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cluster-model",
         description="Serve an export on Ray Serve replicas, or run a dataset through it on Ray Data workers.",
         epilog=EPILOG,
@@ -114,8 +116,10 @@ def _join_ray(address: str | None, cpus: float) -> None:
 
     if address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), log_to_driver=False)
+        stop_on_sigterm()  # after ray.init, whose own handler prints C++ frames and skips the cleanup
         return
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    stop_on_sigterm()
     have = ray.cluster_resources().get("CPU", 0)
     if cpus > have:
         print(
@@ -124,17 +128,18 @@ def _join_ray(address: str | None, cpus: float) -> None:
 
 
 def _serve(args: argparse.Namespace, app) -> int:
+    import ray
     from ray import serve
 
     _join_ray(args.address, args.replicas * args.cpus_per_replica)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    print(f"serving on http://{args.host}:{args.port}/v1 with {args.replicas} replica(s); Ctrl-C stops", file=sys.stderr)
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        print(f"serving on http://{args.host}:{args.port}/v1 with {args.replicas} replica(s); Ctrl-C stops", file=sys.stderr)
         serve.run(app, name=APP, route_prefix="/", blocking=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.delete(APP)
+    finally:  # Ctrl-C or SIGTERM: the app, Serve and (where this command started it) Ray stop before the exit
+        for stop in (lambda: serve.delete(APP), serve.shutdown, ray.shutdown):
+            with contextlib.suppress(Exception):
+                stop()
     return 0
 
 

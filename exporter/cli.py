@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from softprompt.formats import __version__
+from softprompt.formats.command import Parser, run_command
 
 EPILOG = """\
 MODEL is one of:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .sources import BUILTINS
 
     builtins = ", ".join(f"{name} ({b.description})" for name, b in BUILTINS.items())
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="export-model",
         description="Export a frozen decoder, encoder or encoder-decoder to ONNX (inputs_embeds entry point) "
         "for soft-prompt serving.",
@@ -150,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(given)} set(s) how int8/int4 weights are quantized; add --precision int8 or int4")
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     try:
-        from .errors import ExportError
         from .export import export_model
         from .precision import default_precision
     except ImportError as exc:
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
+
+    def export() -> int:
         config = export_model(
             args.model,
             args.out_dir,
@@ -183,18 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             graph=args.graph,
             log=log,
         )
-    except (ExportError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; OUT_DIR was left as it was", file=sys.stderr)
-        return 130
-    log(
-        f"exported {config.architecture} ({config.num_layers} layers, width {config.hidden_size}, "
-        f"vocab {config.vocab_size}) to {args.out_dir}"
-    )
-    print(args.out_dir)
-    return 0
+        log(
+            f"exported {config.architecture} ({config.num_layers} layers, width {config.hidden_size}, "
+            f"vocab {config.vocab_size}) to {args.out_dir}"
+        )
+        print(args.out_dir)
+        return 0
+
+    return run_command(export, interrupted="interrupted; OUT_DIR was left as it was")
 
 
 if __name__ == "__main__":

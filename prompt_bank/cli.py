@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from softprompt.formats.bank import (
     save_prompt,
     upgrade_bank,
 )
-from softprompt.formats.errors import BackboneMismatchError, PromptBankError, SoftpromptError, unexpected
+from softprompt.formats.command import Parser, run_command
+from softprompt.formats.errors import BackboneMismatchError, PromptBankError
 from softprompt.formats.export_folder import open_export, read_config
 from softprompt.formats.fingerprint import short
 from softprompt.formats.task import PLACEHOLDER, TaskSpec, parse_verbalizers, unescape
@@ -47,7 +47,7 @@ NOT_A_TASK = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="prompt-bank",
         description="Manage banks of soft prompts for an exported backbone.",
         epilog=EPILOG,
@@ -126,16 +126,7 @@ def _add_write_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (SoftpromptError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # still one line; SOFTPROMPT_DEBUG=1 shows where
-        if os.environ.get("SOFTPROMPT_DEBUG"):
-            raise
-        print(unexpected(exc), file=sys.stderr)
-        return 1
+    return run_command(lambda: COMMANDS[args.command](args))
 
 
 def _list(args) -> int:

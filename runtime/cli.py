@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from softprompt.formats import __version__
+from softprompt.formats.command import Parser, run_command
 
 EPILOG = """\
 An encoder export (export-model minilm-l6 ...) prints one JSON sentence embedding per text, or
@@ -34,7 +34,7 @@ after a stop and it continues after the last line written.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="run-model",
         description="Generate text with an exported backbone, optionally under a task's soft prompt.",
         epilog=EPILOG,
@@ -168,19 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_errors(run) -> int:
-    """Run a command; its errors as one `error:` line and exit status 1 (SOFTPROMPT_DEBUG=1 shows where)."""
-    from softprompt.formats.errors import SoftpromptError, unexpected
-
-    try:
-        return run()
-    except (SoftpromptError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        if os.environ.get("SOFTPROMPT_DEBUG"):
-            raise
-        print(unexpected(exc), file=sys.stderr)
-        return 1
+    """Run a command; its errors as one `error:` line and exit status 1, Ctrl-C as 130 (formats.command)."""
+    return run_command(run)
 
 
 def log_to_stderr(level: int = logging.WARNING) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from softprompt.formats import __version__
+from softprompt.formats.command import Parser, run_command
 from softprompt.runtime.cli import add_providers_option
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="serve-model",
         description="Serve an export and its bank's tasks over HTTP, speaking the OpenAI API.",
         epilog=EPILOG,
@@ -84,13 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = limits(args, parser)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port}; expected 1..65535")
-    import uvicorn
-
-    from softprompt.formats.errors import SoftpromptError
-    from softprompt.runtime import load
     from softprompt.runtime.cli import log_to_stderr
-
-    from .app import create_app
 
     log_to_stderr(logging.INFO)  # a task that fails to load, then a line a request
     try:
@@ -100,16 +95,22 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     with listener:
-        try:
-            model = load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
-        except (SoftpromptError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        name = served_name(args)
-        app = create_app(model, name=name, api_key=args.api_key, limits=chosen)
-        print(describe(model, name, args), file=sys.stderr)
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60)
-        uvicorn.Server(config).run(sockets=[listener])
+        return run_command(lambda: _serve(args, chosen, listener))
+
+
+def _serve(args: argparse.Namespace, chosen: Limits, listener: socket.socket) -> int:
+    import uvicorn
+
+    from softprompt.runtime import load
+
+    from .app import create_app
+
+    model = load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
+    name = served_name(args)
+    app = create_app(model, name=name, api_key=args.api_key, limits=chosen)
+    print(describe(model, name, args), file=sys.stderr)
+    # uvicorn handles Ctrl-C and SIGTERM itself: running requests finish (up to 60 s), then it returns.
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60)).run(sockets=[listener])
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from softprompt.formats import __version__
 from softprompt.formats.bank import task_exists
-from softprompt.formats.errors import SoftpromptError
+from softprompt.formats.command import Parser, run_command
 from softprompt.formats.task import TaskSpec, default_verbalizers, parse_verbalizers, unescape
 
 from .data import read_jsonl
@@ -32,7 +32,7 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="train-prompt",
         description="Learn a task's soft prompt with the backbone frozen.",
         epilog=EPILOG,
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    try:
+
+    def train() -> int:
         # Everything about the inputs is checked before the model is loaded.
         if task_exists(args.bank, args.task) and not args.force:
             raise TrainingError(f"task {args.task!r} exists in {args.bank}; pass --force to replace it")
@@ -200,14 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             vectors, record = train_prompt(backbone, train, spec, config, eval_data=eval_data, progress=not args.quiet, log=log)
         meta = save_trained(args.bank, args.task, vectors, backbone, spec, record, args.model, overwrite=True, head=head)
-    except (SoftpromptError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    best = record["best"]
-    summary = f"; best {', '.join(f'{k} {v:.4g}' for k, v in best.items() if k != 'step')} at step {best['step']}" if best else ""
-    shape = f"a prefix of {meta.length} for {meta.layers} layers" if meta.method == "prefix" else f"{meta.length}x{meta.width}"
-    print(f"saved {args.task} ({shape}) to {args.bank} after {record['steps']} steps{summary}")
-    return 0
+        best = record["best"]
+        summary = (
+            f"; best {', '.join(f'{k} {v:.4g}' for k, v in best.items() if k != 'step')} at step {best['step']}" if best else ""
+        )
+        shape = (
+            f"a prefix of {meta.length} for {meta.layers} layers" if meta.method == "prefix" else f"{meta.length}x{meta.width}"
+        )
+        print(f"saved {args.task} ({shape}) to {args.bank} after {record['steps']} steps{summary}")
+        return 0
+
+    return run_command(train, interrupted=f"interrupted; task {args.task!r} in {args.bank} was left as it was")
 
 
 if __name__ == "__main__":
