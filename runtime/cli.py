@@ -10,16 +10,19 @@ from pathlib import Path
 
 from softprompt.formats import __version__
 from softprompt.formats.command import Parser, run_command
+from softprompt.formats.errors import SoftpromptError
 
 EPILOG = """\
 An encoder export (export-model minilm-l6 ...) prints one JSON sentence embedding per text, or
 labels with --classify. Options may stand before or after the texts. With no TEXT, one input is read per line of
-standard input. Several texts run as one batch and each output is printed under a '> input'
-line. A single text without --json is streamed.
+standard input; with --chat and no TEXT in a terminal, a conversation starts (/clear starts over, /exit ends).
+Several texts run as one batch and each output is printed under a '> input' line. A single text without --json
+is streamed.
 
 examples:
   run-model exports/smollm2 --bank banks/smollm2-135m --task define "Committee, n."
   run-model exports/smollm2 --chat "How do I reset my password?"
+  run-model exports/smollm2 --chat                       # a conversation in the terminal
   run-model exports/smollm2 --chat --system "Answer politely and briefly." "Where is my order?"
   run-model exports/smollm2 --json "one" "two"
   run-model exports/smollm2 --bank banks/smollm2-135m --task sentiment --classify "a gorgeous, moving film"
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threads {args.threads}; expected at least 1")
     if args.input is not None:
         return report_errors(lambda: _run_file(args, settings))
+    if args.chat and not args.texts and sys.stdin.isatty():  # a person at a terminal: a conversation
+        return report_errors(lambda: _chat_repl(args, settings))
     try:
         texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     except UnicodeDecodeError as exc:
@@ -206,6 +211,16 @@ def _load(args):
     return load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
 
 
+def _chat_repl(args, settings: dict) -> int:
+    from .encoder import Encoder
+    from .repl import chat_repl
+
+    model = _load(args)
+    if isinstance(model, Encoder):
+        raise SoftpromptError(f"{args.export_dir} is an encoder export: it embeds texts and cannot chat")
+    return chat_repl(model, task=args.task, system=args.system, settings=settings)
+
+
 def _run_texts(args, texts: list[str], members: list[str], settings: dict) -> int:
     from .chat import user_turn
     from .encoder import Encoder
@@ -243,8 +258,6 @@ def _run_texts(args, texts: list[str], members: list[str], settings: dict) -> in
 
 
 def _run_file(args, settings: dict) -> int:
-    from softprompt.formats.errors import SoftpromptError
-
     from .batch_file import run_file
     from .encoder import Encoder
 

@@ -204,8 +204,20 @@ class TextModel(ServedExport):
             raise RequestTypeError(f"stream takes one text, not {text!r:.60}; use generate() or complete() for a batch")
         settings = GenerationSettings.of(settings, **overrides)
         found = self._store.resolve([task])
+        return self._stream(self._encode_rows([text], found)[0], found, settings)
+
+    def stream_chat(
+        self, messages: Sequence[dict], task: str | None = None, settings: GenerationSettings | None = None, **overrides
+    ) -> Iterator[str]:
+        """`chat`'s answer in pieces as they are made, as `stream` gives them."""
+        settings = GenerationSettings.of(settings, **overrides)
+        found = self._store.resolve([task])
+        text = self._render_chat(messages, found[0])
+        return self._stream(self.backbone.encode(text, add_special_tokens=False), found, settings)
+
+    def _stream(self, ids: Sequence[int], found: Sequence[Task | None], settings: GenerationSettings) -> Iterator[str]:
         shown = 0
-        for rows in self._steps(self._encode_rows([text], found), found, settings):
+        for rows in self._steps([ids], found, settings):
             stable = rows[0].stable_text()
             if len(stable) > shown:
                 yield stable[shown:]

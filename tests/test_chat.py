@@ -89,3 +89,59 @@ def test_a_chat_file_answers_each_row_as_chat_does(chat_export, tmp_path):
         model.chat(CONVERSATION[:2], max_new_tokens=3),  # a row's own messages keep their own system message
     ]
     assert [r["token_ids"] for r in out] == [w.token_ids for w in want]
+
+
+def test_chat_in_a_terminal_is_a_conversation(chat_export, tmp_path):
+    """run-model --chat with no text in a terminal: a prompt, answers that stream and join the history, /clear,
+    /exit; what it answers is what the Python API answers for the same conversation."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from softprompt.runtime import load
+
+    _, export = chat_export
+    model = load(export)
+    first = model.chat([{"role": "user", "content": "hello there"}], max_new_tokens=6).text
+    second = model.chat(
+        [
+            {"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "and again"},
+        ],
+        max_new_tokens=6,
+    ).text
+    controller, terminal = pty.openpty()
+    command = [sys.executable, "-m", "softprompt.runtime.cli", str(export), "--chat", "--max-new-tokens", "6"]
+    process = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=subprocess.PIPE, text=True)
+    os.close(terminal)
+    screen = b""
+
+    def read_until(marker: bytes, count: int) -> None:
+        nonlocal screen
+        deadline = time.time() + 60
+        while screen.count(marker) < count and time.time() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                screen += os.read(controller, 4096)
+
+    try:
+        read_until(b">>> ", 1)
+        for count, line in enumerate((b"hello there\n", b"and again\n", b"/clear\n", b"hello there\n"), start=2):
+            os.write(controller, line)
+            read_until(b">>> ", count)
+        os.write(controller, b"/exit\n")
+        err = process.communicate(timeout=60)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    assert process.returncode == 0, err
+    text = screen.decode("utf-8", "replace").replace("\r\n", "\n")
+    turns = text.split(">>> ")
+    # The terminal echoes each line typed; the answer follows it.
+    assert turns[1] == f"hello there\n{first}\n" and turns[2] == f"and again\n{second}\n"
+    assert turns[4] == f"hello there\n{first}\n"  # after /clear the conversation starts over
+    assert "chatting with" in err and "/exit" in err and "starts over" in err
