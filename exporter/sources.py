@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from softprompt.formats.export_folder import CONFIG_FILE, read_config
+
 from .errors import ExportError
 
 
@@ -96,6 +98,8 @@ def resolve(spec: str, cache_dir: Path | None = None, log=print) -> tuple[Path, 
             raise ExportError(f"{path}: GGUF file not found")
         folder, info = _converted(path.resolve(), cache_dir, log)
         return folder, {"name": path.stem, **info}
+    if path.is_dir() and not (path / "config.json").is_file() and (path / CONFIG_FILE).is_file():
+        return resolve(export_source(path), cache_dir, log)  # an export folder: the model it was exported from
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ExportError(f"{path}: no config.json; expected a Hugging Face model folder")
@@ -105,6 +109,31 @@ def resolve(spec: str, cache_dir: Path | None = None, log=print) -> tuple[Path, 
         f"model {spec!r} is neither a built-in name ({names}), a .gguf file, nor a Hugging Face model folder "
         "(models are never downloaded)"
     )
+
+
+def export_source(export_dir: Path) -> str:
+    """The model an export folder was made from, as `resolve` takes it: the converted or given Hugging Face folder,
+    else its GGUF file, else its built-in name, whichever is still here."""
+    source = read_config(export_dir).source
+    for key in ("folder", "path"):
+        if source.get(key) and (Path(source[key]) / "config.json").is_file():
+            return str(source[key])
+    if source.get("gguf") and Path(source["gguf"]).is_file():
+        return str(source["gguf"])
+    if source.get("name") in BUILTINS:
+        return str(source["name"])
+    raise ExportError(
+        f"{export_dir} was exported from {source.get('path') or source.get('gguf') or source.get('name') or 'a model it does not name'}, "
+        "which is not on this machine; give that model itself (a Hugging Face folder, a .gguf file or a built-in name)"
+    )
+
+
+def export_fingerprint(spec: str) -> str | None:
+    """The fingerprint of the export folder `spec` names (None: `spec` is not an export folder)."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / CONFIG_FILE).is_file():
+        return read_config(path).fingerprint
+    return None
 
 
 KINDS = ("decoder", "encoder", "seq2seq")

@@ -340,3 +340,25 @@ def test_run_model_classify_cli(llama_export, llama_backbone, tmp_path, capsys):
     assert run_main([str(llama_export), "--bank", str(tmp_path), "--task", "s", "--classify", POSITIVE[0]]) == 0
     line = capsys.readouterr().out.strip()
     assert line.split("\t")[0] in ("positive", "negative") and line.endswith(POSITIVE[0])
+
+
+def test_train_prompt_takes_an_export_folder_and_trains_on_its_source(llama_export, tmp_path, capsys):
+    """train-prompt EXPORT_DIR trains on the model softprompt.json names (not "no config.json"), and the prompt fits
+    the export; an export whose source is gone is one line saying what to give instead."""
+    import json
+    import shutil
+
+    data = write_jsonl(tmp_path / "gen.jsonl", [{"input": f"Say {w}", "output": f" {w} {w}"} for w in ("hi", "yes")])
+    args = ["--data", str(data), "--task", "echo", "--bank", str(tmp_path / "bank"), "--length", "2", "--steps", "2", "-q"]
+    assert train_main([str(llama_export), *args]) == 0
+    assert "saved echo (2x64)" in capsys.readouterr().out
+    model = load(llama_export, bank=tmp_path / "bank")
+    assert model.tasks == ["echo"] and model.complete("Say hi", task="echo", max_new_tokens=2)[0].token_ids
+    moved = tmp_path / "moved-export"
+    shutil.copytree(llama_export, moved)
+    config = json.loads((moved / "softprompt.json").read_text())
+    config["source"] = {"name": "tiny-llama", "path": str(tmp_path / "gone")}
+    (moved / "softprompt.json").write_text(json.dumps(config))
+    assert train_main([str(moved), *args, "--force"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "which is not on this machine" in err and "\n" not in err

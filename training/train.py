@@ -19,8 +19,9 @@ import torch
 from tokenizers import Tokenizer
 
 from softprompt.exporter.backbone import describe
-from softprompt.exporter.sources import load_source
+from softprompt.exporter.sources import export_fingerprint, load_source
 from softprompt.formats.bank import PromptMeta, save_prefix, save_prompt
+from softprompt.formats.fingerprint import short
 from softprompt.formats.task import TaskSpec
 from softprompt.runtime.classify import label_logprobs
 
@@ -82,8 +83,15 @@ class FrozenModel:
 
 def load_backbone(model_spec: str, log: Callable[[str], None] = print) -> FrozenModel:
     """Load MODEL as export-model does and freeze it; compute the same fingerprint its export gets."""
-    source = load_source(model_spec, log=log)
+    source = load_source(model_spec, log=log)  # an export folder: the model it was exported from
     backbone = describe(source)
+    exported = export_fingerprint(model_spec)
+    if exported is not None and backbone.fingerprint != exported:
+        raise TrainingError(
+            f"{model_spec} was exported from {source.info.get('path') or source.info.get('gguf') or source.info.get('name')}, "
+            f"which has changed since (its fingerprint is {short(backbone.fingerprint)}, the export's {short(exported)}): "
+            "a prompt trained on it would not fit the export; export it again"
+        )
     tokenizer = Tokenizer.from_str(source.tokenizer.backend_tokenizer.to_str())  # the tokenizer.json the export writes
     tokenizer.no_truncation()
     tokenizer.no_padding()
