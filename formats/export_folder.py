@@ -258,3 +258,24 @@ def open_export(export_dir: str | os.PathLike) -> ExportFolder:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return ExportFolder(folder, config, table, tokenizer)
+
+
+def chat_template_source(folder: Path) -> tuple[str | None, dict[str, Any]]:
+    """The export's chat template (`chat_template.jinja`, else `chat_template` in `tokenizer_config.json`; None where
+    the model has none) and the tokenizer config, whose special tokens the template sees."""
+    config: dict[str, Any] = {}
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            config = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            config = {}
+    source: Any
+    if (Path(folder) / "chat_template.jinja").is_file():
+        source = (Path(folder) / "chat_template.jinja").read_text(encoding="utf-8")
+    else:
+        source = config.get("chat_template")
+        if isinstance(source, list):  # named templates: transformers uses "default"
+            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+    return (source if isinstance(source, str) and source else None), config

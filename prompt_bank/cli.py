@@ -22,7 +22,7 @@ from softprompt.formats.bank import (
 )
 from softprompt.formats.command import Parser, run_command
 from softprompt.formats.errors import BackboneMismatchError, PromptBankError
-from softprompt.formats.export_folder import open_export, read_config
+from softprompt.formats.export_folder import chat_template_source, open_export, read_config
 from softprompt.formats.fingerprint import short
 from softprompt.formats.task import PLACEHOLDER, TaskSpec, parse_verbalizers, unescape
 
@@ -348,6 +348,12 @@ def _from_text(args) -> int:
         extra={"token_ids": ids, **_task_spec(args)},
     )
     print(f"made {args.task}: {meta.length}x{meta.width} {meta.dtype} from {len(ids)} tokens into {args.bank}")
+    if chat_template_source(args.model)[0] is not None:  # an instruct model answers in its chat format
+        print(
+            f"{args.model} is a chat model: run the task in its chat format, e.g. "
+            f"run-model {args.model} --bank {args.bank} --task {args.task} --chat 'Where is my order?'",
+            file=sys.stderr,
+        )
     return 0
 
 

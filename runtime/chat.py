@@ -18,6 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from softprompt.formats.export_folder import chat_template_source
+
 from .errors import RequestError, RequestTypeError
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -63,21 +65,8 @@ class ChatTemplate:
 
 def read_chat_template(folder: Path) -> ChatTemplate | None:
     """The export's chat template and special tokens; None where the model has no template."""
-    config: dict = {}
-    path = folder / "tokenizer_config.json"
-    if path.is_file():
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}
-    source = None
-    if (folder / "chat_template.jinja").is_file():
-        source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    else:
-        source = config.get("chat_template")
-        if isinstance(source, list):  # named templates: transformers uses "default"
-            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
-    if not isinstance(source, str) or not source:
+    source, config = chat_template_source(folder)
+    if source is None:
         return None
     special = {}
     for name in SPECIAL_TOKENS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from softprompt.formats.task import TaskSpec
@@ -145,3 +147,30 @@ def test_chat_in_a_terminal_is_a_conversation(chat_export, tmp_path):
     assert turns[1] == f"hello there\n{first}\n" and turns[2] == f"and again\n{second}\n"
     assert turns[4] == f"hello there\n{first}\n"  # after /clear the conversation starts over
     assert "chatting with" in err and "/exit" in err and "starts over" in err
+
+
+def test_from_text_on_a_chat_model_says_to_run_the_task_in_its_chat_format(chat_export, tmp_path, capsys):
+    """An instruct model under a text prompt answers in its chat format; plain generation after it often says
+    nothing. prompt-bank from-text says so, and the task then answers under --chat."""
+    from softprompt.prompt_bank.cli import main as bank_main
+    from softprompt.runtime.cli import main as run_main
+
+    _, export = chat_export
+    bank = tmp_path / "bank"
+    assert bank_main(["from-text", str(export), str(bank), "--task", "polite", "Answer politely and briefly."]) == 0
+    err = capsys.readouterr().err
+    assert f"run-model {export} --bank {bank} --task polite --chat" in err
+    argv = [
+        str(export),
+        "--bank",
+        str(bank),
+        "--task",
+        "polite",
+        "--chat",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "Where is my order?",
+    ]
+    assert run_main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) > 0
