@@ -20,7 +20,7 @@ help:
 	@echo "make demo       export the default model (SmolLM2-135M, int4) and run it with and without a task prompt"
 	@echo "make test       lint, the whole test suite (one end-to-end run of the real model included), then the"
 	@echo "                runtime and bank tests again in a torch-free environment (.venv-device)"
-	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 30 min on 2 cores)"
+	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 70 min on 2 cores)"
 	@echo "make test-fast  the suite without the real-model test"
 	@echo "make sweep      every architecture in tests/architectures.py and the encoder-decoder families (slow)"
 	@echo "make bench      bench/speed/generate.py: this runtime against PyTorch + PEFT"
@@ -92,8 +92,8 @@ demo: $(CPU_EXPORT)/softprompt.json
 	@echo "--- the instruct model in its own chat format (serve-model serves the same over the OpenAI API)"
 	$(BIN)/run-model $(CPU_EXPORT) --chat --max-new-tokens 48 "How do I reset my password?"
 
-# Retrain the shipped prompts from packaged data. Not part of demo or test: it takes about half an
-# hour on 2 cores and rewrites the committed files (their training records say how they were made).
+# Retrain the shipped prompts from packaged data. Not part of demo or test: it takes about 70 minutes
+# on 2 cores and rewrites the committed files (their training records say how they were made).
 banks: bench-data
 	$(BIN)/python -m banks.prepare $(BANK_DATA)
 	$(BIN)/train-prompt smollm2-135m --task sentiment --bank $(BANK) --force \

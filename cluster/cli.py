@@ -29,7 +29,7 @@ this machine). The export and bank folders must be readable at the same path on 
 examples:
   cluster-model serve exports/smollm2-int4 --bank banks/smollm2-135m --name smollm2 --replicas 2
   cluster-model run exports/smollm2-int4 --bank banks/smollm2-135m --task sentiment --classify \\
-      --input reviews.parquet --output labelled/ --workers 4
+      --input examples/reviews.jsonl --output labelled/ --workers 2
   serve run softprompt.cluster:build export_dir=exports/smollm2-int4 bank=banks/smollm2-135m replicas=2
 """
 

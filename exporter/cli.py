@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("model", metavar="MODEL", help="built-in name, .gguf file, or Hugging Face model folder")
+    parser.add_argument(
+        "model", metavar="MODEL", help="built-in name, .gguf file, Hugging Face model folder, or an export folder (its source)"
+    )
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the export into")
     parser.add_argument(
         "--opset",

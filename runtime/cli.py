@@ -28,7 +28,7 @@ examples:
   run-model exports/smollm2 --bank banks/smollm2-135m --task sentiment --classify "a gorgeous, moving film"
   run-model exports/smollm2 --bank banks/mine --task s1,s2,s3 --ensemble vote --classify "dull and slow"
   printf 'first\\nsecond\\n' | run-model exports/smollm2 --max-new-tokens 16
-  run-model exports/smollm2 --bank banks/smollm2-135m --task define --input words.jsonl --output defined.jsonl
+  run-model exports/smollm2 --bank banks/smollm2-135m --task define --input examples/words.jsonl --output defined.jsonl
 
 --input runs a JSONL file ({"text": ...} a line, optionally "task"; with --chat, "messages" or "text") in
 batches of --batch-size and writes one JSON object a line to --output, in input order; run it again

@@ -26,7 +26,7 @@ vocab), text:"..." (a text's embeddings, repeated or cut to --length), file:BANK
 (start from another task's prompt).
 
 example:
-  train-prompt smollm2-135m --data train.jsonl --eval dev.jsonl --task sentiment \\
+  train-prompt smollm2-135m --data examples/train.jsonl --eval examples/dev.jsonl --task sentiment \\
       --bank banks/smollm2 --length 20 --init labels --template "Review: {text}\\nSentiment:"
 """
 
@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("model", metavar="MODEL", help="what export-model takes: built-in name, .gguf file or model folder")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="what export-model takes (built-in name, .gguf file, model folder), or an export folder: its source model",
+    )
     parser.add_argument("--data", type=Path, required=True, help="training data (JSON Lines)")
     parser.add_argument("--eval", type=Path, help="evaluation data; the best prompt on it is kept")
     parser.add_argument("--task", required=True, help="task name in the bank")
