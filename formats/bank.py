@@ -326,7 +326,8 @@ def vectors_path(bank_dir: str | os.PathLike, meta: PromptMeta) -> Path:
 def confined(bank: Path, file_name: str, task: str, what: str) -> Path:
     """`file_name` in the bank with its links resolved, refused unless it lies in the bank folder itself: no
     record, name or link may make a reader open a file elsewhere (export folders are confined the same way).
-    The result has no link left in it; read it with `follow=False`, so a link put there since is refused too."""
+    The result has no link left in it; read it as `real=` (vectors_file.read_bounded), so a link put there since
+    is refused too."""
     if not isinstance(file_name, str) or Path(file_name).name != file_name or "\\" in file_name or file_name in ("", ".", ".."):
         raise InvalidPromptError(f"task {task!r}: its {what} is {file_name!r:.80}; expected a plain file name in the bank")
     path = bank / file_name
@@ -438,7 +439,7 @@ def load_prompt(
     for attempt in range(3):
         try:
             raw = read_bounded(
-                confined(bank, meta_path.name, name, "record"), MAX_RECORD_BYTES, "a task record (JSON)", follow=False
+                meta_path, MAX_RECORD_BYTES, "a task record (JSON)", real=confined(bank, meta_path.name, name, "record")
             )
         except FileNotFoundError:
             raise InvalidPromptError(f"{meta_path}: missing; every task needs its NAME.json record") from None
@@ -447,7 +448,7 @@ def load_prompt(
             raise InvalidPromptError(f"{meta_path}: name is {meta.name!r:.80}; expected {name!r} (the file's name)")
         npy = vectors_path(bank, meta)
         try:
-            vectors = read_vectors(confined(bank, npy.name, name, "vectors file"), meta.vectors_sha256, follow=False)
+            vectors = read_vectors(npy, meta.vectors_sha256, real=confined(bank, npy.name, name, "vectors file"))
             break
         except InvalidPromptError:
             # A writer may have replaced the record and removed the file it named since it was read.

@@ -48,15 +48,15 @@ def validate_vectors(vectors: np.ndarray, where: str, ndim: tuple[int, ...] = (2
         )
 
 
-def read_bounded(path: Path, limit: int, what: str, follow: bool = True) -> bytes:
+def read_bounded(path: Path, limit: int, what: str, real: Path | None = None) -> bytes:
     """The bytes of a regular file of at most `limit` bytes, opened without blocking (a FIFO or a device in a
-    bank is refused, never waited on). `follow=False` refuses a link in the last place of `path` (a bank's
-    reader passes a path with its links already resolved and checked, so a link put there since is refused)."""
+    bank is refused, never waited on). `real` is `path` with its links resolved and checked (a bank's reader
+    confines them): it is what is opened, and a link put there since is refused; messages name `path`."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    if not follow:
+    if real is not None:
         flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(real if real is not None else path, flags)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -106,10 +106,10 @@ def parse_vectors(data: bytes, where: str) -> np.ndarray:
     return vectors
 
 
-def read_vectors(path: Path, sha256: str | None = None, follow: bool = True) -> np.ndarray:
-    """Read a `.npy` prompt, checked against `sha256` (its record's) where given."""
+def read_vectors(path: Path, sha256: str | None = None, real: Path | None = None) -> np.ndarray:
+    """Read a `.npy` prompt, checked against `sha256` (its record's) where given (`real`: as for read_bounded)."""
     try:
-        data = read_bounded(path, MAX_VECTORS_BYTES, "a .npy prompt", follow=follow)
+        data = read_bounded(path, MAX_VECTORS_BYTES, "a .npy prompt", real=real)
     except FileNotFoundError:
         raise InvalidPromptError(f"{path}: file not found") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:

@@ -98,7 +98,8 @@ class TaskStore:
         self._lock = threading.Lock()
         self._tasks: Mapping[str, Task] = MappingProxyType({})
         self._seen: dict[str, Stamp] = {}  # last stamps looked at, including ones that failed to load
-        self._failed: Mapping[str, str] = MappingProxyType({})  # name -> why it is not served (none of its versions loaded)
+        # name -> why it is not served (no version of it loaded): the error, re-raised for a request that asks for it
+        self._failed: Mapping[str, PromptBankError] = MappingProxyType({})
         if bank is not None:
             if not Path(bank).is_dir():
                 raise InvalidPromptError(f"bank {bank} is not a folder")
@@ -114,7 +115,7 @@ class TaskStore:
     def failed(self) -> Mapping[str, str]:
         """Tasks of the bank that are not served, each with the reason (the error, naming its file)."""
         self.current()
-        return self._failed
+        return {name: str(exc) for name, exc in self._failed.items()}
 
     def resolve(self, names: Sequence[str | Task | None]) -> list[Task | None]:
         """The Task objects of one request (None stays None), all from one version of the bank. A Task given in
@@ -128,8 +129,9 @@ class TaskStore:
             if not isinstance(name, str):
                 raise RequestTypeError(f"task {name!r}; expected a task name or None")
             task = current.get(name)
-            if task is None and name in self._failed:
-                raise InvalidPromptError(f"task {name!r} is in the bank but cannot be served: {self._failed[name]}")
+            failed = self._failed.get(name)
+            if task is None and failed is not None:  # the same kind of error (another backbone's task: a mismatch)
+                raise type(failed)(f"task {name!r} is in the bank but cannot be served: {failed}")
             if task is None:
                 where = f"bank {self.bank}" if self.bank else "this model (no bank was loaded)"
                 raise UnknownTaskError(f"no task {name!r} in {where}; tasks: {', '.join(sorted(current)) or 'none'}")
@@ -204,7 +206,7 @@ class TaskStore:
                 kept = "keeping the version already loaded" if name in tasks else "not served"
                 log.log(level, "task %r failed to load: %s; %s", name, exc, kept)  # the error names the file
                 if name not in tasks:
-                    failed[name] = str(exc)
+                    failed[name] = exc
                 continue
             if name in tasks:
                 log.info("task %r reloaded from %s", name, self.bank)

@@ -140,7 +140,9 @@ def test_bank_of_another_backbone_is_refused_at_load(llama_export, gpt2_export, 
 
     config = read_config(llama_export)
     save_prompt(tmp_path, "foreign", random_prompt(3, config.hidden_size), fingerprint="sha256:" + "0" * 64)
-    with pytest.raises(BackboneMismatchError, match="foreign.json: made for backbone"):
-        load(llama_export, bank=tmp_path)
+    model = load(llama_export, bank=tmp_path)  # loads; the task is not served, and asking for it says why
+    assert model.tasks == [] and "foreign.json: made for backbone" in model.unserved["foreign"]
+    with pytest.raises(BackboneMismatchError, match="task 'foreign' is .* cannot be served: .*foreign.json: made for backbone"):
+        model.complete("hello", task="foreign", max_new_tokens=2)
     with pytest.raises(BackboneMismatchError, match="E=64; the backbone's embedding width is 48"):
-        load(gpt2_export, bank=tmp_path)
+        load(gpt2_export, bank=tmp_path).complete("hello", task="foreign", max_new_tokens=2)
