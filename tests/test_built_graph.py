@@ -1,4 +1,4 @@
-"""The decoder graph built op by op (exporter/llama_graph.py) against transformers and the traced graph."""
+"""The decoder graph built op by op (src/softprompt/exporter/llama_graph.py) against transformers and the traced graph."""
 
 from __future__ import annotations
 

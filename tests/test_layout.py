@@ -15,8 +15,13 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-# The rooms as installed: folder at the repository root -> softprompt.<room>.
-ROOMS = {package.split(".")[1]: folder for package, folder in PYPROJECT["tool"]["setuptools"]["package-dir"].items()}
+# The rooms as installed, softprompt.<room>, each in the folder src/softprompt/<room>.
+SOURCE = ROOT / PYPROJECT["tool"]["setuptools"]["package-dir"][""]
+ROOMS = {
+    package.split(".")[1]: f"{SOURCE.name}/softprompt/{package.split('.')[1]}"
+    for package in PYPROJECT["tool"]["setuptools"]["packages"]
+    if "." in package
+}
 
 # Which rooms each room may import. Read top to bottom: nothing imports a room listed above it.
 ALLOWED = {
@@ -83,9 +88,12 @@ def distribution(requirement: str) -> str:
 def test_every_room_is_a_package_and_listed_here():
     assert set(ROOMS) == set(ALLOWED), "a room was added or removed: say here which rooms it may import"
     packages = PYPROJECT["tool"]["setuptools"]["packages"]
-    assert sorted(packages) == sorted(f"softprompt.{room}" for room in ROOMS)
+    assert sorted(packages) == sorted(["softprompt", *(f"softprompt.{room}" for room in ROOMS)])
+    on_disk = {path.name for path in (SOURCE / "softprompt").iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert on_disk == set(ROOMS), "every folder under src/softprompt is a room, listed in pyproject.toml"
     for folder in ROOMS.values():
         assert (ROOT / folder / "__init__.py").is_file()
+    assert not imports(SOURCE / "softprompt" / "__init__.py"), "the namespace itself imports nothing"
 
 
 def test_rooms_import_only_the_rooms_below_them():

@@ -14,6 +14,7 @@ from functools import cached_property
 
 import numpy as np
 
+from softprompt.formats.embedding_table import ScaledRows
 from softprompt.formats.task import PLACEHOLDER
 
 from .chat import ChatTemplate, check_messages, read_chat_template
@@ -46,7 +47,7 @@ class Completion:
 
 def decode_steps(
     forward: Forward,
-    table: np.ndarray,
+    table: np.ndarray | ScaledRows,
     embeds: np.ndarray,
     mask: np.ndarray,
     past: list[np.ndarray],

@@ -11,7 +11,7 @@ from softprompt.formats.export_folder import ExportFolder
 from softprompt.formats.task import TaskSpec
 
 from .rows import as_texts, embed_row
-from .tasks import Task, TaskStore
+from .tasks import Task, TaskRef, TaskStore
 
 
 class ServedExport:
@@ -56,7 +56,7 @@ class ServedExport:
         """Re-read every task file of the bank now (changes are also picked up before each request)."""
         return sorted(self._store.reload())
 
-    def prompt(self, task: str | None) -> np.ndarray | None:
+    def prompt(self, task: TaskRef) -> np.ndarray | None:
         """The [P, E] float32 soft prompt of `task` (all its vectors, a pattern's slots included), or None for no
         prompt (and for a prefix task, whose keys and values `prefix` gives)."""
         found = self._store.resolve([task])[0]
@@ -64,21 +64,21 @@ class ServedExport:
             return None
         return found.vectors if not len(found.inner) else np.concatenate([found.vectors, found.inner])
 
-    def prefix(self, task: str | None) -> tuple[np.ndarray, ...] | None:
+    def prefix(self, task: TaskRef) -> tuple[np.ndarray, ...] | None:
         """A prefix task's keys and values, one [kv_heads, P, head_size] array per cache input; None for others."""
         found = self._store.resolve([task])[0]
         return None if found is None else found.past
 
-    def task_length(self, task: str | None) -> int:
+    def task_length(self, task: TaskRef) -> int:
         """Positions the task takes before the input (its prompt's vectors, or its prefix's length; 0 for no task)."""
         found = self._store.resolve([task])[0]
         return 0 if found is None else found.length
 
-    def task_spec(self, task: str | None) -> TaskSpec:
+    def task_spec(self, task: TaskRef) -> TaskSpec:
         """The task's template and labels (no task: the text as it is, no labels)."""
         return spec_of(self._store.resolve([task])[0])
 
-    def encode(self, text: str, task: str | None = None) -> list[int]:
+    def encode(self, text: str, task: TaskRef = None) -> list[int]:
         """Token ids of `text` wrapped in the task's template, as the model's own tokenizer makes them."""
         return self.task_spec(task).encode(text, self.backbone.encode)
 

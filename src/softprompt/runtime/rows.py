@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from softprompt.formats.embedding_table import ScaledRows
+
 from .errors import RequestError, RequestTypeError
 from .tasks import Task
 
@@ -85,7 +87,9 @@ def check_rows(
             raise RequestError(f"input {i} has token ids {bad[:5]} outside {where}")
 
 
-def embed_row(table: np.ndarray, ids: Sequence[int], prompt: np.ndarray | None, inner: np.ndarray | None = None) -> np.ndarray:
+def embed_row(
+    table: np.ndarray | ScaledRows, ids: Sequence[int], prompt: np.ndarray | None, inner: np.ndarray | None = None
+) -> np.ndarray:
     """[P + n, E] float32: the task's prompt rows, then the embeddings of `ids` from the table, where a negative
     id -k is row k - 1 of `inner` (a P-tuning pattern's vectors after the text begins)."""
     index = np.asarray(ids, dtype=np.int64)

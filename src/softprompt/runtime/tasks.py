@@ -21,6 +21,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import Union
 
 import numpy as np
 
@@ -186,6 +187,7 @@ class TaskStore:
             if not everything and self._seen.get(name) == stamp:
                 continue
             try:
+                assert self.bank is not None  # (refreshed only where there is a bank)
                 prompt = load_prompt(
                     self.bank,
                     name,
@@ -223,3 +225,7 @@ def _entry_stat(entry: os.DirEntry) -> tuple[int, int, int] | None:
     except OSError:  # gone, a dangling link or a loop: loading it says which
         return None
     return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+# What every `task=` takes: a name, a Task already resolved (one version of it for a whole request), or None.
+TaskRef = Union[str, Task, None]  # noqa: UP007  (an alias evaluated at import: works on Python 3.10)

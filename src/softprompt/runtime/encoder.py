@@ -23,7 +23,7 @@ from .classify import classify_ensemble, classify_rows, ensemble_members, log_so
 from .errors import InferenceError, RequestError
 from .rows import as_texts, check_rows, embed_row, pad, tasks_for
 from .served import ServedExport
-from .tasks import Task
+from .tasks import Task, TaskRef
 
 # Cosine similarities lie in [-1, 1]; scaled by this before the softmax over labels, as
 # sentence-transformers scales them in its contrastive losses, so the scores read as probabilities.
@@ -47,7 +47,7 @@ class Encoder(ServedExport):
     def embed(
         self,
         texts: str | Sequence[str],
-        task: str | None | Sequence[str | None] = None,
+        task: TaskRef | Sequence[TaskRef] = None,
         normalize: bool = True,
         batch_size: int | None = None,
     ) -> np.ndarray:
