@@ -162,3 +162,34 @@ def test_pyproject_declares_what_the_code_imports():
         used.add(IMPORT_NAMES.get(module, module).lower())
     never = set().union(*declared.values()) - used - LOADED_BY_TRANSFORMERS - TOOLS - {"onnxruntime-gpu", "softprompt-onnx"}
     assert not never, f"declared but imported by no code: {sorted(never)}"
+
+
+def module_imports(folder: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the same room it imports (at any level of the file; the package's __init__ aside)."""
+    graph: dict[str, set[str]] = {}
+    room = folder.name
+    for path in folder.glob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(f"softprompt.{room}."):
+                found.add(node.module.split(".")[2])
+        graph[path.stem] = found - {path.stem, "__init__"}
+    graph.pop("__init__", None)  # it re-exports the room's entry points
+    return graph
+
+
+def test_modules_within_a_room_import_each_other_one_way():
+    """A cycle between two modules of a room (an import tucked into a function included) is a contract that belongs
+    in a module below both."""
+    for folder in ROOMS.values():
+        graph = module_imports(ROOT / folder)
+
+        def visit(module: str, path: tuple[str, ...]) -> None:
+            for target in sorted(graph.get(module, ())):
+                assert target not in path, f"{folder}: import cycle {' -> '.join((*path, target))}"
+                visit(target, (*path, target))
+
+        for module in sorted(graph):
+            visit(module, (module,))

@@ -10,7 +10,7 @@ from typing import Any
 # Importing Ray takes seconds: the entry points load it when first used, so `cluster-model --help` answers at once.
 _WHERE = {
     "application": ".serving",
-    "build": ".serving",
+    "build": ".cli",  # options spelled as cluster-model serve's
     "map_dataset": ".datasets",
     "read_inputs": ".datasets",
     "write_outputs": ".datasets",

@@ -18,7 +18,7 @@ from softprompt.runtime.cli import (
     generation_settings,
     report_errors,
 )
-from softprompt.server.cli import add_serving_options
+from softprompt.server.cli import add_serving_options, limits, served_name
 
 APP = "softprompt"  # the Ray Serve application's name
 
@@ -91,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--replicas {args.replicas}, --cpus-per-replica {args.cpus_per_replica}; expected at least 1, > 0")
         if not 0 < args.port < 65536:
             parser.error(f"--port {args.port}; expected 1..65535")
-        from .serving import application_of
-
         app = application_of(args, parser)
         return report_errors(lambda: _serve(args, app))
     check_row_options(args, parser)
@@ -103,6 +101,37 @@ def main(argv: list[str] | None = None) -> int:
         )
     settings = generation_settings(args, parser)
     return report_errors(lambda: _run(args, settings))
+
+
+def build(args: dict[str, str]):
+    """The application builder for Ray's own tools: `serve run softprompt.cluster:build export_dir=... bank=...
+    replicas=2`, or `import_path: softprompt.cluster:build` with `args:` in a `serve deploy` config file. The
+    arguments are `cluster-model serve`'s options, spelled with underscores."""
+    given = dict(args)
+    if "export_dir" not in given:
+        raise ValueError("args need export_dir: the export folder to serve")
+    argv = ["serve", str(given.pop("export_dir"))]
+    for key, value in given.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    parser = build_parser()
+    return application_of(parser.parse_args(argv), parser)
+
+
+def application_of(parsed: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The Ray Serve application `cluster-model serve`'s parsed options describe."""
+    from .serving import application
+
+    return application(
+        parsed.export_dir,
+        bank=parsed.bank,
+        name=served_name(parsed),
+        replicas=parsed.replicas,
+        cpus_per_replica=parsed.cpus_per_replica,
+        api_key=parsed.api_key,
+        limits=limits(parsed, parser),
+        providers=parsed.providers,
+        threads=parsed.threads,
+    )
 
 
 def _join_ray(address: str | None, cpus: float) -> None:

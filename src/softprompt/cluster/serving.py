@@ -11,7 +11,6 @@ node.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ray import serve
@@ -78,37 +77,4 @@ def application(
         limits,
         providers,
         threads or max(1, int(cpus_per_replica)),
-    )
-
-
-def build(args: dict[str, str]) -> Application:
-    """The application builder for Ray's own tools: `serve run softprompt.cluster:build export_dir=... bank=...
-    replicas=2`, or `import_path: softprompt.cluster:build` with `args:` in a `serve deploy` config file. The
-    arguments are `cluster-model serve`'s options, spelled with underscores."""
-    from .cli import build_parser
-
-    given = dict(args)
-    if "export_dir" not in given:
-        raise ValueError("args need export_dir: the export folder to serve")
-    argv = ["serve", str(given.pop("export_dir"))]
-    for key, value in given.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    parser = build_parser()
-    return application_of(parser.parse_args(argv), parser)
-
-
-def application_of(parsed: argparse.Namespace, parser: argparse.ArgumentParser) -> Application:
-    """The application `cluster-model serve`'s parsed options describe."""
-    from softprompt.server.cli import limits, served_name
-
-    return application(
-        parsed.export_dir,
-        bank=parsed.bank,
-        name=served_name(parsed),
-        replicas=parsed.replicas,
-        cpus_per_replica=parsed.cpus_per_replica,
-        api_key=parsed.api_key,
-        limits=limits(parsed, parser),
-        providers=parsed.providers,
-        threads=parsed.threads,
     )

@@ -25,7 +25,7 @@ from softprompt.formats.export_folder import ExportFolder, open_export
 from .classify import label_logprobs
 from .encoder import Encoder
 from .errors import RequestError
-from .generate import RowText, TextModel, decode_steps
+from .generate import RowText, decode_steps
 from .graph import DecoderGraph
 from .prompt_cache import Prefix, PromptCache
 from .rows import as_texts, check_rows, embed_row, pad, position_ids, tasks_for
@@ -34,6 +34,7 @@ from .seq2seq import Seq2Seq
 from .session import create_session, resolve_providers, warn_if_slow
 from .settings import GenerationSettings
 from .tasks import Task
+from .text_model import TextModel
 
 
 def load(

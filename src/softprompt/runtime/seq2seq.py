@@ -31,11 +31,12 @@ from softprompt.formats.export_folder import ExportFolder
 
 from .classify import log_softmax
 from .errors import InferenceError, RequestError
-from .generate import RowText, TextModel
+from .generate import RowText
 from .rows import as_texts, check_rows, embed_row, pad, tasks_for
 from .sampling import chooser
 from .settings import GenerationSettings
 from .tasks import Task
+from .text_model import TextModel
 
 
 class Seq2Seq(TextModel):
