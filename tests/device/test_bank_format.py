@@ -199,3 +199,28 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
         assert (tmp_path / "t.json").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(umask)
+
+
+def test_peft_adapters_convert_from_python_as_the_commands_do(tmp_path):
+    """import_peft / export_peft: the library functions under prompt-bank import-peft and export-peft (numpy only)."""
+    from pathlib import Path
+
+    from softprompt.prompt_bank import export_peft, import_peft, read_peft_adapter, write_peft_adapter
+    from softprompt.runtime import read_config
+
+    export = Path(__file__).resolve().parents[1] / "fixture" / "export"
+    config = read_config(export)
+    vectors = np.random.default_rng(3).standard_normal((5, config.hidden_size)).astype(np.float32)
+    write_peft_adapter(tmp_path / "adapter", vectors, num_layers=config.num_layers, num_attention_heads=config.num_heads)
+    meta = import_peft(tmp_path / "adapter", tmp_path / "bank", "t", export, template="Q: {text}\nA:")
+    assert (meta.length, meta.width, meta.fingerprint) == (5, config.hidden_size, config.fingerprint)
+    np.testing.assert_array_equal(load_prompt(tmp_path / "bank", "t").vectors, vectors)
+    with pytest.raises(InvalidPromptError, match="exists; pass overwrite"):
+        import_peft(tmp_path / "adapter", tmp_path / "bank", "t", export)
+    written = export_peft(tmp_path / "bank", "t", tmp_path / "again", export_dir=export)
+    assert written.dropped == ("template",) and not written.prefix
+    np.testing.assert_array_equal(read_peft_adapter(tmp_path / "again").vectors, vectors)
+    narrow = np.ones((2, config.hidden_size // 2), np.float32)
+    write_peft_adapter(tmp_path / "narrow", narrow, num_layers=config.num_layers, num_attention_heads=config.num_heads)
+    with pytest.raises(BackboneMismatchError, match=f"prompt width E={config.hidden_size // 2}"):
+        import_peft(tmp_path / "narrow", tmp_path / "bank", "n", export)

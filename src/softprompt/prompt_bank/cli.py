@@ -16,17 +16,16 @@ from softprompt.formats.bank import (
     misnamed,
     orphans,
     remove_prompt,
-    save_prefix,
     save_prompt,
     upgrade_bank,
 )
 from softprompt.formats.command import Parser, run_command
-from softprompt.formats.errors import BackboneMismatchError, PromptBankError
+from softprompt.formats.errors import PromptBankError
 from softprompt.formats.export_folder import chat_template_source, open_export, read_config
 from softprompt.formats.fingerprint import short
-from softprompt.formats.task import PLACEHOLDER, TaskSpec, parse_verbalizers, unescape
+from softprompt.formats.task import parse_verbalizers, unescape
 
-from .peft import PREFIX_TYPE, adapter_init, prefix_keys_values, read_peft_adapter, write_peft_adapter
+from .peft_tasks import export_peft, import_peft, task_spec
 
 EPILOG = """\
 A bank is a folder; a task is NAME.json (its record) naming NAME.<hash>.npy (a [P, E] float32/float16 soft prompt,
@@ -216,118 +215,31 @@ def _upgrade(args) -> int:
 
 
 def _import_peft(args) -> int:
-    config = read_config(args.model)
-    adapter = read_peft_adapter(args.adapter)
-    if str(adapter.config.get("peft_type")).upper() == PREFIX_TYPE:
-        return _import_prefix(args, config, adapter)
-    width = adapter.vectors.shape[1]
-    if width != config.hidden_size:
-        raise BackboneMismatchError(
-            f"{adapter.weights_file}: prompt width E={width}; the export {args.model} has width {config.hidden_size}"
-        )
-    peft_record = {
-        k: adapter.config[k]
-        for k in ("peft_type", "task_type", "base_model_name_or_path", "num_virtual_tokens", "encoder_reparameterization_type")
-        if k in adapter.config
-    }
-    extra: dict = {"peft": peft_record}
-    if adapter.classifier is not None:
-        if args.verbalizer:
-            raise PromptBankError("--verbalizer: this adapter classifies with its own head; name its labels with --labels")
-        extra.update(_classifier_task(adapter, config, args))
-    elif args.labels:
-        raise PromptBankError(
-            f"--labels is for sequence-classification adapters; {args.adapter} is a {adapter.config.get('task_type')} adapter"
-        )
-    extra.update(_task_spec(args, keep_labels=extra.get("labels")))
-    meta = save_prompt(
+    meta = import_peft(
+        args.adapter,
         args.bank,
         args.task,
-        adapter.vectors,
-        fingerprint=config.fingerprint,
+        args.model,
+        template=None if args.template is None else unescape(args.template),
+        verbalizers=parse_verbalizers(args.verbalizer) if args.verbalizer else None,
+        labels=args.labels.split(",") if args.labels else None,
         dtype=args.dtype,
         overwrite=args.force,
-        init=adapter_init(adapter.config),
-        source=f"peft:{args.adapter.resolve()}",
-        extra=extra,
     )
-    print(f"imported {args.task}: {meta.length}x{meta.width} {meta.dtype} into {args.bank}")
+    if meta.method == "prefix":
+        print(
+            f"imported {args.task}: a prefix of {meta.length} positions for {meta.layers} layers "
+            f"({meta.kv_heads} key/value heads of {meta.head_size}) {meta.dtype} into {args.bank}"
+        )
+    else:
+        print(f"imported {args.task}: {meta.length}x{meta.width} {meta.dtype} into {args.bank}")
     return 0
 
 
-def _import_prefix(args, config, adapter) -> int:
-    """A PREFIX_TUNING adapter as a prefix task: keys and values for the export's cache, checked against it."""
-    cache = config.prefix_cache
-    if cache is None:
-        raise BackboneMismatchError(
-            f"{args.adapter} is a prefix-tuning adapter; the export {args.model} is a {config.kind} export, and prefix "
-            "tasks serve decoder and encoder-decoder exports"
-        )
-    if args.labels:
-        raise PromptBankError(f"--labels is for sequence-classification adapters; {args.adapter} is a prefix-tuning adapter")
-    submodules = adapter.config.get("num_transformer_submodules", 1)
-    expected = 2 if config.kind == "seq2seq" else 1
-    if submodules != expected:
-        made = "an encoder-decoder" if submodules == 2 else "a decoder-only model"
-        raise BackboneMismatchError(
-            f"{args.adapter}: a prefix for {made} (num_transformer_submodules {submodules}); the export {args.model} is "
-            f"a {config.kind} export (expected {expected})"
-        )
-    layers, kv_heads, head_size = cache[:3]
-    keys_values = prefix_keys_values(adapter.vectors, layers, kv_heads, head_size, str(adapter.weights_file), submodules)
-    peft_record = {
-        k: adapter.config[k]
-        for k in ("peft_type", "task_type", "base_model_name_or_path", "num_virtual_tokens", "prefix_projection")
-        if k in adapter.config
-    }
-    meta = save_prefix(
-        args.bank,
-        args.task,
-        keys_values,
-        fingerprint=config.fingerprint,
-        dtype=args.dtype,
-        overwrite=args.force,
-        init=adapter_init(adapter.config),
-        source=f"peft:{args.adapter.resolve()}",
-        extra={"peft": peft_record, **_task_spec(args)},
-    )
-    print(
-        f"imported {args.task}: a prefix of {meta.length} positions for {meta.layers} layers "
-        f"({meta.kv_heads} key/value heads of {meta.head_size}) {meta.dtype} into {args.bank}"
-    )
-    return 0
-
-
-def _task_spec(args, keep_labels: dict | None = None) -> dict:
+def _task_spec(args) -> dict:
     """--template and --verbalizer as a record's `extra` (nothing when neither was given)."""
-    if args.template is None and not args.verbalizer:
-        return {}
-    labels = parse_verbalizers(args.verbalizer) if args.verbalizer else dict(keep_labels or {})
-    return TaskSpec(template=unescape(args.template or PLACEHOLDER), labels=labels).to_extra()
-
-
-def _classifier_task(adapter, config, args) -> dict:
-    """Labels and head of a PEFT sequence-classification adapter: its classifier reads the pooler output."""
-    weight, bias = adapter.classifier["weight"], adapter.classifier["bias"]
-    if config.kind != "encoder" or "pooler_output" not in config.output_names:
-        raise BackboneMismatchError(
-            f"{args.adapter} classifies an encoder's pooler output; the export {args.model} "
-            f"is a {config.kind} export without one (export the encoder with this version)"
-        )
-    if weight.shape[1] != config.hidden_size:
-        raise BackboneMismatchError(
-            f"{adapter.weights_file}: classifier width {weight.shape[1]}; the export has width {config.hidden_size}"
-        )
-    labels = [name.strip() for name in args.labels.split(",")] if args.labels else [f"LABEL_{i}" for i in range(len(bias))]
-    if len(labels) != len(bias) or len(set(labels)) != len(labels) or not all(labels):
-        raise PromptBankError(
-            f"--labels {args.labels!r}: {len(labels)} names for a classifier of {len(bias)} "
-            "labels; give one distinct name per label, in the classifier's order"
-        )
-    return {
-        "labels": {label: label for label in labels},
-        "head": {"labels": labels, "weight": weight.tolist(), "bias": bias.tolist(), "pooling": "pooler"},
-    }
+    verbalizers = parse_verbalizers(args.verbalizer) if args.verbalizer else None
+    return task_spec(None if args.template is None else unescape(args.template), verbalizers)
 
 
 def _from_text(args) -> int:
@@ -358,39 +270,9 @@ def _from_text(args) -> int:
 
 
 def _export_peft(args) -> int:
-    layers = heads = 0
-    base = None
-    fingerprint = None
-    task_type = "CAUSAL_LM"
-    if args.model:
-        config = read_config(args.model)
-        layers, heads, fingerprint = config.num_layers, config.num_heads, config.fingerprint
-        # A folder transformers can load offline (a GGUF's converted one) before a name it would look up on a hub.
-        base = config.source.get("folder") or config.source.get("path") or config.source.get("name")
-        task_type = {"encoder": "FEATURE_EXTRACTION", "seq2seq": "SEQ_2_SEQ_LM"}.get(config.kind, "CAUSAL_LM")
-    prompt = load_prompt(args.bank, args.task, fingerprint=fingerprint)
-    spec = TaskSpec.from_extra(prompt.meta.extra)
-    if spec.lead is not None and spec.lead < prompt.meta.length:
-        raise PromptBankError(
-            f"task {args.task!r}: its template {spec.template!r} places vectors after the text (a P-tuning pattern); "
-            "a PEFT adapter prepends every vector, so it would be another task"
-        )
-    if prompt.meta.parts is not None:
-        raise PromptBankError(
-            f"task {args.task!r}: a prefix for the encoder and the cross-attention as well ({prompt.meta.parts}); PEFT's "
-            "seq2seq prefix tuning reaches the decoder's self-attention only, so it would be another task"
-        )
-    write_peft_adapter(
-        args.out,
-        prompt.vectors.astype(np.float32),
-        num_layers=layers,
-        num_attention_heads=heads,
-        base_model=base,
-        task_type=task_type,
-    )
-    dropped = [k for k in ("template", "labels") if prompt.meta.extra.get(k) not in (None, {}, "{text}")]
-    note = f" (PEFT has no place for the task's {' and '.join(dropped)}: apply them yourself)" if dropped else ""
-    what = f"{prompt.meta.length}-position prefix" if prompt.is_prefix else f"{prompt.meta.length}x{prompt.meta.width} prompt"
+    written = export_peft(args.bank, args.task, args.out, export_dir=args.model)
+    note = f" (PEFT has no place for the task's {' and '.join(written.dropped)}: apply them yourself)" if written.dropped else ""
+    what = f"{written.length}-position prefix" if written.prefix else f"{written.length}x{written.width} prompt"
     print(f"wrote {args.out}: {what} of {args.task}{note}")
     return 0
 
