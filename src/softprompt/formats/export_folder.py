@@ -129,6 +129,11 @@ class ExportConfig:
             value = getattr(config, key)
             if not isinstance(value, int) or value <= 0:
                 raise ExportFormatError(f"{where}: {key} is {value!r}; expected a positive integer")
+        named = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id}
+        named |= {f"eos_token_ids[{i}]": token for i, token in enumerate(config.eos_token_ids)}
+        for key, token in named.items():
+            if token is not None and token >= config.vocab_size:
+                raise ExportFormatError(f"{where}: {key} is {token}; expected a token id below vocab_size {config.vocab_size}")
         if config.pooling not in (None, *POOLINGS):
             raise ExportFormatError(f"{where}: pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
         if config.precision not in PRECISIONS:

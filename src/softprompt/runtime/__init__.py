@@ -1,8 +1,8 @@
 """softprompt.runtime: run a frozen ONNX backbone with task soft prompts (numpy, onnxruntime, tokenizers only).
 
 >>> from softprompt.runtime import load                                   # doctest: +SKIP
->>> model = load("exports/smollm2", bank="banks/smollm2-135m")           # doctest: +SKIP
->>> model.generate("Review: a gorgeous film. Sentiment:", task="sentiment", max_new_tokens=8)  # doctest: +SKIP
+>>> model = load("exports/smollm2-int4", bank="banks/smollm2-135m")      # doctest: +SKIP
+>>> model.generate("Committee, n.", task="define", max_new_tokens=32)   # the task applies its template  # doctest: +SKIP
 """
 
 from softprompt.formats.export_folder import ExportConfig, read_config
