@@ -177,8 +177,8 @@ def test_errors_are_openai_error_objects(served):
 
 
 def test_a_full_queue_is_refused_and_closing_finishes_what_runs(served):
+    from softprompt.runtime.engine import Engine, Job, QueueFull
     from softprompt.runtime.settings import GenerationSettings
-    from softprompt.server.engine import Engine, Job, QueueFull
 
     model = served[0]
     done = []
@@ -199,9 +199,9 @@ def test_a_full_queue_is_refused_and_closing_finishes_what_runs(served):
 
 def test_a_request_joins_the_running_batch_and_leaves_when_done(served):
     """Continuous batching: B arrives while A decodes, runs beside it and finishes first; each gives its tokens alone."""
+    from softprompt.runtime.continuous import ContinuousEngine
+    from softprompt.runtime.engine import Job
     from softprompt.runtime.settings import GenerationSettings
-    from softprompt.server.continuous import ContinuousEngine
-    from softprompt.server.engine import Job
 
     model = served[0]
     engine = ContinuousEngine(model, max_batch=4)

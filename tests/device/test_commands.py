@@ -61,10 +61,14 @@ def test_ctrl_c_during_a_batch_file_is_one_line_and_130(tmp_path):
     rows.write_text("".join(json.dumps({"text": f"input number {i}"}) + "\n" for i in range(4000)))
     out = tmp_path / "out.jsonl"
     command = [*RUN_MODEL, str(EXPORT), "--input", str(rows), "--output", str(out), "--batch-size", "4", "--quiet"]
-    running = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # A shell's background job ignores SIGINT, and a child inherits that (CI may run so): restore it, as a terminal has it.
+    running = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     deadline = time.time() + 120
     while (not out.exists() or not out.read_text()) and time.time() < deadline and running.poll() is None:
         time.sleep(0.1)  # generating: some rows are written
+    assert running.poll() is None, "the run ended before it could be interrupted"
     running.send_signal(signal.SIGINT)
     err = running.communicate(timeout=60)[1]
     assert running.returncode == INTERRUPTED, err

@@ -7,25 +7,34 @@
 
 from softprompt.formats.export_folder import ExportConfig, read_config
 
+from .continuous import ContinuousEngine, start_engine
 from .encoder import Encoder
+from .engine import Engine, Job, QueueFull
 from .errors import ExportFormatError, InferenceError, ProviderError, RequestError, SoftpromptRuntimeError
 from .generate import Completion
 from .model import Model, load
 from .seq2seq import Seq2Seq
 from .settings import GenerationSettings
+from .tasks import Task
 
 __all__ = [
     "Completion",
+    "ContinuousEngine",
     "Encoder",
+    "Engine",
     "ExportConfig",
     "ExportFormatError",
     "GenerationSettings",
     "InferenceError",
+    "Job",
     "Model",
     "ProviderError",
+    "QueueFull",
     "RequestError",
     "Seq2Seq",
     "SoftpromptRuntimeError",
+    "Task",
     "load",
     "read_config",
+    "start_engine",
 ]

@@ -15,7 +15,7 @@ from softprompt.formats.command import Parser, run_command
 from softprompt.runtime.cli import add_providers_option
 
 if TYPE_CHECKING:
-    from .app import Limits
+    from .protocol import Limits
 
 EPILOG = """\
 Every task of the bank is a model id, NAME:TASK (NAME: --name, default the export folder's name);
@@ -64,7 +64,7 @@ def add_serving_options(parser: argparse.ArgumentParser) -> None:
 
 def limits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Limits:
     """The limits `add_serving_options` parsed; a value below 1 is a usage error naming its option."""
-    from .app import Limits
+    from .protocol import Limits
 
     for option in ("max_batch", "max_queue", "max_tokens", "max_prompt_tokens", "max_body_bytes"):
         if getattr(args, option) < 1:

@@ -1,4 +1,4 @@
-"""The one thread that runs generation: requests queue here and run together, whatever their tasks.
+"""The one thread that runs generation for a server: requests queue here and run together, whatever their tasks.
 
 This engine batches in turns (encoder-decoders): a free engine takes the waiting requests that
 share generation settings (up to `max_batch`, in arrival order) and runs them as one batch of the
@@ -18,13 +18,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from softprompt.formats.errors import SoftpromptError
-from softprompt.runtime.tasks import Task
 
-log = logging.getLogger("softprompt.server")
+from .tasks import Task
+
+log = logging.getLogger("softprompt.runtime")
 
 
 class QueueFull(Exception):
-    """More requests wait than the server takes; the client should retry later."""
+    """More requests wait than the engine takes (or it is closing); the client should retry later."""
 
 
 @dataclasses.dataclass(eq=False)

@@ -19,10 +19,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from softprompt.formats.errors import SoftpromptError
-from softprompt.runtime.rows import position_ids
-from softprompt.runtime.sampling import chooser
 
+from .encoder import Encoder
 from .engine import Engine, Job, log
+from .model import Model
+from .rows import position_ids
+from .sampling import chooser
 
 
 class _Row:
@@ -167,3 +169,12 @@ def _drop(rows: list[_Row], past: list, mask: np.ndarray, done: list[int]):
     used = np.flatnonzero(mask.any(axis=0))
     start = int(used[0]) if len(used) else 0
     return [rows[i] for i in keep], [value[keep, :, start:] for value in _numpy(past)], mask[:, start:]
+
+
+def start_engine(model, max_batch: int = 16, max_queue: int = 256) -> Engine | None:
+    """The engine a server runs `model` on: decoders batch continuously, encoder-decoders in turns; None for an
+    encoder (it embeds and classifies in the request's own thread)."""
+    if isinstance(model, Encoder):
+        return None
+    kind = ContinuousEngine if isinstance(model, Model) else Engine
+    return kind(model, max_batch, max_queue)
