@@ -35,9 +35,9 @@ class Job:
     ids: list[int]
     task: Task | str | None  # the version the ids were templated with (a name is resolved when the row starts)
     settings: Any  # GenerationSettings: rows share a batch only with rows of equal settings
-    on_step: Callable[[Any], None]  # the row's RowText after a step (called on the engine thread)
-    on_done: Callable[[Any], None]  # the final RowText
-    on_error: Callable[[BaseException], None]
+    on_step: Callable[[Any], None] = lambda state: None  # the row's RowText after a step (on the engine's thread)
+    on_done: Callable[[Any], None] = lambda state: None  # the final RowText
+    on_error: Callable[[BaseException], None] = lambda error: None
     cancelled: bool = False
 
 

@@ -1,20 +1,10 @@
-"""Generating text, below any model: the decoding loop over a KV-cached graph, each row's text bookkeeping
-(end-of-sequence, stop strings, labels) and the result a row gives (`Completion`)."""
+"""Generating text, below any model: each row's text bookkeeping (end-of-sequence, stop strings, labels) and the
+result a row gives (`Completion`). The decoder's loop is batch.py's; an encoder-decoder's, seq2seq.py's."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
-
-import numpy as np
-
-from softprompt.formats.embedding_table import ScaledRows
-
-from .rows import position_ids
-
-# forward(inputs_embeds [B,S,E], attention_mask [B,T], position_ids [B,S], past) -> (last logits [B,V], present)
-Forward = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
-Chooser = Callable[[np.ndarray], np.ndarray]
+from collections.abc import Callable, Sequence
 
 
 @dataclasses.dataclass
@@ -30,38 +20,6 @@ class Completion:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def decode_steps(
-    forward: Forward,
-    table: np.ndarray | ScaledRows,
-    embeds: np.ndarray,
-    mask: np.ndarray,
-    past: list[np.ndarray],
-    choose: Chooser,
-    max_new_tokens: int,
-) -> Iterator[np.ndarray]:
-    """Yield the [B] token ids chosen at each step, at most `max_new_tokens` times.
-
-    `past` is empty, or holds cached prompt keys/values whose mask columns lead `mask`.
-    The caller stops iterating when every row is done; rows that finish early keep decoding
-    (their extra tokens are dropped) so the batch stays rectangular.
-    """
-    # Step 1: the whole first input against the given past.
-    positions = position_ids(mask, mask.shape[1] - embeds.shape[1])
-    logits, past = forward(embeds, mask, positions, past)
-    new_column = np.ones((mask.shape[0], 1), dtype=mask.dtype)
-    for step in range(max_new_tokens):
-        tokens = choose(logits)
-        yield tokens
-        if step + 1 == max_new_tokens:
-            return
-        # Later steps: one new token per row; its mask column is 1 and its position follows the last
-        # (rows are left-padded, so every row's last column is a real one).
-        mask = np.concatenate([mask, new_column], axis=1)
-        positions = positions[:, -1:] + 1
-        step_embeds = np.asarray(table[tokens], dtype=np.float32)[:, None, :]
-        logits, past = forward(step_embeds, mask, positions, past)
 
 
 class RowText:

@@ -5,11 +5,12 @@ What is shared and what is per request (one Model serves many threads at once):
   embedding table, the tokenizer, the current tasks and their cached prompts. Tasks are
   immutable; a hot swap publishes a new name -> Task mapping, and each request takes the mapping
   once at its start, so all its rows run under one version of each task.
-- per request: the settings, the input arrays, the KV cache, the sampling generator and the text.
+- per request: the settings, the input arrays, the KV cache, each row's sampling generator and text.
 
-A request, top to bottom: `complete` checks its settings and resolves its tasks (generate.py),
-`first_step` checks the rows and builds the first input over the cached prompts, `decode_steps`
-runs the graph token by token, `RowText` turns each row's ids into text.
+A request, top to bottom: `complete` checks its settings and resolves its tasks (text_model.py),
+`first_step` checks the rows and builds the first input over the cached prompts, the running batch
+(batch.py, the loop the server's engine steps too) runs the graph token by token, and each row's
+`RowText` turns its ids into text.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import numpy as np
 
 from softprompt.formats.export_folder import ExportFolder, open_export
 
+from .batch import DecodeBatch
 from .classify import label_logprobs
 from .encoder import Encoder
+from .engine import Job
 from .errors import RequestError
-from .generate import RowText, decode_steps
+from .generate import RowText
 from .graph import DecoderGraph
 from .prompt_cache import Prefix, PromptCache
 from .rows import as_texts, check_rows, embed_row, pad, position_ids, tasks_for
-from .sampling import chooser
 from .seq2seq import Seq2Seq
 from .session import create_session, resolve_providers, warn_if_slow
 from .settings import GenerationSettings
@@ -207,16 +209,11 @@ class Model(TextModel):
     def _steps(
         self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
     ) -> Iterator[list[RowText]]:
-        """Run the batch, yielding the rows' states after every step (the last yield is final)."""
-        choose = chooser(settings, self._eos)
-        embeds, mask, past = self._first_step(ids, found, settings.max_new_tokens)
-        states = [self.row_text(task, settings) for task in found]
-        for tokens in decode_steps(self.graph.forward, self.table, embeds, mask, past, choose, settings.max_new_tokens):
-            for state, token in zip(states, tokens.tolist()):
-                state.add(token)
-            if all(state.done for state in states):
-                break
+        """Run the rows as one running batch (batch.py, the server's loop too), yielding their states after every
+        step (the last yield is final); a row that is done leaves the batch."""
+        batch = DecodeBatch(self)
+        states = [row.state for row in batch.admit([Job(list(row), task, settings) for row, task in zip(ids, found)])]
+        while batch.rows:
             yield states
-        for state in states:
-            state.finish()
+            batch.step()
         yield states
