@@ -38,8 +38,8 @@ def workload(model, batch: int, input_tokens: int) -> list[list[int]]:
 
 
 def new_steps(steps):
-    """The runtime's per-step yields, once per generated token: its last yield repeats the last step's
-    state (finished), which counted as a step would add a token that took no time."""
+    """The runtime's per-step yields that brought a token: a yield that repeats the last step's state (an engine
+    yielding its finished rows again) counted as a step would add a token that took no time."""
     made = 0
     for states in steps:
         if len(states[0].ids) > made:
