@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
-# What a device installs (the runtime and the bank tools: numpy, onnxruntime, tokenizers) plus pytest.
+# What a device installs (the runtime and the bank tools: numpy, onnxruntime, tokenizers) plus pytest and hypothesis.
 DEVICE_VENV := .venv-device
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
 DEMO_EXPORT := exports/smollm2
@@ -60,7 +60,7 @@ sweep: $(STAMP)
 $(DEVICE_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/python -m pip install -q --upgrade pip
-	$(DEVICE_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[cpu]' pytest
+	$(DEVICE_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[cpu]' pytest hypothesis
 	touch $@
 
 # The runtime and bank tests, on the committed tiny export (tests/fixture), where torch cannot be imported.
