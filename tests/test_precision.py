@@ -399,3 +399,22 @@ def test_dynamic_int8_keeps_the_products_that_move_the_output_most(tmp_path):
     alone = {name: output_error(quantize(model, only=[name]), calibration, references)[0] for name in names}
     assert min(alone[name] for name in kept) >= max(alone[name] for name in names if name not in kept)
     assert output_error(quantize(model, keep=kept), calibration, references)[0] == pytest.approx(error)
+
+
+def test_fast_int4_is_genai_s_recipe_from_the_command_line(llama_dir, tmp_path, capsys):
+    """export-model --precision int4 --fast: an integer grid without zero points, the lm_head at 4 bits too."""
+    # Validated at tolerance 1: the tiny random model's logits move by 0.4 of their scale, the default model's by 0.9.
+    assert export_main([str(llama_dir), str(tmp_path / "fast"), "--precision", "int4", "--fast", "-q"]) == 0
+    assert read_config(tmp_path / "fast").validation["tolerance"] == 1.0
+    config = read_config(tmp_path / "fast")
+    assert config.quantization["algorithm"] == "rtn" and config.quantization["symmetric"] is True
+    bits = nbits(tmp_path / "fast" / "model.onnx")
+    assert config.quantization["keep"] == [] and set(bits) == {4} and bits[4] > 0  # the lm_head too
+    assert len(load(tmp_path / "fast").complete(TEXTS[0], max_new_tokens=3)[0].token_ids) == 3
+    for argv, message in (
+        (["--precision", "int8", "--fast"], "--fast is a recipe for int4"),
+        (["--precision", "int4", "--fast", "--keep", "lm_head=int8"], "--fast sets --keep itself"),
+    ):
+        with pytest.raises(SystemExit):
+            export_main([str(llama_dir), str(tmp_path / "no"), *argv])
+        assert message in capsys.readouterr().err

@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "products that move the output most, measured on sample text, kept at fp32 unless --keep names them)",
     )
     precision.add_argument(
+        "--fast",
+        action="store_true",
+        help="int4: onnxruntime-genai's recipe instead of the default (--algorithm rtn --symmetric, lm_head at 4 bits "
+        "too): the fastest and smallest int4, but it changes the model's top token far more often (docs/QUALITY.md); "
+        "validated at --tolerance 1 unless given",
+    )
+    precision.add_argument(
         "--keep",
         action="append",
         default=None,
@@ -151,10 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     given = [flag for flag, value in quantization.items() if value is not None]
     if given and args.precision not in ("int8", "int4"):
         parser.error(f"{', '.join(given)} set(s) how int8/int4 weights are quantized; add --precision int8 or int4")
+    if args.fast and args.precision != "int4":
+        parser.error("--fast is a recipe for int4; add --precision int4")
+    recipe = [flag for flag in ("--symmetric", "--algorithm", "--keep") if quantization[flag] is not None]
+    if args.fast and recipe:
+        parser.error(f"--fast sets {', '.join(recipe)} itself (--algorithm rtn --symmetric, no --keep); give one or the other")
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     try:
         from .export import export_model
-        from .precision import default_precision
+        from .precision import FAST_INT4, FAST_INT4_TOLERANCE, default_precision
     except ImportError as exc:
         print(
             f"error: export needs torch and transformers ({exc.name} is missing): pip install 'softprompt-onnx[export]'",
@@ -164,20 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    chosen = {
+        "block_size": args.block_size,
+        "symmetric": args.symmetric,
+        "accuracy_level": args.accuracy_level,
+        "algorithm": args.algorithm,
+        "keep": tuple(args.keep) if args.keep is not None else None,
+        **(FAST_INT4 if args.fast else {}),
+    }
+
     def export() -> int:
         config = export_model(
             args.model,
             args.out_dir,
             opset=args.opset,
-            tolerance=args.tolerance,
-            precision=default_precision(
-                args.precision,
-                block_size=args.block_size,
-                symmetric=args.symmetric,
-                accuracy_level=args.accuracy_level,
-                algorithm=args.algorithm,
-                keep=tuple(args.keep) if args.keep is not None else None,
-            ),
+            tolerance=FAST_INT4_TOLERANCE if args.fast and args.tolerance is None else args.tolerance,
+            precision=default_precision(args.precision, **chosen),
             overwrite=args.force,
             attention=args.attention,
             fuse=args.fuse,
