@@ -362,3 +362,26 @@ def test_train_prompt_takes_an_export_folder_and_trains_on_its_source(llama_expo
     assert train_main([str(moved), *args, "--force"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "which is not on this machine" in err and "\n" not in err
+
+
+def test_ctrl_c_in_train_prompt_saves_the_best_prompt_and_exits_130(llama_dir, tmp_path, monkeypatch, capsys):
+    from softprompt.training import train as train_module
+
+    data = write_jsonl(tmp_path / "gen.jsonl", [{"input": f"Say {w}", "output": f" {w} {w}"} for w in ("hi", "yes", "no", "ok")])
+    real = train_module.batch_loss
+    calls = {"n": 0}
+
+    def interrupting(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "batch_loss", interrupting)
+    args = [str(llama_dir), "--data", str(data), "--eval", str(data), "--task", "echo", "--bank", str(tmp_path / "bank")]
+    assert train_main([*args, "--length", "2", "--steps", "20", "--eval-every", "1", "--batch-size", "4", "-q"]) == 130
+    captured = capsys.readouterr()
+    assert (
+        "saved echo" in captured.out and captured.err.strip().splitlines()[-1] == "interrupted: the best prompt so far was saved"
+    )
+    assert load_prompt(tmp_path / "bank", "echo").meta.training["interrupted"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from softprompt.formats import __version__
 from softprompt.formats.bank import task_exists
-from softprompt.formats.command import Parser, run_command
+from softprompt.formats.command import INTERRUPTED, Parser, run_command
 from softprompt.formats.task import TaskSpec, default_verbalizers, parse_verbalizers, unescape
 
 from .data import read_jsonl
@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             f"a prefix of {meta.length} for {meta.layers} layers" if meta.method == "prefix" else f"{meta.length}x{meta.width}"
         )
         print(f"saved {args.task} ({shape}) to {args.bank} after {record['steps']} steps{summary}")
+        if record.get("interrupted"):  # Ctrl-C in the loop keeps the best prompt so far, then says it was stopped
+            print("interrupted: the best prompt so far was saved", file=sys.stderr)
+            return INTERRUPTED
         return 0
 
     return run_command(train, interrupted=f"interrupted; task {args.task!r} in {args.bank} was left as it was")
