@@ -418,3 +418,24 @@ def test_fast_int4_is_genai_s_recipe_from_the_command_line(llama_dir, tmp_path, 
         with pytest.raises(SystemExit):
             export_main([str(llama_dir), str(tmp_path / "no"), *argv])
         assert message in capsys.readouterr().err
+
+
+def test_a_quantized_export_of_a_big_model_keeps_no_fp32_weights_and_every_file_is_readable(llama_dir, tmp_path, monkeypatch):
+    """A model above 1 GiB writes its fp32 weights to model.onnx.data; the int4 graph replaces them there (onnx
+    appends to a data file that exists, which kept the dead fp32 weights), and nothing is written owner-only."""
+    import os
+
+    from softprompt.exporter import export as export_module
+
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 0)  # the tiny model takes the big models' path
+    export_model(str(llama_dir), tmp_path / "fp32", log=lambda m: None)
+    export_model(str(llama_dir), tmp_path / "int4", precision="int4", tolerance=1.0, log=lambda m: None)  # (a random model)
+    fp32, int4 = ((tmp_path / name / "model.onnx.data").stat().st_size for name in ("fp32", "int4"))
+    assert int4 < fp32 / 3, f"int4 data {int4} bytes against fp32's {fp32}"
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (tmp_path / "fp32", tmp_path / "int4"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+        for path in folder.iterdir():
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
+    assert len(load(tmp_path / "int4").complete(TEXTS[0], max_new_tokens=3)[0].token_ids) == 3

@@ -43,7 +43,7 @@ from .precision import (
     table_in_graph,
 )
 from .seq2seq import export_seq2seq_graphs, validate_seq2seq
-from .sources import load_source
+from .sources import load_source, readable
 from .validate import greedy_agreement, validate
 
 GRAPHS = ("auto", "built", "traced")
@@ -107,9 +107,6 @@ def export_model(
         raise ExportError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's owner-only mode would follow the folder into place
     step = _steps(log)
     if precision.name != "fp32":
         step.more(2)
@@ -150,6 +147,7 @@ def export_model(
         (staging / CONFIG_FILE).write_text(config.to_json())
 
         step(f"moving the export into {out}")
+        readable(staging)
         _replace_dir(staging, out)
         step("")
         return config

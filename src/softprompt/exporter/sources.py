@@ -76,6 +76,16 @@ def builtin_path(name: str) -> Path:
     return path
 
 
+def readable(folder: Path) -> None:
+    """A folder and its files with the modes the umask gives new ones: mkdtemp makes folders owner-only, and some
+    writers (onnx's external data) write files owner-only, which would follow them into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -205,6 +215,7 @@ def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str,
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging, legacy_format=False)
+        readable(staging)  # PEFT and transformers load it as the base model, perhaps as another user
         os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
