@@ -146,3 +146,24 @@ def test_bank_of_another_backbone_is_refused_at_load(llama_export, gpt2_export, 
         model.complete("hello", task="foreign", max_new_tokens=2)
     with pytest.raises(BackboneMismatchError, match="E=64; the backbone's embedding width is 48"):
         load(gpt2_export, bank=tmp_path).complete("hello", task="foreign", max_new_tokens=2)
+
+
+def test_the_greedy_check_sees_each_text_as_the_runtime_serves_it(llama_dir, tmp_path, monkeypatch):
+    """The export's greedy check starts from what the runtime feeds for the same text: its special tokens (a BOS
+    where the tokenizer adds one) and all of its tokens, not texts cut to the shortest one."""
+    from softprompt.exporter import export as export_module
+    from softprompt.exporter import export_model
+    from softprompt.runtime import load
+
+    seen: list[list[int]] = []
+    real = export_module.greedy_agreement
+
+    def spy(path, wrapper, table, starts, *args, **kwargs):
+        seen.extend(list(map(int, row)) for row in starts)
+        return real(path, wrapper, table, starts, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "greedy_agreement", spy)
+    export_model(str(llama_dir), tmp_path / "out", precision="int8", tolerance=1.0, log=lambda m: None)  # (checks quantized)
+    served = load(tmp_path / "out").backbone
+    assert seen == [served.encode(text) for text in export_module.GREEDY_TEXTS]
+    assert len({len(row) for row in seen}) > 1  # the texts' own lengths

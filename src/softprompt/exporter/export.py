@@ -290,9 +290,9 @@ def _table_from_graph(table: np.ndarray, staging: Path, files: dict[str, str], l
 def _check_decoder(backbone: Backbone, staging: Path, tolerance: float) -> dict:
     wrapper = CachedDecoder(backbone.model, backbone.layout)
     report = validate(staging / "model.onnx", wrapper, backbone.table, tolerance, caches=False)
-    starts = [backbone.tokenizer.encode(text, add_special_tokens=False) for text in GREEDY_TEXTS]
-    width = min(len(ids) for ids in starts)
-    agreed = greedy_agreement(staging / "model.onnx", wrapper, backbone.table, [ids[-width:] for ids in starts])
+    # Each text as the runtime serves it (its special tokens, a BOS where the tokenizer adds one), whole and alone.
+    starts = [backbone.tokenizer.encode(text) for text in GREEDY_TEXTS]
+    agreed = [greedy_agreement(staging / "model.onnx", wrapper, backbone.table, [ids])[0] for ids in starts]
     return {**report, "greedy_agreement": agreed}
 
 

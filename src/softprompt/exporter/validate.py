@@ -146,8 +146,9 @@ def greedy_agreement(
 ) -> list[int]:
     """How many greedy tokens the graph gives, row by row, before it first departs from PyTorch fp32.
 
-    Each side decodes on its own (through its own KV cache) from the same starts (token ids of
-    equal length), so a quantized graph is judged by the text it would write, not by one step.
+    Each side decodes on its own (through its own KV cache) from the same starts (rows of token ids of
+    equal length; the export checks each text alone, as served), so a quantized graph is judged by the
+    text it would write, not by one step.
     """
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inputs = {i.name for i in session.get_inputs()}
