@@ -83,3 +83,15 @@ def test_a_closed_pipe_ends_quietly():
     ran = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], input=texts, capture_output=True, text=True, timeout=300)
     assert json.loads(ran.stdout)["input"] == "text 0"
     assert ran.stderr == "" and ran.returncode == CLOSED_PIPE
+
+
+def test_chat_in_a_terminal_on_a_model_without_a_chat_template_is_one_error_line(capsys):
+    """The conversation refuses to start (rather than failing every turn) when the export has no chat template."""
+    from softprompt.runtime import load
+    from softprompt.runtime.repl import chat_repl
+
+    def never(prompt: str) -> str:
+        raise AssertionError("asked for input before checking the model can chat")
+
+    assert run_command(lambda: chat_repl(load(EXPORT), task=None, system=None, settings={}, read=never)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")

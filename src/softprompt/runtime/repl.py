@@ -33,6 +33,7 @@ def chat_repl(
     except ImportError:
         pass
     start = [{"role": "system", "content": system}] if system is not None else []
+    model.render_chat([*start, {"role": "user", "content": "hello"}], task)  # no chat template, a bad task: say so now
     history = list(start)
     print(f"chatting with {model.backbone.folder}{f' under task {task}' if task else ''}: {HELP}", file=sys.stderr)
     while True:
