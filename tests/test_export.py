@@ -167,3 +167,35 @@ def test_the_greedy_check_sees_each_text_as_the_runtime_serves_it(llama_dir, tmp
     served = load(tmp_path / "out").backbone
     assert seen == [served.encode(text) for text in export_module.GREEDY_TEXTS]
     assert len({len(row) for row in seen}) > 1  # the texts' own lengths
+
+
+def test_a_gguf_s_control_and_user_defined_tokens_are_matched_whole(llama_dir, tmp_path):
+    """Tokens a GGUF marks as control or user-defined are one token in any text, with their vocabulary ids, as
+    llama.cpp reads them (transformers' conversion kept 3 of Qwen's 22; `<tool_call>` came out in pieces)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from softprompt.exporter.sources import apply_gguf_tokenizer_metadata
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    tokens = [token for token, _ in vocab]
+    # Two multi-character pieces of the vocabulary made whole tokens: one control, one user-defined.
+    pieces = [token for token in tokens if len(token) >= 3 and token.isascii() and token.isalpha()][:2]
+    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
+    types[tokenizer.convert_tokens_to_ids(pieces[0])] = int(gguf.TokenType.CONTROL)
+    types[tokenizer.convert_tokens_to_ids(pieces[1])] = int(gguf.TokenType.USER_DEFINED)
+    writer = gguf.GGUFWriter(str(tmp_path / "tokens.gguf"), "llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    text = f"x{pieces[0]}y{pieces[1]}z"
+    apply_gguf_tokenizer_metadata(tokenizer, tmp_path / "tokens.gguf")
+    after = tokenizer.encode(text, add_special_tokens=False)
+    ids = [tokenizer.convert_tokens_to_ids(piece) for piece in pieces]
+    assert all(i in after for i in ids) and len(tokenizer) == len(tokens)  # whole, at their own ids
+    assert pieces[0] not in tokenizer.decode(after, skip_special_tokens=True)  # control: special
+    assert pieces[1] in tokenizer.decode(after, skip_special_tokens=True)

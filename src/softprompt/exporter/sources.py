@@ -246,3 +246,26 @@ def apply_gguf_tokenizer_metadata(tokenizer, gguf: Path) -> None:
         token_id = value(f"tokenizer.ggml.{'unknown' if role == 'unk' else role}_token_id")
         if token_id is not None and 0 <= int(token_id) < len(tokenizer):
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+    _whole_tokens(tokenizer, value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type"))
+
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (gguf.TokenType) for tokens matched whole, before the BPE
+
+
+def _whole_tokens(tokenizer, tokens, types) -> None:
+    """The GGUF's control and user-defined tokens as the tokenizer's added tokens, so that `<|fim_prefix|>` or
+    `<tool_call>` in a text is one token, as llama.cpp reads it, not pieces (transformers' conversion keeps few of
+    them). A token already in the vocabulary keeps its id; control tokens are special (left out of decoded text)."""
+    from tokenizers import AddedToken
+
+    if not tokens or not types or len(tokens) != len(types):
+        return
+    known = set(tokenizer.get_added_vocab())
+    vocab = tokenizer.get_vocab()
+    wanted = [
+        AddedToken(token, special=kind == CONTROL, normalized=False)
+        for token, kind in zip(tokens, types)
+        if kind in (CONTROL, USER_DEFINED) and token and token not in known and token in vocab
+    ]
+    if wanted:
+        tokenizer.add_tokens(wanted)
