@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 from ray.data.block import BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink
@@ -199,11 +200,23 @@ class JsonLinesDatasink(BlockBasedFileDatasink):
         file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
 
 
+class ParquetBlocksDatasink(BlockBasedFileDatasink):
+    """Each block as one Parquet file, its rows in order. Ray's own Parquet writer hands a task's blocks to pyarrow's
+    multi-threaded `write_dataset`, which may write them in any order within the file (apache/arrow#26818): a run
+    came out as rows 0, 1, 2, 6, 7, 3, 4, 5."""
+
+    def __init__(self, path: str):
+        super().__init__(path, file_format="parquet")
+
+    def write_block_to_file(self, block: BlockAccessor, file: pa.NativeFile) -> None:
+        pq.write_table(block.to_arrow(), file)
+
+
 def write_outputs(dataset: ray.data.Dataset, path: str | Path, format: str) -> None:
     """A folder of JSONL or Parquet files (Ray writes one file per block); sorted by name they hold the rows in order."""
     if format not in FORMATS:
         raise SoftpromptError(f"format {format!r}; expected one of {', '.join(FORMATS)}")
     if format == "parquet":
-        dataset.write_parquet(str(path))
+        dataset.write_datasink(ParquetBlocksDatasink(str(path)))
     else:
         dataset.write_datasink(JsonLinesDatasink(str(path)))
