@@ -15,7 +15,7 @@ import pytest
 from softprompt.exporter import ExportError, ExportValidationError, export_model
 from softprompt.exporter.cli import main as export_main
 from softprompt.exporter.dynamic_int8 import BUDGET
-from softprompt.exporter.precision import Precision, default_precision, for_kind
+from softprompt.exporter.precision import FAST_INT4, Precision, default_precision, for_kind
 from softprompt.formats.export_folder import read_config
 from softprompt.prompt_bank import load_prompt, save_prompt
 from softprompt.prompt_bank.cli import main as bank_main
@@ -406,6 +406,8 @@ def test_fast_int4_is_genai_s_recipe_from_the_command_line(llama_dir, tmp_path, 
     # Validated at tolerance 1: the tiny random model's logits move by 0.4 of their scale, the default model's by 0.9.
     assert export_main([str(llama_dir), str(tmp_path / "fast"), "--precision", "int4", "--fast", "-q"]) == 0
     assert read_config(tmp_path / "fast").validation["tolerance"] == 1.0
+    # The recipe's tolerance is the precision's own, from Python as from the command line.
+    assert default_precision("int4", **FAST_INT4).tolerance == 1.0 and default_precision("int4").tolerance == 0.25
     config = read_config(tmp_path / "fast")
     assert config.quantization["algorithm"] == "rtn" and config.quantization["symmetric"] is True
     bits = nbits(tmp_path / "fast" / "model.onnx")

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     try:
         from .export import export_model
-        from .precision import FAST_INT4, FAST_INT4_TOLERANCE, default_precision
+        from .precision import FAST_INT4, default_precision
     except ImportError as exc:
         print(
             f"error: export needs torch and transformers ({exc.name} is missing): pip install 'softprompt-onnx[export]'",
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             args.out_dir,
             opset=args.opset,
-            tolerance=FAST_INT4_TOLERANCE if args.fast and args.tolerance is None else args.tolerance,
+            tolerance=args.tolerance,
             precision=default_precision(args.precision, **chosen),
             overwrite=args.force,
             attention=args.attention,

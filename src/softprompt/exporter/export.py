@@ -96,7 +96,7 @@ def export_model(
     (built where supported and validated, else traced).
     `precision` ("fp32", "fp16", "int8", "int4", or a Precision with its settings) is what the
     graphs are stored in: made and validated in fp32 first, then converted and validated again
-    against PyTorch fp32 at `tolerance` (default: the precision's own, `TOLERANCES`).
+    against PyTorch fp32 at `tolerance` (default: the precision's own, `Precision.tolerance`).
     """
     precision = default_precision(precision) if isinstance(precision, str) else precision
     fp32_tolerance = tolerance if tolerance is not None and precision.name == "fp32" else TOLERANCES["fp32"]
@@ -328,7 +328,7 @@ def _convert(
         f"converting the graphs to {what} ({', '.join(f'{k}={v}' for k, v in precision.record().items() if k != 'precision') or 'float16 weights and compute'})"
     )
     graphs = {key: name for key, name in files.items() if name.endswith(".onnx")}
-    limit = tolerance if tolerance is not None else TOLERANCES[precision.name]
+    limit = tolerance if tolerance is not None else precision.tolerance
     calibration = None
     if precision.algorithm == "dynamic" and backbone.kind == "encoder":
         sets = calibration_feeds(backbone.tokenizer, backbone.table, backbone.facts["max_positions"])
