@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from softprompt.formats.atomic import current_umask
 from softprompt.formats.export_folder import CONFIG_FILE, read_config
 
 from .errors import ExportError
@@ -79,8 +80,7 @@ def builtin_path(name: str) -> Path:
 def readable(folder: Path) -> None:
     """A folder and its files with the modes the umask gives new ones: mkdtemp makes folders owner-only, and some
     writers (onnx's external data) write files owner-only, which would follow them into place."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(folder, 0o777 & ~umask)
     for path in folder.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
@@ -108,8 +108,8 @@ def resolve(spec: str, cache_dir: Path | None = None, log=print) -> tuple[Path, 
             raise ExportError(f"{path}: GGUF file not found")
         folder, info = _converted(path.resolve(), cache_dir, log)
         return folder, {"name": path.stem, **info}
-    if path.is_dir() and not (path / "config.json").is_file() and (path / CONFIG_FILE).is_file():
-        return resolve(export_source(path), cache_dir, log)  # an export folder: the model it was exported from
+    if is_export_folder(path):
+        return resolve(export_source(path), cache_dir, log)  # the model it was exported from
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ExportError(f"{path}: no config.json; expected a Hugging Face model folder")
@@ -141,9 +141,12 @@ def export_source(export_dir: Path) -> str:
 def export_fingerprint(spec: str) -> str | None:
     """The fingerprint of the export folder `spec` names (None: `spec` is not an export folder)."""
     path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and (path / CONFIG_FILE).is_file():
-        return read_config(path).fingerprint
-    return None
+    return read_config(path).fingerprint if is_export_folder(path) else None
+
+
+def is_export_folder(path: Path) -> bool:
+    """An export-model output (softprompt.json), not a Hugging Face model folder (config.json)."""
+    return path.is_dir() and not (path / "config.json").is_file() and (path / CONFIG_FILE).is_file()
 
 
 KINDS = ("decoder", "encoder", "seq2seq")
