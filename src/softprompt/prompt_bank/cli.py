@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _list(args) -> int:
     tasks = list_tasks(args.bank)
-    if not tasks and not orphans(args.bank) and not misnamed(args.bank):
+    unserved = _unserved_files(args.bank)
+    if not tasks and not unserved:
         print(f"{args.bank}: no tasks", file=sys.stderr)
         return 0
     failed = 0
@@ -146,12 +147,9 @@ def _list(args) -> int:
             f"{name:24} {meta.method:7} {meta.length:>5} {meta.width:>6} {meta.dtype:8} {short(meta.fingerprint):20} "
             f"{meta.init or '-'}"
         )
-    for orphan in orphans(args.bank):
+    for label, reason in unserved:
         failed += 1
-        print(f"{orphan[:-4]:24} INVALID: {args.bank / orphan} has no {orphan[:-4]}.json record beside it")
-    for entry in misnamed(args.bank):
-        failed += 1
-        print(f"{entry!r:24} INVALID: {NOT_A_TASK}")
+        print(f"{label:24} INVALID: {reason}")
     return 1 if failed else 0
 
 
@@ -192,14 +190,18 @@ def _verify(args) -> int:
         except PromptBankError as exc:
             failed += 1
             print(f"FAIL  {name}: {exc}")
-    for orphan in orphans(args.bank):
+    for label, reason in _unserved_files(args.bank):
         failed += 1
-        print(f"FAIL  {orphan[:-4]}: {args.bank / orphan} has no {orphan[:-4]}.json record beside it")
-    for entry in misnamed(args.bank):
-        failed += 1
-        print(f"FAIL  {entry!r}: {NOT_A_TASK}")
+        print(f"FAIL  {label}: {reason}")
     print(f"{valid} of {len(tasks)} tasks valid{against}")
     return 1 if failed else 0
+
+
+def _unserved_files(bank: Path) -> list[tuple[str, str]]:
+    """(what to call it, why) for each file that looks like a task's but that no reader serves: `list` and `verify`
+    name them beside the tasks."""
+    found = [(orphan[:-4], f"{bank / orphan} has no {orphan[:-4]}.json record beside it") for orphan in orphans(bank)]
+    return found + [(repr(entry), NOT_A_TASK) for entry in misnamed(bank)]
 
 
 def _layers(meta) -> str:

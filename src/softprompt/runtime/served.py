@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +37,10 @@ class ServedExport:
         return sorted(self._store.current())
 
     @property
-    def unserved(self) -> dict[str, str]:
+    def unserved(self) -> Mapping[str, str]:
         """Tasks of the bank that failed to load, each with the reason: a request for one is refused with it, while
         every other task serves."""
-        return dict(self._store.failed())
+        return self._store.failed()
 
     @property
     def providers(self) -> list[str]:
