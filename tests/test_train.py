@@ -287,20 +287,25 @@ def test_checkpointing_keeps_loss_and_gradient_and_dropout_off(gpt2_dir, every):
     assert calls["n"] == 4  # the first layer really ran again in each backward
 
 
-def test_ctrl_c_keeps_the_best_prompt_so_far(llama_backbone, sentiment_data, monkeypatch):
+def interrupt_training_at(monkeypatch, call: int) -> None:
+    """Ctrl-C as the training loop computes its `call`-th batch loss."""
     from softprompt.training import train as train_module
 
-    data = read_jsonl(sentiment_data)
     real = train_module.batch_loss
     calls = {"n": 0}
 
     def interrupting(*args):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == call:
             raise KeyboardInterrupt
         return real(*args)
 
     monkeypatch.setattr(train_module, "batch_loss", interrupting)
+
+
+def test_ctrl_c_keeps_the_best_prompt_so_far(llama_backbone, sentiment_data, monkeypatch):
+    data = read_jsonl(sentiment_data)
+    interrupt_training_at(monkeypatch, 5)
     config = TrainConfig(length=3, init="labels", steps=50, batch_size=4, eval_every=2)
     vectors, record = train_prompt(llama_backbone, data, SPEC, config, eval_data=data, progress=False, log=lambda m: None)
     assert record["interrupted"] and record["steps"] == 4 and record["best"]["step"] in (2, 4)
@@ -365,19 +370,8 @@ def test_train_prompt_takes_an_export_folder_and_trains_on_its_source(llama_expo
 
 
 def test_ctrl_c_in_train_prompt_saves_the_best_prompt_and_exits_130(llama_dir, tmp_path, monkeypatch, capsys):
-    from softprompt.training import train as train_module
-
     data = write_jsonl(tmp_path / "gen.jsonl", [{"input": f"Say {w}", "output": f" {w} {w}"} for w in ("hi", "yes", "no", "ok")])
-    real = train_module.batch_loss
-    calls = {"n": 0}
-
-    def interrupting(*args):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "batch_loss", interrupting)
+    interrupt_training_at(monkeypatch, 4)
     args = [str(llama_dir), "--data", str(data), "--eval", str(data), "--task", "echo", "--bank", str(tmp_path / "bank")]
     assert train_main([*args, "--length", "2", "--steps", "20", "--eval-every", "1", "--batch-size", "4", "-q"]) == 130
     captured = capsys.readouterr()
