@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 from softprompt.formats import __version__
-from softprompt.formats.command import Parser, stop_on_sigterm
+from softprompt.formats.command import Parser, add_providers_option, run_command, stop_on_sigterm
 from softprompt.runtime.cli import (
     add_generation_options,
-    add_providers_option,
     check_row_options,
     generation_settings,
-    report_errors,
 )
 from softprompt.server.cli import add_serving_options, limits, served_name
 
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < args.port < 65536:
             parser.error(f"--port {args.port}; expected 1..65535")
         app = application_of(args, parser)
-        return report_errors(lambda: _serve(args, app))
+        return run_command(lambda: _serve(args, app))
     check_row_options(args, parser)
     if args.batch_size < 1 or args.workers < 1 or args.cpus_per_worker <= 0:
         parser.error(
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             "expected at least 1, at least 1, > 0"
         )
     settings = generation_settings(args, parser)
-    return report_errors(lambda: _run(args, settings))
+    return run_command(lambda: _run(args, settings))
 
 
 def build(args: dict[str, str]):

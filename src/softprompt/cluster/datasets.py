@@ -25,8 +25,7 @@ from ray.data.datasource import BlockBasedFileDatasink
 
 from softprompt.formats.errors import SoftpromptError
 from softprompt.formats.export_folder import read_config
-from softprompt.runtime import load
-from softprompt.runtime.batch_file import MODES, check_row, run_batch
+from softprompt.runtime import BATCH_MODES, check_row, load, run_batch
 
 # The result columns' types, fixed so that every batch (of any tasks) writes the same schema.
 RESULT_TYPES = {
@@ -47,8 +46,8 @@ def choose_mode(export_dir: str | Path, mode: str | None) -> str:
     kind = read_config(export_dir).kind
     if mode is None:
         return "embed" if kind == "encoder" else "generate"
-    if mode not in MODES:
-        raise SoftpromptError(f"mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode not in BATCH_MODES:
+        raise SoftpromptError(f"mode {mode!r}; expected one of {', '.join(BATCH_MODES)}")
     if kind == "encoder" and mode in ("generate", "chat"):
         raise SoftpromptError(
             f"{export_dir} is an encoder export: it embeds or classifies texts; mode {mode!r} needs a text model"

@@ -1,10 +1,13 @@
-"""What every command does when something goes wrong, so that all of them behave alike.
+"""What every command does alike: its parser, its `--providers` option, its log lines, and what it does when
+something goes wrong.
 
 Errors are one `error: ...` line and exit status 1; a usage error is argparse's, exit 2; Ctrl-C
 (or SIGTERM) is one line and 130, as a shell reports an interrupted program; a closed pipe
 (`run-model ... | head`) ends quietly with 141, the status of a program killed by SIGPIPE. No
 traceback reaches a user unless SOFTPROMPT_DEBUG=1 asks for one. Every command's parser is a
 `Parser`, which says "did you mean --max-new-tokens?" for `--max_new_tokens`.
+
+Log lines (a task that fails to load, a request served) go to stderr as `warning: ...`, `info: ...`.
 
 Needs nothing beyond the standard library; it lives here because every room's command imports it.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -77,3 +81,40 @@ class Parser(argparse.ArgumentParser):
             if option.startswith("--") and fixed != option and fixed in self._option_string_actions:
                 self.error(f"unrecognized argument {option}; did you mean {fixed}?")
         return parsed, extras
+
+
+def add_providers_option(parser: argparse.ArgumentParser) -> None:
+    """--providers, parsed into the list `load` takes; shared by every command that loads an export."""
+    parser.add_argument(
+        "--providers",
+        type=lambda value: value.split(","),
+        default=None,
+        help="comma-separated onnxruntime providers, e.g. cpu or cuda (default: CUDA if available, else CPU)",
+    )
+
+
+def log_to_stderr(level: int = logging.WARNING) -> None:
+    """The runtime's log lines (a task that fails to load, a swapped task) on stderr as `warning: ...` lines."""
+    logger = logging.getLogger("softprompt")
+    logger.setLevel(level)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_LevelFormatter())
+        logger.addHandler(handler)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (a test's capture, a redirected stream)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"

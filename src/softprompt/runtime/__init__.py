@@ -7,6 +7,8 @@
 
 from softprompt.formats.export_folder import ExportConfig, read_config
 
+from .batch_file import MODES as BATCH_MODES
+from .batch_file import check_row, run_batch, run_file
 from .continuous import ContinuousEngine, start_engine
 from .encoder import Encoder
 from .engine import Engine, Job, QueueFull
@@ -18,6 +20,7 @@ from .settings import GenerationSettings
 from .tasks import Task
 
 __all__ = [
+    "BATCH_MODES",
     "Completion",
     "ContinuousEngine",
     "Encoder",
@@ -34,7 +37,10 @@ __all__ = [
     "Seq2Seq",
     "SoftpromptRuntimeError",
     "Task",
+    "check_row",
     "load",
     "read_config",
+    "run_batch",
+    "run_file",
     "start_engine",
 ]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from softprompt.formats import __version__
-from softprompt.formats.command import Parser, run_command
+from softprompt.formats.command import Parser, add_providers_option, log_to_stderr, run_command
 from softprompt.formats.errors import SoftpromptError
 
 EPILOG = """\
@@ -96,16 +95,6 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_providers_option(parser: argparse.ArgumentParser) -> None:
-    """--providers, parsed into the list `load` takes; shared by every command that loads an export."""
-    parser.add_argument(
-        "--providers",
-        type=lambda value: value.split(","),
-        default=None,
-        help="comma-separated onnxruntime providers, e.g. cpu or cuda (default: CUDA if available, else CPU)",
-    )
-
-
 def check_row_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """What --bank, --task, --classify, --chat and --system need of each other (run-model, cluster-model run)."""
     if args.task and not args.bank:
@@ -159,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads}; expected at least 1")
     if args.input is not None:
-        return report_errors(lambda: _run_file(args, settings))
+        return run_command(lambda: _run_file(args, settings))
     if args.chat and not args.texts and sys.stdin.isatty():  # a person at a terminal: a conversation
-        return report_errors(lambda: _chat_repl(args, settings))
+        return run_command(lambda: _chat_repl(args, settings))
     try:
         texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     except UnicodeDecodeError as exc:
@@ -169,56 +158,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not texts:
         parser.error("no input: give TEXT arguments or lines on standard input")
-    return report_errors(lambda: _run_texts(args, texts, members, settings))
-
-
-def report_errors(run) -> int:
-    """Run a command; its errors as one `error:` line and exit status 1, Ctrl-C as 130 (formats.command)."""
-    return run_command(run)
-
-
-def log_to_stderr(level: int = logging.WARNING) -> None:
-    """The runtime's log lines (a task that fails to load, a swapped task) on stderr as `warning: ...` lines."""
-    logger = logging.getLogger("softprompt")
-    logger.setLevel(level)
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        handler = _Stderr()
-        handler.setFormatter(_LevelFormatter())
-        logger.addHandler(handler)
-
-
-class _Stderr(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a line is logged (a test's capture, a redirected stream)."""
-
-    @property  # type: ignore[override]
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-class _LevelFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+    return run_command(lambda: _run_texts(args, texts, members, settings))
 
 
 def _load(args):
+    from .encoder import Encoder
     from .model import load
 
     log_to_stderr()
-    return load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
+    model = load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
+    if args.chat and isinstance(model, Encoder):
+        raise SoftpromptError(f"{args.export_dir} is an encoder export: it embeds texts and cannot chat")
+    return model
 
 
 def _chat_repl(args, settings: dict) -> int:
-    from .encoder import Encoder
     from .repl import chat_repl
 
-    model = _load(args)
-    if isinstance(model, Encoder):
-        raise SoftpromptError(f"{args.export_dir} is an encoder export: it embeds texts and cannot chat")
-    return chat_repl(model, task=args.task, system=args.system, settings=settings)
+    return chat_repl(_load(args), task=args.task, system=args.system, settings=settings)
 
 
 def _run_texts(args, texts: list[str], members: list[str], settings: dict) -> int:
@@ -229,10 +186,7 @@ def _run_texts(args, texts: list[str], members: list[str], settings: dict) -> in
     if args.classify:
         task = members if args.ensemble else args.task
         return _print_labels(texts, args.task, model.classify(texts, task=task, ensemble=args.ensemble), args.json)
-    if isinstance(model, Encoder):  # an encoder makes sentence embeddings, not text
-        if args.chat:
-            print(f"error: {args.export_dir} is an encoder export: it embeds texts and cannot chat", file=sys.stderr)
-            return 1
+    if isinstance(model, Encoder):  # an encoder makes sentence embeddings, not text (_load refused --chat)
         for text, vector in zip(texts, model.embed(texts, task=args.task)):
             print(json.dumps({"input": text, "task": args.task, "embedding": [round(float(x), 6) for x in vector]}))
         return 0
@@ -263,9 +217,7 @@ def _run_file(args, settings: dict) -> int:
 
     model = _load(args)
     mode = "classify" if args.classify else "chat" if args.chat else "generate"
-    if isinstance(model, Encoder) and mode != "classify":
-        if args.chat:
-            raise SoftpromptError(f"{args.export_dir} is an encoder export: it embeds texts and cannot chat")
+    if isinstance(model, Encoder) and mode != "classify":  # (_load refused --chat)
         mode = "embed"
     ran = run_file(
         model,

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from softprompt.formats import __version__
-from softprompt.formats.command import Parser, run_command
-from softprompt.runtime.cli import add_providers_option
+from softprompt.formats.command import Parser, add_providers_option, log_to_stderr, run_command
 
 if TYPE_CHECKING:
     from .protocol import Limits
@@ -85,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     chosen = limits(args, parser)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port}; expected 1..65535")
-    from softprompt.runtime.cli import log_to_stderr
-
     log_to_stderr(logging.INFO)  # a task that fails to load, then a line a request
     try:
         listener = listen(args.host, args.port)
