@@ -113,6 +113,47 @@ def test_mixed_batches_of_prefix_prompt_and_plain_rows_equal_each_row_alone(seq2
     assert both[1]["scores"] == pytest.approx(model.classify(TEXTS[1], task="cls2")[0]["scores"], abs=1e-5)
 
 
+def test_the_engine_batches_seq2seq_rows_continuously(seq2seq, tmp_path):
+    """Rows of every kind join a running encoder-decoder batch while it decodes, leave when done or cancelled, and
+    each gives the tokens it gives alone."""
+    import threading
+
+    from softprompt.runtime import Engine, GenerationSettings, Job
+
+    _, hf, export = seq2seq
+    import_task(make_adapter(hf, tmp_path / "adapter", length=3, projection=False), tmp_path / "bank", export)
+    width = json.loads((export / "softprompt.json").read_text())["hidden_size"]
+    bank_with(export, tmp_path / "bank", random_prompt(3, width, seed=3), name="soft")
+    model = load(export, bank=tmp_path / "bank")
+    engine = Engine(model, max_batch=8)
+    long = GenerationSettings(max_new_tokens=24, min_new_tokens=24)
+    short = GenerationSettings(max_new_tokens=5, temperature=0.9, seed=4)
+    steps, started, order, results = [0], threading.Event(), [], {}
+
+    def counting(state):
+        steps[0] += 1
+        if steps[0] == 3:
+            started.set()
+
+    def job(name, text, task, settings, on_step=lambda state: None):
+        ids = model.encode(text, task)
+        return Job(ids, task, settings, on_step, lambda state: (order.append(name), results.update({name: state})), print)
+
+    cancelled = job("gone", TEXTS[3], "soft", long)
+    engine.submit(job("a", TEXTS[0], "pre", long, counting))
+    engine.submit(cancelled)
+    assert started.wait(60)
+    cancelled.cancelled = True
+    for name, text, task in [("b", TEXTS[1], "soft"), ("c", TEXTS[2], None), ("d", TEXTS[3], "pre")]:
+        engine.submit(job(name, text, task, short))
+    engine.close(timeout=120)
+    assert order[-1] == "a" and sorted(order) == ["a", "b", "c", "d"]  # the others joined a's batch and left first
+    assert engine.stats.batches >= 2 and engine.stats.running == 0
+    assert results["a"].ids == model.complete(TEXTS[0], task="pre", settings=long)[0].token_ids
+    for name, text, task in [("b", TEXTS[1], "soft"), ("c", TEXTS[2], None), ("d", TEXTS[3], "pre")]:
+        assert results[name].ids == model.complete(text, task=task, settings=short)[0].token_ids, name
+
+
 def test_a_prefix_counts_against_the_decoder_positions(seq2seq, tmp_path):
     kind, hf, export = seq2seq
     import_task(make_adapter(hf, tmp_path / "adapter", length=30, projection=False), tmp_path / "bank", export)

@@ -199,12 +199,11 @@ def test_a_full_queue_is_refused_and_closing_finishes_what_runs(served):
 
 def test_a_request_joins_the_running_batch_and_leaves_when_done(served):
     """Continuous batching: B arrives while A decodes, runs beside it and finishes first; each gives its tokens alone."""
-    from softprompt.runtime.continuous import ContinuousEngine
-    from softprompt.runtime.engine import Job
+    from softprompt.runtime.engine import Engine, Job
     from softprompt.runtime.settings import GenerationSettings
 
     model = served[0]
-    engine = ContinuousEngine(model, max_batch=4)
+    engine = Engine(model, max_batch=4)
     order, steps, started = [], {"a": 0}, threading.Event()
 
     def counting(state):

@@ -9,9 +9,8 @@ from softprompt.formats.export_folder import ExportConfig, read_config
 
 from .batch_file import MODES as BATCH_MODES
 from .batch_file import check_row, run_batch, run_file
-from .continuous import ContinuousEngine, start_engine
 from .encoder import Encoder
-from .engine import Engine, Job, QueueFull
+from .engine import Engine, Job, QueueFull, start_engine
 from .errors import ExportFormatError, InferenceError, ProviderError, RequestError, SoftpromptRuntimeError
 from .generate import Completion
 from .model import Model, load
@@ -22,7 +21,6 @@ from .tasks import Task
 __all__ = [
     "BATCH_MODES",
     "Completion",
-    "ContinuousEngine",
     "Encoder",
     "Engine",
     "ExportConfig",

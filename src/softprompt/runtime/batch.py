@@ -1,5 +1,6 @@
 """A decoder's running batch: the one decode loop, driven by `Model.complete` and friends (all rows admitted at once,
-stepped until every row is done) and by the server's continuous engine (rows join and leave at every step).
+stepped until every row is done) and by the engine (engine.py: rows join and leave at every step). An
+encoder-decoder's batch (seq2seq_batch.py) has the same three calls and the same rows.
 
 The batch is the graph's own state: keys and values [B, heads, T, head size] for every layer, the
 attention mask [B, T] and each row's next position. `admit` runs the new rows' first step together
@@ -13,7 +14,7 @@ done, or whose request was cancelled, leaves at once, and mask columns no row ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -26,10 +27,10 @@ from .sampling import chooser
 class Row:
     """One request's row in the batch: its job, its text so far, its chooser, its next position and token."""
 
-    def __init__(self, job: Job, model):
+    def __init__(self, job: Job, model, choose: Callable[[np.ndarray], np.ndarray] | None = None):
         self.job = job
         self.state: RowText = model.row_text(job.task, job.settings)
-        self.choose = chooser(job.settings, set(model.config.eos_token_ids))
+        self.choose = choose or chooser(job.settings, set(model.config.eos_token_ids))
         self.position = 0  # the next token's position
         self.token = 0  # the last chosen token, fed at the next step
 

@@ -1,11 +1,12 @@
-"""The one thread that runs generation for a server: requests queue here and run together, whatever their tasks.
+"""The one thread that runs generation for a server: requests queue here and share one running batch.
 
-This engine batches in turns (encoder-decoders): a free engine takes the waiting requests that
-share generation settings (up to `max_batch`, in arrival order) and runs them as one batch of the
-runtime (`model.steps`): rows of different tasks share every decode step. Each request hears of
-its row after every step (for streaming) and at the end. Requests that arrive while a batch runs
-wait for the next one; a batch whose clients have all gone away stops at the next step. Decoders
-batch continuously instead (continuous.py), on the same queue.
+Continuous batching, for decoders and encoder-decoders alike: at every step the engine's thread
+admits the waiting requests (any tasks, any settings) up to `max_batch` rows into the model's
+running batch (`model.batch()`: batch.py for decoders, seq2seq_batch.py for encoder-decoders, the
+loop `complete` and friends drive too) and steps it. Each request hears of its row after every
+step (for streaming) and at the end; a row that is done, or whose client went away, leaves at
+once. A request whose input is bad fails alone, and a failed step fails the rows it ran, never the
+engine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import collections
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from softprompt.formats.errors import SoftpromptError
@@ -34,7 +35,7 @@ class Job:
 
     ids: list[int]
     task: Task | str | None  # the version the ids were templated with (a name is resolved when the row starts)
-    settings: Any  # GenerationSettings: rows share a batch only with rows of equal settings
+    settings: Any  # GenerationSettings: each row chooses its tokens with its own
     on_step: Callable[[Any], None] = lambda state: None  # the row's RowText after a step (on the engine's thread)
     on_done: Callable[[Any], None] = lambda state: None  # the final RowText
     on_error: Callable[[BaseException], None] = lambda error: None
@@ -43,13 +44,15 @@ class Job:
 
 @dataclasses.dataclass
 class Stats:
-    batches: int = 0
+    batches: int = 0  # admissions (one first step each)
     rows: int = 0
     steps: int = 0
     running: int = 0
 
 
 class Engine:
+    """Continuous batching of a text model's requests on one thread (`submit`, `close`)."""
+
     def __init__(self, model, max_batch: int = 16, max_queue: int = 256):
         self.model = model
         self.max_batch = max_batch
@@ -81,54 +84,62 @@ class Engine:
             self._lock.notify()
         self._thread.join(timeout)
 
-    def _take(self) -> list[Job] | None:
+    def _loop(self) -> None:
+        batch = self.model.batch()
+        while True:
+            joining = self._join(wait=not batch.rows)
+            if joining is None:
+                return
+            if joining:
+                self._admit(batch, joining)
+            if not batch.rows:
+                continue
+            self.stats.running = len(batch.rows)
+            try:
+                batch.step()
+            except Exception as exc:
+                log.exception("a decode step of %d rows failed", len(batch.rows))
+                for row in batch.clear():
+                    row.job.on_error(exc)
+                continue
+            finally:
+                self.stats.running = len(batch.rows)
+            self.stats.steps += 1
+
+    def _join(self, wait: bool) -> list[Job] | None:
+        """Waiting jobs for the free rows; blocks only when nothing runs; None when closing and nothing is left."""
         with self._lock:
-            while not self._waiting:
+            while wait and not self._waiting:
                 if self._closing:
                     return None
                 self._lock.wait()
-            first = self._waiting.popleft()
-            batch = [first]
-            for job in list(self._waiting):
-                if len(batch) >= self.max_batch:
-                    break
-                if job.settings == first.settings:
-                    self._waiting.remove(job)
-                    batch.append(job)
-            return [job for job in batch if not job.cancelled]
-
-    def _loop(self) -> None:
-        while (batch := self._take()) is not None:
-            if batch:
-                self._run(batch)
-
-    def _run(self, batch: Sequence[Job]) -> None:
-        self.stats.batches += 1
-        self.stats.rows += len(batch)
-        self.stats.running = len(batch)
-        states = None
-        try:
-            steps = self.model.steps([job.ids for job in batch], task=[job.task for job in batch], settings=batch[0].settings)
-            for states in steps:
-                self.stats.steps += 1
-                if all(job.cancelled for job in batch):
-                    steps.close()
-                    return
-                for job, state in zip(batch, states):
-                    if not job.cancelled:
-                        job.on_step(state)
-            for job, state in zip(batch, states or []):
+            taken: list[Job] = []
+            while self._waiting and len(taken) < self.max_batch - self.stats.running:
+                job = self._waiting.popleft()
                 if not job.cancelled:
-                    job.on_done(state)
-        except SoftpromptError as exc:  # one row's bad input must not fail the rows it was batched with
-            if len(batch) > 1:
-                for job in batch:
-                    self._run([job])
-            else:
-                batch[0].on_error(exc)
-        except Exception as exc:  # the clients hear of it; the engine keeps serving
-            log.exception("a batch of %d rows failed", len(batch))
-            for job in batch:
+                    taken.append(job)
+            return taken
+
+    def _admit(self, batch, jobs: list[Job]) -> None:
+        """The jobs' first step, together; one request's bad input fails it alone."""
+        self.stats.batches += 1
+        self.stats.rows += len(jobs)
+        try:
+            batch.admit(jobs)
+        except SoftpromptError as exc:
+            if len(jobs) > 1:  # one bad request must not fail the others
+                for job in jobs:
+                    self._admit(batch, [job])
+                return
+            jobs[0].on_error(exc)
+        except Exception as exc:
+            log.exception("the first step of %d rows failed", len(jobs))
+            for job in jobs:
                 job.on_error(exc)
-        finally:
-            self.stats.running = 0
+
+
+def start_engine(model, max_batch: int = 16, max_queue: int = 256) -> Engine | None:
+    """The engine a server runs `model` on; None for an encoder (it embeds and classifies in the request's thread)."""
+    if model.config.kind == "encoder":
+        return None
+    return Engine(model, max_batch, max_queue)

@@ -16,7 +16,7 @@ A request, top to bottom: `complete` checks its settings and resolves its tasks 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +26,12 @@ from softprompt.formats.export_folder import ExportFolder, open_export
 from .batch import DecodeBatch
 from .classify import label_logprobs
 from .encoder import Encoder
-from .engine import Job
 from .errors import RequestError
-from .generate import RowText
 from .graph import DecoderGraph
 from .prompt_cache import Prefix, PromptCache
 from .rows import as_texts, check_rows, embed_row, pad, position_ids, tasks_for
 from .seq2seq import Seq2Seq
 from .session import create_session, resolve_providers, warn_if_slow
-from .settings import GenerationSettings
 from .tasks import Task
 from .text_model import TextModel
 
@@ -92,6 +89,10 @@ class Model(TextModel):
     ) -> tuple[np.ndarray, list]:
         """One graph call (DecoderGraph.forward): the last position's logits [B, V], or all, and the present."""
         return self.graph.forward(embeds, mask, positions, past, all_logits)
+
+    def batch(self) -> DecodeBatch:
+        """An empty running batch of this model (the engine's and `complete`'s loop)."""
+        return DecodeBatch(self)
 
     def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
         return self.graph.empty_past(batch, length)
@@ -205,15 +206,3 @@ class Model(TextModel):
         if task.past is not None:
             return task.past
         return self._prompts.get(task, start) if cached and self._prompts is not None else None
-
-    def _steps(
-        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
-    ) -> Iterator[list[RowText]]:
-        """Run the rows as one running batch (batch.py, the server's loop too), yielding their states after every
-        step (the last yield is final); a row that is done leaves the batch."""
-        batch = DecodeBatch(self)
-        states = [row.state for row in batch.admit([Job(list(row), task, settings) for row, task in zip(ids, found)])]
-        while batch.rows:
-            yield states
-            batch.step()
-        yield states

@@ -22,7 +22,7 @@ per kind of past, stepped together.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,9 @@ from softprompt.formats.export_folder import ExportFolder
 
 from .classify import log_softmax
 from .errors import InferenceError, RequestError
-from .generate import RowText
 from .rows import as_texts, check_rows, embed_row, pad, tasks_for
 from .sampling import chooser
+from .seq2seq_batch import Seq2SeqBatch
 from .settings import GenerationSettings
 from .tasks import Task
 from .text_model import TextModel
@@ -200,63 +200,55 @@ class Seq2Seq(TextModel):
             return [np.zeros((len(found), heads, 0, size), dtype=np.float32) for heads, size in self._past_shapes]
         return [np.stack([past[j] for past in pasts]) for j in range(len(self._past_shapes))]
 
-    def _steps(
-        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
-    ) -> Iterator[list[RowText]]:
-        """Encode once, then decode token by token; yields the rows' states after every step (the last is final).
+    # ---- what the running batch (seq2seq_batch.py) calls ---------------------------------------
 
-        Rows whose decoder pasts differ in length decode as separate groups, one step of each per step."""
-        groups = _by_past(found)
-        if len(groups) == 1:
-            yield from self._group_steps(ids, found, settings)
-            return
-        states: list = [None] * len(ids)
-        runs = [(group, self._group_steps([ids[i] for i in group], [found[i] for i in group], settings)) for group in groups]
-        while runs:
-            stepped = []
-            for group, run in runs:
-                rows = next(run, None)
-                if rows is not None:
-                    stepped.append((group, run))
-                    for i, state in zip(group, rows):
-                        states[i] = state
-            if stepped:
-                yield list(states)
-            runs = stepped
+    def batch(self) -> Seq2SeqBatch:
+        """An empty running batch of this model (the engine's and `complete`'s loop)."""
+        return Seq2SeqBatch(self)
 
-    def _group_steps(
-        self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
-    ) -> Iterator[list[RowText]]:
-        """`_steps` for rows whose decoder pasts have one length."""
+    def start(
+        self, ids: Sequence[Sequence[int]], task=None, max_new_tokens: int = 0
+    ) -> list[tuple[list[int], list, list, np.ndarray]]:
+        """The rows' encoder outputs by kind of past (`_by_past`): for each group its row indices, the decoder's self
+        cache before the first step, the cross-attention keys and values, and the encoder mask. Every row is checked
+        before any is returned."""
+        found = self._store.resolve(tasks_for(task, len(ids)))
+        limit = self.config.max_positions
+        out = []
+        for group in _by_past(found):
+            tasks = [found[i] for i in group]
+            past = self._start_past(tasks)
+            held = past[0].shape[2]
+            if held and limit is not None and held + max_new_tokens > limit:
+                raise RequestError(
+                    f"task {tasks[0].name!r}: a prefix of {held} + {max_new_tokens} new tokens = {held + max_new_tokens} "  # type: ignore[union-attr]
+                    f"decoder positions; the model has {limit}"
+                )
+            out.append((group, past, *self._encoder([ids[i] for i in group], tasks)))
+        return out
+
+    def row_chooser(self, settings: GenerationSettings):
+        """A row's `choose(logits)`, with the model's forced first and last tokens (BART's) as `generate` applies them."""
         generation = self.config.generation
-        choose = chooser(
+        return chooser(
             settings,
             self._eos,
             forced_first=generation.get("forced_bos_token_id"),
             forced_last=generation.get("forced_eos_token_id"),
         )
-        max_new_tokens = settings.max_new_tokens
-        past: list = self._start_past(found)
-        limit, held = self.config.max_positions, past[0].shape[2]
-        if held and limit is not None and held + max_new_tokens > limit:
-            raise RequestError(
-                f"task {found[0].name!r}: a prefix of {held} + {max_new_tokens} new tokens = {held + max_new_tokens} "  # type: ignore[union-attr]
-                f"decoder positions; the model has {limit}"
-            )
-        cross, mask = self._encoder(ids, found)
-        states = [self.row_text(task, settings) for task in found]
-        tokens = np.full(len(ids), self._start, dtype=np.int64)
-        for step in range(max_new_tokens):
-            logits, past = self._decoder_step(np.asarray(self.table[tokens], dtype=np.float32)[:, None], mask, past, cross)
-            tokens = choose(logits)
-            for state, token in zip(states, tokens.tolist()):
-                state.add(token)
-            if all(state.done for state in states) or step + 1 == max_new_tokens:
-                break
-            yield states
-        for state in states:
-            state.finish()
-        yield states
+
+    def decoder_step(self, tokens: Sequence[int], mask: np.ndarray, past: Sequence, cross: Sequence) -> tuple[np.ndarray, list]:
+        """One decoder call feeding each row's last token: the next logits [B, V] and the self cache after it."""
+        return self._decoder_step(np.asarray(self.table[list(tokens)], dtype=np.float32)[:, None], mask, past, cross)
+
+    def take_rows(self, values: Sequence, rows: Sequence[int]) -> list:
+        """Cache arrays (numpy or onnxruntime values) with only `rows` of their batch, where the graphs keep them."""
+        kept = [_numpy(value)[list(rows)] for value in values]
+        if self._device == "cpu":
+            return kept
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self._device, 0) for value in kept]
 
 
 def _by_past(found: Sequence[Task | None]) -> list[list[int]]:

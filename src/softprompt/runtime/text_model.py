@@ -2,7 +2,7 @@
 
 A request reads top to bottom: settings are checked once (GenerationSettings), the tasks resolved
 once (one version of each for the whole request), the rows encoded and checked, then the model's
-`_steps` runs the batch and yields every row's state after each token (generate.RowText).
+the model's running batch steps and `_steps` yields every row's state after each token (generate.RowText).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from softprompt.formats.task import PLACEHOLDER
 
 from .chat import ChatTemplate, check_messages, read_chat_template
 from .classify import classify_ensemble, classify_rows, ensemble_members, label_probabilities
+from .engine import Job
 from .errors import RequestError, RequestTypeError
 from .generate import Completion, RowText
 from .rows import as_texts, tasks_for
@@ -27,9 +28,9 @@ from .tasks import Task
 class TextModel(ServedExport):
     """`complete`, `generate`, `stream` and `classify` for a model that generates text.
 
-    A subclass provides `_steps(ids, tasks, settings)`, yielding the rows' `RowText` states after
-    every step (the last yield final), and `_label_logprobs(inputs, verbalizers, tasks)`, each
-    row's summed log-probability of each of its labels' verbalizer ids.
+    A subclass provides `batch()`, its running batch (the one decode loop: `Model`'s batch.py,
+    `Seq2Seq`'s seq2seq_batch.py), and `_label_logprobs(inputs, verbalizers, tasks)`, each row's
+    summed log-probability of each of its labels' verbalizer ids.
     """
 
     _eos: set[int]  # the model's end-of-sequence ids
@@ -174,6 +175,17 @@ class TextModel(ServedExport):
     def _steps(
         self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], settings: GenerationSettings
     ) -> Iterator[list[RowText]]:
+        """Run the rows as one running batch (the engine's loop too), yielding their states after every step (the
+        last yield is final); a row that is done leaves the batch."""
+        batch = self.batch()
+        states = [row.state for row in batch.admit([Job(list(row), task, settings) for row, task in zip(ids, found)])]
+        while batch.rows:
+            yield states
+            batch.step()
+        yield states
+
+    def batch(self):
+        """An empty running batch of this model: `admit(jobs)`, `step()`, `clear()` and its `rows`."""
         raise NotImplementedError
 
     def _label_logprobs(
