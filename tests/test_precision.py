@@ -403,12 +403,12 @@ def test_dynamic_int8_keeps_the_products_that_move_the_output_most(tmp_path):
 
 def test_fast_int4_is_genai_s_recipe_from_the_command_line(llama_dir, tmp_path, capsys):
     """export-model --precision int4 --fast: an integer grid without zero points, the lm_head at 4 bits too."""
-    # Validated at tolerance 1: the tiny random model's logits move by 0.4 of their scale, the default model's by 0.9.
+    # Judged by its next-token quality (its logits move by 0.4 of their scale on the tiny model, 0.9 on the default).
     assert export_main([str(llama_dir), str(tmp_path / "fast"), "--precision", "int4", "--fast", "-q"]) == 0
-    assert read_config(tmp_path / "fast").validation["tolerance"] == 1.0
-    # The recipe's tolerance is the precision's own, from Python as from the command line.
-    assert default_precision("int4", **FAST_INT4).tolerance == 1.0 and default_precision("int4").tolerance == 0.25
     config = read_config(tmp_path / "fast")
+    assert config.validation["tolerance"] is None and config.validation["quality"]["kl_mean"] < 1.0
+    # An encoder-decoder at this recipe is validated at tolerance 1, from Python as from the command line.
+    assert default_precision("int4", **FAST_INT4).tolerance == 1.0 and default_precision("int4").tolerance == 0.25
     assert config.quantization["algorithm"] == "rtn" and config.quantization["symmetric"] is True
     bits = nbits(tmp_path / "fast" / "model.onnx")
     assert config.quantization["keep"] == [] and set(bits) == {4} and bits[4] > 0  # the lm_head too
@@ -441,3 +441,69 @@ def test_a_quantized_export_of_a_big_model_keeps_no_fp32_weights_and_every_file_
         for path in folder.iterdir():
             assert path.stat().st_mode & 0o777 == 0o666 & ~umask, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
     assert len(load(tmp_path / "int4").complete(TEXTS[0], max_new_tokens=3)[0].token_ids) == 3
+
+
+def test_quality_measures_what_users_compare():
+    """KL to fp32, top-1 agreement and perplexity, from logits with known answers; broken graphs are refused."""
+    from softprompt.exporter.quality import Quality, check, compare
+
+    rng = np.random.default_rng(0)
+    reference = [rng.normal(size=(5, 7)), rng.normal(size=(3, 7))]
+    ids = [[0, 1, 2, 3, 4], [6, 5, 4]]
+    same = compare(reference, reference, ids)
+    assert same.kl_mean == pytest.approx(0, abs=1e-12) and same.top1_agreement == 1 and same.perplexity_ratio == pytest.approx(1)
+    assert same.positions == 8
+    # Logits shifted by a constant are the same distribution; scaled by 0 they are uniform: KL(p || uniform) = log V - H(p).
+    assert compare(reference, [r + 3.0 for r in reference], ids).kl_mean == pytest.approx(0, abs=1e-12)
+    flat = compare(reference, [0 * r for r in reference], ids)
+    p = [np.exp(r) / np.exp(r).sum(-1, keepdims=True) for r in reference]
+    entropy = np.concatenate([-(q * np.log(q)).sum(-1) for q in p])
+    assert flat.kl_mean == pytest.approx(np.log(7) - entropy.mean())
+    assert flat.perplexity == pytest.approx(7)  # uniform over 7 tokens
+    nll = np.concatenate([-np.log(q[np.arange(len(row) - 1), row[1:]]) for q, row in zip(p, ids)])
+    assert same.perplexity_fp32 == pytest.approx(np.exp(nll.mean()))
+    negated = compare(reference, [-r for r in reference], ids)
+    assert negated.top1_agreement == 0
+    with pytest.raises(ExportValidationError, match=r"broken on sample text: kl mean .* > 1"):
+        check(negated)
+    check(Quality(0.4, 4.0, 0.7, 10.0, 13.0, 100))  # what --fast gives the default model: reported, not refused
+    with pytest.raises(ExportValidationError, match=r"perplexity ratio 2.5 > 2"):
+        check(Quality(0.4, 4.0, 0.7, 10.0, 25.0, 100))
+
+
+def test_a_quantized_decoder_is_judged_by_its_quality_and_a_broken_one_refused(llama_dir, tmp_path, monkeypatch, capsys):
+    """int4 of a model born in float exports by default with its quality reported; a graph whose logits are negated
+    (what a wrong weight layout does) is refused, naming what to do."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from softprompt.exporter import export as export_module
+
+    assert export_main([str(llama_dir), str(tmp_path / "int4"), "--precision", "int4"]) == 0
+    out = capsys.readouterr().err
+    assert "refused only when broken" in out and "next-token quality: KL to fp32" in out
+    quality = read_config(tmp_path / "int4").validation["quality"]
+    assert quality["kl_mean"] < 1.0 and 0 < quality["top1_agreement"] <= 1 and quality["positions"] > 100
+    assert read_config(tmp_path / "int4").validation["max_relative_diff"]  # still reported
+
+    broken = AutoModelForCausalLM.from_pretrained(llama_dir)
+    with torch.no_grad():
+        broken.lm_head.weight.mul_(-8.0)
+    broken.save_pretrained(tmp_path / "negated")
+    shutil.copy(llama_dir / "tokenizer.json", tmp_path / "negated")
+    export_model(str(tmp_path / "negated"), tmp_path / "negated-export", log=lambda m: None)
+    real = export_module.apply_precision
+
+    def negating(path, *args, **kwargs):
+        change = real(path, *args, **kwargs)
+        for name in ("model.onnx", "model.onnx.data"):
+            if (tmp_path / "negated-export" / name).exists():
+                shutil.copy(tmp_path / "negated-export" / name, path.parent / name)
+        return change
+
+    monkeypatch.setattr(export_module, "apply_precision", negating)
+    with pytest.raises(
+        ExportValidationError, match=r"--precision int4: the graph is broken on sample text: kl mean .*--tolerance"
+    ):
+        export_model(str(llama_dir), tmp_path / "bad", precision="int4", log=lambda m: None)
+    assert not (tmp_path / "bad").exists()

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="largest allowed max|onnx - torch fp32| / max|torch fp32| for logits and cache in validation "
-        "(default: the precision's: fp32 1e-4, fp16 0.05, int8 0.25, int4 0.25)",
+        "(default: fp32 1e-4; a decoder converted to fp16/int8/int4 is judged instead by its next-token KL to fp32 "
+        "and perplexity on sample text, refused only when broken; encoders and encoder-decoders: fp16 0.05, "
+        "int8 0.25, int4 0.25)",
     )
     precision = parser.add_argument_group(
         "precision",
@@ -95,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast",
         action="store_true",
         help="int4: onnxruntime-genai's recipe instead of the default (--algorithm rtn --symmetric, lm_head at 4 bits "
-        "too): the fastest and smallest int4, but it changes the model's top token far more often (docs/QUALITY.md); "
-        "validated at --tolerance 1 unless given",
+        "too): the fastest and smallest int4, but it changes the model's top token far more often (docs/QUALITY.md)",
     )
     precision.add_argument(
         "--keep",

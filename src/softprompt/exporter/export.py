@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ import onnx
 from softprompt.formats.embedding_table import open_table, quantize_rows
 from softprompt.formats.export_folder import CONFIG_FILE, ExportConfig
 
+from . import quality
 from .backbone import Backbone, describe
 from .dynamic_int8 import Calibration
 from .encoder import EncoderModule, calibration_feeds, export_encoder_graph, uses_token_types, validate_encoder
@@ -95,8 +97,11 @@ def export_model(
     fused nodes: faster decoding), "traced" through PyTorch for any architecture, or "auto"
     (built where supported and validated, else traced).
     `precision` ("fp32", "fp16", "int8", "int4", or a Precision with its settings) is what the
-    graphs are stored in: made and validated in fp32 first, then converted and validated again
-    against PyTorch fp32 at `tolerance` (default: the precision's own, `Precision.tolerance`).
+    graphs are stored in: made and validated in fp32 first, then converted and checked again
+    against PyTorch fp32: a decoder by its next-token quality on sample text (quality.py: KL, top-1
+    agreement, perplexity; refused only when broken) unless `tolerance` is given, then by its
+    logits' largest difference; encoders and encoder-decoders at `tolerance` (default: the
+    precision's own, `Precision.tolerance`).
     """
     precision = default_precision(precision) if isinstance(precision, str) else precision
     fp32_tolerance = tolerance if tolerance is not None and precision.name == "fp32" else TOLERANCES["fp32"]
@@ -287,21 +292,29 @@ def _table_from_graph(table: np.ndarray, staging: Path, files: dict[str, str], l
     return files, None
 
 
-def _check_decoder(backbone: Backbone, staging: Path, tolerance: float) -> dict:
+def _check_decoder(backbone: Backbone, staging: Path, tolerance: float | None) -> dict:
+    """A converted decoder against PyTorch fp32: max logit differences (judged only at a `tolerance` given), greedy
+    agreement, and the next-token quality on sample text (quality.py), which refuses only a broken graph."""
     wrapper = CachedDecoder(backbone.model, backbone.layout)
-    report = validate(staging / "model.onnx", wrapper, backbone.table, tolerance, caches=False)
+    path = staging / "model.onnx"
+    report = validate(path, wrapper, backbone.table, math.inf if tolerance is None else tolerance, caches=False)
     # Each text as the runtime serves it (its special tokens, a BOS where the tokenizer adds one), whole and alone.
     starts = [backbone.tokenizer.encode(text) for text in GREEDY_TEXTS]
-    agreed = [greedy_agreement(staging / "model.onnx", wrapper, backbone.table, [ids])[0] for ids in starts]
-    return {**report, "greedy_agreement": agreed}
+    agreed = [greedy_agreement(path, wrapper, backbone.table, [ids])[0] for ids in starts]
+    limit = backbone.facts.get("max_positions") or None  # learned positions cap what a text may be
+    rows = [backbone.tokenizer.encode(text)[:limit] for text in quality.QUALITY_TEXTS]
+    found = quality.measure(path, wrapper, backbone.table, rows)
+    if tolerance is None:
+        quality.check(found)
+    return {**report, "tolerance": tolerance, "greedy_agreement": agreed, "quality": found.record()}
 
 
-def _check_encoder(backbone: Backbone, staging: Path, tolerance: float) -> dict:
+def _check_encoder(backbone: Backbone, staging: Path, tolerance: float | None) -> dict:
     module = EncoderModule(backbone.model, uses_token_types(backbone.model))
     return validate_encoder(staging / "model.onnx", module, backbone.table, tolerance)
 
 
-def _check_seq2seq(backbone: Backbone, staging: Path, tolerance: float) -> dict:
+def _check_seq2seq(backbone: Backbone, staging: Path, tolerance: float | None) -> dict:
     return validate_seq2seq(staging, backbone.model, backbone.table, tolerance)
 
 
@@ -339,15 +352,32 @@ def _convert(
             f"      {graphs[key]}: {change['bytes_fp32'] / 2**20:.1f} MiB -> {change['bytes'] / 2**20:.1f} MiB"
             + "".join(f", {k}: {v}" for k, v in change.items() if not k.startswith("bytes"))
         )
-    step(f"validating the {precision.name} graphs against PyTorch fp32 (tolerance {limit:g} relative to the outputs' scale)")
+    judged: float | None = limit  # a converted decoder is judged by its next-token quality unless a tolerance was given
+    if backbone.kind == "decoder" and tolerance is None:
+        judged = None
+        broken = ", ".join(f"{name.replace('_', ' ')} over {value:g}" for name, value in quality.BROKEN.items())
+        step(f"checking the {precision.name} graph against PyTorch fp32 on sample text (refused only when broken: {broken})")
+    else:
+        step(f"validating the {precision.name} graphs against PyTorch fp32 (tolerance {limit:g} relative to the outputs' scale)")
     try:
-        report = CHECKS[backbone.kind](backbone, staging, limit)
+        report = CHECKS[backbone.kind](backbone, staging, judged)
     except ExportValidationError as exc:
+        instead = (
+            "judge by the logits' largest difference instead with --tolerance"
+            if judged is None
+            else "accept more error with --tolerance"
+        )
         raise ExportValidationError(
             f"--precision {precision.name}: {exc}. Keep more weights at higher precision (--keep), use a smaller "
-            f"--block-size or another precision, or accept more error with --tolerance"
+            f"--block-size or another precision, or {instead}"
         ) from None
     _log_report(report, log)
+    if "quality" in report:
+        found = report["quality"]
+        log(
+            f"      next-token quality: KL to fp32 {found['kl_mean']:.4f} nats, top-1 agreement {found['top1_agreement']:.1%}, "
+            f"perplexity {found['perplexity_fp32']:.2f} -> {found['perplexity']:.2f} ({found['perplexity_ratio'] - 1:+.1%})"
+        )
     if "greedy_agreement" in report:
         agreed = report["greedy_agreement"]
         log(f"      greedy tokens equal to PyTorch fp32 before the first difference: {', '.join(map(str, agreed))} (of 16)")

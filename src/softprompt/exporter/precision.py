@@ -117,7 +117,8 @@ class Precision:
 
 # int4 as onnxruntime-genai quantizes it: an integer grid without zero points and the lm_head at 4 bits too. The fastest
 # and smallest int4; on the default model it changes the top token far more often than the default recipe (QUALITY.md),
-# and its logits move by up to 0.93 of their scale: it is validated against a tolerance of 1 (refused only when broken).
+# and its logits move by up to 0.93 of their scale. Decoders are judged by their quality (quality.py); an
+# encoder-decoder at this recipe against a tolerance of 1 (refused only when broken).
 FAST_INT4 = {"algorithm": "rtn", "symmetric": True, "keep": ()}
 FAST_INT4_TOLERANCE = 1.0
 
