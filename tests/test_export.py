@@ -175,6 +175,7 @@ def test_a_gguf_s_control_and_user_defined_tokens_are_matched_whole(llama_dir, t
     import gguf
     from transformers import AutoTokenizer
 
+    from softprompt.exporter.gguf_tokenizer import gguf_fields
     from softprompt.exporter.sources import apply_gguf_tokenizer_metadata
 
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
@@ -193,7 +194,7 @@ def test_a_gguf_s_control_and_user_defined_tokens_are_matched_whole(llama_dir, t
     writer.write_tensors_to_file()
     writer.close()
     text = f"x{pieces[0]}y{pieces[1]}z"
-    apply_gguf_tokenizer_metadata(tokenizer, tmp_path / "tokens.gguf")
+    apply_gguf_tokenizer_metadata(tokenizer, gguf_fields(tmp_path / "tokens.gguf"))
     after = tokenizer.encode(text, add_special_tokens=False)
     ids = [tokenizer.convert_tokens_to_ids(piece) for piece in pieces]
     assert all(i in after for i in ids) and len(tokenizer) == len(tokens)  # whole, at their own ids

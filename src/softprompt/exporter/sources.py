@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from softprompt.formats.atomic import current_umask
 from softprompt.formats.export_folder import CONFIG_FILE, read_config
 
 from .errors import ExportError
+from .gguf_tokenizer import gguf_fields, gguf_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +199,11 @@ def load_source(
     return Source(model=model, tokenizer=tokenizer, info=info, kind=kind)
 
 
+TOKENIZER_MARK = "softprompt_tokenizer.json"  # in a converted folder: how its tokenizer was made (`_gguf_tokenizer`)
+TOKENIZER_VERSION = 2  # folders converted with an older way get their tokenizer made again
+ROLES = (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))  # tokenizer role, GGUF key
+
+
 def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str, Any]]:
     """Convert a GGUF file to a Hugging Face folder once; later calls reuse the cached folder."""
     digest = sha256_file(gguf)
@@ -205,14 +212,16 @@ def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str,
     info = {"gguf": str(gguf), "sha256": digest, "folder": str(folder)}
     if (folder / "config.json").is_file():
         log(f"using converted model cached in {folder}")
+        if _tokenizer_mark(folder).get("version") != TOKENIZER_VERSION:
+            log("      making its tokenizer again from the GGUF file (the cached one was made an older way)")
+            _replace_files(folder, lambda staging: _gguf_tokenizer(gguf, log).save_pretrained(staging, legacy_format=False))
         return folder, info
     log(f"converting {gguf.name} to float32 (once; cached in {folder})")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    apply_gguf_tokenizer_metadata(tokenizer, gguf)
+    tokenizer = _gguf_tokenizer(gguf, log)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -226,30 +235,81 @@ def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str,
     return folder, info
 
 
-def apply_gguf_tokenizer_metadata(tokenizer, gguf: Path) -> None:
-    """Make the tokenizer follow the GGUF file's own settings.
+def _gguf_tokenizer(gguf: Path, log):
+    """The tokenizer llama.cpp reads from the file (gguf_tokenizer.py), with the file's special tokens and transformers'
+    chat template; transformers' own conversion, with a warning, where this exporter does not know the file's kind.
+    Its `save_pretrained` also writes TOKENIZER_MARK."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    fields = gguf_fields(gguf)
+    converted = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    own, why = gguf_tokenizer(fields)
+    if own is None:
+        log(
+            f"warning: {gguf.name}: {why}, so its tokenizer is transformers' conversion, which may split text "
+            "otherwise than llama.cpp does with this file; check that a few texts tokenize as the model's authors "
+            "meant, or export from a Hugging Face folder that has the model's own tokenizer.json"
+        )
+        apply_gguf_tokenizer_metadata(converted, fields)
+        tokenizer, made = converted, {"version": TOKENIZER_VERSION, "from": "transformers", "why": why}
+    else:
+        tokens = fields["tokenizer.ggml.tokens"]
+        roles = {}
+        for role, key in ROLES:
+            token_id = fields.get(f"tokenizer.ggml.{key}_token_id")
+            if token_id is not None and 0 <= int(token_id) < len(tokens):
+                roles[f"{role}_token"] = tokens[int(token_id)]
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=own, chat_template=converted.chat_template, **roles)
+        made = {"version": TOKENIZER_VERSION, "from": "gguf", "model": fields.get("tokenizer.ggml.model")}
+        if fields.get("tokenizer.ggml.pre"):
+            made["pre"] = fields["tokenizer.ggml.pre"]
+    save = tokenizer.save_pretrained
+
+    def save_with_mark(folder, **kwargs):
+        written = save(folder, **kwargs)
+        (Path(folder) / TOKENIZER_MARK).write_text(json.dumps(made, indent=2) + "\n")
+        return written
+
+    tokenizer.save_pretrained = save_with_mark
+    return tokenizer
+
+
+def _tokenizer_mark(folder: Path) -> dict:
+    try:
+        return json.loads((folder / TOKENIZER_MARK).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _replace_files(folder: Path, write) -> None:
+    """Write files into a temporary folder beside `folder`, then move each over its namesake in `folder`."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(staging)
+        readable(staging)
+        for path in staging.iterdir():
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def apply_gguf_tokenizer_metadata(tokenizer, fields: dict[str, Any]) -> None:
+    """Make transformers' conversion of a GGUF tokenizer follow the file's own settings (`fields`: its
+    `tokenizer.*` values).
 
     transformers' GGUF conversion ignores `tokenizer.ggml.add_bos_token` (SmolLM2's file says
     False, yet the converted tokenizer prepends `<|im_start|>`) and can name the wrong end token;
     the file is the authority on how its model was trained and run.
     """
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(gguf)).fields
-
-    def value(key: str):
-        field = fields.get(key)
-        return None if field is None else field.contents()
-
     for flag in ("add_bos_token", "add_eos_token"):
-        wanted = value(f"tokenizer.ggml.{flag}")
+        wanted = fields.get(f"tokenizer.ggml.{flag}")
         if wanted is not None and hasattr(tokenizer, flag):
             setattr(tokenizer, flag, bool(wanted))  # Llama-style fast tokenizers rebuild their post-processor
-    for role in ("bos", "eos", "pad", "unk"):
-        token_id = value(f"tokenizer.ggml.{'unknown' if role == 'unk' else role}_token_id")
+    for role, key in ROLES:
+        token_id = fields.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None and 0 <= int(token_id) < len(tokenizer):
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
-    _whole_tokens(tokenizer, value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type"))
+    _whole_tokens(tokenizer, fields.get("tokenizer.ggml.tokens"), fields.get("tokenizer.ggml.token_type"))
 
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (gguf.TokenType) for tokens matched whole, before the BPE
