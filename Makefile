@@ -14,7 +14,7 @@ FP16_EXPORT := exports/smollm2-fp16
 BANK := banks/smollm2-135m
 BANK_DATA := build/bank-data
 
-.PHONY: install test test-fast test-device lint sweep demo banks banks-methods bench bench-precision serve cuda-skeleton soak bench-data bench-quality clean help
+.PHONY: install test test-fast test-device test-web lint sweep demo banks banks-methods bench bench-precision serve cuda-skeleton soak bench-data bench-quality clean help
 
 help:
 	@echo "make demo       export the default model (SmolLM2-135M, int4) and run it with and without a task prompt"
@@ -22,6 +22,7 @@ help:
 	@echo "                runtime and bank tests again in a torch-free environment (.venv-device)"
 	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 70 min on 2 cores)"
 	@echo "make test-fast  the suite without the real-model test"
+	@echo "make test-web   the browser twin's node tests (web/) against the Python runtime"
 	@echo "make sweep      every architecture in tests/architectures.py and the encoder-decoder families (slow)"
 	@echo "make bench      bench/speed/generate.py: this runtime against PyTorch + PEFT"
 	@echo "make bench-precision  bench/speed/precision.py and bench/quality/precision.py: fp32, int8, int4"
@@ -45,6 +46,7 @@ install: $(STAMP)
 test: lint $(STAMP)
 	$(BIN)/python -m pytest
 	$(MAKE) test-device
+	$(MAKE) test-web
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -66,6 +68,18 @@ $(DEVICE_STAMP): pyproject.toml constraints.txt
 # The runtime and bank tests, on the committed tiny export (tests/fixture), where torch cannot be imported.
 test-device: $(DEVICE_STAMP)
 	SOFTPROMPT_DEVICE_ENV=1 $(DEVICE_VENV)/bin/python -m pytest tests/device
+
+# The browser twin (web/): its node tests against the Python runtime, on the fixture and on the default int4 export.
+WEB_EXPORT := build/web-int4
+web/node_modules/.stamp: web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+	touch $@
+
+$(WEB_EXPORT)/softprompt.json: $(STAMP)
+	$(BIN)/export-model smollm2-135m $(WEB_EXPORT) --precision int4 --force -q
+
+test-web: $(STAMP) web/node_modules/.stamp $(WEB_EXPORT)/softprompt.json
+	cd web && SOFTPROMPT_PYTHON=$(abspath $(BIN))/python SOFTPROMPT_INT4_EXPORT=$(abspath $(WEB_EXPORT)) npm test
 
 $(DEMO_EXPORT)/softprompt.json: $(STAMP)
 	$(BIN)/export-model smollm2-135m $(DEMO_EXPORT) --force
