@@ -14,7 +14,7 @@ FP16_EXPORT := exports/smollm2-fp16
 BANK := banks/smollm2-135m
 BANK_DATA := build/bank-data
 
-.PHONY: install test test-fast test-device test-web lint sweep demo banks banks-methods bench bench-precision serve cuda-skeleton soak bench-data bench-quality clean help
+.PHONY: install test test-fast test-device test-web web lint sweep demo banks banks-methods bench bench-precision serve cuda-skeleton soak bench-data bench-quality clean help
 
 help:
 	@echo "make demo       export the default model (SmolLM2-135M, int4) and run it with and without a task prompt"
@@ -22,7 +22,8 @@ help:
 	@echo "                runtime and bank tests again in a torch-free environment (.venv-device)"
 	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 70 min on 2 cores)"
 	@echo "make test-fast  the suite without the real-model test"
-	@echo "make test-web   the browser twin's node tests (web/) against the Python runtime"
+	@echo "make test-web   the browser twin's tests (web/): node, and the page in headless chromium"
+	@echo "make web        serve the page (web/page) with the demo's int4 export on http://127.0.0.1:8321/"
 	@echo "make sweep      every architecture in tests/architectures.py and the encoder-decoder families (slow)"
 	@echo "make bench      bench/speed/generate.py: this runtime against PyTorch + PEFT"
 	@echo "make bench-precision  bench/speed/precision.py and bench/quality/precision.py: fp32, int8, int4"
@@ -72,14 +73,20 @@ test-device: $(DEVICE_STAMP)
 # The browser twin (web/): its node tests against the Python runtime, on the fixture and on the default int4 export.
 WEB_EXPORT := build/web-int4
 web/node_modules/.stamp: web/package.json web/package-lock.json
-	cd web && npm ci --no-audit --no-fund
+	cd web && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
 	touch $@
 
 $(WEB_EXPORT)/softprompt.json: $(STAMP)
 	$(BIN)/export-model smollm2-135m $(WEB_EXPORT) --precision int4 --force -q
 
+# The page test drives Debian's chromium (no browser download works here); CI runs as root, so it can install it.
 test-web: $(STAMP) web/node_modules/.stamp $(WEB_EXPORT)/softprompt.json
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	cd web && SOFTPROMPT_PYTHON=$(abspath $(BIN))/python SOFTPROMPT_INT4_EXPORT=$(abspath $(WEB_EXPORT)) npm test
+
+# The page on http://127.0.0.1:8321/ with the demo's int4 export and the shipped bank.
+web: web/node_modules/.stamp $(CPU_EXPORT)/softprompt.json
+	node web/serve.js --export $(CPU_EXPORT) --bank $(BANK)
 
 $(DEMO_EXPORT)/softprompt.json: $(STAMP)
 	$(BIN)/export-model smollm2-135m $(DEMO_EXPORT) --force

@@ -1,0 +1,62 @@
+// The page: one export and its bank's tasks; generate (tokens stream in) or classify what is typed.
+
+import * as ort from "onnxruntime-web";
+
+import { load } from "../src/index.js";
+
+const $ = (id) => document.getElementById(id);
+ort.env.wasm.wasmPaths = "/node_modules/onnxruntime-web/dist/";
+ort.env.wasm.numThreads = Number(new URLSearchParams(location.search).get("threads") ?? 2);
+
+function show(error) {
+  $("error").textContent = error ? `${error.name}: ${error.message}` : "";
+}
+
+let model;
+try {
+  const tasks = await (await fetch("/api/tasks")).json();
+  const started = performance.now();
+  model = await load("/export/", { ort, bank: tasks.length ? "/bank/" : undefined, tasks, sessionOptions: { executionProviders: ["wasm"] } });
+  for (const name of model.tasks) $("task").append(new Option(name, name));
+  $("status").textContent = `loaded in ${((performance.now() - started) / 1000).toFixed(1)} s; ${model.tasks.length} tasks; ${crossOriginIsolated ? ort.env.wasm.numThreads : 1} threads`;
+  $("generate").disabled = $("classify").disabled = false;
+  window.softprompt = { model, ready: true };
+} catch (error) {
+  $("status").textContent = "not loaded";
+  show(error);
+  window.softprompt = { error: error.message, ready: true };
+}
+
+$("generate").addEventListener("click", async () => {
+  show(null);
+  $("output").textContent = "";
+  $("scores").textContent = "";
+  const options = { task: $("task").value || null, maxNewTokens: Number($("tokens").value) };
+  const started = performance.now();
+  let first = null;
+  let tokens = 0;
+  try {
+    for await (const state of model.steps(model.templated($("input").value, model.task(options.task)), options.task, { maxNewTokens: options.maxNewTokens })) {
+      tokens = state.ids.length;
+      first ??= performance.now();
+      $("output").textContent = state.stableText();
+    }
+    const seconds = (performance.now() - first) / 1000;
+    $("speed").textContent = `first token ${((first - started) / 1000).toFixed(2)} s, ${tokens > 1 ? ((tokens - 1) / seconds).toFixed(1) : "-"} tokens/s`;
+    $("output").dataset.done = "yes";
+  } catch (error) {
+    show(error);
+  }
+});
+
+$("classify").addEventListener("click", async () => {
+  show(null);
+  $("scores").textContent = "";
+  try {
+    const result = await model.classify($("input").value, $("task").value || null);
+    $("scores").textContent = [`label: ${result.label}`, ...Object.entries(result.scores).map(([l, p]) => `${l}: ${p.toFixed(4)}`)].join("\n");
+    $("scores").dataset.label = result.label;
+  } catch (error) {
+    show(error);
+  }
+});

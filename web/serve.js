@@ -1,0 +1,57 @@
+#!/usr/bin/env node
+// Serve the page (web/page), the library and an export folder and bank from 127.0.0.1, with the COOP/COEP headers
+// WebAssembly threads need:  node web/serve.js --export exports/smollm2-int4 --bank banks/smollm2-135m [--port 8321]
+
+import { createServer } from "node:http";
+import { createReadStream, existsSync, statSync } from "node:fs";
+import { readdir } from "node:fs/promises";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const TYPES = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".json": "application/json", ".wasm": "application/wasm", ".css": "text/css" };
+
+export function startServer({ exportDir, bankDir, port = 8321, host = "127.0.0.1" }) {
+  const roots = { "/export/": path.resolve(exportDir), "/bank/": bankDir ? path.resolve(bankDir) : null, "/": HERE };
+  const server = createServer(async (request, response) => {
+    const url = new URL(request.url, `http://${host}`);
+    response.setHeader("Cross-Origin-Opener-Policy", "same-origin");
+    response.setHeader("Cross-Origin-Embedder-Policy", "require-corp");
+    response.setHeader("Cache-Control", "no-cache");
+    if (url.pathname === "/") {
+      response.writeHead(302, { Location: "/page/index.html" }).end();
+      return;
+    }
+    if (url.pathname === "/api/tasks") { // the page's list of the bank's tasks (FORMAT.md defines no index file)
+      const names = roots["/bank/"] ? (await readdir(roots["/bank/"])).filter((n) => n.endsWith(".json") && !n.startsWith(".")).map((n) => n.slice(0, -5)).sort() : [];
+      response.writeHead(200, { "Content-Type": "application/json" }).end(JSON.stringify(names));
+      return;
+    }
+    const prefix = ["/export/", "/bank/"].find((p) => url.pathname.startsWith(p)) ?? "/";
+    const root = roots[prefix];
+    const file = root && path.resolve(root, decodeURIComponent(url.pathname.slice(prefix.length)));
+    const allowed = file && (file === root || file.startsWith(root + path.sep)) && (prefix !== "/" || /^\/(page|src|node_modules)\//.test(url.pathname));
+    if (!allowed || !existsSync(file) || !statSync(file).isFile()) {
+      response.writeHead(404, { "Content-Type": "text/plain" }).end(`${url.pathname}: not found`);
+      return;
+    }
+    response.writeHead(200, { "Content-Type": TYPES[path.extname(file)] ?? "application/octet-stream", "Content-Length": statSync(file).size });
+    createReadStream(file).pipe(response);
+  });
+  return new Promise((resolve) => server.listen(port, host, () => resolve(server)));
+}
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  const { values } = parseArgs({ options: { export: { type: "string" }, bank: { type: "string" }, port: { type: "string", default: "8321" }, help: { type: "boolean" } } });
+  if (values.help || !values.export) {
+    console.log("usage: node web/serve.js --export EXPORT_DIR [--bank BANK_DIR] [--port 8321]\nServes the softprompt page on 127.0.0.1 with the export and bank.");
+    process.exit(values.help ? 0 : 2);
+  }
+  if (!existsSync(path.join(values.export, "softprompt.json"))) {
+    console.error(`error: ${values.export}: no softprompt.json; expected an export folder (export-model writes one)`);
+    process.exit(1);
+  }
+  const server = await startServer({ exportDir: values.export, bankDir: values.bank, port: Number(values.port) });
+  console.log(`serving ${values.export}${values.bank ? ` and ${values.bank}` : ""} on http://127.0.0.1:${server.address().port}/`);
+}
