@@ -23,7 +23,7 @@ help:
 	@echo "make banks      retrain the committed prompts in $(BANK) from packaged data (about 70 min on 2 cores)"
 	@echo "make test-fast  the suite without the real-model test"
 	@echo "make test-web   the browser twin's tests (web/): node, and the page in headless chromium"
-	@echo "make web        serve the page (web/page) with the demo's int4 export on http://127.0.0.1:8321/"
+	@echo "make web        serve the page (web/page) with an int4 export for pages on http://127.0.0.1:8321/"
 	@echo "make sweep      every architecture in tests/architectures.py and the encoder-decoder families (slow)"
 	@echo "make bench      bench/speed/generate.py: this runtime against PyTorch + PEFT"
 	@echo "make bench-precision  bench/speed/precision.py and bench/quality/precision.py: fp32, int8, int4"
@@ -84,9 +84,13 @@ test-web: $(STAMP) web/node_modules/.stamp $(WEB_EXPORT)/softprompt.json
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	cd web && SOFTPROMPT_PYTHON=$(abspath $(BIN))/python SOFTPROMPT_INT4_EXPORT=$(abspath $(WEB_EXPORT)) npm test
 
-# The page on http://127.0.0.1:8321/ with the demo's int4 export and the shipped bank.
-web: web/node_modules/.stamp $(CPU_EXPORT)/softprompt.json
-	node web/serve.js --export $(CPU_EXPORT) --bank $(BANK)
+# The page on http://127.0.0.1:8321/ with the int4 export for pages (--web) and the shipped bank.
+PAGE_EXPORT := exports/smollm2-int4-web
+$(PAGE_EXPORT)/softprompt.json: $(STAMP)
+	$(BIN)/export-model smollm2-135m $(PAGE_EXPORT) --precision int4 --web --force
+
+web: web/node_modules/.stamp $(PAGE_EXPORT)/softprompt.json
+	node web/serve.js --export $(PAGE_EXPORT) --bank $(BANK)
 
 $(DEMO_EXPORT)/softprompt.json: $(STAMP)
 	$(BIN)/export-model smollm2-135m $(DEMO_EXPORT) --force

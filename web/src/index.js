@@ -69,6 +69,12 @@ export async function load(exportDir, options = {}) {
     tasks = await readBank(bankReader, taskNames, config);
   }
   const sessionOptions = { ...(options.sessionOptions ?? {}) };
+  if (config.quantization?.web) {
+    // export-model --web: fold DequantizeLinear + MatMul into float weights once (WebAssembly's 4- and 8-bit
+    // kernels are an order of magnitude slower than its float ones).
+    const extra = sessionOptions.extra ?? {};
+    sessionOptions.extra = { ...extra, session: { ...(extra.session ?? {}), disable_quant_qdq: "1" } };
+  }
   if (data) sessionOptions.externalData = [{ path: dataName, data: new Uint8Array(data) }];
   let session;
   try {

@@ -97,3 +97,24 @@ describe("the default int4 export", { skip: process.env.SOFTPROMPT_INT4_EXPORT ?
     await compare(model, list, want);
   });
 });
+
+describe("an int4 export for pages (export-model --web) on onnxruntime-web's WebAssembly", {
+  skip: process.env.SOFTPROMPT_WEB_EXPORT ? false : "set SOFTPROMPT_WEB_EXPORT (make test-web does)",
+}, () => {
+  test("gives the Python runtime's greedy tokens on the same export", async () => {
+    const wasm = await import("onnxruntime-web");
+    wasm.env.wasm.numThreads = 2;
+    const exportDir = process.env.SOFTPROMPT_WEB_EXPORT;
+    const bank = path.resolve(FIXTURE, "../../banks/smollm2-135m");
+    const list = [
+      ...["Committee, n.", "The capital of France is"].map((text) => ({ op: "generate", text, task: null, settings: { max_new_tokens: 16 } })),
+      { op: "generate", text: "Committee, n.", task: "define", settings: { max_new_tokens: 24 } },
+      { op: "classify", text: "What a waste of two hours.", task: "sentiment" },
+    ];
+    const want = pythonReference({ export: exportDir, bank, cases: list });
+    const model = await load(await folderReader(exportDir), {
+      ort: wasm, bank: await folderReader(bank), tasks: ["define", "sentiment"], sessionOptions: { executionProviders: ["wasm"] },
+    });
+    await compare(model, list, want);
+  });
+});

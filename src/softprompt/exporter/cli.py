@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "too): the fastest and smallest int4, but it changes the model's top token far more often (docs/QUALITY.md)",
     )
     precision.add_argument(
+        "--web",
+        action="store_true",
+        help="int8/int4 for web pages: the quantized weights as DequantizeLinear + MatMul, which onnxruntime-web folds "
+        "into float weights when the page loads (int4's download at fp32's decode speed: 55 against 4 tokens/s in "
+        "WebAssembly); the Python runtime folds them too, so on devices export without it",
+    )
+    precision.add_argument(
         "--keep",
         action="append",
         default=None,
@@ -161,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(given)} set(s) how int8/int4 weights are quantized; add --precision int8 or int4")
     if args.fast and args.precision != "int4":
         parser.error("--fast is a recipe for int4; add --precision int4")
+    if args.web and args.precision not in ("int8", "int4"):
+        parser.error("--web stores quantized weights for web pages; add --precision int8 or int4")
     recipe = [flag for flag in ("--symmetric", "--algorithm", "--keep") if quantization[flag] is not None]
     if args.fast and recipe:
         parser.error(f"--fast sets {', '.join(recipe)} itself (--algorithm rtn --symmetric, no --keep); give one or the other")
@@ -183,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy_level": args.accuracy_level,
         "algorithm": args.algorithm,
         "keep": tuple(args.keep) if args.keep is not None else None,
+        "web": args.web or None,
         **(FAST_INT4 if args.fast else {}),
     }
 

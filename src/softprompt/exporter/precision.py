@@ -29,6 +29,7 @@ from softprompt.formats.export_folder import PRECISIONS
 
 from .errors import ExportError
 from .graph_rewrites import drop_unused_initializers, gemm_as_matmul, offset_int4, use_contrib_ops
+from .qdq import as_dequantize_matmul
 
 BITS = {"int8": 8, "int4": 4}
 ALGORITHMS = ("rtn", "offset", "hqq", "dynamic")
@@ -56,10 +57,13 @@ class Precision:
     # "dynamic" (int8 activations too, `dynamic_int8`); None: the kind's best, `for_kind`
     algorithm: str | None = None
     keep: tuple[str, ...] = ()  # weights left at full precision: names or their beginnings (shell patterns), e.g. "lm_head"
+    web: bool = False  # the quantized weights as DequantizeLinear + MatMul, for onnxruntime-web (qdq.py)
 
     def __post_init__(self) -> None:
         if self.name not in PRECISIONS:
             raise ExportError(f"precision {self.name!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.web and self.name not in BITS:
+            raise ExportError(f"--web is for quantized weights (--precision int8 or int4), not {self.name}")
         if self.name in BITS:
             self.kept()
             if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -74,6 +78,8 @@ class Precision:
                 raise ExportError(
                     "--accuracy-level sets MatMulNBits' compute type; --algorithm dynamic computes in int8 without it"
                 )
+            if self.web and self.algorithm in ("dynamic", "hqq"):
+                raise ExportError(f"--web stores integer-coded blocks for onnxruntime-web; --algorithm {self.algorithm} has none")
             if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
                 raise ExportError(f"accuracy level {self.accuracy_level!r}; expected 0 to 4 (4: int8 compute)")
 
@@ -112,6 +118,7 @@ class Precision:
             "accuracy_level": self.accuracy_level,
             "algorithm": self.algorithm,
             "keep": list(self.keep),
+            **({"web": True} if self.web else {}),
         }
 
 
@@ -179,6 +186,8 @@ def apply_precision(
         changed = {"fp16_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)}
     else:
         model, changed = _quantize(model, precision, table, calibration, log)
+        if precision.web:
+            changed["dequantize_matmul"] = as_dequantize_matmul(model)
     # The weights go to model.onnx.data (replacing any fp32 one, whose weights are in memory by now):
     # onnxruntime then reads them from the file instead of out of a copy of the whole protobuf, 15 MB
     # less peak memory for the default model at int4.

@@ -62,11 +62,12 @@ def load(
     backbone = open_export(export_dir)
     bank = Path(bank) if bank is not None else None
     chosen = resolve_providers(providers)
+    fold = bool(backbone.config.quantization.get("web"))  # export-model --web: fold the weights once
     if backbone.config.kind == "seq2seq":
-        decoder = create_session(backbone.file("decoder"), chosen, threads)
+        decoder = create_session(backbone.file("decoder"), chosen, threads, fold)
         warn_if_slow(backbone.config, decoder)
-        return Seq2Seq(backbone, create_session(backbone.file("encoder"), chosen, threads), decoder, bank)
-    session = create_session(backbone.file("model"), chosen, threads)
+        return Seq2Seq(backbone, create_session(backbone.file("encoder"), chosen, threads, fold), decoder, bank)
+    session = create_session(backbone.file("model"), chosen, threads, fold)
     warn_if_slow(backbone.config, session)
     if backbone.config.kind == "encoder":
         return Encoder(backbone, session, bank, truncate=truncate)

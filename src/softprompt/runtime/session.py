@@ -45,10 +45,17 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     return requested if CPU in requested else [*requested, CPU]
 
 
-def create_session(model_path: Path, providers: list[str], threads: int | None = None) -> ort.InferenceSession:
-    """Create the session with full graph optimisation; warn when CUDA was asked for but did not stick."""
+def create_session(
+    model_path: Path, providers: list[str], threads: int | None = None, fold_weights: bool = False
+) -> ort.InferenceSession:
+    """Create the session with full graph optimisation; warn when CUDA was asked for but did not stick.
+
+    `fold_weights`: a graph whose quantized weights are DequantizeLinear + MatMul (`export-model --web`) gets them
+    folded into float weights once, instead of dequantized at every call."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if fold_weights:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads is None and os.environ.get("SOFTPROMPT_THREADS"):
         value = os.environ["SOFTPROMPT_THREADS"]
         if not value.strip().isdigit() or int(value) < 1:
