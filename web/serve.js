@@ -12,8 +12,9 @@ import { parseArgs } from "node:util";
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const TYPES = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".json": "application/json", ".wasm": "application/wasm", ".css": "text/css" };
 
-export function startServer({ exportDir, bankDir, port = 8321, host = "127.0.0.1" }) {
-  const roots = { "/export/": path.resolve(exportDir), "/bank/": bankDir ? path.resolve(bankDir) : null, "/": HERE };
+/** Serve the page, the export at /export/, the bank at /bank/ and any `more` folders ({"/gguf/": dir}). */
+export function startServer({ exportDir, bankDir, port = 8321, host = "127.0.0.1", more = {} }) {
+  const roots = { "/export/": path.resolve(exportDir), "/bank/": bankDir ? path.resolve(bankDir) : null, ...more, "/": HERE };
   const server = createServer(async (request, response) => {
     const url = new URL(request.url, `http://${host}`);
     response.setHeader("Cross-Origin-Opener-Policy", "same-origin");
@@ -28,10 +29,10 @@ export function startServer({ exportDir, bankDir, port = 8321, host = "127.0.0.1
       response.writeHead(200, { "Content-Type": "application/json" }).end(JSON.stringify(names));
       return;
     }
-    const prefix = ["/export/", "/bank/"].find((p) => url.pathname.startsWith(p)) ?? "/";
+    const prefix = Object.keys(roots).find((p) => p !== "/" && url.pathname.startsWith(p)) ?? "/";
     const root = roots[prefix];
     const file = root && path.resolve(root, decodeURIComponent(url.pathname.slice(prefix.length)));
-    const allowed = file && (file === root || file.startsWith(root + path.sep)) && (prefix !== "/" || /^\/(page|src|node_modules)\//.test(url.pathname));
+    const allowed = file && (file === root || file.startsWith(root + path.sep)) && (prefix !== "/" || /^\/(page|src|node_modules|bench)\//.test(url.pathname));
     if (!allowed || !existsSync(file) || !statSync(file).isFile()) {
       response.writeHead(404, { "Content-Type": "text/plain" }).end(`${url.pathname}: not found`);
       return;
