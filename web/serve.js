@@ -1,6 +1,7 @@
 #!/usr/bin/env node
-// Serve the page (web/page), the library and an export folder and bank from 127.0.0.1, with the COOP/COEP headers
-// WebAssembly threads need:  node web/serve.js --export exports/smollm2-int4 --bank banks/smollm2-135m [--port 8321]
+// Serve the page (web/page), the library, export folders and a bank from 127.0.0.1, with the COOP/COEP headers
+// WebAssembly threads need:
+//   node web/serve.js --export exports/smollm2-int4-web [--export exports/other ...] --bank banks/smollm2-135m [--port 8321]
 
 import { createServer } from "node:http";
 import { createReadStream, existsSync, statSync } from "node:fs";
@@ -12,9 +13,12 @@ import { parseArgs } from "node:util";
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const TYPES = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".json": "application/json", ".wasm": "application/wasm", ".css": "text/css" };
 
-/** Serve the page, the export at /export/, the bank at /bank/ and any `more` folders ({"/gguf/": dir}). */
-export function startServer({ exportDir, bankDir, port = 8321, host = "127.0.0.1", more = {} }) {
-  const roots = { "/export/": path.resolve(exportDir), "/bank/": bankDir ? path.resolve(bankDir) : null, ...more, "/": HERE };
+/** Serve the page, each export at /exports/NAME/ (the first also at /export/), the bank at /bank/ and any `more`
+ * folders ({"/gguf/": dir}); /api/exports and /api/tasks list them for the page. */
+export function startServer({ exportDir, exportDirs = [exportDir], bankDir, port = 8321, host = "127.0.0.1", more = {} }) {
+  const exports = Object.fromEntries(exportDirs.map((dir) => [path.basename(path.resolve(dir)), path.resolve(dir)]));
+  const named = Object.fromEntries(Object.entries(exports).map(([name, dir]) => [`/exports/${name}/`, dir]));
+  const roots = { "/export/": path.resolve(exportDirs[0]), ...named, "/bank/": bankDir ? path.resolve(bankDir) : null, ...more, "/": HERE };
   const server = createServer(async (request, response) => {
     const url = new URL(request.url, `http://${host}`);
     response.setHeader("Cross-Origin-Opener-Policy", "same-origin");
@@ -22,6 +26,10 @@ export function startServer({ exportDir, bankDir, port = 8321, host = "127.0.0.1
     response.setHeader("Cache-Control", "no-cache");
     if (url.pathname === "/") {
       response.writeHead(302, { Location: "/page/index.html" }).end();
+      return;
+    }
+    if (url.pathname === "/api/exports") {
+      response.writeHead(200, { "Content-Type": "application/json" }).end(JSON.stringify(Object.keys(exports)));
       return;
     }
     if (url.pathname === "/api/tasks") { // the page's list of the bank's tasks (FORMAT.md defines no index file)
@@ -44,15 +52,18 @@ export function startServer({ exportDir, bankDir, port = 8321, host = "127.0.0.1
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
-  const { values } = parseArgs({ options: { export: { type: "string" }, bank: { type: "string" }, port: { type: "string", default: "8321" }, help: { type: "boolean" } } });
+  const options = { export: { type: "string", multiple: true }, bank: { type: "string" }, port: { type: "string", default: "8321" }, help: { type: "boolean" } };
+  const { values } = parseArgs({ options });
   if (values.help || !values.export) {
-    console.log("usage: node web/serve.js --export EXPORT_DIR [--bank BANK_DIR] [--port 8321]\nServes the softprompt page on 127.0.0.1 with the export and bank.");
+    console.log("usage: node web/serve.js --export EXPORT_DIR [--export ...] [--bank BANK_DIR] [--port 8321]\nServes the softprompt page on 127.0.0.1 with the exports and the bank.");
     process.exit(values.help ? 0 : 2);
   }
-  if (!existsSync(path.join(values.export, "softprompt.json"))) {
-    console.error(`error: ${values.export}: no softprompt.json; expected an export folder (export-model writes one)`);
-    process.exit(1);
+  for (const dir of values.export) {
+    if (!existsSync(path.join(dir, "softprompt.json"))) {
+      console.error(`error: ${dir}: no softprompt.json; expected an export folder (export-model writes one)`);
+      process.exit(1);
+    }
   }
-  const server = await startServer({ exportDir: values.export, bankDir: values.bank, port: Number(values.port) });
-  console.log(`serving ${values.export}${values.bank ? ` and ${values.bank}` : ""} on http://127.0.0.1:${server.address().port}/`);
+  const server = await startServer({ exportDirs: values.export, bankDir: values.bank, port: Number(values.port) });
+  console.log(`serving ${values.export.join(", ")}${values.bank ? ` and ${values.bank}` : ""} on http://127.0.0.1:${server.address().port}/`);
 }

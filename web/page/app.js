@@ -13,19 +13,34 @@ function show(error) {
 }
 
 let model;
-try {
-  const tasks = await (await fetch("/api/tasks")).json();
-  const started = performance.now();
-  model = await load("/export/", { ort, bank: tasks.length ? "/bank/" : undefined, tasks, sessionOptions: { executionProviders: ["wasm"] } });
-  for (const name of model.tasks) $("task").append(new Option(name, name));
-  $("status").textContent = `loaded in ${((performance.now() - started) / 1000).toFixed(1)} s; ${model.tasks.length} tasks; ${crossOriginIsolated ? ort.env.wasm.numThreads : 1} threads`;
-  $("generate").disabled = $("classify").disabled = false;
-  window.softprompt = { model, ready: true };
-} catch (error) {
-  $("status").textContent = "not loaded";
-  show(error);
-  window.softprompt = { error: error.message, ready: true };
+
+/** Load the export picked in the page, with the bank's tasks; the previous model goes. */
+async function open(name) {
+  $("generate").disabled = $("classify").disabled = true;
+  $("status").textContent = `loading ${name}…`;
+  window.softprompt = { ready: false };
+  show(null);
+  try {
+    const tasks = await (await fetch("/api/tasks")).json();
+    const started = performance.now();
+    model = await load(`/exports/${name}/`, { ort, bank: tasks.length ? "/bank/" : undefined, tasks, sessionOptions: { executionProviders: ["wasm"] } });
+    const chosen = $("task").value;
+    $("task").replaceChildren(new Option("(none)", ""), ...model.tasks.map((task) => new Option(task, task)));
+    if (model.tasks.includes(chosen)) $("task").value = chosen;
+    $("status").textContent = `${name} loaded in ${((performance.now() - started) / 1000).toFixed(1)} s; ${model.tasks.length} tasks; ${crossOriginIsolated ? ort.env.wasm.numThreads : 1} threads`;
+    $("generate").disabled = $("classify").disabled = false;
+    window.softprompt = { model, export: name, ready: true };
+  } catch (error) {
+    $("status").textContent = `${name} not loaded`;
+    show(error);
+    window.softprompt = { error: error.message, ready: true };
+  }
 }
+
+const names = await (await fetch("/api/exports")).json();
+$("export").replaceChildren(...names.map((name) => new Option(name, name)));
+$("export").addEventListener("change", () => open($("export").value));
+await open(names[0]);
 
 $("generate").addEventListener("click", async () => {
   show(null);

@@ -1,6 +1,7 @@
 // The page in a real headless Chromium (Debian's, driven by Playwright): it loads the default int4 export
 // ($SOFTPROMPT_INT4_EXPORT, which make test-web exports), classifies and generates what the Python runtime gives, and serves a task replaced in the bank after a
-// reload. A screenshot is kept in web/test-results/.
+// reload; with $SOFTPROMPT_WEB_EXPORT, a second export picked in the page generates what Python gives on it.
+// Screenshots are kept in web/test-results/.
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
@@ -17,6 +18,7 @@ import { HERE, ROOT, pythonReference } from "./helpers.js";
 const CHROMIUM = process.env.CHROMIUM ?? ["/usr/bin/chromium", "/usr/bin/chromium-browser"].find(existsSync);
 const INT4 = process.env.SOFTPROMPT_INT4_EXPORT;
 const EXPORT = INT4;
+const PAGE_EXPORT = process.env.SOFTPROMPT_WEB_EXPORT; // export-model --web: a second export to pick in the page
 const SHIPPED = path.join(ROOT, "banks/smollm2-135m");
 const [CLASSIFY_TASK, GENERATE_TASK, REPLACEMENT] = ["sentiment", "define", "sentiment-ptuning"];
 
@@ -29,7 +31,7 @@ before(async () => {
   assert.ok(CHROMIUM, "no chromium: apt-get install chromium (make test-web does), or set CHROMIUM");
   bank = await mkdtemp(path.join(os.tmpdir(), "softprompt-page-"));
   for (const name of await readdir(SHIPPED)) await cp(path.join(SHIPPED, name), path.join(bank, name));
-  server = await startServer({ exportDir: EXPORT, bankDir: bank, port: 0 });
+  server = await startServer({ exportDirs: [EXPORT, ...(PAGE_EXPORT ? [PAGE_EXPORT] : [])], bankDir: bank, port: 0 });
   browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
 });
 
@@ -47,6 +49,12 @@ async function openPage() {
   const failed = await page.evaluate(() => window.softprompt.error ?? null);
   assert.equal(failed, null, `the page did not load the export: ${failed} ${errors}`);
   return page;
+}
+
+async function generate(page) {
+  await page.evaluate(() => delete document.getElementById("output").dataset.done);
+  await page.click("#generate");
+  await page.waitForSelector("#output[data-done=yes]", { timeout: 120_000 });
 }
 
 async function classify(page, task, text) {
@@ -78,14 +86,13 @@ test("the page classifies and generates what the Python runtime gives, and serve
   ];
   const want = pythonReference({ export: EXPORT, bank, cases });
   const page = await openPage();
-  assert.match(await page.textContent("#status"), /loaded in .* s; \d+ tasks; \d+ threads/);
+  assert.match(await page.textContent("#status"), /loaded in .* s; \d+ tasks; 2 threads/);
   for (const [i, text] of texts.entries()) same(await classify(page, CLASSIFY_TASK, text), want[i], text);
 
   await page.selectOption("#task", GENERATE_TASK);
   await page.fill("#input", word);
   await page.fill("#tokens", "16");
-  await page.click("#generate");
-  await page.waitForSelector("#output[data-done=yes]", { timeout: 120_000 });
+  await generate(page);
   assert.equal(await page.textContent("#output"), want[2].text);
   assert.match(await page.textContent("#speed"), /first token [\d.]+ s, [\d.]+ tokens\/s/);
   await mkdir(path.join(HERE, "../test-results"), { recursive: true });
@@ -106,5 +113,17 @@ test("the page classifies and generates what the Python runtime gives, and serve
   const moved = Math.max(...texts.map((_, i) => Math.abs(newer[i].scores.positive - want[i].scores.positive)));
   assert.ok(moved > 0.05, `the replacement scores as the old task did (${moved}); the test would not see a reload`);
   for (const [i, text] of texts.entries()) same(await classify(page, CLASSIFY_TASK, text), newer[i], `${text} (replaced)`);
+
+  if (PAGE_EXPORT) { // another export picked in the page: loaded, and generating what Python gives on it
+    const name = path.basename(PAGE_EXPORT);
+    const [expected] = pythonReference({ export: PAGE_EXPORT, bank, cases: [cases[2]] });
+    await page.selectOption("#export", name);
+    await page.waitForFunction((n) => window.softprompt?.ready && window.softprompt.export === n, name, { timeout: 120_000 });
+    await page.selectOption("#task", GENERATE_TASK);
+    await page.fill("#input", word);
+    await generate(page);
+    assert.equal(await page.textContent("#output"), expected.text);
+    await page.screenshot({ path: path.join(HERE, "../test-results/page-web-export.png"), fullPage: true });
+  }
   await page.close();
 });
