@@ -192,18 +192,18 @@ def _decoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, st
     wrapper = CachedDecoder(model, backbone.layout)
     validating = f"validating against PyTorch (tolerance {options.tolerance:g} relative to the logits' scale)"
     reason = unsupported(model) if options.graph != "traced" else "--graph traced"
-    weights = None
+    weights = []  # the only reference to them, handed to build(), which lets each go as it is written
     if reason is None:
         try:
-            weights = read_weights(model, backbone.layout)
+            weights.append(read_weights(model, backbone.layout))
         except ValueError as exc:
             reason = str(exc)
-    if options.graph == "built" and weights is None:
+    if options.graph == "built" and not weights:
         raise ExportError(f"--graph built cannot build {type(model).__name__}: {reason}; use --graph traced")
     files = {"model": "model.onnx"}
-    if weights is not None:
+    if weights:
         step(f"building the ONNX graph op by op ({_mib(backbone)}, Llama family, fused onnxruntime ops)")
-        build(weights, path, external_data=options.external_data)
+        build(weights.pop(), path, external_data=options.external_data)
         if options.fuse:
             log("      --fuse is for traced graphs; the built graph already uses onnxruntime's fused ops")
         step(validating)
