@@ -11,11 +11,7 @@ from pathlib import Path
 
 from softprompt.formats import __version__
 from softprompt.formats.command import Parser, add_providers_option, run_command, stop_on_sigterm
-from softprompt.runtime.cli import (
-    add_generation_options,
-    check_row_options,
-    generation_settings,
-)
+from softprompt.runtime import add_generation_options, check_row_options, generation_settings
 from softprompt.server.cli import add_serving_options, limits, served_name
 
 APP = "softprompt"  # the Ray Serve application's name

@@ -14,6 +14,7 @@ from .engine import Engine, Job, QueueFull, start_engine
 from .errors import ExportFormatError, InferenceError, ProviderError, RequestError, SoftpromptRuntimeError
 from .generate import Completion
 from .model import Model, load
+from .options import add_generation_options, check_row_options, generation_settings
 from .seq2seq import Seq2Seq
 from .settings import GenerationSettings
 from .tasks import Task
@@ -35,7 +36,10 @@ __all__ = [
     "Seq2Seq",
     "SoftpromptRuntimeError",
     "Task",
+    "add_generation_options",
+    "check_row_options",
     "check_row",
+    "generation_settings",
     "load",
     "read_config",
     "run_batch",

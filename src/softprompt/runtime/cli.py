@@ -11,6 +11,8 @@ from softprompt.formats import __version__
 from softprompt.formats.command import Parser, add_providers_option, log_to_stderr, run_command
 from softprompt.formats.errors import SoftpromptError
 
+from .options import add_generation_options, check_row_options, generation_settings
+
 EPILOG = """\
 An encoder export (export-model minilm-l6 ...) prints one JSON sentence embedding per text, or
 labels with --classify. Options may stand before or after the texts. With no TEXT, one input is read per line of
@@ -76,55 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
-
-
-def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    """The generation settings, shared by every command that generates (run-model, cluster-model run)."""
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
-    parser.add_argument("--min-new-tokens", type=int, default=0, help="tokens to generate before end-of-sequence is allowed")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); above 0 samples")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens with this mass")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="stop when this text appears (repeatable); it is not included in the output",
-    )
-
-
-def check_row_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """What --bank, --task, --classify, --chat and --system need of each other (run-model, cluster-model run)."""
-    if args.task and not args.bank:
-        parser.error("--task needs --bank (the folder that holds the task's prompt)")
-    if args.system is not None and not args.chat:
-        parser.error("--system needs --chat")
-    if args.chat and args.classify:
-        parser.error("--chat and --classify do not go together: classify labels texts, chat answers them")
-
-
-def generation_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    """The settings `add_generation_options` parsed; an out-of-range value is a usage error naming its option."""
-    from .errors import RequestError
-    from .settings import GenerationSettings
-
-    settings = dict(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-    )
-    try:
-        GenerationSettings(**settings)  # refused before anything loads
-    except RequestError as exc:  # "top_p 2.0; expected ..." names the setting: say it as the option
-        setting, _, rest = str(exc).partition(" ")
-        parser.error(f"--{setting.replace('_', '-')} {rest}")
-    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
