@@ -46,7 +46,7 @@ from .precision import (
 )
 from .seq2seq import export_seq2seq_graphs, validate_seq2seq
 from .sources import load_source, readable
-from .validate import greedy_agreement, validate
+from .validate import cpu_session, greedy_agreement, validate
 
 GRAPHS = ("auto", "built", "traced")
 
@@ -296,14 +296,14 @@ def _check_decoder(backbone: Backbone, staging: Path, tolerance: float | None) -
     """A converted decoder against PyTorch fp32: max logit differences (judged only at a `tolerance` given), greedy
     agreement, and the next-token quality on sample text (quality.py), which refuses only a broken graph."""
     wrapper = CachedDecoder(backbone.model, backbone.layout)
-    path = staging / "model.onnx"
-    report = validate(path, wrapper, backbone.table, math.inf if tolerance is None else tolerance, caches=False)
+    session = cpu_session(staging / "model.onnx")  # loaded once for every check below
+    report = validate(session, wrapper, backbone.table, math.inf if tolerance is None else tolerance, caches=False)
     # Each text as the runtime serves it (its special tokens, a BOS where the tokenizer adds one), whole and alone.
     starts = [backbone.tokenizer.encode(text) for text in GREEDY_TEXTS]
-    agreed = [greedy_agreement(path, wrapper, backbone.table, [ids])[0] for ids in starts]
+    agreed = [greedy_agreement(session, wrapper, backbone.table, [ids])[0] for ids in starts]
     limit = backbone.facts.get("max_positions") or None  # learned positions cap what a text may be
     rows = [backbone.tokenizer.encode(text)[:limit] for text in quality.QUALITY_TEXTS]
-    found = quality.measure(path, wrapper, backbone.table, rows)
+    found = quality.measure(session, wrapper, backbone.table, rows)
     if tolerance is None:
         quality.check(found)
     return {**report, "tolerance": tolerance, "greedy_agreement": agreed, "quality": found.record()}

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from .errors import ExportValidationError
 from .graph import CachedDecoder
+from .validate import Case, cpu_session, graph_feeds, torch_outputs
 
 # Sample text, each read whole as the runtime serves it (the tokenizer's special tokens included): prose, a question,
 # a list, code and numbers, so the measure covers what prompts and chat turns feed a model.
@@ -93,24 +93,25 @@ def compare(reference: Sequence[np.ndarray], got: Sequence[np.ndarray], ids: Seq
     )
 
 
-def measure(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, rows: Sequence[Sequence[int]]) -> Quality:
-    """Each row of token ids read whole by the graph (onnxruntime, CPU) and by PyTorch fp32, no cache."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+def measure(
+    graph: Path | ort.InferenceSession, wrapper: CachedDecoder, table: np.ndarray, rows: Sequence[Sequence[int]]
+) -> Quality:
+    """Each row of token ids read whole by the graph (a path or its CPU session) and by PyTorch fp32, no cache."""
+    session = cpu_session(graph)
     inputs = {i.name for i in session.get_inputs()}
     layout = wrapper.layout
     reference, got = [], []
     for ids in rows:
         length = len(ids)
-        embeds = np.asarray(table[np.asarray(ids)], np.float32)[None]
-        mask = np.ones((1, length), np.int64)
-        positions = np.arange(length, dtype=np.int64)[None]
-        past = [np.zeros((1, heads, 0, size), np.float32) for heads, size in layout.shapes for _ in range(2)]
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        feeds |= {"logits_to_keep": np.array([0], np.int64), **dict(zip(layout.input_names(), past))}
-        got.append(session.run(["logits"], {k: v for k, v in feeds.items() if k in inputs})[0][0])
-        with torch.no_grad():
-            out = wrapper(*(torch.from_numpy(a) for a in (embeds, mask, positions)), tuple(torch.from_numpy(p) for p in past))
-        reference.append(out[0][0].numpy())
+        case = Case(
+            "sample text",
+            np.asarray(table[np.asarray(ids)], np.float32)[None],
+            np.ones((1, length), np.int64),
+            np.arange(length, dtype=np.int64)[None],
+            [np.zeros((1, heads, 0, size), np.float32) for heads, size in layout.shapes for _ in range(2)],
+        )
+        got.append(session.run(["logits"], graph_feeds(case, layout, inputs, keep=0))[0][0])
+        reference.append(torch_outputs(wrapper, case)[0][0])
     for name, logits in (("PyTorch fp32", reference), ("the graph", got)):
         if not all(np.isfinite(x).all() for x in logits):
             raise ExportValidationError(f"{name} gives non-finite logits on the sample text")

@@ -18,6 +18,14 @@ from .errors import ExportValidationError
 from .graph import CachedDecoder
 
 
+def cpu_session(graph: Path | ort.InferenceSession) -> ort.InferenceSession:
+    """A CPU session of the graph at a path, or the session given: a check that runs several comparisons loads the
+    graph once."""
+    if isinstance(graph, ort.InferenceSession):
+        return graph
+    return ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+
+
 def relative_diff(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| / max |want|: one scale for every output, whatever its magnitude."""
     return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-6))
@@ -79,14 +87,35 @@ def _torch_args(case: Case):
     )
 
 
-def validate(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, tolerance: float = 1e-4, caches: bool = True) -> dict:
+def graph_feeds(case: Case, layout, inputs: set[str], keep: int) -> dict[str, np.ndarray]:
+    """`case` as the graph's feeds, only those among its `inputs` (a traced graph takes no `logits_to_keep`, some no
+    `position_ids`); `keep`: logits of the last `keep` positions, 0 for all."""
+    feeds = {
+        "inputs_embeds": case.embeds,
+        "attention_mask": case.mask,
+        "position_ids": case.positions,
+        "logits_to_keep": np.array([keep], np.int64),
+        **dict(zip(layout.input_names(), case.past)),
+    }
+    return {k: v for k, v in feeds.items() if k in inputs}
+
+
+def torch_outputs(wrapper: CachedDecoder, case: Case) -> list[np.ndarray]:
+    """PyTorch's logits and present keys and values for `case`."""
+    with torch.no_grad():
+        return [t.numpy() for t in wrapper(*_torch_args(case))]
+
+
+def validate(
+    graph: Path | ort.InferenceSession, wrapper: CachedDecoder, table: np.ndarray, tolerance: float = 1e-4, caches: bool = True
+) -> dict:
     """Run every case on onnxruntime (CPU) and PyTorch; raise with all mismatches, else return the worst diffs.
 
     `caches=False` compares the logits only: a quantized graph's keys and values drift by more than
     its logits, and what they do to the text shows in the later cases' logits, which are compared.
     """
     layout = wrapper.layout
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = cpu_session(graph)
     expected_out = ["logits", *layout.output_names()]
     problems: list[str] = []
     got_out = [o.name for o in session.get_outputs()]
@@ -101,17 +130,8 @@ def validate(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, toleran
 
     worst: dict[str, float] = {}
     for case in make_cases(wrapper, table):
-        feeds = {
-            "inputs_embeds": case.embeds,
-            "attention_mask": case.mask,
-            "position_ids": case.positions,
-            "logits_to_keep": np.array([0], np.int64),
-        }
-        feeds.update(zip(layout.input_names(), case.past))
-        feeds = {k: v for k, v in feeds.items() if k in graph_inputs}
-        got = session.run(expected_out, feeds)
-        with torch.no_grad():
-            ref = [t.numpy() for t in wrapper(*_torch_args(case))]
+        got = session.run(expected_out, graph_feeds(case, layout, graph_inputs, keep=0))
+        ref = torch_outputs(wrapper, case)
         new_mask = case.mask[:, -case.embeds.shape[1] :].astype(bool)
         key_mask = case.mask.astype(bool)
         worst[case.name] = 0.0
@@ -142,7 +162,7 @@ def validate(onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, toleran
 
 
 def greedy_agreement(
-    onnx_path: Path, wrapper: CachedDecoder, table: np.ndarray, starts: list[list[int]], new_tokens: int = 16
+    graph: Path | ort.InferenceSession, wrapper: CachedDecoder, table: np.ndarray, starts: list[list[int]], new_tokens: int = 16
 ) -> list[int]:
     """How many greedy tokens the graph gives, row by row, before it first departs from PyTorch fp32.
 
@@ -150,7 +170,7 @@ def greedy_agreement(
     equal length; the export checks each text alone, as served), so a quantized graph is judged by the
     text it would write, not by one step.
     """
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = cpu_session(graph)
     inputs = {i.name for i in session.get_inputs()}
     layout = wrapper.layout
     rows = len(starts)
@@ -169,20 +189,12 @@ def greedy_agreement(
         return np.stack(chosen, 1)
 
     def onnx_step(embeds, mask, positions, past):
-        feeds = {
-            "inputs_embeds": embeds,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "logits_to_keep": np.array([1], np.int64),
-        }
-        feeds.update(zip(layout.input_names(), past))
-        logits, *present = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        logits, *present = session.run(None, graph_feeds(Case("", embeds, mask, positions, past), layout, inputs, keep=1))
         return logits, present
 
     def torch_step(embeds, mask, positions, past):
-        with torch.no_grad():
-            out = wrapper(*_torch_args(Case("", embeds, mask, positions, past)))
-        return out[0].numpy(), [t.numpy() for t in out[1:]]
+        logits, *present = torch_outputs(wrapper, Case("", embeds, mask, positions, past))
+        return logits, present
 
     got, want = decode(onnx_step), decode(torch_step)
     same = got == want
