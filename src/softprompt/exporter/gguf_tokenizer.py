@@ -93,9 +93,7 @@ def gguf_tokenizer(fields: dict[str, Any]):
 def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
     """Every split of a token into two tokens, the joined token's score first (ties: its id), as llama.cpp's SPM
     tokenizer merges the adjacent pair whose joined text scores highest."""
-    ids: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        ids.setdefault(token, i)
+    ids = _ids(tokens)
     found = []
     for token, i in ids.items():
         for cut in range(1, len(token)):
@@ -106,12 +104,18 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str
     return [(left, right) for *_, left, right in found]
 
 
+def _ids(tokens: Sequence[str]) -> dict[str, int]:
+    """Each token text's id; a text listed twice keeps its first id, as llama.cpp's `text_to_token` does."""
+    ids: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        ids.setdefault(token, i)
+    return ids
+
+
 def _spm(tokens: list[str], scores: list[float], unk_id: int | None, add_space_prefix: bool):
     from tokenizers import Tokenizer, decoders, models, normalizers
 
-    vocab: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        vocab.setdefault(token, i)
+    vocab = _ids(tokens)
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
     tokenizer = Tokenizer(models.BPE(vocab, spm_merges(tokens, scores), unk_token=unk, fuse_unk=True, byte_fallback=True))
     steps = [normalizers.Prepend("▁")] if add_space_prefix else []
@@ -124,9 +128,7 @@ def _spm(tokens: list[str], scores: list[float], unk_id: int | None, add_space_p
 def _byte_level(tokens: list[str], merges: list[str], regexes: list[str], ignore_merges: bool):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        vocab.setdefault(token, i)
+    vocab = _ids(tokens)
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
     tokenizer = Tokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
     splits = [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in regexes]

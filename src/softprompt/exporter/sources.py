@@ -199,7 +199,7 @@ def load_source(
     return Source(model=model, tokenizer=tokenizer, info=info, kind=kind)
 
 
-TOKENIZER_MARK = "softprompt_tokenizer.json"  # in a converted folder: how its tokenizer was made (`_gguf_tokenizer`)
+TOKENIZER_MARK = "softprompt_tokenizer.json"  # in a converted folder: how its tokenizer was made (`_write_tokenizer`)
 TOKENIZER_VERSION = 2  # folders converted with an older way get their tokenizer made again
 ROLES = (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))  # tokenizer role, GGUF key
 
@@ -214,19 +214,18 @@ def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str,
         log(f"using converted model cached in {folder}")
         if _tokenizer_mark(folder).get("version") != TOKENIZER_VERSION:
             log("      making its tokenizer again from the GGUF file (the cached one was made an older way)")
-            _replace_files(folder, lambda staging: _gguf_tokenizer(gguf, log).save_pretrained(staging, legacy_format=False))
+            _replace_files(folder, lambda staging: _write_tokenizer(gguf, staging, log))
         return folder, info
     log(f"converting {gguf.name} to float32 (once; cached in {folder})")
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = _gguf_tokenizer(gguf, log)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging, legacy_format=False)
+        _write_tokenizer(gguf, staging, log)
         readable(staging)  # PEFT and transformers load it as the base model, perhaps as another user
         os.replace(staging, folder)
     except BaseException:
@@ -235,10 +234,17 @@ def _converted(gguf: Path, cache_dir: Path | None, log) -> tuple[Path, dict[str,
     return folder, info
 
 
-def _gguf_tokenizer(gguf: Path, log):
+def _write_tokenizer(gguf: Path, folder: Path, log) -> None:
+    """Save the GGUF's tokenizer (`_gguf_tokenizer`) into `folder`, with TOKENIZER_MARK saying how it was made."""
+    tokenizer, made = _gguf_tokenizer(gguf, log)
+    tokenizer.save_pretrained(folder, legacy_format=False)
+    (folder / TOKENIZER_MARK).write_text(json.dumps(made, indent=2) + "\n")
+
+
+def _gguf_tokenizer(gguf: Path, log) -> tuple[Any, dict[str, Any]]:
     """The tokenizer llama.cpp reads from the file (gguf_tokenizer.py), with the file's special tokens and transformers'
     chat template; transformers' own conversion, with a warning, where this exporter does not know the file's kind.
-    Its `save_pretrained` also writes TOKENIZER_MARK."""
+    Returns it and what TOKENIZER_MARK records of how it was made."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     fields = gguf_fields(gguf)
@@ -263,15 +269,7 @@ def _gguf_tokenizer(gguf: Path, log):
         made = {"version": TOKENIZER_VERSION, "from": "gguf", "model": fields.get("tokenizer.ggml.model")}
         if fields.get("tokenizer.ggml.pre"):
             made["pre"] = fields["tokenizer.ggml.pre"]
-    save = tokenizer.save_pretrained
-
-    def save_with_mark(folder, **kwargs):
-        written = save(folder, **kwargs)
-        (Path(folder) / TOKENIZER_MARK).write_text(json.dumps(made, indent=2) + "\n")
-        return written
-
-    tokenizer.save_pretrained = save_with_mark
-    return tokenizer
+    return tokenizer, made
 
 
 def _tokenizer_mark(folder: Path) -> dict:
