@@ -3,8 +3,8 @@
 
 import { Template } from "@huggingface/jinja";
 
-import { readBank, readTask } from "./bank.js";
-import { PromptBankError, RequestError, UnknownTaskError } from "./errors.js";
+import { readTask } from "./bank.js";
+import { RequestError, UnknownTaskError } from "./errors.js";
 import { RowText } from "./rowtext.js";
 import { chooser, settingsOf } from "./sampling.js";
 
@@ -165,8 +165,12 @@ export class Model {
   /** `{text, tokenIds, finishReason, task}` for one text under `options.task`. */
   async generate(text, options = {}) {
     const { task = null, ...rest } = options;
+    return this._complete(this.templated(text, this.task(task)), task, rest);
+  }
+
+  async _complete(ids, task, options) {
     let state;
-    for await (state of this.steps(this.templated(text, this.task(task)), task, rest));
+    for await (state of this.steps(ids, task, options));
     return { text: state.text, tokenIds: state.ids, finishReason: state.finishReason ?? "length", task };
   }
 
@@ -242,23 +246,17 @@ export class Model {
       if (!users.length) throw new RequestError(`task ${JSON.stringify(taskName)} has a template for the user's text; the messages have no user message`);
       copy[users.at(-1)].content = task.spec.apply(copy[users.at(-1)].content);
     }
-    return new Template(this.chatTemplate).render({
-      messages: copy,
-      add_generation_prompt: true,
-      ...this.specialTokens,
-      raise_exception: (message) => {
-        throw new RequestError(`the chat template refused the messages: ${message}`);
-      },
-    });
+    try { // @huggingface/jinja provides raise_exception (and strftime_now) itself, as transformers does
+      return new Template(this.chatTemplate).render({ messages: copy, add_generation_prompt: true, ...this.specialTokens });
+    } catch (error) {
+      throw new RequestError(`the chat template refused the messages: ${error.message}`);
+    }
   }
 
   /** Answer a conversation in the model's chat format, under the task's soft prompt. */
   async chat(messages, options = {}) {
     const { task = null, ...rest } = options;
-    const ids = this.encode(this.renderChat(messages, task), false);
-    let state;
-    for await (state of this.steps(ids, task, rest));
-    return { text: state.text, tokenIds: state.ids, finishReason: state.finishReason ?? "length", task };
+    return this._complete(this.encode(this.renderChat(messages, task), false), task, rest);
   }
 
   streamChat(messages, options = {}) {
@@ -266,5 +264,3 @@ export class Model {
     return this._stream(this.encode(this.renderChat(messages, task), false), task, rest);
   }
 }
-
-export { readBank, PromptBankError };

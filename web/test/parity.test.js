@@ -35,6 +35,13 @@ function camel(settings) {
 async function compare(model, list, want) {
   for (const [i, c] of list.entries()) {
     const where = `${c.op} ${JSON.stringify(c.text)} under ${c.task} with ${JSON.stringify(c.settings ?? {})}`;
+    if (c.op === "chat") {
+      assert.equal(model.renderChat(c.messages, c.task), want[i].rendered, where);
+      const got = await model.chat(c.messages, { task: c.task, ...camel(c.settings ?? {}) });
+      assert.deepEqual(got.tokenIds, want[i].ids, where);
+      assert.equal(got.text, want[i].text, where);
+      continue;
+    }
     if (c.op === "classify") {
       const got = await model.classify(c.text, c.task);
       assert.equal(got.label, want[i].label, where);
@@ -87,6 +94,7 @@ describe("the default int4 export", { skip: process.env.SOFTPROMPT_INT4_EXPORT ?
     const list = [
       ...texts.map((text) => ({ op: "generate", text, task: null, settings: { max_new_tokens: 16 } })),
       { op: "generate", text: "Committee, n.", task: "define", settings: { max_new_tokens: 24 } },
+      { op: "chat", messages: [{ role: "user", content: "What is the capital of France?" }], task: null, settings: { max_new_tokens: 16 } },
       { op: "classify", text: "What a waste of two hours.", task: "sentiment" },
       { op: "classify", text: "A gorgeous, moving film.", task: "sentiment" },
       { op: "classify", text: "A gorgeous, moving film.", task: "sentiment-prefix" },
