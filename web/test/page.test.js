@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { cp, mkdir, mkdtemp, readdir, rm } from "node:fs/promises";
+import { cp, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, before, test } from "node:test";
@@ -102,7 +102,6 @@ test("the page classifies and generates what the Python runtime gives, and serve
   for (const name of await readdir(bank)) if (name.startsWith(`${CLASSIFY_TASK}.`)) await rm(path.join(bank, name));
   const replaced = (await readdir(SHIPPED)).filter((n) => n.startsWith(`${REPLACEMENT}.`));
   for (const name of replaced) await cp(path.join(SHIPPED, name), path.join(bank, name.replace(REPLACEMENT, CLASSIFY_TASK)));
-  const { readFile, writeFile } = await import("node:fs/promises");
   const record = JSON.parse(await readFile(path.join(bank, `${CLASSIFY_TASK}.json`), "utf-8"));
   record.name = CLASSIFY_TASK;
   if (record.vectors) record.vectors = record.vectors.replace(REPLACEMENT, CLASSIFY_TASK);
