@@ -24,6 +24,7 @@ def as_dequantize_matmul(model) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
+    _float_scales(model)
     initializers = {t.name: t for t in graph.initializer}
     nodes, rewritten = [], 0
     for node in graph.node:
@@ -69,6 +70,31 @@ def as_dequantize_matmul(model) -> int:
             if opset.domain in ("", "ai.onnx") and opset.version < QDQ_OPSET:
                 opset.version = QDQ_OPSET
     return rewritten
+
+
+def _float_scales(model) -> None:
+    """Scales stored in float16 behind a Cast (`blocked._stored`) as float32 initializers again: DequantizeLinear
+    gives its scale's type, and the MatMul after it takes float32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    scales = {n.input[2] for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 2}
+    casts = [
+        n
+        for n in graph.node
+        if n.op_type == "Cast"
+        and n.output[0] in scales
+        and n.input[0] in initializers
+        and helper.get_attribute_value(n.attribute[0]) == TensorProto.FLOAT
+    ]
+    for cast in casts:
+        values = numpy_helper.to_array(initializers[cast.input[0]]).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(values, cast.output[0]))
+        graph.node.remove(cast)
+    used = {i for n in graph.node for i in n.input}
+    for name in {c.input[0] for c in casts} - used:
+        graph.initializer.remove(initializers[name])
 
 
 def _zero_points(packed: np.ndarray | None, bits: int, rows: int, blocks: int) -> np.ndarray:
