@@ -27,6 +27,7 @@ PyTorch before OUT_DIR is written; on failure every mismatch is listed and OUT_D
 examples:
   export-model smollm2-135m exports/smollm2
   export-model smollm2-135m exports/smollm2-int8 --precision int8
+  export-model path/to/model.gguf exports/model-gguf --precision gguf   # the file's own quantization
   export-model minilm-l6 exports/minilm
   export-model path/to/t5-folder exports/t5
 """
@@ -70,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         "precision",
         "int8 and int4 quantize the weights of every constant matrix product (lm_head included) to onnxruntime's "
         "MatMulNBits: the CPU choice, 2-3x faster than fp32 and 3.5-5x smaller (encoders at int8 quantize activations "
-        "too: --algorithm dynamic). fp16 is for CUDA. The embedding table is stored at int8 (fp16 for fp16) and read back as "
-        "float32; activations, the KV cache and every prompt stay float32: prompts trained on one precision load on all.",
+        "too: --algorithm dynamic). gguf (a .gguf model only) keeps the file's own quantization: each weight stored as "
+        "its blocks are, 4-bit types at 4 bits, 5- to 8-bit types at 8, every value as llama.cpp reads it. fp16 is for "
+        "CUDA. The embedding table is stored at int8 (fp16 for fp16) and read back as float32; activations, the KV cache "
+        "and every prompt stay float32: prompts trained on one precision load on all.",
     )
     precision.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weights of the graphs (default: fp32)")
     precision.add_argument("--block-size", type=int, default=None, help="int8/int4: weights per scale (default: 32)")
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         choices=range(5),
         default=None,
-        help="int8/int4: MatMulNBits compute type (default: 4, int8 activations, for decoders and encoder-decoders; "
+        help="int8/int4/gguf: MatMulNBits compute type (default: 4, int8 activations, for decoders and encoder-decoders; "
         "0, float, for encoders, which run whole batches)",
     )
     precision.add_argument(
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.block_size is not None and (args.block_size < 16 or args.block_size & (args.block_size - 1)):
         parser.error(f"--block-size {args.block_size}; expected a power of two, at least 16")
     given = [flag for flag, value in quantization.items() if value is not None]
+    if args.precision == "gguf":  # the file's blocks are kept; only the compute type is a choice
+        given = [flag for flag in given if flag != "--accuracy-level"]
     if given and args.precision not in ("int8", "int4"):
         parser.error(f"{', '.join(given)} set(s) how int8/int4 weights are quantized; add --precision int8 or int4")
     if args.fast and args.precision != "int4":

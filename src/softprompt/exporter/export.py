@@ -33,9 +33,11 @@ from .dynamic_int8 import Calibration
 from .encoder import EncoderModule, calibration_feeds, export_encoder_graph, uses_token_types, validate_encoder
 from .errors import ExportError, ExportValidationError
 from .fuse import fuse_for_onnxruntime
+from .gguf_weights import gguf_table, index_rows
 from .graph import CachedDecoder, export_graph
 from .llama_graph import build, read_weights, unsupported
 from .precision import (
+    GGUF,
     TABLE_PRECISION,
     TOLERANCES,
     Precision,
@@ -114,14 +116,16 @@ def export_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     step = _steps(log)
     if precision.name != "fp32":
-        step.more(2)
+        step.more(3 if precision.name == GGUF else 2)
     try:
         step(f"loading {model}")
         source = load_source(model, attention=attention, cache_dir=cache_dir, log=lambda m: log(f"      {m}"), kind=kind)
 
+        gguf_rows = _gguf_rows(source, model, step) if precision.name == GGUF else None
         step("writing the embedding table and tokenizer")
         backbone = describe(source)
-        table_files = _store_table(backbone.table, staging, TABLE_PRECISION[precision.name], log)
+        stored = gguf_table(backbone.table, gguf_rows) if gguf_rows is not None else None
+        table_files = _store_table(backbone.table, staging, TABLE_PRECISION[precision.name], log, stored)
         source.tokenizer.save_pretrained(staging, legacy_format=False)  # tokenizer.json only: all the runtime reads
 
         precision = for_kind(precision, backbone.kind)
@@ -130,7 +134,7 @@ def export_model(
         files = {**files, **table_files, "tokenizer": "tokenizer.json"}
         table_in_graph = None
         if precision.name != "fp32":
-            report = _convert(backbone, staging, files, precision, tolerance, report, options, step, log)
+            report = _convert(backbone, staging, files, precision, tolerance, report, options, step, log, gguf_rows)
             files, table_in_graph = _table_from_graph(backbone.table, staging, files, log)
 
         step("writing softprompt.json")
@@ -256,10 +260,11 @@ WRITERS = {"decoder": _decoder_graphs, "encoder": _encoder_graphs, "seq2seq": _s
 GREEDY_TEXTS = ("The capital of France is a city that", "Once upon a time, a little robot lived in", "def fibonacci(n):\n    ")
 
 
-def _store_table(table: np.ndarray, staging: Path, dtype: str, log) -> dict[str, str]:
+def _store_table(table: np.ndarray, staging: Path, dtype: str, log, stored=None) -> dict[str, str]:
     """embeddings.npy in `dtype` (int8: with embedding_scales.npy, a scale per block of 32), written once; returns
-    its files. Graphs are validated against the float32 table in memory, whatever is stored."""
-    rows, scales = quantize_rows(table, dtype)
+    its files. `stored` (dtype, rows, scales) gives them made already (a GGUF's own blocks). Graphs are validated
+    against the float32 table in memory, whatever is stored."""
+    dtype, rows, scales = stored if stored is not None else (dtype, *quantize_rows(table, dtype))
     np.save(staging / "embeddings.npy", rows, allow_pickle=False)
     written = {"embeddings": "embeddings.npy"}
     if scales is not None:
@@ -269,6 +274,23 @@ def _store_table(table: np.ndarray, staging: Path, dtype: str, log) -> dict[str,
         size = sum((staging / name).stat().st_size for name in written.values())
         log(f"      embedding table: {table.nbytes / 2**20:.1f} MiB float32 -> {size / 2**20:.1f} MiB {dtype}")
     return written
+
+
+def _gguf_rows(source, model: str, step):
+    """--precision gguf: every row of the source GGUF's quantized tensors, indexed (`gguf_weights.index_rows`)."""
+    path = source.info.get("gguf")
+    if path is None:
+        raise ExportError(
+            f"--precision gguf stores a GGUF file's own blocks; {model} is not a .gguf file (its weights are float: "
+            "use --precision int8 or int4)"
+        )
+    from tqdm.auto import tqdm
+
+    step(f"indexing the rows of {Path(path).name}'s quantized tensors, to find each weight's own blocks")
+    return index_rows(
+        Path(path),
+        progress=lambda items, total: tqdm(items, desc="tensors", unit="tensor", total=total, leave=False, disable=None),
+    )
 
 
 def _table_from_graph(table: np.ndarray, staging: Path, files: dict[str, str], log) -> tuple[dict[str, str], dict | None]:
@@ -332,11 +354,14 @@ def _convert(
     options: GraphOptions,
     step,
     log,
+    gguf_rows=None,
 ) -> dict:
     """Store the validated fp32 graphs in `precision` and validate them again; returns the new report."""
     what = precision.name
     if precision.quantized:
         what = "int8 weights and activations" if precision.algorithm == "dynamic" else f"weight-only {precision.name}"
+    if precision.name == GGUF:
+        what = f"the blocks of {gguf_rows.path.name} (4- and 8-bit MatMulNBits)"
     step(
         f"converting the graphs to {what} ({', '.join(f'{k}={v}' for k, v in precision.record().items() if k != 'precision') or 'float16 weights and compute'})"
     )
@@ -346,7 +371,10 @@ def _convert(
     if precision.algorithm == "dynamic" and backbone.kind == "encoder":
         sets = calibration_feeds(backbone.tokenizer, backbone.table, backbone.facts["max_positions"])
         calibration = Calibration(sets, tolerance=limit)
-    changes = {key: apply_precision(staging / name, precision, backbone.table, calibration, log) for key, name in graphs.items()}
+    changes = {
+        key: apply_precision(staging / name, precision, backbone.table, calibration, log, gguf_rows)
+        for key, name in graphs.items()
+    }
     for key, change in changes.items():
         log(
             f"      {graphs[key]}: {change['bytes_fp32'] / 2**20:.1f} MiB -> {change['bytes'] / 2**20:.1f} MiB"

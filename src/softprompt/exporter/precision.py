@@ -32,14 +32,16 @@ from .graph_rewrites import drop_unused_initializers, gemm_as_matmul, offset_int
 from .qdq import as_dequantize_matmul
 
 BITS = {"int8": 8, "int4": 4}
+GGUF = "gguf"  # a GGUF source's own blocks, read from the file (gguf_weights.py)
 ALGORITHMS = ("rtn", "offset", "hqq", "dynamic")
 # What the embedding table is stored in at each precision (rows are dequantized to float32 on lookup).
-TABLE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
+# gguf: the file's own int8 blocks where they hold the table exactly, else the smallest that does (`gguf_table`).
+TABLE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8", GGUF: "int8"}
 # How far a graph's logits may move from PyTorch fp32, relative to their scale, before an export is
 # refused. Measured on the default model: fp16 0.006, int8 0.10, int4 0.07 (offset), all keeping its
 # tasks; int4 with integer zero points (rtn) moves them by 0.44 and costs its sentiment task 6.8
 # points, so it is refused unless --tolerance says otherwise.
-TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.25}
+TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.25, GGUF: 0.25}
 # A tied lm_head at 8 bits is stored once, as the embedding table (`_share_table`): its initializers' names.
 TABLE_CODES = "embeddings.codes"
 TABLE_SCALES = "embeddings.scales"
@@ -64,6 +66,12 @@ class Precision:
             raise ExportError(f"precision {self.name!r}; expected one of {', '.join(PRECISIONS)}")
         if self.web and self.name not in BITS:
             raise ExportError(f"--web is for quantized weights (--precision int8 or int4), not {self.name}")
+        if self.name == GGUF and (self.algorithm is not None or self.keep or self.symmetric):
+            raise ExportError(
+                "--precision gguf keeps the file's own blocks; --algorithm, --symmetric and --keep are for int8/int4"
+            )
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise ExportError(f"accuracy level {self.accuracy_level!r}; expected 0 to 4 (4: int8 compute)")
         if self.name in BITS:
             self.kept()
             if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -80,12 +88,10 @@ class Precision:
                 )
             if self.web and self.algorithm in ("dynamic", "hqq"):
                 raise ExportError(f"--web stores integer-coded blocks for onnxruntime-web; --algorithm {self.algorithm} has none")
-            if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
-                raise ExportError(f"accuracy level {self.accuracy_level!r}; expected 0 to 4 (4: int8 compute)")
 
     @property
     def quantized(self) -> bool:
-        return self.name in BITS
+        return self.name in BITS or self.name == GGUF
 
     @property
     def tolerance(self) -> float:
@@ -109,6 +115,8 @@ class Precision:
         """What softprompt.json keeps of it (the settings that matter for this precision only)."""
         if not self.quantized:
             return {"precision": self.name}
+        if self.name == GGUF:  # the blocks are the file's: only the compute type was chosen
+            return {"precision": self.name, "accuracy_level": self.accuracy_level}
         if self.algorithm == "dynamic":  # per-channel weights, no blocks; int8 compute
             return {"precision": self.name, "algorithm": self.algorithm, "keep": list(self.keep)}
         return {
@@ -152,7 +160,7 @@ def for_kind(precision: Precision, kind: str) -> Precision:
     """
     if not precision.quantized:
         return precision
-    if precision.algorithm is None:
+    if precision.algorithm is None and precision.name in BITS:
         dynamic = kind == "encoder" and precision.name == "int8" and precision.accuracy_level is None
         precision = dataclasses.replace(precision, algorithm="dynamic" if dynamic else "rtn")
     if precision.accuracy_level is not None or precision.algorithm == "dynamic":
@@ -166,6 +174,7 @@ def apply_precision(
     table: np.ndarray | None = None,
     calibration: Any = None,
     log: Callable[[str], None] = lambda message: None,
+    gguf: Any = None,
 ) -> dict[str, Any]:
     """Rewrite the fp32 graph at `path` in `precision`, in place; returns what changed (counts, bytes).
 
@@ -184,6 +193,10 @@ def apply_precision(
 
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
         changed = {"fp16_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)}
+    elif precision.name == GGUF:
+        if gguf is None:
+            raise ExportError("--precision gguf stores a GGUF file's own blocks; the model was not loaded from a .gguf file")
+        model, changed = _gguf(model, precision, table, gguf)
     else:
         model, changed = _quantize(model, precision, table, calibration, log)
         if precision.web:
@@ -282,6 +295,39 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         "matmuls_fp32": sum(1 for v in kept.values() if v == "fp32"),
         **({"lm_head_is_the_table": 1} if shared else {}),
     }
+
+
+def _gguf(model, precision: Precision, table: np.ndarray | None, rows):
+    """The GGUF's blocks for every product made of its rows (gguf_weights.py); a tied lm_head that is the Q8_0 table
+    is stored once, as the table (`_share_table`: its int8 rows are then the file's own)."""
+    from .gguf_weights import keep_gguf_blocks
+
+    gemm_as_matmul(model)
+    initializers = {t.name for t in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
+    kept: dict[str, str] = {n.name: "int8" for n in _lm_head(model, matmuls)}
+    shared = table is not None and _exact_int8(table) and _share_table(model, matmuls, kept, precision, table)
+    counts = keep_gguf_blocks(model, rows, skip={name for name, how in kept.items() if how == "table"})
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if not nbits:
+        raise ExportError(f"--precision gguf: no matrix product of the graph is made of {rows.path.name}'s quantized rows")
+    if precision.accuracy_level is not None:
+        for node in nbits:
+            _set_attribute(node, "accuracy_level", precision.accuracy_level)
+    return model, {
+        **{f"matmuls_{form}": n for form, n in counts.items() if form != "fp32_kept"},
+        "matmuls_fp32": counts.get("fp32_kept", 0),
+        **({"lm_head_is_the_table": 1} if shared else {}),
+    }
+
+
+def _exact_int8(table: np.ndarray) -> bool:
+    """Whether the int8 table (`quantize_rows`: absmax / 127 per block of 32) holds `table` exactly, as it does a
+    Q8_0 file's."""
+    from softprompt.formats.embedding_table import ScaledRows
+
+    codes, scales = quantize_rows(table, "int8")
+    return table.shape[1] % BLOCK == 0 and np.array_equal(ScaledRows(codes, scales)[:], table)
 
 
 def _dynamic(model, kept: list[str], chosen: bool, calibration, log):

@@ -26,7 +26,7 @@ CONFIG_FILE = "softprompt.json"
 KINDS = ("decoder", "encoder", "seq2seq")
 POOLINGS = ("mean", "cls", "max", "lasttoken")
 # Precisions of an export's graphs. Inputs, outputs, the embedding table and prompts are float32 in each.
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "gguf")  # gguf: a GGUF source's own blocks (4- and 8-bit MatMulNBits)
 # The files each kind of export must hold (keys of `files`).
 FILES = {
     "decoder": ("model", "embeddings", "tokenizer"),
