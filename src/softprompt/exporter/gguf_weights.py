@@ -225,11 +225,11 @@ def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset()) -> dic
     """Replace each constant MatMul of `model` (but `skip`) whose weight is made of GGUF rows by its blocks, in place;
     returns counts: products per stored form ("q4" 4-bit, "q8" 8-bit, "+min" with float minimums) and those left
     float32 ("fp32_kept": not made of rows of the file's blocked tensors)."""
-    from onnx import numpy_helper
 
     from .graph_rewrites import drop_unused_initializers, use_contrib_ops
 
     initializers = {t.name: t for t in model.graph.initializer}
+    readers = Counter(i for n in model.graph.node for i in n.input)
     counts: Counter = Counter()
     cache: dict[str, Blocks] = {}
     nodes, added = [], []
@@ -237,8 +237,9 @@ def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset()) -> dic
         if node.op_type != "MatMul" or node.input[1] not in initializers or node.name in skip:
             nodes.append(node)
             continue
-        weight = numpy_helper.to_array(initializers[node.input[1]])
-        blocks = _match(weight, rows, cache) if weight.ndim == 2 else None
+        tensor = initializers[node.input[1]]
+        weight = _view(tensor)
+        blocks = _match(weight, rows, cache) if weight.ndim == 2 else "fp32_kept"
         if isinstance(blocks, str):
             counts[blocks] += 1
             nodes.append(node)
@@ -247,6 +248,9 @@ def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset()) -> dic
         nodes += more
         added += weights
         counts[f"q{blocks.bits}{'+min' if blocks.mins is not None else ''}"] += 1
+        del weight, blocks
+        if readers[node.input[1]] == 1:  # its float32 bytes go now, not after the last product (a 0.5B model: 1.9 GB)
+            tensor.ClearField("raw_data")
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(added)
@@ -255,13 +259,26 @@ def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset()) -> dic
     return dict(sorted(counts.items()))
 
 
+def _view(tensor) -> np.ndarray:
+    """A float32 initializer's values without a copy where it holds raw bytes (a lm_head is half a GB)."""
+    from onnx import TensorProto, numpy_helper
+
+    if tensor.data_type == TensorProto.FLOAT and tensor.raw_data:
+        return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor)
+
+
 def _match(weight: np.ndarray, rows: GGUFRows, cache: dict[str, Blocks]) -> Blocks | str:
     """`weight` [K, N] as blocks of the GGUF rows its columns are, or why not (a count's name)."""
-    columns = np.ascontiguousarray(weight.T, dtype=np.float32)
-    keys, exponents = _keys(columns)
-    found = [rows.index.get(key) for key in keys]
+    found: list = []
+    exponents = []
+    for start in range(0, weight.shape[1], CHUNK_ROWS):  # in slices: a lm_head's columns are a vocabulary
+        keys, shifts = _keys(np.ascontiguousarray(weight[:, start : start + CHUNK_ROWS].T, dtype=np.float32))
+        found += [rows.index.get(key) for key in keys]
+        exponents.append(shifts)
     if any(f is None for f in found):
         return "fp32_kept"
+    exponent = np.concatenate(exponents)
     parts, start = [], 0
     for end in range(1, len(found) + 1):
         if end < len(found) and found[end][0] == found[start][0]:
@@ -272,12 +289,22 @@ def _match(weight: np.ndarray, rows: GGUFRows, cache: dict[str, Blocks]) -> Bloc
                 cache.pop(next(iter(cache)))
             cache[name] = rows.blocks(name)
         index = np.array([f[1] for f in found[start:end]])
-        shift = exponents[start:end] - np.array([f[2] for f in found[start:end]])
+        shift = exponent[start:end] - np.array([f[2] for f in found[start:end]])
         parts.append(_rows(cache[name], index, shift))
         start = end
     blocks = merge(parts)
-    if not np.array_equal(blocks.dequantize(), weight):  # a hash that collided, or a scale that over/underflowed
-        return "fp32_kept"
+    for start in range(0, weight.shape[1], CHUNK_ROWS):  # a hash that collided, or a scale that over/underflowed
+        end = start + CHUNK_ROWS
+        part = Blocks(
+            blocks.codes[start:end],
+            blocks.scales[start:end],
+            None if blocks.mins is None else blocks.mins[start:end],
+            None if blocks.zero_points is None else blocks.zero_points[start:end],
+            blocks.bits,
+            blocks.block,
+        )
+        if not np.array_equal(part.dequantize(), weight[:, start:end]):
+            return "fp32_kept"
     return blocks
 
 
