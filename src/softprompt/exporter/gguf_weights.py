@@ -309,8 +309,9 @@ def _match(weight: np.ndarray, rows: GGUFRows, cache: dict[str, Blocks]) -> Bloc
 
 
 def gguf_table(table: np.ndarray, rows: GGUFRows) -> tuple[str, np.ndarray, np.ndarray | None]:
-    """(dtype, stored rows, scales or None): the smallest form of the embedding table that gives it back exactly: int8
-    as the exporter makes it (a Q8_0 table), int8 from the file's own blocks (Q4_0, Q5_0), float16, or float32."""
+    """(dtype, stored rows, scales or None): the smallest form of the embedding table that gives it back: int8 as the
+    exporter makes it (a Q8_0 table), int8 from the file's own blocks (Q4_0, Q5_0), those blocks times the model's
+    embedding scale (Gemma's sqrt(width), to float32 rounding), float16, or float32; all but the scaled blocks exactly."""
     from softprompt.formats.embedding_table import ScaledRows, quantize_rows
 
     if table.shape[1] % 32 == 0:
@@ -318,6 +319,9 @@ def gguf_table(table: np.ndarray, rows: GGUFRows) -> tuple[str, np.ndarray, np.n
         if np.array_equal(ScaledRows(codes, scales)[:], table):
             return "int8", codes, scales
         found = table_rows(table, rows)
+        if found is not None:
+            return "int8", *found
+        found = scaled_table_rows(table, rows)
         if found is not None:
             return "int8", *found
     half = table.astype(np.float16)
@@ -339,3 +343,27 @@ def table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarra
     codes = codes.astype(np.int8)
     restored = (codes.reshape(*blocks.scales.shape, 32).astype(np.float32) * blocks.scales[..., None]).reshape(table.shape)
     return (codes, blocks.scales) if np.array_equal(restored, table) else None
+
+
+def scaled_table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray] | None:
+    """A table that is the file's `token_embd` times one factor c (Gemma scales its embeddings by sqrt(width), which
+    llama.cpp applies after the lookup): int8 codes q - zero point with scales d x c, within float32 rounding of
+    (q d) c, as PyTorch computes it; None where no such c gives the table to 1e-6 of its largest value."""
+    name = "token_embd.weight"
+    if rows.kinds.get(name) not in ("Q4_0", "Q5_0", "Q8_0"):
+        return None
+    blocks = rows.blocks(name)
+    if blocks.codes.shape != table.shape:
+        return None
+    codes = (blocks.codes.astype(np.int16) - np.repeat(blocks.zero_points, blocks.block, axis=1)).astype(np.int8)
+    plain = (codes.reshape(*blocks.scales.shape, -1).astype(np.float32) * blocks.scales[..., None]).reshape(table.shape)
+    at = np.unravel_index(np.argmax(np.abs(plain)), plain.shape)
+    if plain[at] == 0:
+        return None
+    factor = np.float32(table[at] / plain[at])
+    scales = (blocks.scales * factor).astype(np.float32)
+    del plain
+    restored = (codes.reshape(*scales.shape, -1).astype(np.float32) * scales[..., None]).reshape(table.shape)
+    if np.abs(restored - table).max() > 1e-6 * np.abs(table).max():
+        return None
+    return codes, scales
