@@ -333,6 +333,32 @@ def test_a_tied_lm_head_is_the_int8_table_stored_once(tied_dir, tmp_path):
     assert (tmp_path / "int8" / "model.onnx.data").stat().st_size < 0.3 * (tmp_path / "fp32" / "model.onnx").stat().st_size
 
 
+def test_a_tied_q8_0_table_keeps_its_float16_scales_in_the_graph(tied_dir, tmp_path):
+    """A table on GGUF's Q8_0 grid (symmetric int8, a float16 scale per block of 32, as the default model's) is stored
+    with float16 scales behind a Cast, and read back by the runtime exactly."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from softprompt.formats.export_folder import open_export
+
+    model = AutoModelForCausalLM.from_pretrained(tied_dir)
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        blocks = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        weight.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)))
+    model.save_pretrained(tmp_path / "q8_0")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tied_dir / name).exists():
+            shutil.copy(tied_dir / name, tmp_path / "q8_0" / name)
+    config = export_model(str(tmp_path / "q8_0"), tmp_path / "int8", precision="int8", log=lambda m: None)
+    assert config.table_in_graph["scales_dtype"] == "float16"
+    table = model.get_input_embeddings().weight.detach().numpy()
+    np.testing.assert_array_equal(open_export(tmp_path / "int8").table[:], table)
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx"), load_external_data=False).graph
+    assert next(t for t in graph.initializer if t.name == "embeddings.scales").data_type == onnx.TensorProto.FLOAT16
+
+
 def test_a_tied_lm_head_kept_at_fp32_leaves_the_table_its_own_file(tied_dir, tmp_path):
     config = export_model(str(tied_dir), tmp_path / "kept", precision=Precision("int8", keep=("lm_head",)), log=lambda m: None)
     assert config.files["embeddings"] == "embeddings.npy" and config.table_in_graph is None
@@ -346,6 +372,7 @@ def test_a_tied_lm_head_kept_at_fp32_leaves_the_table_its_own_file(tied_dir, tmp
         ({"codes_offset": 0, "scales_offset": 0, "zero_point": 128}, "do not fit apart in its"),
         ({"codes_offset": -1, "scales_offset": 0, "zero_point": 128}, "table_in_graph is"),
         ({"codes_offset": 0, "scales_offset": 0}, "table_in_graph is"),
+        ({"codes_offset": 0, "scales_offset": 0, "zero_point": 128, "scales_dtype": "float64"}, "table_in_graph is"),
         ([0, 0, 128], "table_in_graph is"),
     ],
 )

@@ -2,7 +2,7 @@
 // or a tied lm_head's 8-bit weights inside the graph's data (`table_in_graph`). Rows come back float32.
 
 import { ExportFormatError } from "./errors.js";
-import { parseNpy, toFloat32 } from "./npy.js";
+import { halfToFloat, parseNpy, toFloat32 } from "./npy.js";
 
 const BLOCK = 32;
 
@@ -32,14 +32,17 @@ export async function openTable(reader, config, graphData) {
   const name = config.files.embeddings;
   if (config.table_in_graph) {
     const { codes_offset: codesAt, scales_offset: scalesAt, zero_point: zeroPoint } = config.table_in_graph;
+    const half = config.table_in_graph.scales_dtype === "float16";
     const data = graphData?.[name];
     if (!data) throw new ExportFormatError(`${name}: the table is inside the graph's data, which the export does not have`);
-    const scalesLength = vocab * (width / BLOCK) * 4;
+    const scalesLength = vocab * (width / BLOCK) * (half ? 2 : 4);
     if (width % BLOCK || codesAt + vocab * width > data.byteLength || scalesAt + scalesLength > data.byteLength) {
       throw new ExportFormatError(`${name}: table_in_graph does not fit in its ${data.byteLength} bytes; the file is not the export's`);
     }
     const codes = new Uint8Array(data, codesAt, vocab * width);
-    const scales = new Float32Array(data.slice(scalesAt, scalesAt + scalesLength));
+    const scales = half
+      ? Float32Array.from(new Uint16Array(data.slice(scalesAt, scalesAt + scalesLength)), halfToFloat)
+      : new Float32Array(data.slice(scalesAt, scalesAt + scalesLength));
     return new EmbeddingTable(vocab, width, codes, scales, zeroPoint);
   }
   const bytes = await reader.read(name);

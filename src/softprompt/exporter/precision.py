@@ -369,6 +369,7 @@ def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, tab
     tables ship, so for them it is exact; for others it is the table's own int8 error.
     Returns whether it did (the lm_head is found, equal to the table, and kept at 8 bits).
     """
+    import onnx
     from onnx import helper, numpy_helper
 
     vocab, width = table.shape
@@ -383,12 +384,23 @@ def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, tab
         return False
     codes, scales = quantize_rows(table, "int8")
     stored = (codes.view(np.uint8) ^ np.uint8(TABLE_ZERO_POINT)).reshape(vocab, width // BLOCK, BLOCK)  # code + 128
+    # float16 where that holds every scale (a Q8_0 table's are float16 in the file), behind a Cast onnxruntime folds;
+    # not for pages, whose DequantizeLinear (qdq.py) takes the scales' own type
+    half = scales.astype(np.float16)
+    small = not precision.web and np.array_equal(half.astype(np.float32), scales)
     model.graph.initializer.extend(
-        [numpy_helper.from_array(stored, TABLE_CODES), numpy_helper.from_array(scales.reshape(-1), TABLE_SCALES)]
+        [
+            numpy_helper.from_array(stored, TABLE_CODES),
+            numpy_helper.from_array((half if small else scales).reshape(-1), TABLE_SCALES),
+        ]
     )
+    scales_input = TABLE_SCALES
+    if small:
+        scales_input = f"{TABLE_SCALES}.float32"
+        model.graph.node.insert(0, helper.make_node("Cast", [TABLE_SCALES], [scales_input], to=onnx.TensorProto.FLOAT))
     product = helper.make_node(
         "MatMulNBits",
-        [head.input[0], TABLE_CODES, TABLE_SCALES],
+        [head.input[0], TABLE_CODES, scales_input],
         list(head.output),
         name=head.name,
         domain="com.microsoft",
@@ -415,16 +427,22 @@ def table_in_graph(path: Path) -> dict[str, int] | None:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    places = {}
+    places, half = {}, False
     for tensor in graph.initializer:
         if tensor.name in (TABLE_CODES, TABLE_SCALES):
             info = {entry.key: entry.value for entry in tensor.external_data}
             if info.get("location") != path.name + ".data":
                 raise ExportError(f"{path}: {tensor.name} is not in {path.name}.data but in {info.get('location')!r}")
             places[tensor.name] = int(info.get("offset", 0))
+            half = half or (tensor.name == TABLE_SCALES and tensor.data_type == onnx.TensorProto.FLOAT16)
     if not places:
         return None
-    return {"codes_offset": places[TABLE_CODES], "scales_offset": places[TABLE_SCALES], "zero_point": TABLE_ZERO_POINT}
+    return {
+        "codes_offset": places[TABLE_CODES],
+        "scales_offset": places[TABLE_SCALES],
+        "zero_point": TABLE_ZERO_POINT,
+        **({"scales_dtype": "float16"} if half else {}),
+    }
 
 
 def _lm_head(model, matmuls) -> list:

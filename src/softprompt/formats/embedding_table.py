@@ -75,7 +75,8 @@ def open_table(
     """Map the stored table read-only and check it against `shape`; float32 comes back as a plain array.
 
     `in_graph` (softprompt.json's `table_in_graph`) says the rows are a tied lm_head's weights inside
-    the graph's data file `path`: uint8 codes and float32 scales at the offsets it gives."""
+    the graph's data file `path`: uint8 codes and float32 (or, with `scales_dtype`, float16) scales at the offsets it
+    gives."""
     if in_graph is not None:
         return _open_in_graph(path, shape, in_graph)
     try:
@@ -108,7 +109,8 @@ def _open_in_graph(path: Path, shape: tuple[int, int], in_graph: dict[str, int])
         raise ExportFormatError(f"{path}: a table inside the graph has blocks of {BLOCK}; the width {width} is no multiple")
     size = path.stat().st_size
     codes_at, scales_at = in_graph["codes_offset"], in_graph["scales_offset"]
-    codes_end, scales_end = codes_at + vocab * width, scales_at + vocab * (width // BLOCK) * 4
+    scale_type = np.dtype(in_graph.get("scales_dtype", "float32"))
+    codes_end, scales_end = codes_at + vocab * width, scales_at + vocab * (width // BLOCK) * scale_type.itemsize
     if codes_end > size or scales_end > size or (codes_at < scales_end and scales_at < codes_end):
         raise ExportFormatError(
             f"{path}: table_in_graph puts {vocab}x{width} codes at {codes_at} and their scales at {scales_at}, "
@@ -116,5 +118,5 @@ def _open_in_graph(path: Path, shape: tuple[int, int], in_graph: dict[str, int])
         )
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     codes = mapped[codes_at:codes_end].reshape(vocab, width).view(np.ndarray)
-    scales = mapped[scales_at:scales_end].view(np.float32).reshape(vocab, width // BLOCK).view(np.ndarray)
+    scales = mapped[scales_at:scales_end].view(scale_type).reshape(vocab, width // BLOCK).view(np.ndarray)
     return ScaledRows(codes, scales, in_graph["zero_point"])

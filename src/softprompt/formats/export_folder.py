@@ -163,11 +163,13 @@ def _strings(value: Any) -> bool:
 
 
 def _table_place(value: Any) -> bool:
+    places = {"codes_offset", "scales_offset", "zero_point"}
     return (
         isinstance(value, dict)
-        and set(value) == {"codes_offset", "scales_offset", "zero_point"}
-        and all(_int(v) and v >= 0 for v in value.values())
+        and places <= set(value) <= places | {"scales_dtype"}
+        and all(_int(value[k]) and value[k] >= 0 for k in places)
         and value["zero_point"] < 256
+        and value.get("scales_dtype", "float32") in ("float32", "float16")
     )
 
 
@@ -192,7 +194,8 @@ _TYPES = [
     (
         "table_in_graph",
         lambda v: v is None or _table_place(v),
-        "null or {codes_offset, scales_offset, zero_point} of non-negative integers (zero_point below 256)",
+        "null or {codes_offset, scales_offset, zero_point} of non-negative integers (zero_point below 256), and "
+        'optionally scales_dtype ("float32" or "float16")',
     ),
 ]
 
