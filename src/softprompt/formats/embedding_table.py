@@ -109,7 +109,7 @@ def _open_in_graph(path: Path, shape: tuple[int, int], in_graph: dict[str, int])
         raise ExportFormatError(f"{path}: a table inside the graph has blocks of {BLOCK}; the width {width} is no multiple")
     size = path.stat().st_size
     codes_at, scales_at = in_graph["codes_offset"], in_graph["scales_offset"]
-    scale_type = np.dtype(in_graph.get("scales_dtype", "float32"))
+    scale_type = np.dtype(str(in_graph.get("scales_dtype", "float32")))
     codes_end, scales_end = codes_at + vocab * width, scales_at + vocab * (width // BLOCK) * scale_type.itemsize
     if codes_end > size or scales_end > size or (codes_at < scales_end and scales_at < codes_end):
         raise ExportFormatError(
