@@ -111,6 +111,22 @@ def test_classify_rows_with_different_tasks(served):
             assert alone["scores"] == pytest.approx(result["scores"], abs=1e-4)
 
 
+def test_a_zero_shot_task_classifies_with_its_template_alone(served, caplog):
+    """A Task with no vectors (a template and labels: what a prompt is measured against) has no prompt to cache and
+    scores as an input that holds its template, in a batch with trained tasks or alone."""
+    from softprompt.runtime.tasks import Task
+
+    cached, uncached = served
+    zero_shot = Task("zero-shot", np.zeros((0, cached.config.hidden_size), np.float32), SENTIMENT)
+    texts = ["a gorgeous film", "dull"]
+    with caplog.at_level(logging.ERROR):
+        mixed = cached.classify(texts + texts, task=[zero_shot, zero_shot, "s1", "s2"])
+        for text, row in zip(texts, mixed):
+            alone = uncached.classify(text, task=zero_shot)[0]
+            assert alone["label"] == row["label"] and alone["scores"] == pytest.approx(row["scores"], abs=1e-4)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize("how", ["vote", "mean"])
 def test_ensemble_combines_the_members(served, how):
     cached, _ = served

@@ -52,8 +52,8 @@ class PromptCache:
     def fill(self, tasks: Iterable[Task]) -> None:
         """Compute the prompts of `tasks` that are not cached yet, now."""
         for task in tasks:
-            if task.past is not None:
-                continue  # a prefix task's keys and values are in its file
+            if task.past is not None or not len(task.vectors):
+                continue  # a prefix task's keys and values are in its file; an empty prompt has none
             with self._lock:
                 cached = task in self._ready
             if not cached:
@@ -63,6 +63,8 @@ class PromptCache:
 
     def get(self, task: Task, start: bool = True) -> Prefix | None:
         """The cached prompt, or None while it is not ready (then, with `start`, computed in the background)."""
+        if not len(task.vectors):  # an empty prompt (a zero-shot task: template and labels only) has nothing to cache
+            return None
         with self._lock:
             found = self._ready.get(task)
             if found is not None or not start or task in self._pending:
