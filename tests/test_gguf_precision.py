@@ -187,7 +187,7 @@ def test_gguf_precision_needs_a_gguf_file_and_takes_no_recipe(llama_dir, tmp_pat
         assert exc.value.code == 2 and "add --precision int8 or int4" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q6_K"])
 def test_a_table_scaled_by_the_model_is_the_files_blocks_with_scaled_scales(kind, tmp_path):
     """Gemma's table is token_embd x sqrt(width), which llama.cpp applies after the lookup: stored as the file's
     int8 codes with each scale times that factor, the rows come back to float32 rounding; unscaled, exactly."""
@@ -195,7 +195,7 @@ def test_a_table_scaled_by_the_model_is_the_files_blocks_with_scaled_scales(kind
     from softprompt.formats.embedding_table import ScaledRows
 
     writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "gemma3")
-    writer.add_tensor("token_embd.weight", quantized(kind, 40, 64, np.random.default_rng(3)), raw_dtype=T[kind])
+    writer.add_tensor("token_embd.weight", quantized(kind, 40, 256, np.random.default_rng(3)), raw_dtype=T[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -204,7 +204,7 @@ def test_a_table_scaled_by_the_model_is_the_files_blocks_with_scaled_scales(kind
     embd = gguf.quants.dequantize(np.asarray(rows.reader.tensors[0].data), T[kind])
     dtype, codes, scales = gguf_table(embd, rows)
     assert dtype == "int8" and np.array_equal(ScaledRows(codes, scales)[:], embd)
-    scaled = embd * np.float32(64**0.5)  # as PyTorch scales the looked-up rows
+    scaled = embd * np.float32(256**0.5 * 1.1)  # as PyTorch scales the looked-up rows (not by a power of two)
     dtype, codes, scales = gguf_table(scaled, rows)
     assert dtype == "int8" and codes.dtype == np.int8
     assert np.abs(ScaledRows(codes, scales)[:] - scaled).max() <= 1e-6 * np.abs(scaled).max()

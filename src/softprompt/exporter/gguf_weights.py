@@ -310,7 +310,7 @@ def _match(weight: np.ndarray, rows: GGUFRows, cache: dict[str, Blocks]) -> Bloc
 
 def gguf_table(table: np.ndarray, rows: GGUFRows) -> tuple[str, np.ndarray, np.ndarray | None]:
     """(dtype, stored rows, scales or None): the smallest form of the embedding table that gives it back: int8 as the
-    exporter makes it (a Q8_0 table), int8 from the file's own blocks (Q4_0, Q5_0), those blocks times the model's
+    exporter makes it (a Q8_0 table), int8 from the file's own blocks (Q4_0, Q5_0, Q3_K, Q6_K), those blocks times the model's
     embedding scale (Gemma's sqrt(width), to float32 rounding), float16, or float32; all but the scaled blocks exactly."""
     from softprompt.formats.embedding_table import ScaledRows, quantize_rows
 
@@ -331,17 +331,18 @@ def gguf_table(table: np.ndarray, rows: GGUFRows) -> tuple[str, np.ndarray, np.n
 
 
 def table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray] | None:
-    """The embedding table as int8 codes and a scale per block of 32 taken from the GGUF's own blocks (Q4_0, Q5_0,
-    Q8_0: code - zero point), when they give `table` exactly; None otherwise."""
+    """The embedding table as int8 codes and a scale per block taken from the GGUF's own blocks (Q4_0, Q5_0, Q8_0:
+    blocks of 32; Q3_K, Q6_K: of 16; code - zero point), when they give `table` exactly; None otherwise (types with
+    float minimums, which the int8 table has no place for)."""
     cache: dict[str, Blocks] = {}
     blocks = _match(table.T, rows, cache)
-    if isinstance(blocks, str) or blocks.mins is not None or blocks.block != 32:
+    if isinstance(blocks, str) or blocks.mins is not None:
         return None
-    codes = blocks.codes.astype(np.int16) - np.repeat(blocks.zero_points, 32, axis=1)
+    codes = blocks.codes.astype(np.int16) - np.repeat(blocks.zero_points, blocks.block, axis=1)
     if codes.min() < -127 or codes.max() > 127:
         return None
     codes = codes.astype(np.int8)
-    restored = (codes.reshape(*blocks.scales.shape, 32).astype(np.float32) * blocks.scales[..., None]).reshape(table.shape)
+    restored = (codes.reshape(*blocks.scales.shape, -1).astype(np.float32) * blocks.scales[..., None]).reshape(table.shape)
     return (codes, blocks.scales) if np.array_equal(restored, table) else None
 
 
@@ -350,7 +351,7 @@ def scaled_table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np
     llama.cpp applies after the lookup): int8 codes q - zero point with scales d x c, within float32 rounding of
     (q d) c, as PyTorch computes it; None where no such c gives the table to 1e-6 of its largest value."""
     name = "token_embd.weight"
-    if rows.kinds.get(name) not in ("Q4_0", "Q5_0", "Q8_0"):
+    if rows.kinds.get(name) not in ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K"):
         return None
     blocks = rows.blocks(name)
     if blocks.codes.shape != table.shape:
