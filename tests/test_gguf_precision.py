@@ -209,3 +209,21 @@ def test_a_table_scaled_by_the_model_is_the_files_blocks_with_scaled_scales(kind
     assert dtype == "int8" and codes.dtype == np.int8
     assert np.abs(ScaledRows(codes, scales)[:] - scaled).max() <= 1e-6 * np.abs(scaled).max()
     assert gguf_table(scaled + np.float32(1e-3), rows)[0] == "fp32"  # not the file's rows: kept as it is
+
+
+def test_a_big_models_weights_are_read_from_the_data_file_one_at_a_time(gguf_exports, tmp_path, monkeypatch):
+    """Above 1 GiB the fp32 weights are in model.onnx.data, which the conversion maps instead of loading whole: the
+    result is the same export, every block kept, nothing float32 left behind in the data file."""
+    from softprompt.exporter import export as export_module
+
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 0)  # the tiny model takes the big models' path
+    args = ["--precision", "gguf", "--accuracy-level", "0", "--tolerance", "1e-4", "--cache-dir", str(gguf_exports / "cache")]
+    assert export_main([str(gguf_exports / "tiny.gguf"), str(tmp_path / "big"), *args, "-q"]) == 0
+    config = read_config(tmp_path / "big")
+    changes = config.validation["changes"]["model"]
+    assert {k: v for k, v in changes.items() if k.startswith("matmuls_")} == EXPECTED
+    assert max(config.validation["max_relative_diff"].values()) < 1e-4
+    small = read_config(gguf_exports / "gguf").validation["changes"]["model"]["bytes"]
+    assert abs(changes["bytes"] - small) < 0.02 * small  # the same weights, only laid out in the data file
+    fp32, kept = load(gguf_exports / "fp32"), load(tmp_path / "big")
+    assert kept.complete("a b c", max_new_tokens=8)[0].token_ids == fp32.complete("a b c", max_new_tokens=8)[0].token_ids

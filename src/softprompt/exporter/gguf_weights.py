@@ -221,7 +221,7 @@ def index_rows(path: Path, progress=lambda items, total: items) -> GGUFRows:
     return GGUFRows(Path(path), index, kinds, reader)
 
 
-def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset()) -> dict[str, int]:
+def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset(), base: Path | None = None) -> dict[str, int]:
     """Replace each constant MatMul of `model` (but `skip`) whose weight is made of GGUF rows by its blocks, in place;
     returns counts: products per stored form ("q4" 4-bit, "q8" 8-bit, "+min" with float minimums) and those left
     float32 ("fp32_kept": not made of rows of the file's blocked tensors)."""
@@ -238,7 +238,7 @@ def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset()) -> dic
             nodes.append(node)
             continue
         tensor = initializers[node.input[1]]
-        weight = _view(tensor)
+        weight = _view(tensor, base)
         blocks = _match(weight, rows, cache) if weight.ndim == 2 else "fp32_kept"
         if isinstance(blocks, str):
             counts[blocks] += 1
@@ -251,6 +251,7 @@ def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset()) -> dic
         del weight, blocks
         if readers[node.input[1]] == 1:  # its float32 bytes go now, not after the last product (a 0.5B model: 1.9 GB)
             tensor.ClearField("raw_data")
+            del tensor.external_data[:]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(added)
@@ -259,13 +260,20 @@ def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset()) -> dic
     return dict(sorted(counts.items()))
 
 
-def _view(tensor) -> np.ndarray:
-    """A float32 initializer's values without a copy where it holds raw bytes (a lm_head is half a GB)."""
+def _view(tensor, base: Path | None = None) -> np.ndarray:
+    """A float32 initializer's values without a copy: its raw bytes, or its place in the external data file under
+    `base` mapped (read-only) where the graph was loaded without its data (a lm_head is half a GB)."""
     from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import uses_external_data
 
+    shape = tuple(tensor.dims)
+    if tensor.data_type == TensorProto.FLOAT and uses_external_data(tensor) and base is not None:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        offset = int(info.get("offset", 0))
+        return np.memmap(base / info["location"], dtype=np.float32, mode="r", offset=offset, shape=shape)
     if tensor.data_type == TensorProto.FLOAT and tensor.raw_data:
-        return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(tuple(tensor.dims))
-    return numpy_helper.to_array(tensor)
+        return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(shape)
+    return numpy_helper.to_array(tensor, str(base or ""))
 
 
 def _match(weight: np.ndarray, rows: GGUFRows, cache: dict[str, Blocks]) -> Blocks | str:

@@ -187,7 +187,9 @@ def apply_precision(
     if precision.name == "fp32":
         return {}
     before = _size(path)
-    model = onnx.load(str(path))
+    # gguf reads each product's weight from the data file as it replaces it (`gguf_weights.lazy_weights`) instead of
+    # holding the whole float32 graph at once (Qwen 0.5B: 1.9 GB)
+    model = onnx.load(str(path), load_external_data=precision.name != GGUF)
     if precision.name == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -196,7 +198,7 @@ def apply_precision(
     elif precision.name == GGUF:
         if gguf is None:
             raise ExportError("--precision gguf stores a GGUF file's own blocks; the model was not loaded from a .gguf file")
-        model, changed = _gguf(model, precision, table, gguf)
+        model, changed = _gguf(model, precision, table, gguf, path.parent)
     else:
         model, changed = _quantize(model, precision, table, calibration, log)
         if precision.web:
@@ -297,17 +299,35 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
     }
 
 
-def _gguf(model, precision: Precision, table: np.ndarray | None, rows):
+def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Path):
     """The GGUF's blocks for every product made of its rows (gguf_weights.py); a tied lm_head that is the Q8_0 table
-    is stored once, as the table (`_share_table`: its int8 rows are then the file's own)."""
+    is stored once, as the table (`_share_table`: its int8 rows are then the file's own). `model` comes without its
+    external data (in `base`): the products' weights are read one at a time, everything else is loaded here."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
     from .gguf_weights import keep_gguf_blocks
 
+    def load_all(names=None) -> None:
+        for tensor in model.graph.initializer:
+            if uses_external_data(tensor) and (names is None or tensor.name in names):
+                load_external_data_for_tensor(tensor, str(base))
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
+    load_all({t.name for t in model.graph.initializer} - weights)  # norms, biases, caches, Gemm weights
     gemm_as_matmul(model)
     initializers = {t.name for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
     kept: dict[str, str] = {n.name: "int8" for n in _lm_head(model, matmuls)}
-    shared = table is not None and _exact_int8(table) and _share_table(model, matmuls, kept, precision, table)
-    counts = keep_gguf_blocks(model, rows, skip={name for name, how in kept.items() if how == "table"})
+    if table is not None and kept and _exact_int8(table):
+        load_all({n.input[1] for n in _lm_head(model, matmuls)})
+        shared = _share_table(model, matmuls, kept, precision, table)
+    else:
+        shared = False
+    counts = keep_gguf_blocks(model, rows, skip={name for name, how in kept.items() if how == "table"}, base=base)
+    load_all()  # the products left float32
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     if not nbits:
         raise ExportError(f"--precision gguf: no matrix product of the graph is made of {rows.path.name}'s quantized rows")

@@ -4,8 +4,8 @@ Size on disk, decode tokens/s, first-token time, peak RSS, and how many greedy t
 one run: fresh processes, the sides alternating, medians. Workload as bench/speed/precision.py: batch 1, 22
 input tokens, 64 new, greedy, 2 threads.
 
-    python -m bench.speed.gguf                          # the default model's Q4_1 GGUF
-    python -m bench.speed.gguf path/to/model.gguf       # any GGUF (exported into exports/<name>-gguf first)
+    python -m bench.speed.gguf_llama                          # the default model's Q4_1 GGUF
+    python -m bench.speed.gguf_llama path/to/model.gguf       # any GGUF (exported into exports/<name>-gguf first)
 
 llama.cpp lives in an environment of its own (bench/speed/llama_side.py says how to make it).
 """
