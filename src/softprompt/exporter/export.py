@@ -47,7 +47,7 @@ from .precision import (
     table_in_graph,
 )
 from .seq2seq import export_seq2seq_graphs, validate_seq2seq
-from .sources import load_source, readable
+from .sources import BUILTINS, load_source, readable
 from .validate import cpu_session, greedy_agreement, validate
 
 GRAPHS = ("auto", "built", "traced")
@@ -109,6 +109,8 @@ def export_model(
     fp32_tolerance = tolerance if tolerance is not None and precision.name == "fp32" else TOLERANCES["fp32"]
     if graph not in GRAPHS:
         raise ExportError(f"graph must be one of {', '.join(GRAPHS)}, not {graph!r}")
+    if precision.name == GGUF and not _names_gguf(model):
+        raise ExportError(_NOT_GGUF.format(model=model))
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another folder or pass --force to replace it")
@@ -276,14 +278,23 @@ def _store_table(table: np.ndarray, staging: Path, dtype: str, log, stored=None)
     return written
 
 
+_NOT_GGUF = (
+    "--precision gguf stores a GGUF file's own blocks; {model} is not a .gguf file (its weights are float: "
+    "use --precision int8 or int4)"
+)
+
+
+def _names_gguf(model: str) -> bool:
+    """Whether `model` is a .gguf file or a built-in model that ships as one (checked before anything loads)."""
+    builtin = BUILTINS.get(str(model))
+    return str(builtin.filename if builtin else model).lower().endswith(".gguf")
+
+
 def _gguf_rows(source, model: str, step):
     """--precision gguf: every row of the source GGUF's quantized tensors, indexed (`gguf_weights.index_rows`)."""
     path = source.info.get("gguf")
     if path is None:
-        raise ExportError(
-            f"--precision gguf stores a GGUF file's own blocks; {model} is not a .gguf file (its weights are float: "
-            "use --precision int8 or int4)"
-        )
+        raise ExportError(_NOT_GGUF.format(model=model))
     from tqdm.auto import tqdm
 
     step(f"indexing the rows of {Path(path).name}'s quantized tensors, to find each weight's own blocks")
