@@ -37,6 +37,17 @@ class Blocks:
     bits: int  # 4 or 8: what MatMulNBits stores
     block: int
 
+    def take(self, rows) -> Blocks:
+        """These rows only (an index array or a slice)."""
+        return Blocks(
+            self.codes[rows],
+            self.scales[rows],
+            None if self.mins is None else self.mins[rows],
+            None if self.zero_points is None else self.zero_points[rows],
+            self.bits,
+            self.block,
+        )
+
     def dequantize(self) -> np.ndarray:
         """The float32 [K, N] weight, computed as the GGUF reference does (scale x code + minimum)."""
         rows, width = self.codes.shape
@@ -106,7 +117,7 @@ def product(node, name: str, blocks: Blocks) -> tuple[list, list]:
     )
     # offsets [blocks, N] = minimum + middle x scale: what the default zero point takes away, put back per block sum
     offsets = f"{name}.offsets"
-    if scales16 and _halves(blocks.mins):  # computed by onnxruntime at load (constant folding), from float16 files
+    if scales16 and holds_in_float16(blocks.mins):  # computed by onnxruntime at load (constant folding), from float16 files
         mins, _ = _stored(blocks.mins, f"{name}.mins", initializers, nodes)
         initializers.append(numpy_helper.from_array(np.array(middle, np.float32), f"{name}.middle"))
         nodes += [
@@ -134,7 +145,7 @@ def product(node, name: str, blocks: Blocks) -> tuple[list, list]:
     return nodes, initializers
 
 
-def _halves(values: np.ndarray) -> bool:
+def holds_in_float16(values: np.ndarray) -> bool:
     """Whether float16 holds every one of `values` exactly."""
     half = values.astype(np.float16)
     return bool(np.all(np.isfinite(half)) and np.array_equal(half.astype(np.float32), values))
@@ -145,7 +156,7 @@ def _stored(values: np.ndarray, name: str, initializers: list, nodes: list) -> t
     returns the float32 value's name and whether it went to float16."""
     from onnx import TensorProto, helper, numpy_helper
 
-    if _halves(values):
+    if holds_in_float16(values):
         initializers.append(numpy_helper.from_array(values.astype(np.float16), f"{name}16"))
         nodes.append(helper.make_node("Cast", [f"{name}16"], [name], to=TensorProto.FLOAT, name=f"{name}.cast"))
         return name, True

@@ -171,14 +171,11 @@ def decode(data: np.ndarray, kind: str) -> Blocks:
 def _rows(blocks: Blocks, index: np.ndarray, shift: np.ndarray) -> Blocks:
     """Rows `index` of `blocks`, each scaled by 2**shift (exact)."""
     factor = np.ldexp(np.float32(1), shift.astype(np.int32))[:, None].astype(np.float32)
-    return Blocks(
-        blocks.codes[index],
-        blocks.scales[index] * factor,
-        None if blocks.mins is None else blocks.mins[index] * factor,
-        None if blocks.zero_points is None else blocks.zero_points[index],
-        blocks.bits,
-        blocks.block,
-    )
+    taken = blocks.take(index)
+    taken.scales = taken.scales * factor
+    if taken.mins is not None:
+        taken.mins = taken.mins * factor
+    return taken
 
 
 def _keys(rows: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -199,8 +196,12 @@ class GGUFRows:
     reader: object
 
     def blocks(self, name: str) -> Blocks:
-        tensor = next(t for t in self.reader.tensors if t.name == name)
-        return decode(np.asarray(tensor.data).reshape(int(tensor.shape[1]), -1), self.kinds[name])
+        return decode(_data(next(t for t in self.reader.tensors if t.name == name)), self.kinds[name])
+
+
+def _data(tensor) -> np.ndarray:
+    """A 2-D GGUF tensor's bytes as [rows, bytes per row] (its shape lists the row length first)."""
+    return np.asarray(tensor.data).reshape(int(tensor.shape[1]), -1)
 
 
 def index_rows(path: Path, progress=lambda items, total: items) -> GGUFRows:
@@ -212,7 +213,7 @@ def index_rows(path: Path, progress=lambda items, total: items) -> GGUFRows:
     index: dict[int, tuple[str, int, int]] = {}
     tensors = [t for t in reader.tensors if kinds.get(t.name) in DECODERS]
     for tensor in progress(tensors, len(tensors)):
-        data = np.asarray(tensor.data).reshape(int(tensor.shape[1]), -1)
+        data = _data(tensor)
         for start in range(0, data.shape[0], CHUNK_ROWS):
             values = gguf.quants.dequantize(data[start : start + CHUNK_ROWS], tensor.tensor_type)
             keys, exponents = _keys(values.reshape(values.shape[0], -1))
@@ -302,77 +303,68 @@ def _match(weight: np.ndarray, rows: GGUFRows, cache: dict[str, Blocks]) -> Bloc
         start = end
     blocks = merge(parts)
     for start in range(0, weight.shape[1], CHUNK_ROWS):  # a hash that collided, or a scale that over/underflowed
-        end = start + CHUNK_ROWS
-        part = Blocks(
-            blocks.codes[start:end],
-            blocks.scales[start:end],
-            None if blocks.mins is None else blocks.mins[start:end],
-            None if blocks.zero_points is None else blocks.zero_points[start:end],
-            blocks.bits,
-            blocks.block,
-        )
-        if not np.array_equal(part.dequantize(), weight[:, start:end]):
+        part = slice(start, start + CHUNK_ROWS)
+        if not np.array_equal(blocks.take(part).dequantize(), weight[:, part]):
             return "fp32_kept"
     return blocks
 
 
 def gguf_table(table: np.ndarray, rows: GGUFRows) -> tuple[str, np.ndarray, np.ndarray | None]:
     """(dtype, stored rows, scales or None): the smallest form of the embedding table that gives it back: int8 as the
-    exporter makes it (a Q8_0 table), int8 from the file's own blocks (Q4_0, Q5_0, Q3_K, Q6_K), those blocks times the model's
-    embedding scale (Gemma's sqrt(width), to float32 rounding), float16, or float32; all but the scaled blocks exactly."""
-    from softprompt.formats.embedding_table import ScaledRows, quantize_rows
+    exporter makes it (a Q8_0 table), int8 from the file's own blocks (Q4_0, Q5_0, Q3_K, Q6_K), those blocks times the
+    model's embedding scale (Gemma's sqrt(width), to float32 rounding), float16, or float32; all but the scaled blocks
+    exactly."""
+    from softprompt.formats.embedding_table import exact_int8
 
-    if table.shape[1] % 32 == 0:
-        codes, scales = quantize_rows(table, "int8")
-        if np.array_equal(ScaledRows(codes, scales)[:], table):
-            return "int8", codes, scales
-        found = table_rows(table, rows)
-        if found is not None:
-            return "int8", *found
-        found = scaled_table_rows(table, rows)
-        if found is not None:
-            return "int8", *found
+    found = exact_int8(table) or table_rows(table, rows) or scaled_table_rows(table, rows)
+    if found is not None:
+        return "int8", *found
     half = table.astype(np.float16)
     if np.array_equal(half.astype(np.float32), table):
         return "fp16", half, None
     return "fp32", np.ascontiguousarray(table, dtype=np.float32), None
 
 
+def _int8_codes(blocks: Blocks) -> np.ndarray | None:
+    """Blocks with integer zero points as the int8 table's codes (code - zero point), where they fit int8's range."""
+    if blocks.mins is not None:
+        return None
+    codes = blocks.codes.astype(np.int16) - np.repeat(blocks.zero_points, blocks.block, axis=1)
+    return codes.astype(np.int8) if codes.min() >= -127 and codes.max() <= 127 else None
+
+
 def table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray] | None:
     """The embedding table as int8 codes and a scale per block taken from the GGUF's own blocks (Q4_0, Q5_0, Q8_0:
     blocks of 32; Q3_K, Q6_K: of 16; code - zero point), when they give `table` exactly; None otherwise (types with
     float minimums, which the int8 table has no place for)."""
-    cache: dict[str, Blocks] = {}
-    blocks = _match(table.T, rows, cache)
-    if isinstance(blocks, str) or blocks.mins is not None:
+    from softprompt.formats.embedding_table import ScaledRows
+
+    blocks = _match(table.T, rows, {})
+    codes = None if isinstance(blocks, str) else _int8_codes(blocks)
+    if codes is None or not np.array_equal(ScaledRows(codes, blocks.scales)[:], table):
         return None
-    codes = blocks.codes.astype(np.int16) - np.repeat(blocks.zero_points, blocks.block, axis=1)
-    if codes.min() < -127 or codes.max() > 127:
-        return None
-    codes = codes.astype(np.int8)
-    restored = (codes.reshape(*blocks.scales.shape, -1).astype(np.float32) * blocks.scales[..., None]).reshape(table.shape)
-    return (codes, blocks.scales) if np.array_equal(restored, table) else None
+    return codes, blocks.scales
 
 
 def scaled_table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray] | None:
     """A table that is the file's `token_embd` times one factor c (Gemma scales its embeddings by sqrt(width), which
     llama.cpp applies after the lookup): int8 codes q - zero point with scales d x c, within float32 rounding of
     (q d) c, as PyTorch computes it; None where no such c gives the table to 1e-6 of its largest value."""
+    from softprompt.formats.embedding_table import ScaledRows
+
     name = "token_embd.weight"
     if rows.kinds.get(name) not in ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K"):
         return None
     blocks = rows.blocks(name)
-    if blocks.codes.shape != table.shape:
+    codes = _int8_codes(blocks) if blocks.codes.shape == table.shape else None
+    if codes is None:
         return None
-    codes = (blocks.codes.astype(np.int16) - np.repeat(blocks.zero_points, blocks.block, axis=1)).astype(np.int8)
-    plain = (codes.reshape(*blocks.scales.shape, -1).astype(np.float32) * blocks.scales[..., None]).reshape(table.shape)
+    plain = ScaledRows(codes, blocks.scales)[:]
     at = np.unravel_index(np.argmax(np.abs(plain)), plain.shape)
     if plain[at] == 0:
         return None
-    factor = np.float32(table[at] / plain[at])
-    scales = (blocks.scales * factor).astype(np.float32)
+    scales = (blocks.scales * np.float32(table[at] / plain[at])).astype(np.float32)
     del plain
-    restored = (codes.reshape(*scales.shape, -1).astype(np.float32) * scales[..., None]).reshape(table.shape)
-    if np.abs(restored - table).max() > 1e-6 * np.abs(table).max():
+    if np.abs(ScaledRows(codes, scales)[:] - table).max() > 1e-6 * np.abs(table).max():
         return None
     return codes, scales

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from softprompt.formats.embedding_table import BLOCK, TABLE_ZERO_POINT, quantize_rows
+from softprompt.formats.embedding_table import BLOCK, TABLE_ZERO_POINT, exact_int8, quantize_rows
 from softprompt.formats.export_folder import PRECISIONS
 
+from .blocked import holds_in_float16
 from .errors import ExportError
 from .graph_rewrites import drop_unused_initializers, gemm_as_matmul, offset_int4, use_contrib_ops
 from .qdq import as_dequantize_matmul
@@ -187,8 +188,8 @@ def apply_precision(
     if precision.name == "fp32":
         return {}
     before = _size(path)
-    # gguf reads each product's weight from the data file as it replaces it (`gguf_weights.lazy_weights`) instead of
-    # holding the whole float32 graph at once (Qwen 0.5B: 1.9 GB)
+    # gguf reads each product's weight from the data file as it replaces it (`_gguf`) instead of holding the whole
+    # float32 graph at once (Qwen 0.5B: 1.9 GB)
     model = onnx.load(str(path), load_external_data=precision.name != GGUF)
     if precision.name == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -321,11 +322,11 @@ def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Pat
     initializers = {t.name for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
     kept: dict[str, str] = {n.name: "int8" for n in _lm_head(model, matmuls)}
-    if table is not None and kept and _exact_int8(table):
+    exact = exact_int8(table) if table is not None and kept else None
+    shared = False
+    if exact is not None:
         load_all({n.input[1] for n in _lm_head(model, matmuls)})
-        shared = _share_table(model, matmuls, kept, precision, table)
-    else:
-        shared = False
+        shared = _share_table(model, matmuls, kept, precision, table, exact)
     counts = keep_gguf_blocks(model, rows, skip={name for name, how in kept.items() if how == "table"}, base=base)
     load_all()  # the products left float32
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
@@ -339,15 +340,6 @@ def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Pat
         "matmuls_fp32": counts.get("fp32_kept", 0),
         **({"lm_head_is_the_table": 1} if shared else {}),
     }
-
-
-def _exact_int8(table: np.ndarray) -> bool:
-    """Whether the int8 table (`quantize_rows`: absmax / 127 per block of 32) holds `table` exactly, as it does a
-    Q8_0 file's."""
-    from softprompt.formats.embedding_table import ScaledRows
-
-    codes, scales = quantize_rows(table, "int8")
-    return table.shape[1] % BLOCK == 0 and np.array_equal(ScaledRows(codes, scales)[:], table)
 
 
 def _dynamic(model, kept: list[str], chosen: bool, calibration, log):
@@ -378,7 +370,7 @@ def _dynamic(model, kept: list[str], chosen: bool, calibration, log):
     }
 
 
-def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, table: np.ndarray) -> bool:
+def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, table: np.ndarray, rows=None) -> bool:
     """Make a tied lm_head that stays at 8 bits the int8 embedding table itself, stored once.
 
     MatMulNBits at 8 bits, symmetric, blocks of 32, holds an [N, K] weight as N rows of K codes
@@ -387,6 +379,7 @@ def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, tab
     gathers rows from the graph's data file instead of a second copy (28 MB + 3.5 MB for the
     default model). Symmetric int8 over blocks of 32 is GGUF's Q8_0, in which many small models'
     tables ship, so for them it is exact; for others it is the table's own int8 error.
+    `rows` gives the table's int8 codes and scales where they were made already (`exact_int8`).
     Returns whether it did (the lm_head is found, equal to the table, and kept at 8 bits).
     """
     import onnx
@@ -402,16 +395,15 @@ def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, tab
     weight = next(t for t in model.graph.initializer if t.name == head.input[1])
     if tuple(weight.dims) != (width, vocab) or not np.array_equal(numpy_helper.to_array(weight), table.T):
         return False
-    codes, scales = quantize_rows(table, "int8")
+    codes, scales = rows if rows is not None else quantize_rows(table, "int8")
     stored = (codes.view(np.uint8) ^ np.uint8(TABLE_ZERO_POINT)).reshape(vocab, width // BLOCK, BLOCK)  # code + 128
     # float16 where that holds every scale (a Q8_0 table's are float16 in the file), behind a Cast onnxruntime folds;
     # not for pages, whose DequantizeLinear (qdq.py) takes the scales' own type
-    half = scales.astype(np.float16)
-    small = not precision.web and np.array_equal(half.astype(np.float32), scales)
+    small = not precision.web and holds_in_float16(scales)
     model.graph.initializer.extend(
         [
             numpy_helper.from_array(stored, TABLE_CODES),
-            numpy_helper.from_array((half if small else scales).reshape(-1), TABLE_SCALES),
+            numpy_helper.from_array((scales.astype(np.float16) if small else scales).reshape(-1), TABLE_SCALES),
         ]
     )
     scales_input = TABLE_SCALES

@@ -75,7 +75,7 @@ def as_dequantize_matmul(model) -> int:
 def _float_scales(model) -> None:
     """Scales stored in float16 behind a Cast (`blocked._stored`) as float32 initializers again: DequantizeLinear
     gives its scale's type, and the MatMul after it takes float32."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -86,7 +86,7 @@ def _float_scales(model) -> None:
         if n.op_type == "Cast"
         and n.output[0] in scales
         and n.input[0] in initializers
-        and helper.get_attribute_value(n.attribute[0]) == TensorProto.FLOAT
+        and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)
     ]
     for cast in casts:
         values = numpy_helper.to_array(initializers[cast.input[0]]).astype(np.float32)

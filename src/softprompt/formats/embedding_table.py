@@ -69,6 +69,17 @@ def quantize_rows(table: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray
     return codes.reshape(vocab, width), scales.astype(np.float32)
 
 
+def exact_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """`quantize_rows(table, "int8")` where those rows give `table` back exactly (a table from a Q8_0 GGUF tensor,
+    whose blocks are symmetric int8 over 32 values), else None."""
+    if table.shape[1] % BLOCK:
+        return None
+    codes, scales = quantize_rows(table, "int8")
+    if scales is None or not np.array_equal(ScaledRows(codes, scales)[:], table):
+        return None
+    return codes, scales
+
+
 def open_table(
     path: Path, scales_path: Path | None, shape: tuple[int, int], in_graph: dict[str, int] | None = None
 ) -> np.ndarray | ScaledRows:
