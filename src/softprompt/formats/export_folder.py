@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from .embedding_table import ScaledRows, open_table
 from .errors import ExportFormatError
+from .json_object import parse_object
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "softprompt.json"
@@ -206,15 +207,7 @@ def read_config(export_dir: str | Path) -> ExportConfig:
     if not path.is_file():
         hint = " (is this an export-model output folder?)" if Path(export_dir).is_dir() else ""
         raise ExportFormatError(f"{path}: not found{hint}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportFormatError(f"{path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise ExportFormatError(f"{path}: JSON nested too deeply to be an export's config") from None
-    if not isinstance(data, dict):
-        raise ExportFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return ExportConfig.from_dict(data, str(path))
+    return ExportConfig.from_dict(parse_object(path.read_bytes(), path, ExportFormatError, "an export's config"), str(path))
 
 
 @dataclasses.dataclass(frozen=True)

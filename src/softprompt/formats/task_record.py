@@ -5,13 +5,13 @@ its writes and reads, is bank.py's."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidPromptError
+from .json_object import parse_object
 from .task import TaskSpec, parse_head
 from .vectors_file import ALLOWED_DTYPES, HASH_DIGITS
 
@@ -89,14 +89,7 @@ def vectors_file_name(name: str, sha256: str) -> str:
 
 def parse_meta(raw: bytes, path: Path) -> PromptMeta:
     """A record's bytes checked against the schema; `path` is the record's place in its bank (NAME.json)."""
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidPromptError(f"{path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise InvalidPromptError(f"{path}: JSON nested too deeply to be a task record") from None
-    if not isinstance(data, dict):
-        raise InvalidPromptError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data = parse_object(raw, path, InvalidPromptError, "a task record")
     version = data.get("schema_version")
     if version not in READ_SCHEMAS or isinstance(version, bool):
         raise InvalidPromptError(f"{path}: schema_version {version!r}; this version reads {', '.join(map(str, READ_SCHEMAS))}")
