@@ -44,10 +44,10 @@ from .precision import (
     apply_precision,
     default_precision,
     for_kind,
-    table_in_graph,
 )
 from .seq2seq import export_seq2seq_graphs, validate_seq2seq
 from .sources import BUILTINS, load_source, readable
+from .tied_table import table_in_graph
 from .validate import cpu_session, greedy_agreement, validate
 
 GRAPHS = ("auto", "built", "traced")
@@ -305,7 +305,7 @@ def _gguf_rows(source, model: str, step):
 
 
 def _table_from_graph(table: np.ndarray, staging: Path, files: dict[str, str], log) -> tuple[dict[str, str], dict | None]:
-    """Where a graph's lm_head became the int8 table (`precision._share_table`), drop the table's own files
+    """Where a graph's lm_head became the int8 table (`tied_table.share_table`), drop the table's own files
     and point `embeddings` at the graph's data; the rows read back from there must be the stored table's."""
     for name in [name for name in files.values() if name.endswith(".onnx")]:
         place = table_in_graph(staging / name)

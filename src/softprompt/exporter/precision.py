@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from softprompt.formats.embedding_table import BLOCK, TABLE_ZERO_POINT, exact_int8, quantize_rows
+from softprompt.formats.embedding_table import exact_int8
 from softprompt.formats.export_folder import PRECISIONS
 
-from .blocked import holds_in_float16
 from .errors import ExportError
-from .graph_rewrites import drop_unused_initializers, gemm_as_matmul, offset_int4, use_contrib_ops
+from .graph_rewrites import gemm_as_matmul, offset_int4
 from .qdq import as_dequantize_matmul
+from .tied_table import lm_head, share_table
 
 BITS = {"int8": 8, "int4": 4}
 GGUF = "gguf"  # a GGUF source's own blocks, read from the file (gguf_weights.py)
@@ -43,9 +43,6 @@ TABLE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8
 # tasks; int4 with integer zero points (rtn) moves them by 0.44 and costs its sentiment task 6.8
 # points, so it is refused unless --tolerance says otherwise.
 TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "int8": 0.25, "int4": 0.25, GGUF: 0.25}
-# A tied lm_head at 8 bits is stored once, as the embedding table (`_share_table`): its initializers' names.
-TABLE_CODES = "embeddings.codes"
-TABLE_SCALES = "embeddings.scales"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +177,7 @@ def apply_precision(
     """Rewrite the fp32 graph at `path` in `precision`, in place; returns what changed (counts, bytes).
 
     With the float32 embedding `table`, an 8-bit lm_head that equals it becomes the table's int8 rows
-    (see `_share_table`; `table_in_graph` then says where they are). `calibration` (a
+    (see `share_table`; `table_in_graph` then says where they are). `calibration` (a
     `dynamic_int8.Calibration`) is what the "dynamic" algorithm measures to choose which products stay
     at fp32 where --keep does not say."""
     import onnx
@@ -248,7 +245,7 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
     for pattern, keep_as in rules:
         found = [n for n in matmuls if any(fnmatch.fnmatch(name, pattern + "*") for name in (n.input[1], n.name))]
         if not found and pattern == "lm_head":
-            found = _lm_head(model, matmuls)
+            found = lm_head(model, matmuls)
             if not found and not any(o.name == "logits" for o in model.graph.output):
                 continue  # a graph without logits (an encoder) has no lm_head to keep
         if not found:
@@ -257,7 +254,7 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         kept.update((n.name, keep_as) for n in found if n.name not in kept)
     if precision.algorithm == "dynamic":
         return _dynamic(model, [name for name, keep_as in kept.items() if keep_as == "fp32"], bool(rules), calibration, log)
-    shared = table is not None and _share_table(model, matmuls, kept, precision, table)
+    shared = table is not None and share_table(model, matmuls, kept, precision, table)
     at_int8 = [name for name, keep_as in kept.items() if keep_as == "int8"]
     if at_int8:
         config = nbits_quantizer.DefaultWeightOnlyQuantConfig(
@@ -302,7 +299,7 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
 
 def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Path):
     """The GGUF's blocks for every product made of its rows (gguf_weights.py); a tied lm_head that is the Q8_0 table
-    is stored once, as the table (`_share_table`: its int8 rows are then the file's own). `model` comes without its
+    is stored once, as the table (`share_table`: its int8 rows are then the file's own). `model` comes without its
     external data (in `base`): the products' weights are read one at a time, everything else is loaded here."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
@@ -321,12 +318,12 @@ def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Pat
     gemm_as_matmul(model)
     initializers = {t.name for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
-    kept: dict[str, str] = {n.name: "int8" for n in _lm_head(model, matmuls)}
+    kept: dict[str, str] = {n.name: "int8" for n in lm_head(model, matmuls)}
     exact = exact_int8(table) if table is not None and kept else None
     shared = False
     if exact is not None:
-        load_all({n.input[1] for n in _lm_head(model, matmuls)})
-        shared = _share_table(model, matmuls, kept, precision, table, exact)
+        load_all({n.input[1] for n in lm_head(model, matmuls)})
+        shared = share_table(model, matmuls, kept, precision, table, exact)
     counts = keep_gguf_blocks(model, rows, skip={name for name, how in kept.items() if how == "table"}, base=base)
     load_all()  # the products left float32
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
@@ -368,102 +365,6 @@ def _dynamic(model, kept: list[str], chosen: bool, calibration, log):
         "kept_fp32": kept,
         **({"calibration_error": round(error, 4)} if error is not None else {}),
     }
-
-
-def _share_table(model, matmuls, kept: dict[str, str], precision: Precision, table: np.ndarray, rows=None) -> bool:
-    """Make a tied lm_head that stays at 8 bits the int8 embedding table itself, stored once.
-
-    MatMulNBits at 8 bits, symmetric, blocks of 32, holds an [N, K] weight as N rows of K codes
-    (plus 128) with a scale per block of 32: the int8 table's layout (`quantize_rows`), the vocab
-    being N. So a lm_head equal to the table is written as its codes and scales, and the runtime
-    gathers rows from the graph's data file instead of a second copy (28 MB + 3.5 MB for the
-    default model). Symmetric int8 over blocks of 32 is GGUF's Q8_0, in which many small models'
-    tables ship, so for them it is exact; for others it is the table's own int8 error.
-    `rows` gives the table's int8 codes and scales where they were made already (`exact_int8`).
-    Returns whether it did (the lm_head is found, equal to the table, and kept at 8 bits).
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    vocab, width = table.shape
-    heads = _lm_head(model, matmuls)
-    if not heads or width % BLOCK:
-        return False
-    head = heads[0]
-    if kept.get(head.name, "int8" if precision.name == "int8" else None) != "int8":
-        return False
-    weight = next(t for t in model.graph.initializer if t.name == head.input[1])
-    if tuple(weight.dims) != (width, vocab) or not np.array_equal(numpy_helper.to_array(weight), table.T):
-        return False
-    codes, scales = rows if rows is not None else quantize_rows(table, "int8")
-    stored = (codes.view(np.uint8) ^ np.uint8(TABLE_ZERO_POINT)).reshape(vocab, width // BLOCK, BLOCK)  # code + 128
-    # float16 where that holds every scale (a Q8_0 table's are float16 in the file), behind a Cast onnxruntime folds;
-    # not for pages, whose DequantizeLinear (qdq.py) takes the scales' own type
-    small = not precision.web and holds_in_float16(scales)
-    model.graph.initializer.extend(
-        [
-            numpy_helper.from_array(stored, TABLE_CODES),
-            numpy_helper.from_array((scales.astype(np.float16) if small else scales).reshape(-1), TABLE_SCALES),
-        ]
-    )
-    scales_input = TABLE_SCALES
-    if small:
-        scales_input = f"{TABLE_SCALES}.float32"
-        model.graph.node.insert(0, helper.make_node("Cast", [TABLE_SCALES], [scales_input], to=onnx.TensorProto.FLOAT))
-    product = helper.make_node(
-        "MatMulNBits",
-        [head.input[0], TABLE_CODES, scales_input],
-        list(head.output),
-        name=head.name,
-        domain="com.microsoft",
-        K=width,
-        N=vocab,
-        bits=8,
-        block_size=BLOCK,
-    )
-    index = list(model.graph.node).index(head)
-    model.graph.node.remove(head)
-    model.graph.node.insert(index, product)
-    drop_unused_initializers(model)
-    use_contrib_ops(model)
-    kept[head.name] = "table"  # done: the quantizers leave it alone
-    return True
-
-
-def table_in_graph(path: Path) -> dict[str, int] | None:
-    """Where a graph written by `apply_precision` holds the embedding table (`_share_table`), or None.
-
-    Offsets are into the graph's external data file (`path` + ".data"); softprompt.json records them
-    so the runtime, which has no onnx package, can map the rows directly.
-    """
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    places, half = {}, False
-    for tensor in graph.initializer:
-        if tensor.name in (TABLE_CODES, TABLE_SCALES):
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            if info.get("location") != path.name + ".data":
-                raise ExportError(f"{path}: {tensor.name} is not in {path.name}.data but in {info.get('location')!r}")
-            places[tensor.name] = int(info.get("offset", 0))
-            half = half or (tensor.name == TABLE_SCALES and tensor.data_type == onnx.TensorProto.FLOAT16)
-    if not places:
-        return None
-    return {
-        "codes_offset": places[TABLE_CODES],
-        "scales_offset": places[TABLE_SCALES],
-        "zero_point": TABLE_ZERO_POINT,
-        **({"scales_dtype": "float16"} if half else {}),
-    }
-
-
-def _lm_head(model, matmuls) -> list:
-    """The constant matrix product that makes the logits (through a bias Add at most), whatever it is named."""
-    producers = {out: n for n in model.graph.node for out in n.output}
-    node = producers.get("logits")
-    if node is not None and node.op_type == "Add":
-        node = next((producers[i] for i in node.input if i in producers and producers[i] in matmuls), None)
-    return [node] if node is not None and node in matmuls else []
 
 
 def _bits(node) -> int:
