@@ -254,7 +254,7 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         kept.update((n.name, keep_as) for n in found if n.name not in kept)
     if precision.algorithm == "dynamic":
         return _dynamic(model, [name for name, keep_as in kept.items() if keep_as == "fp32"], bool(rules), calibration, log)
-    shared = table is not None and share_table(model, matmuls, kept, precision, table)
+    shared = table is not None and share_table(model, matmuls, kept, table, int8=precision.name == "int8", web=precision.web)
     at_int8 = [name for name, keep_as in kept.items() if keep_as == "int8"]
     if at_int8:
         config = nbits_quantizer.DefaultWeightOnlyQuantConfig(
@@ -323,7 +323,7 @@ def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Pat
     shared = False
     if exact is not None:
         load_all({n.input[1] for n in lm_head(model, matmuls)})
-        shared = share_table(model, matmuls, kept, precision, table, exact)
+        shared = share_table(model, matmuls, kept, table, int8=False, web=precision.web, rows=exact)
     counts = keep_gguf_blocks(model, rows, skip={name for name, how in kept.items() if how == "table"}, base=base)
     load_all()  # the products left float32
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]

@@ -7,7 +7,6 @@ a lm_head equal to the table needs no second copy (docs/FORMAT.md, "A tied lm_he
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,15 +16,12 @@ from .blocked import holds_in_float16
 from .errors import ExportError
 from .graph_rewrites import drop_unused_initializers, use_contrib_ops
 
-if TYPE_CHECKING:
-    from .precision import Precision
-
 # The initializers a shared table is stored in (`share_table`), which `table_in_graph` finds.
 TABLE_CODES = "embeddings.codes"
 TABLE_SCALES = "embeddings.scales"
 
 
-def share_table(model, matmuls, kept: dict[str, str], precision: Precision, table: np.ndarray, rows=None) -> bool:
+def share_table(model, matmuls, kept: dict[str, str], table: np.ndarray, *, int8: bool, web: bool, rows=None) -> bool:
     """Make a tied lm_head that stays at 8 bits the int8 embedding table itself, stored once.
 
     MatMulNBits at 8 bits, symmetric, blocks of 32, holds an [N, K] weight as N rows of K codes
@@ -34,7 +30,9 @@ def share_table(model, matmuls, kept: dict[str, str], precision: Precision, tabl
     gathers rows from the graph's data file instead of a second copy (28 MB + 3.5 MB for the
     default model). Symmetric int8 over blocks of 32 is GGUF's Q8_0, in which many small models'
     tables ship, so for them it is exact; for others it is the table's own int8 error.
-    `rows` gives the table's int8 codes and scales where they were made already (`exact_int8`).
+    `kept` says what each product keeps (the lm_head "int8"; unnamed, it is at 8 bits when the export is, `int8`);
+    `web`: the export is for pages, whose DequantizeLinear takes float32 scales. `rows` gives the table's int8 codes and
+    scales where they were made already (`exact_int8`).
     Returns whether it did (the lm_head is found, equal to the table, and kept at 8 bits).
     """
     import onnx
@@ -45,7 +43,7 @@ def share_table(model, matmuls, kept: dict[str, str], precision: Precision, tabl
     if not heads or width % BLOCK:
         return False
     head = heads[0]
-    if kept.get(head.name, "int8" if precision.name == "int8" else None) != "int8":
+    if kept.get(head.name, "int8" if int8 else None) != "int8":
         return False
     weight = next(t for t in model.graph.initializer if t.name == head.input[1])
     if tuple(weight.dims) != (width, vocab) or not np.array_equal(numpy_helper.to_array(weight), table.T):
@@ -54,7 +52,7 @@ def share_table(model, matmuls, kept: dict[str, str], precision: Precision, tabl
     stored = (codes.view(np.uint8) ^ np.uint8(TABLE_ZERO_POINT)).reshape(vocab, width // BLOCK, BLOCK)  # code + 128
     # float16 where that holds every scale (a Q8_0 table's are float16 in the file), behind a Cast onnxruntime folds;
     # not for pages, whose DequantizeLinear (qdq.py) takes the scales' own type
-    small = not precision.web and holds_in_float16(scales)
+    small = not web and holds_in_float16(scales)
     model.graph.initializer.extend(
         [
             numpy_helper.from_array(stored, TABLE_CODES),
