@@ -79,10 +79,16 @@ web/node_modules/.stamp: web/package.json web/package-lock.json
 $(WEB_EXPORT)/softprompt.json: $(STAMP)
 	$(BIN)/export-model smollm2-135m $(WEB_EXPORT) --precision int4 --force -q
 
+# The same as an export for pages (--web): onnxruntime-web's WebAssembly runs it in node and in the page.
+WEB_PAGE_EXPORT := build/web-int4-web
+$(WEB_PAGE_EXPORT)/softprompt.json: $(STAMP)
+	$(BIN)/export-model smollm2-135m $(WEB_PAGE_EXPORT) --precision int4 --web --force -q
+
 # The page test drives Debian's chromium (no browser download works here); CI runs as root, so it can install it.
-test-web: $(STAMP) web/node_modules/.stamp $(WEB_EXPORT)/softprompt.json
+test-web: $(STAMP) web/node_modules/.stamp $(WEB_EXPORT)/softprompt.json $(WEB_PAGE_EXPORT)/softprompt.json
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
-	cd web && SOFTPROMPT_PYTHON=$(abspath $(BIN))/python SOFTPROMPT_INT4_EXPORT=$(abspath $(WEB_EXPORT)) npm test
+	cd web && SOFTPROMPT_PYTHON=$(abspath $(BIN))/python SOFTPROMPT_INT4_EXPORT=$(abspath $(WEB_EXPORT)) \
+	    SOFTPROMPT_WEB_EXPORT=$(abspath $(WEB_PAGE_EXPORT)) npm test
 
 # The page on http://127.0.0.1:8321/ with the int4 export for pages (--web) and the shipped bank.
 PAGE_EXPORT := exports/smollm2-int4-web
