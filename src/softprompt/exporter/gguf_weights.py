@@ -31,6 +31,7 @@ import numpy as np
 
 from .blocked import Blocks, merge, product
 from .errors import ExportError
+from .lazy_weights import release, view
 
 QK_K = 256
 CHUNK_ROWS = 8192  # rows dequantized at once while indexing (a 150k-row table would be 0.5 GB at once)
@@ -239,7 +240,7 @@ def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset(), base: 
             nodes.append(node)
             continue
         tensor = initializers[node.input[1]]
-        weight = _view(tensor, base)
+        weight = view(tensor, base)
         blocks = _match(weight, rows, cache) if weight.ndim == 2 else "fp32_kept"
         if isinstance(blocks, str):
             counts[blocks] += 1
@@ -251,30 +252,13 @@ def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset(), base: 
         counts[f"q{blocks.bits}{'+min' if blocks.mins is not None else ''}"] += 1
         del weight, blocks
         if readers[node.input[1]] == 1:  # its float32 bytes go now, not after the last product (a 0.5B model: 1.9 GB)
-            tensor.ClearField("raw_data")
-            del tensor.external_data[:]
+            release(tensor)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(added)
     drop_unused_initializers(model)
     use_contrib_ops(model)
     return dict(sorted(counts.items()))
-
-
-def _view(tensor, base: Path | None = None) -> np.ndarray:
-    """A float32 initializer's values without a copy: its raw bytes, or its place in the external data file under
-    `base` mapped (read-only) where the graph was loaded without its data (a lm_head is half a GB)."""
-    from onnx import TensorProto, numpy_helper
-    from onnx.external_data_helper import uses_external_data
-
-    shape = tuple(tensor.dims)
-    if tensor.data_type == TensorProto.FLOAT and uses_external_data(tensor) and base is not None:
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        offset = int(info.get("offset", 0))
-        return np.memmap(base / info["location"], dtype=np.float32, mode="r", offset=offset, shape=shape)
-    if tensor.data_type == TensorProto.FLOAT and tensor.raw_data:
-        return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(shape)
-    return numpy_helper.to_array(tensor, str(base or ""))
 
 
 def _match(weight: np.ndarray, rows: GGUFRows, cache: dict[str, Blocks]) -> Blocks | str:

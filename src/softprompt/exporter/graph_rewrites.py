@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
 
 
-def offset_int4(model, names: list[str], block_size: int) -> None:
+def offset_int4(model, names: list[str], block_size: int, base: Path | None = None) -> None:
     """int4 codes with a float minimum per block: w = d * q + m, q in 0..15, d and m floats.
 
     MatMulNBits takes integer zero points only, so a block's minimum m is off the 4-bit grid by up
@@ -17,20 +20,21 @@ def offset_int4(model, names: list[str], block_size: int) -> None:
     weights' size): error 0.1% of the norm instead of 8% on those weights (`blocked.product`).
 
     d and m are rounded to float16 where that changes no weight (a grid that came from a GGUF file,
-    as the default model's, is float16 already), and stored so.
+    as the default model's, is float16 already), and stored so. Weights the graph was loaded without are read
+    from the data file in `base` one at a time (`lazy_weights`).
     """
-    from onnx import numpy_helper
-
     from .blocked import Blocks, product
+    from .lazy_weights import release, view
 
     wanted = set(names)
     initializers = {t.name: t for t in model.graph.initializer}
+    readers = Counter(i for n in model.graph.node for i in n.input)
     nodes, added = [], []
     for node in model.graph.node:
         if node.name not in wanted:
             nodes.append(node)
             continue
-        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        weight = np.array(view(initializers[node.input[1]], base), dtype=np.float32)
         rows, cols = weight.shape
         grouped = weight.reshape(rows // block_size, block_size, cols)
         low = grouped.min(axis=1)
@@ -44,6 +48,8 @@ def offset_int4(model, names: list[str], block_size: int) -> None:
         more, weights = product(node, node.input[1], blocks)
         nodes += more
         added += weights
+        if readers[node.input[1]] == 1:
+            release(initializers[node.input[1]])
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(added)

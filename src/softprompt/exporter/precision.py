@@ -29,6 +29,7 @@ from softprompt.formats.export_folder import PRECISIONS
 
 from .errors import ExportError
 from .graph_rewrites import gemm_as_matmul, offset_int4
+from .lazy_weights import load, matmul_weights
 from .qdq import as_dequantize_matmul
 from .tied_table import lm_head, share_table
 
@@ -185,9 +186,10 @@ def apply_precision(
     if precision.name == "fp32":
         return {}
     before = _size(path)
-    # gguf reads each product's weight from the data file as it replaces it (`_gguf`) instead of holding the whole
-    # float32 graph at once (Qwen 0.5B: 1.9 GB)
-    model = onnx.load(str(path), load_external_data=precision.name != GGUF)
+    # gguf and int4's offset path read each product's weight from the data file as they replace it (`lazy_weights`)
+    # instead of holding the whole float32 graph at once (Qwen 0.5B: 1.9 GB)
+    lazy = precision.name == GGUF or (precision.quantized and precision.algorithm == "offset")
+    model = onnx.load(str(path), load_external_data=not lazy)
     if precision.name == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -198,7 +200,7 @@ def apply_precision(
             raise ExportError("--precision gguf stores a GGUF file's own blocks; the model was not loaded from a .gguf file")
         model, changed = _gguf(model, precision, table, gguf, path.parent)
     else:
-        model, changed = _quantize(model, precision, table, calibration, log)
+        model, changed = _quantize(model, precision, table, calibration, log, path.parent if lazy else None)
         if precision.web:
             changed["dequantize_matmul"] = as_dequantize_matmul(model)
     # The weights go to model.onnx.data (replacing any fp32 one, whose weights are in memory by now):
@@ -234,9 +236,13 @@ def _nbits_quantizer():
     return matmul_nbits_quantizer
 
 
-def _quantize(model, precision: Precision, table: np.ndarray | None, calibration=None, log=lambda message: None):
+def _quantize(model, precision: Precision, table: np.ndarray | None, calibration=None, log=lambda message: None, base=None):
+    """`base`: the folder of the data file `model` was loaded without (the offset path reads each weight from it as it
+    converts it); onnxruntime's quantizers get the rest of the graph loaded."""
     nbits_quantizer = _nbits_quantizer()
 
+    if base is not None:
+        load(model, base, {t.name for t in model.graph.initializer} - matmul_weights(model))  # norms, Gemm weights
     gemm_as_matmul(model)
     initializers = {t.name for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
@@ -254,23 +260,28 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         kept.update((n.name, keep_as) for n in found if n.name not in kept)
     if precision.algorithm == "dynamic":
         return _dynamic(model, [name for name, keep_as in kept.items() if keep_as == "fp32"], bool(rules), calibration, log)
+    if base is not None and table is not None:
+        load(model, base, {n.input[1] for n in lm_head(model, matmuls)})
     shared = table is not None and share_table(model, matmuls, kept, table, int8=precision.name == "int8", web=precision.web)
+    if precision.algorithm == "offset":
+        dims = {t.name: t.dims for t in model.graph.initializer}  # shapes, without reading the data
+        offset = [n.name for n in matmuls if n.name not in kept and dims[n.input[1]][0] % precision.block_size == 0]
+        offset_int4(model, offset, precision.block_size, base)
+        kept.update((name, "offset") for name in offset)  # done: the passes below leave them alone
+        kept.update((f"{name}.offsets", "offset product") for name in offset)  # their small float products too
+    if base is not None:
+        load(model, base)  # what onnxruntime's quantizers convert or keep
     at_int8 = [name for name, keep_as in kept.items() if keep_as == "int8"]
     if at_int8:
         config = nbits_quantizer.DefaultWeightOnlyQuantConfig(
             block_size=precision.block_size, is_symmetric=precision.symmetric, bits=8
         )
-        others = [n.name for n in matmuls if n.name not in at_int8]  # (its nodes_to_include adds, it does not restrict)
+        # (its nodes_to_include adds, it does not restrict)
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in at_int8]
         quantizer = nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
         quantizer.process()
         model = quantizer.model.model
     bits = BITS[precision.name]
-    if precision.algorithm == "offset":
-        dims = {t.name: t.dims for t in model.graph.initializer}  # shapes, without reading the data
-        offset = [n.name for n in matmuls if n.name not in kept and dims[n.input[1]][0] % precision.block_size == 0]
-        offset_int4(model, offset, precision.block_size)
-        kept.update((name, "offset") for name in offset)  # done: the pass below leaves them alone
-        kept.update((f"{name}.offsets", "offset product") for name in offset)  # their small float products too
     if precision.algorithm == "hqq":
         config = nbits_quantizer.HQQWeightOnlyQuantConfig(block_size=precision.block_size, bits=bits)
     else:
@@ -301,20 +312,9 @@ def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Pat
     """The GGUF's blocks for every product made of its rows (gguf_weights.py); a tied lm_head that is the Q8_0 table
     is stored once, as the table (`share_table`: its int8 rows are then the file's own). `model` comes without its
     external data (in `base`): the products' weights are read one at a time, everything else is loaded here."""
-    import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
     from .gguf_weights import keep_gguf_blocks
 
-    def load_all(names=None) -> None:
-        for tensor in model.graph.initializer:
-            if uses_external_data(tensor) and (names is None or tensor.name in names):
-                load_external_data_for_tensor(tensor, str(base))
-                del tensor.external_data[:]
-                tensor.data_location = onnx.TensorProto.DEFAULT
-
-    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
-    load_all({t.name for t in model.graph.initializer} - weights)  # norms, biases, caches, Gemm weights
+    load(model, base, {t.name for t in model.graph.initializer} - matmul_weights(model))  # norms, biases, caches, Gemm weights
     gemm_as_matmul(model)
     initializers = {t.name for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
@@ -322,10 +322,10 @@ def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Pat
     exact = exact_int8(table) if table is not None and kept else None
     shared = False
     if exact is not None:
-        load_all({n.input[1] for n in lm_head(model, matmuls)})
+        load(model, base, {n.input[1] for n in lm_head(model, matmuls)})
         shared = share_table(model, matmuls, kept, table, int8=False, web=precision.web, rows=exact)
     counts = keep_gguf_blocks(model, rows, skip={name for name, how in kept.items() if how == "table"}, base=base)
-    load_all()  # the products left float32
+    load(model, base)  # the products left float32
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     if not nbits:
         raise ExportError(f"--precision gguf: no matrix product of the graph is made of {rows.path.name}'s quantized rows")

@@ -1,0 +1,52 @@
+"""A graph's initializers read from its external data file one at a time, when a conversion needs them.
+
+Converting a 0.5B model loaded whole held its 1.9 GB of float32 weights, the converted copies and the
+quantizers' working arrays at once (8.4 GB at int4). Loaded without its data, a graph costs its nodes;
+each weight is then mapped read-only from the file while it is converted (`view`), and what is left
+float32 is read in at the end (`load`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def view(tensor, base: Path | None = None) -> np.ndarray:
+    """A float32 initializer's values without a copy: its raw bytes, or its place in the external data file under
+    `base` mapped read-only where the graph was loaded without its data."""
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    shape = tuple(tensor.dims)
+    if tensor.data_type == TensorProto.FLOAT and uses_external_data(tensor) and base is not None:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        offset = int(info.get("offset", 0))
+        return np.memmap(base / info["location"], dtype=np.float32, mode="r", offset=offset, shape=shape)
+    if tensor.data_type == TensorProto.FLOAT and tensor.raw_data:
+        return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(shape)
+    return numpy_helper.to_array(tensor, str(base or ""))
+
+
+def load(model, base: Path, names: set[str] | None = None) -> None:
+    """Read the external data of `model`'s initializers (those in `names`, or all) into the graph."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor) and (names is None or tensor.name in names):
+            load_external_data_for_tensor(tensor, str(base))
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def matmul_weights(model) -> set[str]:
+    """The names of the initializers that are a MatMul's second input: the weights a conversion replaces."""
+    return {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
+
+
+def release(tensor) -> None:
+    """Let a replaced initializer's float32 bytes go now rather than with the graph."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
