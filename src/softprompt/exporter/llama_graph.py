@@ -21,8 +21,12 @@ otherwise); the export validates the result against PyTorch either way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -54,7 +58,7 @@ class Layer:
 
 @dataclasses.dataclass
 class Weights:
-    layers: list[Layer]
+    layers: Sequence[Layer]
     final_norm: np.ndarray
     lm_head: np.ndarray  # [E, V]
     lm_bias: np.ndarray | None
@@ -114,39 +118,59 @@ def _gain(norm, width: int) -> tuple[np.ndarray, float]:
 
 
 def read_weights(model, layout: CacheLayout) -> Weights:
-    """Everything the graph needs, from the PyTorch modules themselves (not from config field names)."""
+    """Everything the graph needs, from the PyTorch modules themselves (not from config field names).
+
+    A layer's matrices are made when the graph reaches it (`_Layers`), so that a big model's weights are held once
+    more per layer at a time, not once more whole (a 0.5B model: 2.4 GB)."""
     inner = model.model
     width = model.config.hidden_size
     kv_heads, head_size = layout.shapes[0]
     heads = int(model.config.num_attention_heads)
-    layers, eps = [], 1e-6
-    for block in inner.layers:
-        attention, mlp = block.self_attn, block.mlp
-        scale = float(getattr(attention, "scaling", head_size**-0.5))
-        q, k, v = (_matrix(getattr(attention, f"{p}_proj")) for p in "qkv")
-        biases = [_bias(getattr(attention, f"{p}_proj")) for p in "qkv"]
-        qkv_bias = None
-        if any(b is not None for b in biases):
-            sizes = (q.shape[1], k.shape[1], v.shape[1])
-            qkv_bias = np.concatenate([b if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
-            qkv_bias[: sizes[0]] *= scale
-        input_norm, eps = _gain(block.input_layernorm, width)
-        post_norm, _ = _gain(block.post_attention_layernorm, width)
-        layers.append(
-            Layer(
-                input_norm=input_norm,
-                qkv=np.ascontiguousarray(np.concatenate([q * scale, k, v], axis=1)),
-                qkv_bias=qkv_bias,
-                out=_matrix(attention.o_proj),
-                out_bias=_bias(attention.o_proj),
-                post_norm=post_norm,
-                gate_up=np.ascontiguousarray(np.concatenate([_matrix(mlp.gate_proj), _matrix(mlp.up_proj)], axis=1)),
-                down=_matrix(mlp.down_proj),
-            )
-        )
+    _, eps = _gain(inner.layers[-1].input_layernorm, width)
     final_norm, _ = _gain(inner.norm, width)
     cos, sin = _rotary_tables(inner.rotary_emb, int(model.config.max_position_embeddings), head_size)
+    layers = _Layers([lambda block=block: _layer(block, width, head_size) for block in inner.layers])
     return Weights(layers, final_norm, _matrix(model.lm_head), _bias(model.lm_head), cos, sin, eps, heads, kv_heads, head_size)
+
+
+def _layer(block, width: int, head_size: int) -> Layer:
+    attention, mlp = block.self_attn, block.mlp
+    scale = float(getattr(attention, "scaling", head_size**-0.5))
+    q, k, v = (_matrix(getattr(attention, f"{p}_proj")) for p in "qkv")
+    biases = [_bias(getattr(attention, f"{p}_proj")) for p in "qkv"]
+    qkv_bias = None
+    if any(b is not None for b in biases):
+        sizes = (q.shape[1], k.shape[1], v.shape[1])
+        qkv_bias = np.concatenate([b if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
+        qkv_bias[: sizes[0]] *= scale
+    return Layer(
+        input_norm=_gain(block.input_layernorm, width)[0],
+        qkv=np.ascontiguousarray(np.concatenate([q * scale, k, v], axis=1)),
+        qkv_bias=qkv_bias,
+        out=_matrix(attention.o_proj),
+        out_bias=_bias(attention.o_proj),
+        post_norm=_gain(block.post_attention_layernorm, width)[0],
+        gate_up=np.ascontiguousarray(np.concatenate([_matrix(mlp.gate_proj), _matrix(mlp.up_proj)], axis=1)),
+        down=_matrix(mlp.down_proj),
+    )
+
+
+class _Layers(Sequence[Layer]):
+    """Layers made on first use; the two last used are kept (the graph reads layer i, then layer i + 1's norm)."""
+
+    def __init__(self, makers: list[Callable[[], Layer]]):
+        self._makers = makers
+        self._made: dict[int, Layer] = {}
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+    def __getitem__(self, index):  # type: ignore[override]  (ints only)
+        index = range(len(self))[index]
+        if index not in self._made:
+            self._made = {i: layer for i, layer in self._made.items() if abs(i - index) == 1}
+            self._made[index] = self._makers[index]()
+        return self._made[index]
 
 
 def _rotary_tables(rotary, positions: int, head_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,11 +188,17 @@ def _rotary_tables(rotary, positions: int, head_size: int) -> tuple[np.ndarray, 
 
 
 class _Builder:
-    """Collects nodes and initializers; names are made unique by a counter."""
+    """Collects nodes and initializers; names are made unique by a counter.
 
-    def __init__(self):
+    With a `data` file, each initializer of 1 KiB or more is written to it as it is made (page-aligned, as
+    onnxruntime maps it) and only its place is kept; without one, the arrays are kept to be made tensors once the
+    graph exists."""
+
+    def __init__(self, data: BinaryIO | None = None, location: str = ""):
         self.nodes: list[onnx.NodeProto] = []
-        self.arrays: list[tuple[str, np.ndarray]] = []  # initializers, made into tensors only once the graph exists
+        self.arrays: list[tuple[str, np.ndarray]] = []
+        self.written: list[onnx.TensorProto] = []
+        self.data, self.location = data, location
         self.count = 0
 
     def name(self, hint: str) -> str:
@@ -177,7 +207,11 @@ class _Builder:
 
     def const(self, hint: str, array: np.ndarray) -> str:
         name = self.name(hint)
-        self.arrays.append((name, np.asarray(array)))
+        array = np.asarray(array)
+        if self.data is not None and array.nbytes >= EXTERNAL_THRESHOLD:
+            self.written.append(_write(array, name, self.data, self.location))
+        else:
+            self.arrays.append((name, array))
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
@@ -187,6 +221,23 @@ class _Builder:
 
     def one(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
+
+
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller initializers stay inside the graph, as onnx.save_model's size_threshold
+PAGE = 4096
+
+
+def _write(array: np.ndarray, name: str, data: BinaryIO, location: str) -> onnx.TensorProto:
+    """`array` appended to the open data file at a page boundary; the tensor that points at it."""
+    tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+    data.write(b"\0" * (-data.tell() % PAGE))
+    offset = data.tell()
+    data.write(memoryview(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))).cast("B"))
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
 
 
 def _interface(w: Weights) -> tuple[list, list]:
@@ -236,11 +287,25 @@ def _skip_norm(b: _Builder, x: str, residual: str, gain: np.ndarray, eps: float,
 def build(weights: Weights, path: Path, external_data: bool = False) -> None:
     """Write the decoder graph to `path` with the export's standard inputs and outputs.
 
-    The weights are written into the model's initializers one at a time, each array let go as its tensor is
-    made, so that (when the caller keeps no reference to `weights`) the weights are held about once, not four
-    times (arrays, tensors, the graph's copy and the model's): a 0.5B model's export peaked at 11.6 GB here."""
+    With `external_data`, the weights go to `path`.data as the graph is built, layer by layer (`read_weights`
+    makes a layer's matrices when they are needed), so a big model's weights are not held a second time: a 0.5B
+    model's build peaked 2.3 GB above the loaded model when its arrays, then its tensors, were all made first.
+    Without it (small models), the arrays become the graph's tensors one at a time once the graph exists."""
+    data_path = path.with_name(f"{path.name}.data")
+    data_path.unlink(missing_ok=True)
+    with open(data_path, "wb") if external_data else _no_file() as data:
+        _build(weights, path, _Builder(data, data_path.name))
+    if external_data:
+        os.chmod(data_path, path.stat().st_mode & 0o777)
+
+
+@contextlib.contextmanager
+def _no_file():
+    yield None
+
+
+def _build(weights: Weights, path: Path, b: _Builder) -> None:
     w = weights
-    b = _Builder()
     inputs, outputs = _interface(w)
     mask = _additive_mask(b)
     cos, sin = b.const("cos_cache", w.cos), b.const("sin_cache", w.sin)
@@ -290,7 +355,7 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
         b.op("Add", [b.one("MatMul", [hidden, b.const("lm_head", w.lm_head)]), b.const("lm_bias", w.lm_bias)], ["logits"])
 
     del w, weights, layer  # from here the builder holds the only references to the arrays
-    graph = helper.make_graph(b.nodes, "softprompt_decoder", inputs, outputs)
+    graph = helper.make_graph(b.nodes, "softprompt_decoder", inputs, outputs, initializer=b.written)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], producer_name="softprompt-onnx"
     )
@@ -302,11 +367,4 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
         model.graph.initializer.append(numpy_helper.from_array(array, name))
         del array
     path.unlink(missing_ok=True)
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=external_data,
-        all_tensors_to_one_file=True,
-        location=f"{path.name}.data",
-        size_threshold=1024,
-    )
+    onnx.save_model(model, str(path))  # (the data file, if any, holds its initializers already)

@@ -288,9 +288,11 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         config = nbits_quantizer.DefaultWeightOnlyQuantConfig(
             block_size=precision.block_size, is_symmetric=precision.symmetric, bits=bits
         )
-    quantizer = nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=list(kept), algo_config=config)
-    quantizer.process()
-    model = quantizer.model.model
+    constant = {t.name for t in model.graph.initializer}
+    if any(n.op_type == "MatMul" and n.name not in kept and n.input[1] in constant for n in model.graph.node):
+        quantizer = nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=list(kept), algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     if not nbits:
         raise ExportError(f"--precision {precision.name}: the graph has no matrix product with constant weights to quantize")
