@@ -260,9 +260,9 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         kept.update((n.name, keep_as) for n in found if n.name not in kept)
     if precision.algorithm == "dynamic":
         return _dynamic(model, [name for name, keep_as in kept.items() if keep_as == "fp32"], bool(rules), calibration, log)
-    if base is not None and table is not None:
-        load(model, base, {n.input[1] for n in lm_head(model, matmuls)})
-    shared = table is not None and share_table(model, matmuls, kept, table, int8=precision.name == "int8", web=precision.web)
+    shared = table is not None and share_table(
+        model, matmuls, kept, table, int8=precision.name == "int8", web=precision.web, base=base
+    )
     if precision.algorithm == "offset":
         dims = {t.name: t.dims for t in model.graph.initializer}  # shapes, without reading the data
         offset = [n.name for n in matmuls if n.name not in kept and dims[n.input[1]][0] % precision.block_size == 0]
@@ -324,8 +324,7 @@ def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Pat
     exact = exact_int8(table) if table is not None and kept else None
     shared = False
     if exact is not None:
-        load(model, base, {n.input[1] for n in lm_head(model, matmuls)})
-        shared = share_table(model, matmuls, kept, table, int8=False, web=precision.web, rows=exact)
+        shared = share_table(model, matmuls, kept, table, int8=False, web=precision.web, rows=exact, base=base)
     counts = keep_gguf_blocks(model, rows, skip={name for name, how in kept.items() if how == "table"}, base=base)
     load(model, base)  # the products left float32
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]

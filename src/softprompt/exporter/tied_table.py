@@ -15,13 +15,16 @@ from softprompt.formats.embedding_table import BLOCK, TABLE_ZERO_POINT, quantize
 from .blocked import holds_in_float16
 from .errors import ExportError
 from .graph_rewrites import drop_unused_initializers, use_contrib_ops
+from .lazy_weights import view
 
 # The initializers a shared table is stored in (`share_table`), which `table_in_graph` finds.
 TABLE_CODES = "embeddings.codes"
 TABLE_SCALES = "embeddings.scales"
 
 
-def share_table(model, matmuls, kept: dict[str, str], table: np.ndarray, *, int8: bool, web: bool, rows=None) -> bool:
+def share_table(
+    model, matmuls, kept: dict[str, str], table: np.ndarray, *, int8: bool, web: bool, rows=None, base: Path | None = None
+) -> bool:
     """Make a tied lm_head that stays at 8 bits the int8 embedding table itself, stored once.
 
     MatMulNBits at 8 bits, symmetric, blocks of 32, holds an [N, K] weight as N rows of K codes
@@ -32,7 +35,8 @@ def share_table(model, matmuls, kept: dict[str, str], table: np.ndarray, *, int8
     tables ship, so for them it is exact; for others it is the table's own int8 error.
     `kept` says what each product keeps (the lm_head "int8"; unnamed, it is at 8 bits when the export is, `int8`);
     `web`: the export is for pages, whose DequantizeLinear takes float32 scales. `rows` gives the table's int8 codes and
-    scales where they were made already (`exact_int8`).
+    scales where they were made already (`exact_int8`); `base`, the folder of the data file the graph was loaded
+    without (the lm_head is then read from it).
     Returns whether it did (the lm_head is found, equal to the table, and kept at 8 bits).
     """
     import onnx
@@ -46,7 +50,7 @@ def share_table(model, matmuls, kept: dict[str, str], table: np.ndarray, *, int8
     if kept.get(head.name, "int8" if int8 else None) != "int8":
         return False
     weight = next(t for t in model.graph.initializer if t.name == head.input[1])
-    if tuple(weight.dims) != (width, vocab) or not np.array_equal(numpy_helper.to_array(weight), table.T):
+    if tuple(weight.dims) != (width, vocab) or not np.array_equal(view(weight, base), table.T):
         return False
     codes, scales = rows if rows is not None else quantize_rows(table, "int8")
     stored = (codes.view(np.uint8) ^ np.uint8(TABLE_ZERO_POINT)).reshape(vocab, width // BLOCK, BLOCK)  # code + 128

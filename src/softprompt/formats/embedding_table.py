@@ -62,11 +62,18 @@ def quantize_rows(table: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"table dtype {dtype!r}; expected one of {', '.join(TABLE_DTYPES)}")
     vocab, width = table.shape
     block = BLOCK if width % BLOCK == 0 else width
-    blocks = np.asarray(table, dtype=np.float32).reshape(vocab, width // block, block)
-    scales = np.abs(blocks).max(axis=2) / np.float32(127.0)
-    scales[scales == 0] = 1.0  # an all-zero block (padding) stays zero
-    codes = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int8)
-    return codes.reshape(vocab, width), scales.astype(np.float32)
+    codes = np.empty((vocab, width), np.int8)
+    scales = np.empty((vocab, width // block), np.float32)
+    for start in range(0, vocab, ROWS_AT_ONCE):  # in slices: whole, the float temporaries were 3x a big table
+        blocks = np.asarray(table[start : start + ROWS_AT_ONCE], dtype=np.float32).reshape(-1, width // block, block)
+        part = np.abs(blocks).max(axis=2) / np.float32(127.0)
+        part[part == 0] = 1.0  # an all-zero block (padding) stays zero
+        scales[start : start + ROWS_AT_ONCE] = part
+        codes[start : start + ROWS_AT_ONCE] = np.clip(np.rint(blocks / part[..., None]), -127, 127).reshape(-1, width)
+    return codes, scales
+
+
+ROWS_AT_ONCE = 4096
 
 
 def exact_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -75,8 +82,10 @@ def exact_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if table.shape[1] % BLOCK:
         return None
     codes, scales = quantize_rows(table, "int8")
-    if scales is None or not np.array_equal(ScaledRows(codes, scales)[:], table):
-        return None
+    rows = ScaledRows(codes, scales)
+    for start in range(0, len(table), ROWS_AT_ONCE):
+        if not np.array_equal(rows[start : start + ROWS_AT_ONCE], table[start : start + ROWS_AT_ONCE]):
+            return None
     return codes, scales
 
 
