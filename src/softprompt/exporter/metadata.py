@@ -20,12 +20,16 @@ def embedding_table(model, chunk: int = 4096) -> np.ndarray:
     """
     module = model.get_input_embeddings()
     vocab = int(getattr(module, "num_embeddings", None) or module.weight.shape[0])
-    rows = []
+    table: np.ndarray | None = None
     with torch.no_grad():
         for start in range(0, vocab, chunk):
             ids = torch.arange(start, min(start + chunk, vocab)).unsqueeze(0)
-            rows.append(module(ids)[0].float().numpy())
-    return np.ascontiguousarray(np.concatenate(rows, 0))
+            rows = module(ids)[0].float().numpy()
+            if table is None:  # filled in place: chunks kept for a concatenation stayed allocated after it (0.5 GB)
+                table = np.empty((vocab, rows.shape[-1]), np.float32)
+            table[start : start + len(rows)] = rows
+    assert table is not None
+    return table
 
 
 def _as_list(value) -> list[int]:
