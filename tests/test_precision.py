@@ -469,12 +469,15 @@ def test_a_quantized_export_of_a_big_model_keeps_no_fp32_weights_and_every_file_
             assert path.stat().st_mode & 0o777 == 0o666 & ~umask, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
     assert len(load(tmp_path / "int4").complete(TEXTS[0], max_new_tokens=3)[0].token_ids) == 3
     # the weights read one at a time from the fp32 data file are those of a graph converted whole in memory
+    export_model(str(llama_dir), tmp_path / "int8", precision="int8", tolerance=1.0, log=lambda m: None)
     monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 2**62)
-    export_model(str(llama_dir), tmp_path / "inline", precision="int4", tolerance=1.0, log=lambda m: None)
-    stored = {}
-    for name in ("int4", "inline"):
-        graph = onnx.load(str(tmp_path / name / "model.onnx")).graph
-        stored[name] = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    assert stored["int4"].keys() == stored["inline"].keys()
-    for key, values in stored["inline"].items():
-        assert np.array_equal(stored["int4"][key], values), key
+    for precision in ("int4", "int8"):
+        export_model(str(llama_dir), tmp_path / f"{precision}-inline", precision=precision, tolerance=1.0, log=lambda m: None)
+        stored = {}
+        for name in (precision, f"{precision}-inline"):
+            graph = onnx.load(str(tmp_path / name / "model.onnx")).graph
+            stored[name] = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        lazy, whole = stored.values()
+        assert lazy.keys() == whole.keys()
+        for key, values in whole.items():
+            assert np.array_equal(lazy[key], values), (precision, key)

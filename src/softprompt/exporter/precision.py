@@ -28,8 +28,8 @@ from softprompt.formats.embedding_table import exact_int8
 from softprompt.formats.export_folder import PRECISIONS
 
 from .errors import ExportError
-from .graph_rewrites import gemm_as_matmul, offset_int4
-from .lazy_weights import load, matmul_weights
+from .graph_rewrites import drop_unused_initializers, gemm_as_matmul, offset_int4, use_contrib_ops
+from .lazy_weights import load, matmul_weights, release
 from .qdq import as_dequantize_matmul
 from .tied_table import lm_head, share_table
 
@@ -186,9 +186,9 @@ def apply_precision(
     if precision.name == "fp32":
         return {}
     before = _size(path)
-    # gguf and int4's offset path read each product's weight from the data file as they replace it (`lazy_weights`)
-    # instead of holding the whole float32 graph at once (Qwen 0.5B: 1.9 GB)
-    lazy = precision.name == GGUF or (precision.quantized and precision.algorithm == "offset")
+    # Each product's weight is read from the data file as it is replaced (`lazy_weights`) instead of the whole float32
+    # graph held at once (Qwen 0.5B: 1.9 GB); the dynamic algorithm's quantizer takes the graph whole.
+    lazy = precision.name == GGUF or (precision.quantized and precision.algorithm != "dynamic")
     model = onnx.load(str(path), load_external_data=not lazy)
     if precision.name == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -237,8 +237,8 @@ def _nbits_quantizer():
 
 
 def _quantize(model, precision: Precision, table: np.ndarray | None, calibration=None, log=lambda message: None, base=None):
-    """`base`: the folder of the data file `model` was loaded without (the offset path reads each weight from it as it
-    converts it); onnxruntime's quantizers get the rest of the graph loaded."""
+    """`base`: the folder of the data file `model` was loaded without; each weight is read from it as it is converted
+    (HQQ's quantizer gets the graph loaded whole)."""
     nbits_quantizer = _nbits_quantizer()
 
     if base is not None:
@@ -269,30 +269,28 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         offset_int4(model, offset, precision.block_size, base)
         kept.update((name, "offset") for name in offset)  # done: the passes below leave them alone
         kept.update((f"{name}.offsets", "offset product") for name in offset)  # their small float products too
-    if base is not None:
-        load(model, base)  # what onnxruntime's quantizers convert or keep
     at_int8 = [name for name, keep_as in kept.items() if keep_as == "int8"]
     if at_int8:
         config = nbits_quantizer.DefaultWeightOnlyQuantConfig(
             block_size=precision.block_size, is_symmetric=precision.symmetric, bits=8
         )
-        # (its nodes_to_include adds, it does not restrict)
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in at_int8]
-        quantizer = nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
-        quantizer.process()
-        model = quantizer.model.model
+        others = {n.name for n in model.graph.node if n.name not in at_int8}
+        _quantize_each(model, nbits_quantizer.DefaultWeightOnlyQuantizer(config), others, base)
     bits = BITS[precision.name]
     if precision.algorithm == "hqq":
+        if base is not None:
+            load(model, base)
         config = nbits_quantizer.HQQWeightOnlyQuantConfig(block_size=precision.block_size, bits=bits)
+        quantizer = nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=list(kept), algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
     else:
         config = nbits_quantizer.DefaultWeightOnlyQuantConfig(
             block_size=precision.block_size, is_symmetric=precision.symmetric, bits=bits
         )
-    constant = {t.name for t in model.graph.initializer}
-    if any(n.op_type == "MatMul" and n.name not in kept and n.input[1] in constant for n in model.graph.node):
-        quantizer = nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=list(kept), algo_config=config)
-        quantizer.process()
-        model = quantizer.model.model
+        _quantize_each(model, nbits_quantizer.DefaultWeightOnlyQuantizer(config), set(kept), base)
+    if base is not None:
+        load(model, base)  # what stays float32
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     if not nbits:
         raise ExportError(f"--precision {precision.name}: the graph has no matrix product with constant weights to quantize")
@@ -308,6 +306,30 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
         "matmuls_fp32": sum(1 for v in kept.values() if v == "fp32"),
         **({"lm_head_is_the_table": 1} if shared else {}),
     }
+
+
+def _quantize_each(model, quantizer, exclude: set[str], base: Path | None) -> None:
+    """onnxruntime's round-to-nearest MatMulNBits quantization (`DefaultWeightOnlyQuantizer`, what
+    `MatMulNBitsQuantizer.process` runs on every MatMul) one product at a time, in place: each weight is read from the
+    data file in `base` just before it is quantized and let go after, so a big model's float32 weights are never all
+    in memory (a 0.5B model's int8 conversion peaked at 8.5 GB with them)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers = Counter(i for n in model.graph.node for i in n.input)
+    nodes = []
+    for node in model.graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or node.name in exclude:
+            nodes.append(node)
+            continue
+        if base is not None:
+            load(model, base, {weight.name})
+        nodes += quantizer.quantize(node, [model.graph])
+        if readers[weight.name] == 1:
+            release(weight)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    drop_unused_initializers(model)
+    use_contrib_ops(model)
 
 
 def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Path):
