@@ -131,7 +131,10 @@ def export_model(
         source.tokenizer.save_pretrained(staging, legacy_format=False)  # tokenizer.json only: all the runtime reads
 
         precision = for_kind(precision, backbone.kind)
-        options = GraphOptions(opset, fp32_tolerance, fuse, graph, backbone.weight_bytes > EXTERNAL_DATA_BYTES)
+        # a graph that is converted next is written with its weights in a data file, which the conversion reads one
+        # weight at a time (a 1 GB model loaded whole for it peaked at 6 GB)
+        external = backbone.weight_bytes > EXTERNAL_DATA_BYTES or precision.name != "fp32"
+        options = GraphOptions(opset, fp32_tolerance, fuse, graph, external)
         files, report = WRITERS[backbone.kind](backbone, staging, options, step, log)
         files = {**files, **table_files, "tokenizer": "tokenizer.json"}
         table_in_graph = None
@@ -175,7 +178,7 @@ class GraphOptions:
     tolerance: float
     fuse: bool
     graph: str  # decoders: "auto", "built" or "traced"
-    external_data: bool  # weights above EXTERNAL_DATA_BYTES go to a .data file beside the graph
+    external_data: bool  # weights in a .data file beside the graph (above EXTERNAL_DATA_BYTES, or converted next)
 
 
 def _interface(path: Path) -> dict:
