@@ -351,6 +351,13 @@ def test_a_classification_task_completes_with_one_label(served):
     longest = max(len(model.backbone.encode(words, add_special_tokens=False)) for words in SPEC.labels.values())
     assert got.choices[0].finish_reason == "stop" and got.usage.completion_tokens <= longest
     assert got.choices[0].text == model.complete(TEXTS[0], task="a", max_new_tokens=40)[0].text
+    # min_tokens (vLLM's name) holds the end off as the runtime's min_new_tokens does: the same tokens
+    held = client(url).completions.create(model="tiny:a", prompt=TEXTS[0], max_tokens=12, extra_body={"min_tokens": 12})
+    want = model.complete(TEXTS[0], task="a", max_new_tokens=12, min_new_tokens=12)[0]
+    assert held.usage.completion_tokens == 12 == len(want.token_ids) and held.choices[0].text == want.text
+    for bad, message in ((13, "min_tokens 13 is above max_tokens 12"), (-1, "min_tokens is -1"), ("3", "min_tokens is '3'")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client(url).completions.create(model="tiny:a", prompt=TEXTS[0], max_tokens=12, extra_body={"min_tokens": bad})
 
 
 def test_serve_model_says_what_it_serves_logs_each_request_and_refuses_a_busy_port(chat_export, tmp_path):

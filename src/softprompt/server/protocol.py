@@ -126,9 +126,16 @@ def _settings(data: dict, limits: Limits) -> GenerationSettings:
         ("top_p", data.get("top_p")),
         ("seed", data.get("seed")),
         ("stop", data.get("stop")),
+        ("min_new_tokens", data.get("min_tokens")),  # vLLM's extension: end of sequence (and a label) held off so long
     ):
         if value is not None:
             fields[key] = value
+    least = data.get("min_tokens")
+    if least is not None and (not isinstance(least, int) or isinstance(least, bool) or least < 0):
+        raise ApiError(400, f"min_tokens is {least!r:.60}; expected a whole number >= 0", param="min_tokens")
+    most = fields.get("max_new_tokens", GenerationSettings.max_new_tokens)
+    if least is not None and isinstance(most, int) and least > most:
+        raise ApiError(400, f"min_tokens {least} is above max_tokens {most}", param="min_tokens")
     if isinstance(fields.get("max_new_tokens"), int) and fields["max_new_tokens"] > limits.max_tokens:
         raise ApiError(400, f"max_tokens {fields['max_new_tokens']}; the limit is {limits.max_tokens}", param="max_tokens")
     try:
