@@ -4,13 +4,15 @@ The server runs in its own process on the default model's export with a bank of 
 shipped prompt, prefix and P-tuning tasks under 16 names). Every client streams its requests one
 after another (greedy, --new-tokens each). For each number of clients: tokens/s over the run,
 first-token and request latency p50/p95. The baseline, in the same run: the 16 clients' requests
-served one at a time (one client). And one request by one client against the same request through
-the Python API in this process (medians of --repeats).
+served one at a time (one client), and the runtime's own batch of 16 rows of the 16 tasks in this
+process. And one request by one client against the same request through the Python API in this
+process (medians of --repeats). Every request decodes exactly --new-tokens (`min_tokens`: a
+classification task would stop after its label).
 
     python -m bench.speed.serve_http --export exports/smollm2-int4 --bank banks/smollm2-135m
 
-Targets: 16 clients >= 4x the throughput of one at a time; one client's latency within 10% of the
-Python API's.
+Targets: 16 clients >= 0.95x the throughput of the runtime's own batch of 16; one client's latency
+within 5% of the Python API's.
 """
 
 from __future__ import annotations
@@ -72,7 +74,12 @@ def one_request(client, model: str, prompt: str, new_tokens: int) -> tuple[float
     first = None
     tokens = 0
     for chunk in client.completions.create(
-        model=model, prompt=prompt, max_tokens=new_tokens, stream=True, stream_options={"include_usage": True}
+        model=model,
+        prompt=prompt,
+        max_tokens=new_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"min_tokens": new_tokens},  # every request decodes its tokens (a classification task stops at a label)
     ):
         if chunk.choices and chunk.choices[0].text and first is None:
             first = time.perf_counter() - start
@@ -156,8 +163,18 @@ def main() -> int:
         direct = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            model.complete(TEXTS[1], task=tasks[1], max_new_tokens=args.new_tokens)
+            model.complete(TEXTS[1], task=tasks[1], max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
             direct.append(time.perf_counter() - start)
+        engine = []  # the runtime's own batch of the 16 clients' first requests, each row its own task
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            done = model.complete(
+                [TEXTS[i % len(TEXTS)] for i in range(16)],
+                task=tasks[:16],
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+            )
+            engine.append(sum(len(c.token_ids) for c in done) / (time.perf_counter() - start))
     print(f"serve-model, {args.export}, 16 tasks, {args.new_tokens} new tokens, {args.threads} threads; {machine()}")
     print("clients  requests  tokens/s  first-token p50/p95 ms  latency p50/p95 ms")
     for row in rows:
@@ -167,16 +184,26 @@ def main() -> int:
             f"{row['latency_ms_p50']:7.0f} / {row['latency_ms_p95']:.0f}"
         )
     ratio = rows[-1]["tokens_per_s"] / baseline["tokens_per_s"]
+    batched = rows[-1]["tokens_per_s"] / statistics.median(engine)
     latency = statistics.median(served) / statistics.median(direct)
     print(
-        f"16 clients: {ratio:.2f}x the throughput of the same requests one at a time ({baseline['tokens_per_s']:.1f} tok/s); target >= 4x"
+        f"16 clients: {batched:.2f}x the runtime's own batch of 16 rows ({statistics.median(engine):.1f} tok/s, median of "
+        f"{args.repeats}), target >= 0.95x; {ratio:.2f}x the same requests one at a time ({baseline['tokens_per_s']:.1f} tok/s)"
     )
     print(
         f"one client: {1000 * statistics.median(served):.0f} ms per request, the Python API {1000 * statistics.median(direct):.0f} ms: "
-        f"{latency:.2f}x; target <= 1.10x"
+        f"{latency:.2f}x; target <= 1.05x"
     )
     if args.json_out:
-        record = {"rows": rows, "baseline": baseline, "throughput_ratio": ratio, "latency_ratio": latency, "machine": machine()}
+        record = {
+            "rows": rows,
+            "baseline": baseline,
+            "engine_tokens_per_s": statistics.median(engine),
+            "batch_ratio": batched,
+            "throughput_ratio": ratio,
+            "latency_ratio": latency,
+            "machine": machine(),
+        }
         args.json_out.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
