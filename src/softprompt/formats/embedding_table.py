@@ -82,6 +82,8 @@ def exact_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if table.shape[1] % BLOCK:
         return None
     codes, scales = quantize_rows(table, "int8")
+    if scales is None:
+        return None
     rows = ScaledRows(codes, scales)
     for start in range(0, len(table), ROWS_AT_ONCE):
         if not np.array_equal(rows[start : start + ROWS_AT_ONCE], table[start : start + ROWS_AT_ONCE]):
