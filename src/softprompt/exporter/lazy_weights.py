@@ -17,13 +17,12 @@ def view(tensor, base: Path | None = None) -> np.ndarray:
     """A float32 initializer's values without a copy: its raw bytes, or its place in the external data file under
     `base` mapped read-only where the graph was loaded without its data."""
     from onnx import TensorProto, numpy_helper
-    from onnx.external_data_helper import uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     shape = tuple(tensor.dims)
     if tensor.data_type == TensorProto.FLOAT and uses_external_data(tensor) and base is not None:
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        offset = int(info.get("offset", 0))
-        return np.memmap(base / info["location"], dtype=np.float32, mode="r", offset=offset, shape=shape)
+        info = ExternalDataInfo(tensor)
+        return np.memmap(base / info.location, dtype=np.float32, mode="r", offset=info.offset or 0, shape=shape)
     if tensor.data_type == TensorProto.FLOAT and tensor.raw_data:
         return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(shape)
     return numpy_helper.to_array(tensor, str(base or ""))
@@ -31,14 +30,26 @@ def view(tensor, base: Path | None = None) -> np.ndarray:
 
 def load(model, base: Path, names: set[str] | None = None) -> None:
     """Read the external data of `model`'s initializers (those in `names`, or all) into the graph."""
+    for tensor in model.graph.initializer:
+        if names is None or tensor.name in names:
+            read_in(tensor, base)
+
+
+def load_besides_weights(model, base: Path) -> None:
+    """Read in every initializer but the MatMul weights a conversion replaces one at a time (norms, biases, caches,
+    Gemm weights)."""
+    load(model, base, {t.name for t in model.graph.initializer} - matmul_weights(model))
+
+
+def read_in(tensor, base: Path) -> None:
+    """One initializer's external data read into it (nothing to do for one that holds its data)."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-    for tensor in model.graph.initializer:
-        if uses_external_data(tensor) and (names is None or tensor.name in names):
-            load_external_data_for_tensor(tensor, str(base))
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
+    if uses_external_data(tensor):
+        load_external_data_for_tensor(tensor, str(base))
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def matmul_weights(model) -> set[str]:

@@ -228,7 +228,8 @@ PAGE = 4096
 
 
 def _write(array: np.ndarray, name: str, data: BinaryIO, location: str) -> onnx.TensorProto:
-    """`array` appended to the open data file at a page boundary; the tensor that points at it."""
+    """`array` appended to the open data file at a page boundary; the tensor that points at it (written by hand:
+    onnx's set_external_data wants the bytes inside the tensor first)."""
     tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
     data.write(b"\0" * (-data.tell() % PAGE))
     offset = data.tell()
@@ -293,15 +294,10 @@ def build(weights: Weights, path: Path, external_data: bool = False) -> None:
     Without it (small models), the arrays become the graph's tensors one at a time once the graph exists."""
     data_path = path.with_name(f"{path.name}.data")
     data_path.unlink(missing_ok=True)
-    with open(data_path, "wb") if external_data else _no_file() as data:
+    with open(data_path, "wb") if external_data else contextlib.nullcontext() as data:
         _build(weights, path, _Builder(data, data_path.name))
     if external_data:
         os.chmod(data_path, path.stat().st_mode & 0o777)
-
-
-@contextlib.contextmanager
-def _no_file():
-    yield None
 
 
 def _build(weights: Weights, path: Path, b: _Builder) -> None:

@@ -29,7 +29,7 @@ from softprompt.formats.export_folder import PRECISIONS
 
 from .errors import ExportError
 from .graph_rewrites import drop_unused_initializers, gemm_as_matmul, offset_int4, use_contrib_ops
-from .lazy_weights import load, matmul_weights, release
+from .lazy_weights import load, load_besides_weights, read_in, release
 from .qdq import as_dequantize_matmul
 from .tied_table import lm_head, share_table
 
@@ -242,7 +242,7 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
     nbits_quantizer = _nbits_quantizer()
 
     if base is not None:
-        load(model, base, {t.name for t in model.graph.initializer} - matmul_weights(model))  # norms, Gemm weights
+        load_besides_weights(model, base)
     gemm_as_matmul(model)
     initializers = {t.name for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
@@ -322,7 +322,7 @@ def _quantize_each(model, quantizer, exclude: set[str], base: Path | None) -> No
             nodes.append(node)
             continue
         if base is not None:
-            load(model, base, {weight.name})
+            read_in(weight, base)
         nodes += quantizer.quantize(node, [model.graph])
         if readers[weight.name] == 1:
             release(weight)
@@ -338,7 +338,7 @@ def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Pat
     external data (in `base`): the products' weights are read one at a time, everything else is loaded here."""
     from .gguf_weights import keep_gguf_blocks
 
-    load(model, base, {t.name for t in model.graph.initializer} - matmul_weights(model))  # norms, biases, caches, Gemm weights
+    load_besides_weights(model, base)
     gemm_as_matmul(model)
     initializers = {t.name for t in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]

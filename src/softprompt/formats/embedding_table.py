@@ -51,6 +51,9 @@ class ScaledRows:
         return blocks.reshape(rows.shape)
 
 
+ROWS_AT_ONCE = 4096  # rows converted or compared at once: the float temporaries of a whole big table were 3x its size
+
+
 def quantize_rows(table: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(stored rows, scales or None) of a float32 [V, E] table; int8 is symmetric, absmax / 127 per block of 32
     (of the whole row where E is not a multiple of 32)."""
@@ -64,16 +67,13 @@ def quantize_rows(table: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray
     block = BLOCK if width % BLOCK == 0 else width
     codes = np.empty((vocab, width), np.int8)
     scales = np.empty((vocab, width // block), np.float32)
-    for start in range(0, vocab, ROWS_AT_ONCE):  # in slices: whole, the float temporaries were 3x a big table
+    for start in range(0, vocab, ROWS_AT_ONCE):
         blocks = np.asarray(table[start : start + ROWS_AT_ONCE], dtype=np.float32).reshape(-1, width // block, block)
         part = np.abs(blocks).max(axis=2) / np.float32(127.0)
         part[part == 0] = 1.0  # an all-zero block (padding) stays zero
         scales[start : start + ROWS_AT_ONCE] = part
         codes[start : start + ROWS_AT_ONCE] = np.clip(np.rint(blocks / part[..., None]), -127, 127).reshape(-1, width)
     return codes, scales
-
-
-ROWS_AT_ONCE = 4096
 
 
 def exact_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
