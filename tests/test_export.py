@@ -13,7 +13,7 @@ import torch
 from softprompt.exporter import ExportError, ExportValidationError, export_model
 from softprompt.exporter.graph import CachedDecoder, probe_cache
 from softprompt.exporter.metadata import embedding_table
-from softprompt.exporter.validate import validate
+from softprompt.exporter.validate import reference, validate
 from softprompt.prompt_bank import backbone_fingerprint
 from softprompt.runtime import read_config
 
@@ -84,7 +84,7 @@ def test_validation_reports_every_mismatch(llama_dir, llama_export):
     wrapper = CachedDecoder(model, probe_cache(model))
     table = np.load(llama_export / "embeddings.npy")
     with pytest.raises(ExportValidationError) as info:
-        validate(llama_export / "model.onnx", wrapper, table)
+        validate(llama_export / "model.onnx", reference(wrapper, table))
     report = str(info.value)
     assert report.count("logits max |diff| / max |ref|") == 3  # one per case
     assert "first step, no past" in report and "3 new token(s), past of 6" in report
@@ -158,9 +158,9 @@ def test_the_greedy_check_sees_each_text_as_the_runtime_serves_it(llama_dir, tmp
     seen: list[list[int]] = []
     real = export_module.greedy_agreement
 
-    def spy(path, wrapper, table, starts, *args, **kwargs):
-        seen.extend(list(map(int, row)) for row in starts)
-        return real(path, wrapper, table, starts, *args, **kwargs)
+    def spy(graph, want):
+        seen.extend(want.starts)
+        return real(graph, want)
 
     monkeypatch.setattr(export_module, "greedy_agreement", spy)
     export_model(str(llama_dir), tmp_path / "out", precision="int8", tolerance=1.0, log=lambda m: None)  # (checks quantized)
@@ -200,3 +200,35 @@ def test_a_gguf_s_control_and_user_defined_tokens_are_matched_whole(llama_dir, t
     assert all(i in after for i in ids) and len(tokenizer) == len(tokens)  # whole, at their own ids
     assert pieces[0] not in tokenizer.decode(after, skip_special_tokens=True)  # control: special
     assert pieces[1] in tokenizer.decode(after, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("graph", ["built", "traced"])
+def test_a_decoder_s_pytorch_model_is_gone_before_onnxruntime_loads_a_graph(llama_dir, tmp_path, monkeypatch, graph):
+    """PyTorch's answers to every check are computed first and the model released, so its weights and onnxruntime's
+    are never held together (what set the peak memory of a big model's export), and the checks still run."""
+    import weakref
+
+    from softprompt.exporter import export as export_module
+    from softprompt.exporter import validate as validate_module
+
+    models: list[weakref.ref] = []
+    alive: list[bool] = []
+    real_describe, real_session = export_module.describe, validate_module.cpu_session
+
+    def describe(source):
+        backbone = real_describe(source)
+        models.append(weakref.ref(backbone.model))
+        return backbone
+
+    def session(graph_or_session):
+        if not isinstance(graph_or_session, ort.InferenceSession):
+            alive.append(models[0]() is not None)
+        return real_session(graph_or_session)
+
+    monkeypatch.setattr(export_module, "describe", describe)
+    monkeypatch.setattr(export_module, "cpu_session", session)
+    monkeypatch.setattr(validate_module, "cpu_session", session)
+    config = export_model(str(llama_dir), tmp_path / "out", precision="int8", graph=graph, log=lambda m: None)
+    assert alive == [False, False]  # the fp32 graph's validation, then the int8 graph's checks
+    assert config.validation["graph"] == graph and config.validation["greedy_agreement"]
+    assert config.validation["quality"]["positions"] > 0

@@ -27,28 +27,34 @@ class Backbone:
     """A loaded, frozen model and the `softprompt.json` fields that describe it (not its graphs)."""
 
     kind: str  # "decoder", "encoder" or "seq2seq"
-    model: torch.nn.Module
+    model: Any  # the frozen torch.nn.Module; None once an export released it (its checks' answers computed)
     table: np.ndarray  # [V, E] float32: the model's input-embedding module applied to every id
     facts: dict[str, Any]  # architecture and shapes: the fingerprint covers these and the table
     tokens: dict[str, Any]  # bos_token_id, eos_token_ids, pad_token_id
     fields: dict[str, Any]  # kind-specific softprompt.json fields: pooling, max_seq_length, generation
     layout: Any  # decoder: CacheLayout; seq2seq: (self, cross) shapes per layer and encoder prefix layers; encoder: None
     tokenizer: Any = None  # the transformers tokenizer the export writes as tokenizer.json
+    weight_bytes: int = dataclasses.field(init=False)  # of the model's parameters, kept after the model is released
+
+    def __post_init__(self) -> None:
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @property
     def fingerprint(self) -> str:
         return backbone_fingerprint(self.table, self.facts)
 
-    @property
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in evaluation mode with no parameter asking for gradients: a frozen backbone."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
 
 
 def describe(source: Source) -> Backbone:
     """Freeze `source.model` and read everything an export of it records besides the graphs."""
-    model = source.model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    model = freeze(source.model)
     table = embedding_table(model)
     if source.kind == "encoder":
         folder = Path(source.info["path"]) if source.info.get("path") else None

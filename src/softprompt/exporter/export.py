@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import shutil
@@ -20,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -28,7 +30,7 @@ from softprompt.formats.embedding_table import open_table, quantize_rows
 from softprompt.formats.export_folder import CONFIG_FILE, ExportConfig
 
 from . import quality
-from .backbone import Backbone, describe
+from .backbone import Backbone, describe, freeze
 from .dynamic_int8 import Calibration
 from .encoder import EncoderModule, calibration_feeds, export_encoder_graph, uses_token_types, validate_encoder
 from .errors import ExportError, ExportValidationError
@@ -48,7 +50,7 @@ from .precision import (
 from .seq2seq import export_seq2seq_graphs, validate_seq2seq
 from .sources import BUILTINS, load_source, readable
 from .tied_table import table_in_graph
-from .validate import cpu_session, greedy_agreement, validate
+from .validate import Reference, cpu_session, greedy_agreement, reference, validate
 
 GRAPHS = ("auto", "built", "traced")
 
@@ -129,17 +131,22 @@ def export_model(
         stored = gguf_table(backbone.table, gguf_rows) if gguf_rows is not None else None
         table_files = _store_table(backbone.table, staging, TABLE_PRECISION[precision.name], log, stored)
         source.tokenizer.save_pretrained(staging, legacy_format=False)  # tokenizer.json only: all the runtime reads
+        info = source.info
+        del source  # the backbone holds the model now: a decoder's is released once PyTorch's answers are computed
+
+        def reload():
+            return freeze(load_source(model, attention=attention, cache_dir=cache_dir, log=lambda m: None, kind=kind).model)
 
         precision = for_kind(precision, backbone.kind)
         # a graph that is converted next is written with its weights in a data file, which the conversion reads one
         # weight at a time (a 1 GB model loaded whole for it peaked at 6 GB)
         external = backbone.weight_bytes > EXTERNAL_DATA_BYTES or precision.name != "fp32"
-        options = GraphOptions(opset, fp32_tolerance, fuse, graph, external)
-        files, report = WRITERS[backbone.kind](backbone, staging, options, step, log)
+        options = GraphOptions(opset, fp32_tolerance, fuse, graph, external, precision.name != "fp32", reload)
+        files, report, want = WRITERS[backbone.kind](backbone, staging, options, step, log)
         files = {**files, **table_files, "tokenizer": "tokenizer.json"}
         table_in_graph = None
         if precision.name != "fp32":
-            report = _convert(backbone, staging, files, precision, tolerance, report, options, step, log, gguf_rows)
+            report = _convert(backbone, staging, files, precision, tolerance, report, want, step, log, gguf_rows)
             files, table_in_graph = _table_from_graph(backbone.table, staging, files, log)
 
         step("writing softprompt.json")
@@ -151,7 +158,7 @@ def export_model(
             dtype="float32",
             fingerprint=backbone.fingerprint,
             files=files,
-            source=source.info,
+            source=info,
             validation=report,
             precision=precision.name,
             quantization=precision.record() if precision.quantized else {},
@@ -179,6 +186,8 @@ class GraphOptions:
     fuse: bool
     graph: str  # decoders: "auto", "built" or "traced"
     external_data: bool  # weights in a .data file beside the graph (above EXTERNAL_DATA_BYTES, or converted next)
+    converted: bool  # the graphs are converted to another precision next, and checked again against PyTorch fp32
+    reload: Callable[[], Any]  # the PyTorch model again, after it was released (a built graph that falls back to tracing)
 
 
 def _interface(path: Path) -> dict:
@@ -195,20 +204,20 @@ def _mib(backbone: Backbone) -> str:
     return f"{backbone.weight_bytes / 2**20:.0f} MiB of weights"
 
 
-def _decoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict]:
-    """model.onnx built op by op or traced, as `options.graph` asks; returns its files and validation report."""
-    model, path = backbone.model, staging / "model.onnx"
-    wrapper = CachedDecoder(model, backbone.layout)
+def _decoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict, Reference]:
+    """model.onnx built op by op or traced, as `options.graph` asks; returns its files, its validation report and
+    PyTorch's answers to every check (the model itself is released before onnxruntime loads the graph)."""
+    path = staging / "model.onnx"
     validating = f"validating against PyTorch (tolerance {options.tolerance:g} relative to the logits' scale)"
-    reason = unsupported(model) if options.graph != "traced" else "--graph traced"
+    reason = unsupported(backbone.model) if options.graph != "traced" else "--graph traced"
     weights = []  # the only reference to them, handed to build(), which lets each go as it is written
     if reason is None:
         try:
-            weights.append(read_weights(model, backbone.layout))
+            weights.append(read_weights(backbone.model, backbone.layout))
         except ValueError as exc:
             reason = str(exc)
     if options.graph == "built" and not weights:
-        raise ExportError(f"--graph built cannot build {type(model).__name__}: {reason}; use --graph traced")
+        raise ExportError(f"--graph built cannot build {type(backbone.model).__name__}: {reason}; use --graph traced")
     files = {"model": "model.onnx"}
     if weights:
         step(f"building the ONNX graph op by op ({_mib(backbone)}, Llama family, fused onnxruntime ops)")
@@ -216,27 +225,53 @@ def _decoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, st
         if options.fuse:
             log("      --fuse is for traced graphs; the built graph already uses onnxruntime's fused ops")
         step(validating)
+        want = _reference(backbone, options.converted)
+        _release(backbone)
         try:
-            report = validate(path, wrapper, backbone.table, options.tolerance)
+            report = validate(path, want, options.tolerance)
         except ExportValidationError as exc:
             if options.graph == "built":
                 raise
             log(f"      the built graph does not match PyTorch, so it is traced instead: {' '.join(str(exc).split())}")
             step.more(2)
+            backbone.model = options.reload()
         else:
             _log_report(report, log)
-            return files, {**report, "graph": "built"}
+            return files, {**report, "graph": "built"}, want
     if options.graph == "auto" and reason:
         log(f"      graph traced through PyTorch: {reason}")
     step(f"exporting the ONNX graph through PyTorch ({_mib(backbone)}, opset {options.opset}; the longest step)")
+    wrapper = CachedDecoder(backbone.model, backbone.layout)
     export_graph(wrapper, backbone.table.shape[1], path, options.opset, external_data=options.external_data)
+    del wrapper
     fusions = _fuse(staging, files, options, log)
     step(validating)
-    report = validate(path, wrapper, backbone.table, options.tolerance)
-    return files, _finish(report, fusions, log, graph="traced")
+    want = _reference(backbone, options.converted)
+    _release(backbone)
+    report = validate(path, want, options.tolerance)
+    return files, _finish(report, fusions, log, graph="traced"), want
 
 
-def _encoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict]:
+def _reference(backbone: Backbone, converted: bool) -> Reference:
+    """PyTorch fp32's answers to the fp32 graph's validation and, for a graph `converted` next, to its checks: greedy
+    tokens from GREEDY_TEXTS and logits of quality.QUALITY_TEXTS, each text as the runtime serves it (its special
+    tokens, a BOS where the tokenizer adds one), whole and alone."""
+    starts: list[list[int]] = []
+    rows: list[list[int]] = []
+    if converted:
+        starts = [backbone.tokenizer.encode(text) for text in GREEDY_TEXTS]
+        limit = backbone.facts.get("max_positions") or None  # learned positions cap what a text may be
+        rows = [backbone.tokenizer.encode(text)[:limit] for text in quality.QUALITY_TEXTS]
+    return reference(CachedDecoder(backbone.model, backbone.layout), backbone.table, starts, rows)
+
+
+def _release(backbone: Backbone) -> None:
+    """Let the PyTorch model go: its weights and those onnxruntime loads next would otherwise be held together."""
+    backbone.model = None
+    gc.collect()
+
+
+def _encoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict, None]:
     """model.onnx from inputs_embeds to the last hidden state (and the pooler's output where there is one)."""
     log(f"      sentence embeddings: {backbone.fields['pooling']} pooling over the text's tokens")
     step(f"exporting the encoder graph ({_mib(backbone)}, opset {options.opset})")
@@ -245,17 +280,17 @@ def _encoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, st
     files = {"model": "model.onnx"}
     fusions = _fuse(staging, files, options, log)
     step(f"validating against PyTorch (tolerance {options.tolerance:g} relative to the hidden states' scale)")
-    return files, _finish(validate_encoder(staging / "model.onnx", module, backbone.table, options.tolerance), fusions, log)
+    return files, _finish(validate_encoder(staging / "model.onnx", module, backbone.table, options.tolerance), fusions, log), None
 
 
-def _seq2seq_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict]:
+def _seq2seq_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict, None]:
     """encoder.onnx (input to cross-attention keys/values) and decoder.onnx (one cached step)."""
     step(f"exporting the encoder and decoder graphs ({_mib(backbone)}, opset {options.opset})")
     export_seq2seq_graphs(backbone.model, staging, options.opset, external_data=options.external_data, layout=backbone.layout)
     files = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
     fusions = _fuse(staging, files, options, log)
     step(f"validating against PyTorch (tolerance {options.tolerance:g} relative to each output's scale)")
-    return files, _finish(validate_seq2seq(staging, backbone.model, backbone.table, options.tolerance), fusions, log)
+    return files, _finish(validate_seq2seq(staging, backbone.model, backbone.table, options.tolerance), fusions, log), None
 
 
 WRITERS = {"decoder": _decoder_graphs, "encoder": _encoder_graphs, "seq2seq": _seq2seq_graphs}
@@ -328,29 +363,24 @@ def _table_from_graph(table: np.ndarray, staging: Path, files: dict[str, str], l
     return files, None
 
 
-def _check_decoder(backbone: Backbone, staging: Path, tolerance: float | None) -> dict:
-    """A converted decoder against PyTorch fp32: max logit differences (judged only at a `tolerance` given), greedy
-    agreement, and the next-token quality on sample text (quality.py), which refuses only a broken graph."""
-    wrapper = CachedDecoder(backbone.model, backbone.layout)
+def _check_decoder(backbone: Backbone, staging: Path, tolerance: float | None, want: Reference) -> dict:
+    """A converted decoder against PyTorch fp32's answers: max logit differences (judged only at a `tolerance` given),
+    greedy agreement, and the next-token quality on sample text (quality.py), which refuses only a broken graph."""
     session = cpu_session(staging / "model.onnx")  # loaded once for every check below
-    report = validate(session, wrapper, backbone.table, math.inf if tolerance is None else tolerance, caches=False)
-    # Each text as the runtime serves it (its special tokens, a BOS where the tokenizer adds one), whole and alone.
-    starts = [backbone.tokenizer.encode(text) for text in GREEDY_TEXTS]
-    agreed = [greedy_agreement(session, wrapper, backbone.table, [ids])[0] for ids in starts]
-    limit = backbone.facts.get("max_positions") or None  # learned positions cap what a text may be
-    rows = [backbone.tokenizer.encode(text)[:limit] for text in quality.QUALITY_TEXTS]
-    found = quality.measure(session, wrapper, backbone.table, rows)
+    report = validate(session, want, math.inf if tolerance is None else tolerance, caches=False)
+    agreed = greedy_agreement(session, want)
+    found = quality.measure(session, want)
     if tolerance is None:
         quality.check(found)
     return {**report, "tolerance": tolerance, "greedy_agreement": agreed, "quality": found.record()}
 
 
-def _check_encoder(backbone: Backbone, staging: Path, tolerance: float | None) -> dict:
+def _check_encoder(backbone: Backbone, staging: Path, tolerance: float | None, want: None) -> dict:
     module = EncoderModule(backbone.model, uses_token_types(backbone.model))
     return validate_encoder(staging / "model.onnx", module, backbone.table, tolerance)
 
 
-def _check_seq2seq(backbone: Backbone, staging: Path, tolerance: float | None) -> dict:
+def _check_seq2seq(backbone: Backbone, staging: Path, tolerance: float | None, want: None) -> dict:
     return validate_seq2seq(staging, backbone.model, backbone.table, tolerance)
 
 
@@ -365,7 +395,7 @@ def _convert(
     precision: Precision,
     tolerance: float | None,
     fp32: dict,
-    options: GraphOptions,
+    want: Reference | None,
     step,
     log,
     gguf_rows=None,
@@ -402,7 +432,7 @@ def _convert(
     else:
         step(f"validating the {precision.name} graphs against PyTorch fp32 (tolerance {limit:g} relative to the outputs' scale)")
     try:
-        report = CHECKS[backbone.kind](backbone, staging, judged)
+        report = CHECKS[backbone.kind](backbone, staging, judged, want)
     except ExportValidationError as exc:
         instead = (
             "judge by the logits' largest difference instead with --tolerance"

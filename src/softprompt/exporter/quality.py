@@ -19,8 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ExportValidationError
-from .graph import CachedDecoder
-from .validate import Case, cpu_session, graph_feeds, torch_outputs
+from .validate import Reference, cpu_session, graph_feeds, whole_text
 
 # Sample text, each read whole as the runtime serves it (the tokenizer's special tokens included): prose, a question,
 # a list, code and numbers, so the measure covers what prompts and chat turns feed a model.
@@ -93,29 +92,18 @@ def compare(reference: Sequence[np.ndarray], got: Sequence[np.ndarray], ids: Seq
     )
 
 
-def measure(
-    graph: Path | ort.InferenceSession, wrapper: CachedDecoder, table: np.ndarray, rows: Sequence[Sequence[int]]
-) -> Quality:
-    """Each row of token ids read whole by the graph (a path or its CPU session) and by PyTorch fp32, no cache."""
+def measure(graph: Path | ort.InferenceSession, want: Reference) -> Quality:
+    """Each of `want.rows` read whole by the graph (a path or its CPU session), against PyTorch fp32's logits, no cache."""
     session = cpu_session(graph)
     inputs = {i.name for i in session.get_inputs()}
-    layout = wrapper.layout
-    reference, got = [], []
-    for ids in rows:
-        length = len(ids)
-        case = Case(
-            "sample text",
-            np.asarray(table[np.asarray(ids)], np.float32)[None],
-            np.ones((1, length), np.int64),
-            np.arange(length, dtype=np.int64)[None],
-            [np.zeros((1, heads, 0, size), np.float32) for heads, size in layout.shapes for _ in range(2)],
-        )
-        got.append(session.run(["logits"], graph_feeds(case, layout, inputs, keep=0))[0][0])
-        reference.append(torch_outputs(wrapper, case)[0][0])
-    for name, logits in (("PyTorch fp32", reference), ("the graph", got)):
+    got = [
+        session.run(["logits"], graph_feeds(whole_text(ids, want.table, want.layout), want.layout, inputs, keep=0))[0][0]
+        for ids in want.rows
+    ]
+    for name, logits in (("PyTorch fp32", want.logits), ("the graph", got)):
         if not all(np.isfinite(x).all() for x in logits):
             raise ExportValidationError(f"{name} gives non-finite logits on the sample text")
-    return compare(reference, got, rows)
+    return compare(want.logits, got, want.rows)
 
 
 def check(quality: Quality, limits: dict[str, float] = BROKEN) -> None:

@@ -8,6 +8,7 @@ and only at positions the attention mask keeps: padded positions are undefined i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import onnxruntime as ort
 import torch
 
 from .errors import ExportValidationError
-from .graph import CachedDecoder
+from .graph import CachedDecoder, CacheLayout
 
 
 def cpu_session(graph: Path | ort.InferenceSession) -> ort.InferenceSession:
@@ -106,15 +107,72 @@ def torch_outputs(wrapper: CachedDecoder, case: Case) -> list[np.ndarray]:
         return [t.numpy() for t in wrapper(*_torch_args(case))]
 
 
-def validate(
-    graph: Path | ort.InferenceSession, wrapper: CachedDecoder, table: np.ndarray, tolerance: float = 1e-4, caches: bool = True
-) -> dict:
-    """Run every case on onnxruntime (CPU) and PyTorch; raise with all mismatches, else return the worst diffs.
+@dataclasses.dataclass
+class Reference:
+    """PyTorch fp32's answers to every check of a decoder's graphs, computed before any graph runs.
+
+    With the answers in hand the PyTorch model can be released before onnxruntime loads a graph: both
+    at once held the weights twice (a 0.5B model's export peaked at 2.4x its weights while validating).
+    """
+
+    table: np.ndarray  # [V, E] float32: what every case's embeddings are rows of
+    layout: CacheLayout
+    cases: list[Case]  # validate(): a first step, then new tokens on its cache
+    outputs: list[list[np.ndarray]]  # PyTorch's logits and present keys and values, per case
+    starts: list[list[int]] = dataclasses.field(default_factory=list)  # greedy_agreement(): token ids, one text each
+    greedy: list[np.ndarray] = dataclasses.field(default_factory=list)  # PyTorch's greedy tokens from each start
+    rows: list[list[int]] = dataclasses.field(default_factory=list)  # quality.measure(): sample texts' token ids
+    logits: list[np.ndarray] = dataclasses.field(default_factory=list)  # PyTorch's logits [T, V] for each row
+
+
+def reference(
+    wrapper: CachedDecoder,
+    table: np.ndarray,
+    starts: Sequence[Sequence[int]] = (),
+    rows: Sequence[Sequence[int]] = (),
+    new_tokens: int = 16,
+) -> Reference:
+    """What PyTorch gives for validate()'s cases, and, where asked, the greedy tokens from each of `starts` and the
+    logits of each of `rows` read whole (the quantized checks')."""
+    layout = wrapper.layout
+    cases = make_cases(wrapper, table)
+
+    def torch_step(embeds, mask, positions, past):
+        logits, *present = torch_outputs(wrapper, Case("", embeds, mask, positions, past))
+        return logits, present
+
+    return Reference(
+        table=table,
+        layout=layout,
+        cases=cases,
+        outputs=[torch_outputs(wrapper, case) for case in cases],
+        starts=[list(map(int, ids)) for ids in starts],
+        greedy=[_greedy(torch_step, table, layout, [list(ids)], new_tokens)[0] for ids in starts],
+        rows=[list(map(int, ids)) for ids in rows],
+        logits=[torch_outputs(wrapper, whole_text(ids, table, layout))[0][0] for ids in rows],
+    )
+
+
+def whole_text(ids: Sequence[int], table: np.ndarray, layout: CacheLayout) -> Case:
+    """One text's token ids read whole, from no past."""
+    length = len(ids)
+    return Case(
+        "sample text",
+        np.asarray(table[np.asarray(ids)], np.float32)[None],
+        np.ones((1, length), np.int64),
+        np.arange(length, dtype=np.int64)[None],
+        [np.zeros((1, heads, 0, size), np.float32) for heads, size in layout.shapes for _ in range(2)],
+    )
+
+
+def validate(graph: Path | ort.InferenceSession, want: Reference, tolerance: float = 1e-4, caches: bool = True) -> dict:
+    """Run every case on onnxruntime (CPU) against PyTorch's answers; raise with all mismatches, else return the worst
+    diffs.
 
     `caches=False` compares the logits only: a quantized graph's keys and values drift by more than
     its logits, and what they do to the text shows in the later cases' logits, which are compared.
     """
-    layout = wrapper.layout
+    layout = want.layout
     session = cpu_session(graph)
     expected_out = ["logits", *layout.output_names()]
     problems: list[str] = []
@@ -129,9 +187,8 @@ def validate(
         raise ExportValidationError("export does not match the expected interface: " + "; ".join(problems))
 
     worst: dict[str, float] = {}
-    for case in make_cases(wrapper, table):
+    for case, ref in zip(want.cases, want.outputs):
         got = session.run(expected_out, graph_feeds(case, layout, graph_inputs, keep=0))
-        ref = torch_outputs(wrapper, case)
         new_mask = case.mask[:, -case.embeds.shape[1] :].astype(bool)
         key_mask = case.mask.astype(bool)
         worst[case.name] = 0.0
@@ -161,41 +218,39 @@ def validate(
     return {"tolerance": tolerance, "max_relative_diff": worst}
 
 
-def greedy_agreement(
-    graph: Path | ort.InferenceSession, wrapper: CachedDecoder, table: np.ndarray, starts: list[list[int]], new_tokens: int = 16
-) -> list[int]:
-    """How many greedy tokens the graph gives, row by row, before it first departs from PyTorch fp32.
+def greedy_agreement(graph: Path | ort.InferenceSession, want: Reference) -> list[int]:
+    """How many greedy tokens the graph gives from each of `want.starts` before it first departs from PyTorch fp32.
 
-    Each side decodes on its own (through its own KV cache) from the same starts (rows of token ids of
-    equal length; the export checks each text alone, as served), so a quantized graph is judged by the
-    text it would write, not by one step.
+    Each side decodes on its own (through its own KV cache) from the same start, each text alone as
+    it is served, so a quantized graph is judged by the text it would write, not by one step.
     """
     session = cpu_session(graph)
     inputs = {i.name for i in session.get_inputs()}
-    layout = wrapper.layout
-    rows = len(starts)
-
-    def decode(step) -> np.ndarray:
-        ids = np.asarray(starts, np.int64)
-        past = [np.zeros((rows, heads, 0, size), np.float32) for heads, size in layout.shapes for _ in range(2)]
-        chosen = []
-        for _ in range(new_tokens):
-            length = past[0].shape[2] + ids.shape[1]
-            mask = np.ones((rows, length), np.int64)
-            positions = np.tile(np.arange(length - ids.shape[1], length), (rows, 1))
-            logits, past = step(np.asarray(table[ids], np.float32), mask, positions, past)
-            ids = logits[:, -1].argmax(-1)[:, None]
-            chosen.append(ids[:, 0])
-        return np.stack(chosen, 1)
+    layout = want.layout
 
     def onnx_step(embeds, mask, positions, past):
         logits, *present = session.run(None, graph_feeds(Case("", embeds, mask, positions, past), layout, inputs, keep=1))
         return logits, present
 
-    def torch_step(embeds, mask, positions, past):
-        logits, *present = torch_outputs(wrapper, Case("", embeds, mask, positions, past))
-        return logits, present
+    agreed = []
+    for ids, expected in zip(want.starts, want.greedy):
+        got = _greedy(onnx_step, want.table, layout, [ids], len(expected))[0]
+        same = got == expected
+        agreed.append(int(same.argmin()) if not same.all() else len(expected))
+    return agreed
 
-    got, want = decode(onnx_step), decode(torch_step)
-    same = got == want
-    return [int(row.argmin()) if not row.all() else new_tokens for row in same]
+
+def _greedy(step, table: np.ndarray, layout: CacheLayout, starts: list[list[int]], new_tokens: int) -> np.ndarray:
+    """[rows, new_tokens] greedy tokens from `starts` (rows of equal length) through `step`'s own KV cache."""
+    rows = len(starts)
+    ids = np.asarray(starts, np.int64)
+    past = [np.zeros((rows, heads, 0, size), np.float32) for heads, size in layout.shapes for _ in range(2)]
+    chosen = []
+    for _ in range(new_tokens):
+        length = past[0].shape[2] + ids.shape[1]
+        mask = np.ones((rows, length), np.int64)
+        positions = np.tile(np.arange(length - ids.shape[1], length), (rows, 1))
+        logits, past = step(np.asarray(table[ids], np.float32), mask, positions, past)
+        ids = logits[:, -1].argmax(-1)[:, None]
+        chosen.append(ids[:, 0])
+    return np.stack(chosen, 1)
