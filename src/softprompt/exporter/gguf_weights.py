@@ -35,6 +35,7 @@ from .lazy_weights import release, view
 
 QK_K = 256
 CHUNK_ROWS = 8192  # rows dequantized at once while indexing (a 150k-row table would be 0.5 GB at once)
+VALUES_AT_ONCE = 1 << 22  # values decoded into blocks at once
 
 
 def _q4_0(blocks, n):
@@ -147,26 +148,38 @@ def _high_bits(qh: np.ndarray) -> np.ndarray:
 
 
 def decode(data: np.ndarray, kind: str) -> Blocks:
-    """A GGUF tensor's rows (uint8 [rows, bytes per row]) as `Blocks` (N = rows, K = values per row)."""
+    """A GGUF tensor's rows (uint8 [rows, bytes per row]) as `Blocks` (N = rows, K = values per row), decoded a slice
+    of rows at a time (a decoder's temporaries are several times its codes: a whole 150k-row table's were 1.2 GB)."""
     if kind not in DECODERS:
         raise ExportError(f"GGUF type {kind} has no blocked form here; expected one of {', '.join(DECODERS)}")
     import gguf
 
     rows = data.shape[0]
     block_values, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
-    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, block_bytes)
-    codes, scales, mins, zero_point, bits, block = DECODERS[kind](blocks, blocks.shape[0])
     width = data.shape[1] // block_bytes * block_values
-    per_row = width // block
-    scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(rows, per_row)
-    return Blocks(
-        np.ascontiguousarray(codes, dtype=np.uint8).reshape(rows, width),
-        scales,
-        None if mins is None else np.ascontiguousarray(mins, dtype=np.float32).reshape(rows, per_row),
-        None if zero_point is None else np.full((rows, per_row), zero_point, np.uint8),
-        bits,
-        block,
-    )
+    step = max(1, VALUES_AT_ONCE // width)
+    out: Blocks | None = None
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        blocks = np.ascontiguousarray(data[part], dtype=np.uint8).reshape(-1, block_bytes)
+        codes, scales, mins, zero_point, bits, block = DECODERS[kind](blocks, blocks.shape[0])
+        if out is None:
+            shape = (rows, width // block)
+            out = Blocks(
+                np.empty((rows, width), np.uint8),
+                np.empty(shape, np.float32),
+                None if mins is None else np.empty(shape, np.float32),
+                None if zero_point is None else np.full(shape, zero_point, np.uint8),
+                bits,
+                block,
+            )
+        n = len(out.codes[part])
+        out.codes[part] = codes.reshape(n, width)
+        out.scales[part] = scales.reshape(n, -1)
+        if out.mins is not None:
+            out.mins[part] = mins.reshape(n, -1)
+    assert out is not None, "a GGUF tensor has rows"
+    return out
 
 
 def _rows(blocks: Blocks, index: np.ndarray, shift: np.ndarray) -> Blocks:
@@ -194,10 +207,15 @@ class GGUFRows:
     path: Path
     index: dict[int, tuple[str, int, int]]
     kinds: dict[str, str]  # tensor -> type name, for every 2-D tensor
-    reader: object
+    places: dict[str, tuple[int, int, int]]  # blocked tensor -> (offset in the file, rows, bytes per row)
+
+    def data(self, name: str) -> np.ndarray:
+        """The tensor's bytes [rows, bytes per row], mapped from the file."""
+        offset, rows, row_bytes = self.places[name]
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(rows, row_bytes))
 
     def blocks(self, name: str) -> Blocks:
-        return decode(_data(next(t for t in self.reader.tensors if t.name == name)), self.kinds[name])
+        return decode(self.data(name), self.kinds[name])
 
 
 def _data(tensor) -> np.ndarray:
@@ -206,21 +224,24 @@ def _data(tensor) -> np.ndarray:
 
 
 def index_rows(path: Path, progress=lambda items, total: items) -> GGUFRows:
-    """Hash every row of every 2-D tensor stored in a type `decode` knows."""
+    """Hash every row of every 2-D tensor stored in a type `decode` knows. gguf-py's reader is not kept: it holds
+    every field's parts as arrays (a 150k-token vocabulary's: 0.5 GB)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
     kinds = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
     index: dict[int, tuple[str, int, int]] = {}
+    places: dict[str, tuple[int, int, int]] = {}
     tensors = [t for t in reader.tensors if kinds.get(t.name) in DECODERS]
     for tensor in progress(tensors, len(tensors)):
         data = _data(tensor)
+        places[tensor.name] = (int(tensor.data_offset), *map(int, data.shape))
         for start in range(0, data.shape[0], CHUNK_ROWS):
             values = gguf.quants.dequantize(data[start : start + CHUNK_ROWS], tensor.tensor_type)
             keys, exponents = _keys(values.reshape(values.shape[0], -1))
             for row, (key, exponent) in enumerate(zip(keys, exponents), start):
                 index.setdefault(key, (tensor.name, row, int(exponent)))
-    return GGUFRows(Path(path), index, kinds, reader)
+    return GGUFRows(Path(path), index, kinds, places)
 
 
 def keep_gguf_blocks(model, rows: GGUFRows, skip: set[str] = frozenset(), base: Path | None = None) -> dict[str, int]:
@@ -311,10 +332,45 @@ def gguf_table(table: np.ndarray, rows: GGUFRows) -> tuple[str, np.ndarray, np.n
 
 def _int8_codes(blocks: Blocks) -> np.ndarray | None:
     """Blocks with integer zero points as the int8 table's codes (code - zero point), where they fit int8's range."""
+    from softprompt.formats.embedding_table import ROWS_AT_ONCE
+
     if blocks.mins is not None:
         return None
-    codes = blocks.codes.astype(np.int16) - np.repeat(blocks.zero_points, blocks.block, axis=1)
-    return codes.astype(np.int8) if codes.min() >= -127 and codes.max() <= 127 else None
+    codes = np.empty(blocks.codes.shape, np.int8)
+    for start in range(0, len(codes), ROWS_AT_ONCE):  # in slices: int16 temporaries of a whole table were 4x its codes
+        part = slice(start, start + ROWS_AT_ONCE)
+        wide = blocks.codes[part].astype(np.int16) - np.repeat(blocks.zero_points[part], blocks.block, axis=1)
+        if wide.min() < -127 or wide.max() > 127:
+            return None
+        codes[part] = wide
+    return codes
+
+
+def _largest_at(table: np.ndarray) -> tuple[int, int]:
+    """(row, column) of `table`'s largest magnitude, a slice of rows at a time."""
+    from softprompt.formats.embedding_table import ROWS_AT_ONCE
+
+    best, at = -1.0, (0, 0)
+    for start in range(0, len(table), ROWS_AT_ONCE):
+        part = np.abs(table[start : start + ROWS_AT_ONCE])
+        flat = int(np.argmax(part))
+        if part.flat[flat] > best:
+            best, at = float(part.flat[flat]), (start + flat // table.shape[1], flat % table.shape[1])
+    return at
+
+
+def _largest_diff(rows, table: np.ndarray) -> float:
+    """max |rows[:] - table|, read a slice of rows at a time (`rows` dequantizes what is asked: a whole table's
+    float32 temporaries were 3x its size)."""
+    from softprompt.formats.embedding_table import ROWS_AT_ONCE
+
+    return max(
+        (
+            float(np.abs(rows[start : start + ROWS_AT_ONCE] - table[start : start + ROWS_AT_ONCE]).max())
+            for start in range(0, len(table), ROWS_AT_ONCE)
+        ),
+        default=0.0,
+    )
 
 
 def table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray] | None:
@@ -325,7 +381,7 @@ def table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarra
 
     blocks = _match(table.T, rows, {})
     codes = None if isinstance(blocks, str) else _int8_codes(blocks)
-    if codes is None or not np.array_equal(ScaledRows(codes, blocks.scales)[:], table):
+    if codes is None or _largest_diff(ScaledRows(codes, blocks.scales), table) != 0:
         return None
     return codes, blocks.scales
 
@@ -343,12 +399,11 @@ def scaled_table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np
     codes = _int8_codes(blocks) if blocks.codes.shape == table.shape else None
     if codes is None:
         return None
-    plain = ScaledRows(codes, blocks.scales)[:]
-    at = np.unravel_index(np.argmax(np.abs(plain)), plain.shape)
-    if plain[at] == 0:
+    row, column = _largest_at(table)  # where the factor is read most precisely
+    largest = ScaledRows(codes, blocks.scales)[row][column]
+    if largest == 0:
         return None
-    scales = (blocks.scales * np.float32(table[at] / plain[at])).astype(np.float32)
-    del plain
-    if np.abs(ScaledRows(codes, scales)[:] - table).max() > 1e-6 * np.abs(table).max():
+    scales = (blocks.scales * np.float32(table[row, column] / largest)).astype(np.float32)
+    if _largest_diff(ScaledRows(codes, scales), table) > 1e-6 * abs(float(table[row, column])):
         return None
     return codes, scales
