@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from softprompt.formats.embedding_table import ScaledRows, equal_rows, exact_int8, row_slices
+
 from .blocked import Blocks, merge, product
 from .errors import ExportError
 from .lazy_weights import release, view
@@ -319,8 +321,6 @@ def gguf_table(table: np.ndarray, rows: GGUFRows) -> tuple[str, np.ndarray, np.n
     exporter makes it (a Q8_0 table), int8 from the file's own blocks (Q4_0, Q5_0, Q3_K, Q6_K), those blocks times the
     model's embedding scale (Gemma's sqrt(width), to float32 rounding), float16, or float32; all but the scaled blocks
     exactly."""
-    from softprompt.formats.embedding_table import exact_int8
-
     found = exact_int8(table) or table_rows(table, rows) or scaled_table_rows(table, rows)
     if found is not None:
         return "int8", *found
@@ -332,13 +332,10 @@ def gguf_table(table: np.ndarray, rows: GGUFRows) -> tuple[str, np.ndarray, np.n
 
 def _int8_codes(blocks: Blocks) -> np.ndarray | None:
     """Blocks with integer zero points as the int8 table's codes (code - zero point), where they fit int8's range."""
-    from softprompt.formats.embedding_table import ROWS_AT_ONCE
-
     if blocks.mins is not None:
         return None
     codes = np.empty(blocks.codes.shape, np.int8)
-    for start in range(0, len(codes), ROWS_AT_ONCE):  # in slices: int16 temporaries of a whole table were 4x its codes
-        part = slice(start, start + ROWS_AT_ONCE)
+    for part in row_slices(len(codes)):  # in slices: int16 temporaries of a whole table were 4x its codes
         wide = blocks.codes[part].astype(np.int16) - np.repeat(blocks.zero_points[part], blocks.block, axis=1)
         if wide.min() < -127 or wide.max() > 127:
             return None
@@ -348,40 +345,34 @@ def _int8_codes(blocks: Blocks) -> np.ndarray | None:
 
 def _largest_at(table: np.ndarray) -> tuple[int, int]:
     """(row, column) of `table`'s largest magnitude, a slice of rows at a time."""
-    from softprompt.formats.embedding_table import ROWS_AT_ONCE
-
     best, at = -1.0, (0, 0)
-    for start in range(0, len(table), ROWS_AT_ONCE):
-        part = np.abs(table[start : start + ROWS_AT_ONCE])
-        flat = int(np.argmax(part))
-        if part.flat[flat] > best:
-            best, at = float(part.flat[flat]), (start + flat // table.shape[1], flat % table.shape[1])
+    for part in row_slices(len(table)):
+        magnitude = np.abs(table[part])
+        flat = int(np.argmax(magnitude))
+        if magnitude.flat[flat] > best:
+            best, at = float(magnitude.flat[flat]), (part.start + flat // table.shape[1], flat % table.shape[1])
     return at
 
 
 def _largest_diff(rows, table: np.ndarray) -> float:
     """max |rows[:] - table|, read a slice of rows at a time (`rows` dequantizes what is asked: a whole table's
-    float32 temporaries were 3x its size)."""
-    from softprompt.formats.embedding_table import ROWS_AT_ONCE
-
-    return max(
-        (
-            float(np.abs(rows[start : start + ROWS_AT_ONCE] - table[start : start + ROWS_AT_ONCE]).max())
-            for start in range(0, len(table), ROWS_AT_ONCE)
-        ),
-        default=0.0,
-    )
+    float32 temporaries were 3x its size); NaN where any difference is."""
+    worst = 0.0
+    for part in row_slices(len(table)):
+        diff = float(np.abs(rows[part] - table[part]).max())
+        if np.isnan(diff):
+            return diff
+        worst = max(worst, diff)
+    return worst
 
 
 def table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray] | None:
     """The embedding table as int8 codes and a scale per block taken from the GGUF's own blocks (Q4_0, Q5_0, Q8_0:
     blocks of 32; Q3_K, Q6_K: of 16; code - zero point), when they give `table` exactly; None otherwise (types with
     float minimums, which the int8 table has no place for)."""
-    from softprompt.formats.embedding_table import ScaledRows
-
     blocks = _match(table.T, rows, {})
     codes = None if isinstance(blocks, str) else _int8_codes(blocks)
-    if codes is None or _largest_diff(ScaledRows(codes, blocks.scales), table) != 0:
+    if codes is None or not equal_rows(ScaledRows(codes, blocks.scales), table):
         return None
     return codes, blocks.scales
 
@@ -390,8 +381,6 @@ def scaled_table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np
     """A table that is the file's `token_embd` times one factor c (Gemma scales its embeddings by sqrt(width), which
     llama.cpp applies after the lookup): int8 codes q - zero point with scales d x c, within float32 rounding of
     (q d) c, as PyTorch computes it; None where no such c gives the table to 1e-6 of its largest value."""
-    from softprompt.formats.embedding_table import ScaledRows
-
     name = "token_embd.weight"
     if rows.kinds.get(name) not in ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K"):
         return None
@@ -404,6 +393,6 @@ def scaled_table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np
     if largest == 0:
         return None
     scales = (blocks.scales * np.float32(table[row, column] / largest)).astype(np.float32)
-    if _largest_diff(ScaledRows(codes, scales), table) > 1e-6 * abs(float(table[row, column])):
+    if not _largest_diff(ScaledRows(codes, scales), table) <= 1e-6 * abs(float(table[row, column])):  # NaN too
         return None
     return codes, scales

@@ -10,6 +10,7 @@ the graphs and the prompts are, so a prompt is never quantized.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,17 @@ class ScaledRows:
 ROWS_AT_ONCE = 4096  # rows converted or compared at once: the float temporaries of a whole big table were 3x its size
 
 
+def row_slices(count: int) -> Iterator[slice]:
+    """Slices of ROWS_AT_ONCE rows covering `count` rows, in order."""
+    return (slice(start, start + ROWS_AT_ONCE) for start in range(0, count, ROWS_AT_ONCE))
+
+
+def equal_rows(rows, table: np.ndarray) -> bool:
+    """Whether `rows` (an array, or ScaledRows, which dequantizes what is read) equal `table` exactly, compared a
+    slice of rows at a time."""
+    return all(np.array_equal(rows[part], table[part]) for part in row_slices(len(table)))
+
+
 def quantize_rows(table: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(stored rows, scales or None) of a float32 [V, E] table; int8 is symmetric, absmax / 127 per block of 32
     (of the whole row where E is not a multiple of 32)."""
@@ -67,12 +79,12 @@ def quantize_rows(table: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray
     block = BLOCK if width % BLOCK == 0 else width
     codes = np.empty((vocab, width), np.int8)
     scales = np.empty((vocab, width // block), np.float32)
-    for start in range(0, vocab, ROWS_AT_ONCE):
-        blocks = np.asarray(table[start : start + ROWS_AT_ONCE], dtype=np.float32).reshape(-1, width // block, block)
-        part = np.abs(blocks).max(axis=2) / np.float32(127.0)
-        part[part == 0] = 1.0  # an all-zero block (padding) stays zero
-        scales[start : start + ROWS_AT_ONCE] = part
-        codes[start : start + ROWS_AT_ONCE] = np.clip(np.rint(blocks / part[..., None]), -127, 127).reshape(-1, width)
+    for part in row_slices(vocab):
+        blocks = np.asarray(table[part], dtype=np.float32).reshape(-1, width // block, block)
+        scale = np.abs(blocks).max(axis=2) / np.float32(127.0)
+        scale[scale == 0] = 1.0  # an all-zero block (padding) stays zero
+        scales[part] = scale
+        codes[part] = np.clip(np.rint(blocks / scale[..., None]), -127, 127).reshape(-1, width)
     return codes, scales
 
 
@@ -82,12 +94,8 @@ def exact_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if table.shape[1] % BLOCK:
         return None
     codes, scales = quantize_rows(table, "int8")
-    if scales is None:
+    if scales is None or not equal_rows(ScaledRows(codes, scales), table):
         return None
-    rows = ScaledRows(codes, scales)
-    for start in range(0, len(table), ROWS_AT_ONCE):
-        if not np.array_equal(rows[start : start + ROWS_AT_ONCE], table[start : start + ROWS_AT_ONCE]):
-            return None
     return codes, scales
 
 
