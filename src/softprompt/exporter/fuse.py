@@ -18,9 +18,10 @@ optimisation first, the pattern rules last), minus the GroupQueryAttention fusio
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
+
+from .graph import save_over
 
 
 def fuse_for_onnxruntime(path: Path, external_data: bool) -> dict[str, int]:
@@ -69,13 +70,5 @@ def fuse_for_onnxruntime(path: Path, external_data: bool) -> dict[str, int]:
         model,
         [*softmax.rules.rules, *instance_to_group_normalization.rules.rules, *fused_matmul_rule_sets.fused_matmul_rule_sets()],
     )
-    # Written beside, then moved over: the loaded model still reads its weights from the old files.
-    scratch = path.parent / f".{path.name}.fused"
-    scratch.mkdir()
-    data_name = path.name + ".data"
-    ir.save(model, str(scratch / path.name), external_data=data_name if external_data else None)
-    os.replace(scratch / path.name, path)
-    if external_data:
-        os.replace(scratch / data_name, path.with_name(data_name))
-    scratch.rmdir()
+    save_over(model, path, external_data)
     return dict(sorted(Counter(node.op_type for node in model.graph if node.domain == "com.microsoft").items()))
