@@ -212,25 +212,24 @@ def test_a_decoder_s_pytorch_model_is_gone_before_onnxruntime_loads_a_graph(llam
     from softprompt.exporter import export as export_module
     from softprompt.exporter import validate as validate_module
 
-    held: list[weakref.ref] = []
+    models: list[weakref.ref] = []
     alive: list[bool] = []
     real_describe, real_session = export_module.describe, validate_module.cpu_session
 
     def describe(source):
         backbone = real_describe(source)
-        if not held:
-            held.append(weakref.ref(backbone.model))
+        models.append(weakref.ref(backbone.model))
         return backbone
 
     def mapped() -> list[str]:
         """Files mapped that should not be: the model's own weights, or a graph data file replaced since (what
         onnxscript's rewrite rules held through the last graph they matched)."""
         lines = Path("/proc/self/maps").read_text().splitlines() if Path("/proc/self/maps").exists() else []
-        return [line for line in lines if str(llama_dir) in line or (".onnx.data" in line and "(deleted)" in line)]
+        return [line for line in lines if str(llama_dir) in line or (str(tmp_path) in line and "(deleted)" in line)]
 
     def session(graph_or_session):
         if not isinstance(graph_or_session, ort.InferenceSession):
-            alive.append(held[0]() is not None or bool(mapped()))
+            alive.append(models[0]() is not None or bool(mapped()))
         return real_session(graph_or_session)
 
     monkeypatch.setattr(export_module, "describe", describe)
