@@ -95,3 +95,26 @@ def test_a_table_on_a_q8_0_grid_is_stored_exactly():
     stored, scales = quantize_rows(table, "int8")
     assert scales.shape == (10, 2)
     np.testing.assert_allclose(ScaledRows(stored, scales)[np.arange(10)], table, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("off", [None, 0, -1])
+def test_exact_int8_finds_a_q8_0_table_and_refuses_one_off_by_a_single_value(off, monkeypatch):
+    """`exact_int8` gives the int8 rows of a table on a Q8_0 grid, checked a slice at a time (slices of 4 rows
+    here), and None once any value, in the first slice or the last row, is off the grid."""
+    from softprompt.formats import embedding_table
+    from softprompt.formats.embedding_table import exact_int8
+
+    monkeypatch.setattr(embedding_table, "ROWS_AT_ONCE", 4)
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-127, 128, (10, 64)).astype(np.float32)
+    codes[:, ::32] = 127
+    scale = (np.float32(2) ** rng.integers(-9, -5, (10, 2, 1))).astype(np.float32)  # powers of two: exact products
+    table = (codes.reshape(10, 2, 32) * scale).reshape(10, 64)
+    if off is not None:
+        table[off, 5] += scale[off, 0, 0] / 2  # half a step: no int8 code holds it
+    found = exact_int8(table)
+    if off is not None:
+        assert found is None
+        return
+    assert found is not None
+    assert np.array_equal(found[0], codes.astype(np.int8)) and np.array_equal(ScaledRows(*found)[:], table)

@@ -60,19 +60,53 @@ def row_slices(count: int) -> Iterator[slice]:
     return (slice(start, start + ROWS_AT_ONCE) for start in range(0, count, ROWS_AT_ONCE))
 
 
+def read_rows(path: Path, dtype, offset: int, width: int, start: int, stop: int) -> np.ndarray:
+    """Rows `start:stop` of a row-major [*, width] array at byte `offset` of the file at `path`, by a plain read: not
+    mapped, since a mapping keeps every page it touched resident until it is closed."""
+    dtype = np.dtype(dtype)
+    found = np.fromfile(path, dtype, max(0, stop - start) * width, offset=offset + start * width * dtype.itemsize)
+    return found.reshape(-1, width)
+
+
+class TableFile:
+    """A float32 [V, E] table in a .npy file, read a slice of rows at a time (`table[start:stop]`) by plain reads.
+
+    For a pass over a whole large table beside everything else an export holds: through a mapping,
+    every page the pass touched stays resident while the mapping is open (the whole table, 0.64 GB
+    for a 262k vocabulary); read, a pass holds one slice."""
+
+    def __init__(self, path: Path):
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)  # the header: shape, dtype, where the rows start
+        self.path, self.shape, self.dtype, self.offset = Path(path), mapped.shape, mapped.dtype, mapped.offset
+        del mapped
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        if not isinstance(part, slice) or part.step not in (None, 1):
+            raise TypeError(f"TableFile reads contiguous slices of rows, not {part!r}")
+        start, stop, _ = part.indices(self.shape[0])
+        return read_rows(self.path, self.dtype, self.offset, self.shape[1], start, stop)
+
+
 def equal_rows(rows, table: np.ndarray) -> bool:
     """Whether `rows` (an array, or ScaledRows, which dequantizes what is read) equal `table` exactly, compared a
     slice of rows at a time."""
     return all(np.array_equal(rows[part], table[part]) for part in row_slices(len(table)))
 
 
-def quantize_rows(table: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(stored rows, scales or None) of a float32 [V, E] table; int8 is symmetric, absmax / 127 per block of 32
-    (of the whole row where E is not a multiple of 32)."""
+def quantize_rows(table: np.ndarray | TableFile, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(stored rows, scales or None) of a float32 [V, E] table (an array, or a TableFile at fp16 and int8, which
+    are made a slice of rows at a time); int8 is symmetric, absmax / 127 per block of 32 (of the whole row where E is
+    not a multiple of 32)."""
     if dtype == "fp32":
         return np.ascontiguousarray(table, dtype=np.float32), None
     if dtype == "fp16":
-        return table.astype(np.float16), None
+        half = np.empty(table.shape, np.float16)
+        for part in row_slices(len(table)):
+            half[part] = table[part]
+        return half, None
     if dtype != "int8":
         raise ValueError(f"table dtype {dtype!r}; expected one of {', '.join(TABLE_DTYPES)}")
     vocab, width = table.shape
@@ -88,14 +122,20 @@ def quantize_rows(table: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray
     return codes, scales
 
 
-def exact_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def exact_int8(table: np.ndarray | TableFile) -> tuple[np.ndarray, np.ndarray] | None:
     """`quantize_rows(table, "int8")` where those rows give `table` back exactly (a table from a Q8_0 GGUF tensor,
     whose blocks are symmetric int8 over 32 values), else None."""
-    if table.shape[1] % BLOCK:
+    vocab, width = table.shape
+    if width % BLOCK:
         return None
-    codes, scales = quantize_rows(table, "int8")
-    if scales is None or not equal_rows(ScaledRows(codes, scales), table):
-        return None
+    codes = np.empty((vocab, width), np.int8)
+    scales = np.empty((vocab, width // BLOCK), np.float32)
+    for part in row_slices(vocab):  # stopping at the first slice that is not exact: most tables are not, from row 0
+        rows = np.asarray(table[part], dtype=np.float32)
+        made = quantize_rows(rows, "int8")
+        if not np.array_equal(ScaledRows(*made)[:], rows):
+            return None
+        codes[part], scales[part] = made
     return codes, scales
 
 
