@@ -96,11 +96,15 @@ def gemm_as_matmul(model) -> None:
 
 
 def drop_unused_initializers(model) -> None:
-    """Remove the weights no node reads any more (those a rewrite replaced)."""
+    """Remove the weights no node reads any more (those a rewrite replaced).
+
+    In place: the graph rebuilt from a list of the kept ones copies each into the protobuf again, and
+    protobuf frees the old copies only with the whole model (+0.2 GB for Gemma-3-270m's quantized lm_head)."""
     used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    initializers = model.graph.initializer
+    for index in reversed(range(len(initializers))):
+        if initializers[index].name not in used:
+            del initializers[index]
 
 
 def use_contrib_ops(model) -> None:

@@ -28,6 +28,20 @@ def view(tensor, base: Path | None = None) -> np.ndarray:
     return numpy_helper.to_array(tensor, str(base or ""))
 
 
+def rows(tensor, start: int, stop: int, base: Path | None = None) -> np.ndarray:
+    """Rows `start:stop` of a 2-D float32 initializer, read from its data file under `base` (not mapped: a mapping
+    keeps every page it touched resident until it is closed) or viewed in its raw bytes."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if not (tensor.data_type == TensorProto.FLOAT and uses_external_data(tensor) and base is not None):
+        return view(tensor, base)[start:stop]
+    from softprompt.formats.embedding_table import read_rows
+
+    info = ExternalDataInfo(tensor)
+    return read_rows(base / info.location, np.float32, info.offset or 0, int(tensor.dims[1]), start, stop)
+
+
 def load(model, base: Path, names: set[str] | None = None) -> None:
     """Read the external data of `model`'s initializers (those in `names`, or all) into the graph."""
     for tensor in model.graph.initializer:

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from softprompt.formats.embedding_table import exact_int8
+from softprompt.formats.embedding_table import TableFile, exact_int8
 from softprompt.formats.export_folder import PRECISIONS
 
+from . import nbits_slices
 from .errors import ExportError
 from .graph_rewrites import drop_unused_initializers, gemm_as_matmul, offset_int4, use_contrib_ops
 from .lazy_weights import load, load_besides_weights, read_in, release
@@ -170,7 +171,7 @@ def for_kind(precision: Precision, kind: str) -> Precision:
 def apply_precision(
     path: Path,
     precision: Precision,
-    table: np.ndarray | None = None,
+    table: np.ndarray | TableFile | None = None,
     calibration: Any = None,
     log: Callable[[str], None] = lambda message: None,
     gguf: Any = None,
@@ -236,7 +237,9 @@ def _nbits_quantizer():
     return matmul_nbits_quantizer
 
 
-def _quantize(model, precision: Precision, table: np.ndarray | None, calibration=None, log=lambda message: None, base=None):
+def _quantize(
+    model, precision: Precision, table: np.ndarray | TableFile | None, calibration=None, log=lambda message: None, base=None
+):
     """`base`: the folder of the data file `model` was loaded without; each weight is read from it as it is converted
     (HQQ's quantizer gets the graph loaded whole)."""
     nbits_quantizer = _nbits_quantizer()
@@ -311,8 +314,8 @@ def _quantize(model, precision: Precision, table: np.ndarray | None, calibration
 def _quantize_each(model, quantizer, exclude: set[str], base: Path | None) -> None:
     """onnxruntime's round-to-nearest MatMulNBits quantization (`DefaultWeightOnlyQuantizer`, what
     `MatMulNBitsQuantizer.process` runs on every MatMul) one product at a time, in place: each weight is read from the
-    data file in `base` just before it is quantized and let go after, so a big model's float32 weights are never all
-    in memory (a 0.5B model's int8 conversion peaked at 8.5 GB with them)."""
+    data file in `base` as it is quantized, a slice of rows at a time (`nbits_slices`), so a big model's float32
+    weights are never all in memory (a 0.5B model's int8 conversion peaked at 8.5 GB with them)."""
     initializers = {t.name: t for t in model.graph.initializer}
     readers = Counter(i for n in model.graph.node for i in n.input)
     nodes = []
@@ -321,9 +324,14 @@ def _quantize_each(model, quantizer, exclude: set[str], base: Path | None) -> No
         if weight is None or node.name in exclude:
             nodes.append(node)
             continue
-        if base is not None:
-            read_in(weight, base)
-        nodes += quantizer.quantize(node, [model.graph])
+        if nbits_slices.sliceable(weight, quantizer.config):
+            made, tensors = nbits_slices.quantize(node, weight, quantizer, base)
+            nodes += made
+            model.graph.initializer.extend(tensors)
+        else:
+            if base is not None:
+                read_in(weight, base)
+            nodes += quantizer.quantize(node, [model.graph])
         if readers[weight.name] == 1:
             release(weight)
     del model.graph.node[:]
@@ -332,7 +340,7 @@ def _quantize_each(model, quantizer, exclude: set[str], base: Path | None) -> No
     use_contrib_ops(model)
 
 
-def _gguf(model, precision: Precision, table: np.ndarray | None, rows, base: Path):
+def _gguf(model, precision: Precision, table: np.ndarray | TableFile | None, rows, base: Path):
     """The GGUF's blocks for every product made of its rows (gguf_weights.py); a tied lm_head that is the Q8_0 table
     is stored once, as the table (`share_table`: its int8 rows are then the file's own). `model` comes without its
     external data (in `base`): the products' weights are read one at a time, everything else is loaded here."""
