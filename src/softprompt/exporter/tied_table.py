@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.formats.embedding_table import BLOCK, TABLE_ZERO_POINT, quantize_rows
+from softprompt.formats.embedding_table import BLOCK, TABLE_ZERO_POINT, TableFile, quantize_rows, row_slices
 
 from .blocked import holds_in_float16
 from .errors import ExportError
@@ -20,10 +20,19 @@ from .lazy_weights import view
 # The initializers a shared table is stored in (`share_table`), which `table_in_graph` finds.
 TABLE_CODES = "embeddings.codes"
 TABLE_SCALES = "embeddings.scales"
+TABLE_SCALE = "embeddings.scale"  # what the logits are divided by where the table is the lm_head times a factor
 
 
 def share_table(
-    model, matmuls, kept: dict[str, str], table: np.ndarray, *, int8: bool, web: bool, rows=None, base: Path | None = None
+    model,
+    matmuls,
+    kept: dict[str, str],
+    table: np.ndarray | TableFile,
+    *,
+    int8: bool,
+    web: bool,
+    rows=None,
+    base: Path | None = None,
 ) -> bool:
     """Make a tied lm_head that stays at 8 bits the int8 embedding table itself, stored once.
 
@@ -37,7 +46,8 @@ def share_table(
     `web`: the export is for pages, whose DequantizeLinear takes float32 scales. `rows` gives the table's int8 codes and
     scales where they were made already (`exact_int8`); `base`, the folder of the data file the graph was loaded
     without (the lm_head is then read from it).
-    Returns whether it did (the lm_head is found, equal to the table, and kept at 8 bits).
+    A lm_head the table is a multiple of (`table_scale`: Gemma's) is the table too, its logits divided by the factor.
+    Returns whether it did (the lm_head is found, the table or a multiple of it, and kept at 8 bits).
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -50,7 +60,8 @@ def share_table(
     if kept.get(head.name, "int8" if int8 else None) != "int8":
         return False
     weight = next(t for t in model.graph.initializer if t.name == head.input[1])
-    if tuple(weight.dims) != (width, vocab) or not np.array_equal(view(weight, base), table.T):
+    scale = table_scale(view(weight, base).T, table) if tuple(weight.dims) == (width, vocab) else None
+    if scale is None:
         return False
     codes, scales = rows if rows is not None else quantize_rows(table, "int8")
     stored = (codes.view(np.uint8) ^ np.uint8(TABLE_ZERO_POINT)).reshape(vocab, width // BLOCK, BLOCK)  # code + 128
@@ -67,10 +78,11 @@ def share_table(
     if small:
         scales_input = f"{TABLE_SCALES}.float32"
         model.graph.node.insert(0, helper.make_node("Cast", [TABLE_SCALES], [scales_input], to=onnx.TensorProto.FLOAT))
+    outputs = list(head.output) if scale == 1 else [f"{head.output[0]}.times_table_scale"]
     product = helper.make_node(
         "MatMulNBits",
         [head.input[0], TABLE_CODES, scales_input],
-        list(head.output),
+        outputs,
         name=head.name,
         domain="com.microsoft",
         K=width,
@@ -81,10 +93,39 @@ def share_table(
     index = list(model.graph.node).index(head)
     model.graph.node.remove(head)
     model.graph.node.insert(index, product)
+    if scale != 1:  # a head the table is a multiple of (Gemma's: its rows times sqrt(width)): the logits divided back
+        model.graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), TABLE_SCALE))
+        divide = helper.make_node("Div", [outputs[0], TABLE_SCALE], list(head.output), name=f"{head.name}.table_scale")
+        model.graph.node.insert(index + 1, divide)
     drop_unused_initializers(model)
     use_contrib_ops(model)
     kept[head.name] = "table"  # done: the quantizers leave it alone
     return True
+
+
+def table_scale(head_rows, table: np.ndarray | TableFile) -> float | None:
+    """The float32 `s` with `table` exactly `head_rows * s` in float32 (1 for a lm_head tied to the table; sqrt of
+    the width for Gemma's, whose embedding module scales the rows it shares with the lm_head), or None for a head that
+    is not the table. `head_rows`: the lm_head's weight read as [V, E] rows (a transposed view of it is enough).
+
+    Compared a slice at a time, stopping at the first slice that differs: most untied heads differ in the first, and
+    neither is read whole nor compared in one mask of a large vocabulary (0.2 GB)."""
+    first = next(row_slices(len(table)))
+    head, rows = np.asarray(head_rows[first], np.float32), np.asarray(table[first], np.float32)
+    at = int(np.argmax(np.abs(head)))
+    guess = np.float32(rows.flat[at] / head.flat[at]) if head.flat[at] != 0 else np.float32(1)
+    # the quotient of one product may be a float off the factor; the neighbours are tried too
+    near = [np.nextafter(guess, np.float32(side)) for side in (np.inf, -np.inf)]
+    for scale in dict.fromkeys([np.float32(1), guess, *near]):
+        if (
+            np.isfinite(scale)
+            and scale > 0
+            and all(
+                np.array_equal(np.asarray(head_rows[part], np.float32) * scale, table[part]) for part in row_slices(len(table))
+            )
+        ):
+            return float(scale)
+    return None
 
 
 def table_in_graph(path: Path) -> dict[str, int] | None:
