@@ -41,15 +41,15 @@ def test_graph_built_refuses_an_unsupported_architecture(gpt2_dir, tmp_path, cap
 
 def test_a_built_graph_that_does_not_validate_is_replaced_by_the_traced_one(llama_dir, tmp_path, monkeypatch):
     """A wrong built graph never ships: auto traces instead (and says so); --graph built fails."""
-    from softprompt.exporter import export as export_module
+    from softprompt.exporter import graph_writers
 
-    real_build = export_module.build
+    real_build = graph_writers.build
 
     def wrong_build(weights, path, external_data=False):
         weights.final_norm = weights.final_norm * 1.5
         real_build(weights, path, external_data)
 
-    monkeypatch.setattr(export_module, "build", wrong_build)
+    monkeypatch.setattr(graph_writers, "build", wrong_build)
     messages: list[str] = []
     config = export_model(str(llama_dir), tmp_path / "auto", log=messages.append)
     assert config.validation["graph"] == "traced"

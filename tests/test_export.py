@@ -56,8 +56,9 @@ def test_export_folder_contents_and_config(arch):
     assert max(config.validation["max_relative_diff"].values()) < 1e-4
 
 
-def test_scaled_embedding_module_is_captured():
-    """Gemma-style models scale inside the embedding module; the table must hold the scaled rows."""
+def test_scaled_embedding_module_is_captured(tmp_path, monkeypatch):
+    """Gemma-style models scale inside the embedding module; the table must hold the scaled rows, whether it is made
+    in memory or written to a file as it is made and stored from there a slice at a time."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(
@@ -72,6 +73,17 @@ def test_scaled_embedding_module_is_captured():
     model = Gemma3ForCausalLM(config)
     table = embedding_table(model, chunk=10)
     np.testing.assert_allclose(table, model.model.embed_tokens.weight.detach().numpy() * 32**0.5, rtol=1e-6)
+    # written to a file as it is made (chunks of 10 rows, the last one part), the same table comes back mapped
+    from softprompt.formats import embedding_table as table_module
+    from softprompt.formats.embedding_table import TableFile, quantize_rows
+
+    monkeypatch.setattr(table_module, "ROWS_AT_ONCE", 7)
+    mapped = embedding_table(model, tmp_path / "table.npy", chunk=10)
+    assert isinstance(mapped, np.memmap) and np.array_equal(np.load(tmp_path / "table.npy"), table)
+    assert np.array_equal(TableFile(tmp_path / "table.npy")[7:33], table[7:33])  # read by slices, not mapped
+    for dtype in ("int8", "fp16"):
+        by_slices, whole = quantize_rows(TableFile(tmp_path / "table.npy"), dtype), quantize_rows(table, dtype)
+        assert all(np.array_equal(a, b) for a, b in zip(by_slices, whole) if a is not None)
 
 
 def test_validation_reports_every_mismatch(llama_dir, llama_export):
@@ -103,7 +115,7 @@ def test_existing_output_is_refused_then_replaced_with_force(llama_dir, tmp_path
 
 
 def test_failed_export_leaves_the_old_folder_intact(llama_dir, tmp_path, monkeypatch):
-    from softprompt.exporter import export as export_module
+    from softprompt.exporter import graph_writers
 
     out = tmp_path / "export"
     out.mkdir()
@@ -112,7 +124,7 @@ def test_failed_export_leaves_the_old_folder_intact(llama_dir, tmp_path, monkeyp
     def broken(*args, **kwargs):
         raise ExportValidationError("simulated mismatch")
 
-    monkeypatch.setattr(export_module, "validate", broken)
+    monkeypatch.setattr(graph_writers, "validate", broken)
     with pytest.raises(ExportValidationError, match="simulated"):
         export_model(str(llama_dir), out, overwrite=True, log=lambda m: None)
     assert json.loads((out / "softprompt.json").read_text()) == {}
@@ -151,21 +163,20 @@ def test_bank_of_another_backbone_is_refused_at_load(llama_export, gpt2_export, 
 def test_the_greedy_check_sees_each_text_as_the_runtime_serves_it(llama_dir, tmp_path, monkeypatch):
     """The export's greedy check starts from what the runtime feeds for the same text: its special tokens (a BOS
     where the tokenizer adds one) and all of its tokens, not texts cut to the shortest one."""
-    from softprompt.exporter import export as export_module
-    from softprompt.exporter import export_model
+    from softprompt.exporter import conversion, export_model, graph_writers
     from softprompt.runtime import load
 
     seen: list[list[int]] = []
-    real = export_module.greedy_agreement
+    real = conversion.greedy_agreement
 
     def spy(graph, want):
         seen.extend(want.starts)
         return real(graph, want)
 
-    monkeypatch.setattr(export_module, "greedy_agreement", spy)
+    monkeypatch.setattr(conversion, "greedy_agreement", spy)
     export_model(str(llama_dir), tmp_path / "out", precision="int8", tolerance=1.0, log=lambda m: None)  # (checks quantized)
     served = load(tmp_path / "out").backbone
-    assert seen == [served.encode(text) for text in export_module.GREEDY_TEXTS]
+    assert seen == [served.encode(text) for text in graph_writers.GREEDY_TEXTS]
     assert len({len(row) for row in seen}) > 1  # the texts' own lengths
 
 
@@ -209,6 +220,7 @@ def test_a_decoder_s_pytorch_model_is_gone_before_onnxruntime_loads_a_graph(llam
     import weakref
     from pathlib import Path
 
+    from softprompt.exporter import conversion, graph_writers
     from softprompt.exporter import export as export_module
     from softprompt.exporter import validate as validate_module
 
@@ -216,8 +228,8 @@ def test_a_decoder_s_pytorch_model_is_gone_before_onnxruntime_loads_a_graph(llam
     alive: list[bool] = []
     real_describe, real_session = export_module.describe, validate_module.cpu_session
 
-    def describe(source):
-        backbone = real_describe(source)
+    def describe(source, *args):
+        backbone = real_describe(source, *args)
         models.append(weakref.ref(backbone.model))
         return backbone
 
@@ -227,15 +239,30 @@ def test_a_decoder_s_pytorch_model_is_gone_before_onnxruntime_loads_a_graph(llam
         lines = Path("/proc/self/maps").read_text().splitlines() if Path("/proc/self/maps").exists() else []
         return [line for line in lines if str(llama_dir) in line or (str(tmp_path) in line and "(deleted)" in line)]
 
-    def session(graph_or_session):
+    prepacked: list[bool] = []
+
+    def session(graph_or_session, **options):
         if not isinstance(graph_or_session, ort.InferenceSession):
             alive.append(models[0]() is not None or bool(mapped()))
-        return real_session(graph_or_session)
+            made = real_session(graph_or_session, **options)
+            try:
+                disabled = made.get_session_options().get_session_config_entry("session.disable_prepacking")
+            except RuntimeError:  # not set
+                disabled = "0"
+            prepacked.append(disabled != "1")
+            return made
+        return real_session(graph_or_session, **options)
 
     monkeypatch.setattr(export_module, "describe", describe)
-    monkeypatch.setattr(export_module, "cpu_session", session)
+    monkeypatch.setattr(graph_writers, "cpu_session", session)
+    monkeypatch.setattr(conversion, "cpu_session", session)
     monkeypatch.setattr(validate_module, "cpu_session", session)
     config = export_model(str(llama_dir), tmp_path / "out", precision="int8", graph=graph, log=lambda m: None)
     assert alive == [False, False]  # the fp32 graph's validation, then the int8 graph's checks
+    # the fp32 check without onnxruntime's packed copies of its weights; the int8 one runs as the runtime will
+    assert prepacked == [False, True]
+    # the float32 table the checks read (mapped from a scratch file beside the int8 one) is not left in the folder
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert set(config.files.values()) <= names and not [name for name in names if name.startswith(".")]
     assert config.validation["graph"] == graph and config.validation["greedy_agreement"]
     assert config.validation["quality"]["positions"] > 0

@@ -13,9 +13,14 @@ from softprompt.exporter.cli import main as export_main
 from softprompt.formats.export_folder import read_config
 
 
-def test_quality_measures_what_users_compare():
-    """KL to fp32, top-1 agreement and perplexity, from logits with known answers; broken graphs are refused."""
+@pytest.mark.parametrize("positions_at_once", [16, 2])
+def test_quality_measures_what_users_compare(positions_at_once, monkeypatch):
+    """KL to fp32, top-1 agreement and perplexity, from logits with known answers, whether a text is measured in one
+    piece or in pieces of 2 positions; broken graphs are refused."""
+    from softprompt.exporter import quality
     from softprompt.exporter.quality import Quality, check, compare
+
+    monkeypatch.setattr(quality, "POSITIONS_AT_ONCE", positions_at_once)
 
     rng = np.random.default_rng(0)
     reference = [rng.normal(size=(5, 7)), rng.normal(size=(3, 7))]
@@ -34,6 +39,14 @@ def test_quality_measures_what_users_compare():
     assert same.perplexity_fp32 == pytest.approx(np.exp(nll.mean()))
     negated = compare(reference, [-r for r in reference], ids)
     assert negated.top1_agreement == 0
+    half = compare(reference, [r * 0.5 for r in reference], iter(ids))  # logits made as they are read: any iterables
+    q = [np.exp(r / 2) / np.exp(r / 2).sum(-1, keepdims=True) for r in reference]
+    kl = np.concatenate([(a * (np.log(a) - np.log(b))).sum(-1) for a, b in zip(p, q)])
+    assert half.kl_mean == pytest.approx(kl.mean()) and half.kl_max == pytest.approx(kl.max())
+    nll_half = np.concatenate([-np.log(b[np.arange(len(row) - 1), row[1:]]) for b, row in zip(q, ids)])
+    assert half.perplexity == pytest.approx(np.exp(nll_half.mean())) and half.positions == 8
+    with pytest.raises(ExportValidationError, match="the graph gives non-finite logits"):
+        compare(reference, [r * np.nan for r in reference], ids)
     with pytest.raises(ExportValidationError, match=r"broken on sample text: kl mean .* > 1"):
         check(negated)
     check(Quality(0.4, 4.0, 0.7, 10.0, 13.0, 100))  # what --fast gives the default model: reported, not refused
@@ -47,7 +60,7 @@ def test_a_quantized_decoder_is_judged_by_its_quality_and_a_broken_one_refused(l
     import torch
     from transformers import AutoModelForCausalLM
 
-    from softprompt.exporter import export as export_module
+    from softprompt.exporter import conversion
 
     assert export_main([str(llama_dir), str(tmp_path / "int4"), "--precision", "int4"]) == 0
     out = capsys.readouterr().err
@@ -62,7 +75,7 @@ def test_a_quantized_decoder_is_judged_by_its_quality_and_a_broken_one_refused(l
     broken.save_pretrained(tmp_path / "negated")
     shutil.copy(llama_dir / "tokenizer.json", tmp_path / "negated")
     export_model(str(tmp_path / "negated"), tmp_path / "negated-export", log=lambda m: None)
-    real = export_module.apply_precision
+    real = conversion.apply_precision
 
     def negating(path, *args, **kwargs):
         change = real(path, *args, **kwargs)
@@ -71,7 +84,7 @@ def test_a_quantized_decoder_is_judged_by_its_quality_and_a_broken_one_refused(l
                 shutil.copy(tmp_path / "negated-export" / name, path.parent / name)
         return change
 
-    monkeypatch.setattr(export_module, "apply_precision", negating)
+    monkeypatch.setattr(conversion, "apply_precision", negating)
     with pytest.raises(
         ExportValidationError, match=r"--precision int4: the graph is broken on sample text: kl mean .*--tolerance"
     ):

@@ -308,63 +308,6 @@ def test_quantized_weights_sit_beside_the_graph_readable_as_the_graph_is(quantiz
         assert data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777
 
 
-def test_a_tied_lm_head_is_the_int8_table_stored_once(tied_dir, tmp_path):
-    from softprompt.formats.embedding_table import quantize_rows
-    from softprompt.formats.export_folder import open_export
-
-    fp32 = export_model(str(tied_dir), tmp_path / "fp32", log=lambda m: None)
-    table = np.load(tmp_path / "fp32" / "embeddings.npy")
-    codes, scales = quantize_rows(table, "int8")
-    want = (codes.reshape(len(codes), -1, 32) * scales[..., None]).reshape(table.shape)
-    save_prompt(tmp_path / "bank", "t", random_prompt(3, fp32.hidden_size), fingerprint=fp32.fingerprint)
-    for name, tolerance in (("int8", None), ("int4", TINY_INT4_TOLERANCE)):
-        out = tmp_path / name
-        config = export_model(str(tied_dir), out, precision=name, tolerance=tolerance, log=lambda m: None)
-        assert config.files["embeddings"] == "model.onnx.data" and "embedding_scales" not in config.files
-        assert not (out / "embeddings.npy").exists() and not (out / "embedding_scales.npy").exists()
-        assert config.validation["changes"]["model"]["lm_head_is_the_table"] == 1
-        np.testing.assert_array_equal(open_export(out).table[:], want)  # the runtime's rows: the int8 table exactly
-        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-        assert not [t.name for t in graph.initializer if sorted(t.dims) == sorted(table.shape)]  # no other copy of it
-        model = load(out, bank=tmp_path / "bank")
-        logits = model.logits(TEXTS[0], task="t")
-        reference = load(tmp_path / "fp32", bank=tmp_path / "bank").logits(TEXTS[0], task="t")
-        assert np.abs(logits - reference).max() < (tolerance or 0.25) * np.abs(reference).max()
-    assert (tmp_path / "int8" / "model.onnx.data").stat().st_size < 0.3 * (tmp_path / "fp32" / "model.onnx").stat().st_size
-
-
-def test_a_tied_q8_0_table_keeps_its_float16_scales_in_the_graph(tied_dir, tmp_path):
-    """A table on GGUF's Q8_0 grid (symmetric int8, a float16 scale per block of 32, as the default model's) is stored
-    with float16 scales behind a Cast, and read back by the runtime exactly."""
-    import gguf
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from softprompt.formats.export_folder import open_export
-
-    model = AutoModelForCausalLM.from_pretrained(tied_dir)
-    with torch.no_grad():
-        weight = model.get_input_embeddings().weight
-        blocks = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
-        weight.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)))
-    model.save_pretrained(tmp_path / "q8_0")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tied_dir / name).exists():
-            shutil.copy(tied_dir / name, tmp_path / "q8_0" / name)
-    config = export_model(str(tmp_path / "q8_0"), tmp_path / "int8", precision="int8", log=lambda m: None)
-    assert config.table_in_graph["scales_dtype"] == "float16"
-    table = model.get_input_embeddings().weight.detach().numpy()
-    np.testing.assert_array_equal(open_export(tmp_path / "int8").table[:], table)
-    graph = onnx.load(str(tmp_path / "int8" / "model.onnx"), load_external_data=False).graph
-    assert next(t for t in graph.initializer if t.name == "embeddings.scales").data_type == onnx.TensorProto.FLOAT16
-
-
-def test_a_tied_lm_head_kept_at_fp32_leaves_the_table_its_own_file(tied_dir, tmp_path):
-    config = export_model(str(tied_dir), tmp_path / "kept", precision=Precision("int8", keep=("lm_head",)), log=lambda m: None)
-    assert config.files["embeddings"] == "embeddings.npy" and config.table_in_graph is None
-    assert "lm_head_is_the_table" not in config.validation["changes"]["model"]
-
-
 @pytest.mark.parametrize(
     ("place", "message"),
     [
@@ -481,3 +424,50 @@ def test_a_quantized_export_of_a_big_model_keeps_no_fp32_weights_and_every_file_
         assert lazy.keys() == whole.keys()
         for key, values in whole.items():
             assert np.array_equal(lazy[key], values), (precision, key)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+@pytest.mark.parametrize("external", [False, True])
+def test_a_weight_quantized_in_slices_of_rows_is_onnxruntime_s_node_byte_for_byte(
+    bits, symmetric, accuracy_level, external, tmp_path, monkeypatch
+):
+    """The sliced quantizer against onnxruntime's own `quantize_matmul` on the same weight: the same node (name,
+    inputs, attributes) and the same initializers, K cut into slices of as few blocks as may be, the last one part
+    of a block (and, at 4 bits, an odd number of blocks, whose zero points share a byte in pairs)."""
+    from onnx import helper, numpy_helper
+
+    from softprompt.exporter import nbits_slices
+    from softprompt.exporter.precision import _nbits_quantizer
+
+    nbits_quantizer = _nbits_quantizer()
+    rows, cols = 200, 37  # K: six blocks of 32 and a part one
+    weight = np.random.default_rng(bits).standard_normal((rows, cols)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")
+
+    def graph():
+        tensor = numpy_helper.from_array(weight, "w")
+        model = helper.make_model(helper.make_graph([node], "g", [], [], [tensor]))
+        if not external:
+            return model, None
+        onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+        return onnx.load(str(tmp_path / "m.onnx"), load_external_data=False), tmp_path
+
+    config = nbits_quantizer.DefaultWeightOnlyQuantConfig(
+        block_size=32, is_symmetric=symmetric, bits=bits, accuracy_level=accuracy_level
+    )
+    quantizer = nbits_quantizer.DefaultWeightOnlyQuantizer(config)
+    theirs = helper.make_model(helper.make_graph([], "g", [], [], [numpy_helper.from_array(weight, "w")]))
+    their_nodes = quantizer.quantize(node, [theirs.graph])
+    monkeypatch.setattr(nbits_slices, "SLICE_BYTES", 1)  # a slice of one block's rows (two at 4 bits)
+    model, base = graph()
+    assert nbits_slices.sliceable(model.graph.initializer[0], config)
+    our_nodes, tensors = nbits_slices.quantize(node, model.graph.initializer[0], quantizer, base)
+    assert [n.SerializeToString() for n in our_nodes] == [n.SerializeToString() for n in their_nodes]
+    made = {t.name: numpy_helper.to_array(t) for t in theirs.graph.initializer if t.name != "w"}
+    assert sorted(made) == sorted(t.name for t in tensors)
+    for tensor in tensors:
+        ours = numpy_helper.to_array(tensor)
+        assert ours.dtype == made[tensor.name].dtype and ours.shape == made[tensor.name].shape
+        assert np.array_equal(ours, made[tensor.name]), tensor.name

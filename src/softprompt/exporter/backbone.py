@@ -52,10 +52,11 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def describe(source: Source) -> Backbone:
-    """Freeze `source.model` and read everything an export of it records besides the graphs."""
+def describe(source: Source, table_path: Path | None = None) -> Backbone:
+    """Freeze `source.model` and read everything an export of it records besides the graphs; with `table_path`, the
+    embedding table is written there as it is made (a float32 .npy) and mapped from it (`embedding_table`)."""
     model = freeze(source.model)
-    table = embedding_table(model)
+    table = embedding_table(model, table_path)
     if source.kind == "encoder":
         folder = Path(source.info["path"]) if source.info.get("path") else None
         return Backbone(

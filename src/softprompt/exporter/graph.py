@@ -149,8 +149,11 @@ def example_inputs(layout: CacheLayout, hidden: int, batch: int = 2, seq: int = 
     return embeds, mask, positions, cache
 
 
-def export_graph(wrapper: CachedDecoder, hidden: int, path: Path, opset: int = 18, external_data: bool = False) -> None:
-    """Export with dynamic batch, sequence, past and total lengths, and save to `path`."""
+def export_graph(
+    wrapper: CachedDecoder, hidden: int, path: Path, opset: int = 18, external_data: bool = False, optimize: bool = True
+) -> None:
+    """Export with dynamic batch, sequence, past and total lengths, and save to `path`; `optimize=False` leaves
+    `optimize_saved` to the caller (who may first let the PyTorch model go)."""
     from torch.export import Dim
 
     layout = wrapper.layout
@@ -174,6 +177,7 @@ def export_graph(wrapper: CachedDecoder, hidden: int, path: Path, opset: int = 1
         names_out,
         what=type(wrapper.model).__name__,
         hint=" Try --attention eager, or report the architecture.",
+        optimize=optimize,
     )
 
 
@@ -189,6 +193,7 @@ def onnx_export(
     *,
     what: str,
     hint: str = "",
+    optimize: bool = True,
 ) -> None:
     """torch.onnx.export(dynamo=True) with onnxruntime-ready optimisation, saved to `path`; failures as ExportError."""
     # torch logs a warning per torchvision op it cannot register; they concern no language model.
@@ -212,7 +217,8 @@ def onnx_export(
             raise ExportError(f"torch.onnx.export failed for {what}: {first}.{hint}") from exc
     program.save(str(path), external_data=external_data)
     del program
-    optimize_saved(path, external_data)
+    if optimize:
+        optimize_saved(path, external_data)
 
 
 def optimize_saved(path: Path, external_data: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,24 +13,35 @@ from .graph import CacheLayout
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
-def embedding_table(model, chunk: int = 4096) -> np.ndarray:
+def embedding_table(model, path: Path | None = None, chunk: int = 4096) -> np.ndarray:
     """[V, E] float32: the model's own input-embedding module applied to every token id.
 
     Using the module's output (not its weight) captures scaling done inside it (Gemma's
     sqrt(E) factor, for one), so a prompt lives in the same space as the tokens it precedes.
+    With `path`, the rows are written to a float32 .npy there as they are made and the table comes back mapped
+    from it: a large vocabulary's table (Gemma-3-270m: 0.64 GB) is then never in memory whole beside the model.
     """
     module = model.get_input_embeddings()
     vocab = int(getattr(module, "num_embeddings", None) or module.weight.shape[0])
-    table: np.ndarray | None = None
-    with torch.no_grad():
-        for start in range(0, vocab, chunk):
-            ids = torch.arange(start, min(start + chunk, vocab)).unsqueeze(0)
-            rows = module(ids)[0].float().numpy()
-            if table is None:  # filled in place: chunks kept for a concatenation stayed allocated after it (0.5 GB)
-                table = np.empty((vocab, rows.shape[-1]), np.float32)
-            table[start : start + len(rows)] = rows
-    assert table is not None
-    return table
+
+    def rows(start: int) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.arange(start, min(start + chunk, vocab)).unsqueeze(0))[0].float().numpy()
+
+    first = rows(0)  # its width is the table's
+    shape = (vocab, first.shape[-1])
+    chunks = ((start, first if start == 0 else rows(start)) for start in range(0, vocab, chunk))
+    if path is None:
+        table = np.empty(shape, np.float32)  # filled in place: chunks kept for a concatenation stayed allocated after it
+        for start, part in chunks:
+            table[start : start + len(part)] = part
+        return table
+    with open(path, "wb") as file:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(file, header)
+        for _, part in chunks:
+            part.tofile(file)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _as_list(value) -> list[int]:
