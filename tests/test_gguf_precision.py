@@ -230,3 +230,95 @@ def test_a_big_models_weights_are_read_from_the_data_file_one_at_a_time(gguf_exp
     assert abs(changes["bytes"] - small) < 0.02 * small  # the same weights, only laid out in the data file
     fp32, kept = load(gguf_exports / "fp32"), load(tmp_path / "big")
     assert kept.complete("a b c", max_new_tokens=8)[0].token_ids == fp32.complete("a b c", max_new_tokens=8)[0].token_ids
+
+
+def write_gemma_gguf(path, width: int = 160) -> None:
+    """A two-layer Gemma-3 whose Q8_0 token_embd is also its lm_head, as the real Gemma-3-270m's: the model scales
+    the rows it looks up by sqrt(width), 12.649 for 160 (not a power of two, so not exactly an int8 table's scale)."""
+    rng = np.random.default_rng(11)
+    heads, kv_heads, head, ffn = 2, 1, 64, 512
+    tokens = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        *(f"<0x{i:02X}>" for i in range(256)),
+        "▁",
+        *LETTERS,
+        *(f"▁{c}" for c in LETTERS),
+    ]
+    types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.UNKNOWN] + [gguf.TokenType.BYTE] * 256
+    types += [gguf.TokenType.NORMAL] * (len(tokens) - 260)
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(128)
+    writer.add_embedding_length(width)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head)
+    writer.add_value_length(head)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_sliding_window(16)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 260 + [-float(i) for i in range(len(tokens) - 260)])
+    writer.add_token_types([int(t) for t in types])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(False)
+
+    def tensor(name, kind, rows, columns):
+        writer.add_tensor(name, quantized(kind, rows, columns, rng), raw_dtype=T[kind])
+
+    def norm(name, size):
+        writer.add_tensor(name, rng.uniform(0.8, 1.2, size).astype(np.float32))
+
+    tensor("token_embd.weight", "Q8_0", len(tokens), width)
+    for i in range(2):
+        for part in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            norm(f"blk.{i}.{part}.weight", width)
+        norm(f"blk.{i}.attn_q_norm.weight", head)
+        norm(f"blk.{i}.attn_k_norm.weight", head)
+        tensor(f"blk.{i}.attn_q.weight", "Q5_0", heads * head, width)
+        tensor(f"blk.{i}.attn_k.weight", "Q8_0", kv_heads * head, width)
+        tensor(f"blk.{i}.attn_v.weight", "Q8_0", kv_heads * head, width)
+        tensor(f"blk.{i}.attn_output.weight", "Q4_0", width, heads * head)
+        tensor(f"blk.{i}.ffn_gate.weight", "Q5_0", ffn, width)
+        tensor(f"blk.{i}.ffn_up.weight", "Q5_0", ffn, width)
+        tensor(f"blk.{i}.ffn_down.weight", "Q6_K", width, ffn)
+    norm("output_norm.weight", width)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_tied_head_the_table_is_a_multiple_of_holds_the_table_exactly(tmp_path):
+    """Gemma's lm_head is its Q8_0 token_embd and its table those rows times sqrt(width): the gguf export keeps the
+    head's own blocks (the logits need no division), stores the table only there with the factor, and the rows read
+    back are the model's table bit for bit, as the fp32 export's are; both generate the same tokens."""
+    write_gemma_gguf(tmp_path / "gemma.gguf")
+    cache = ["--cache-dir", str(tmp_path / "cache"), "-q"]
+    assert export_main([str(tmp_path / "gemma.gguf"), str(tmp_path / "fp32"), *cache]) == 0
+    args = ["--precision", "gguf", "--accuracy-level", "0", "--tolerance", "1e-4", *cache]
+    assert export_main([str(tmp_path / "gemma.gguf"), str(tmp_path / "gguf"), *args]) == 0
+
+    config = read_config(tmp_path / "gguf")
+    factor = np.float32(160**0.5)
+    assert config.files["embeddings"] == "model.onnx.data" and config.table_in_graph["factor"] == float(factor)
+    assert not (tmp_path / "gguf" / "embeddings.npy").exists()
+    graph = onnx.load(str(tmp_path / "gguf" / "model.onnx"), load_external_data=False).graph
+    assert not any(n.op_type == "Div" for n in graph.node)  # the head's logits are the file's own product
+    reader = gguf.GGUFReader(str(tmp_path / "gemma.gguf"))
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    want = gguf.quants.dequantize(np.asarray(embd.data), embd.tensor_type) * factor  # as PyTorch scales its lookups
+    fp32, kept = load(tmp_path / "fp32"), load(tmp_path / "gguf")
+    ids = np.arange(len(want))
+    assert np.array_equal(fp32.table[ids], want) and np.array_equal(kept.table[ids], want)
+    for text in ("a b c", "the quick fox"):
+        assert kept.complete(text, max_new_tokens=8)[0].token_ids == fp32.complete(text, max_new_tokens=8)[0].token_ids

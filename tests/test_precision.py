@@ -317,6 +317,10 @@ def test_quantized_weights_sit_beside_the_graph_readable_as_the_graph_is(quantiz
         ({"codes_offset": 0, "scales_offset": 0}, "table_in_graph is"),
         ({"codes_offset": 0, "scales_offset": 0, "zero_point": 128, "scales_dtype": "float64"}, "table_in_graph is"),
         ([0, 0, 128], "table_in_graph is"),
+        *(
+            ({"codes_offset": 0, "scales_offset": 0, "zero_point": 128, "factor": bad}, "table_in_graph is")
+            for bad in (0, -2.5, float("nan"), True, "16")
+        ),
     ],
 )
 def test_a_table_in_graph_that_does_not_fit_its_file_is_refused(quantized, tmp_path, place, message):

@@ -7,21 +7,25 @@ import { halfToFloat, parseNpy, toFloat32 } from "./npy.js";
 const BLOCK = 32;
 
 export class EmbeddingTable {
-  constructor(vocab, width, codes, scales = null, zeroPoint = 0) {
-    Object.assign(this, { vocab, width, codes, scales, zeroPoint });
+  /** `factor`: what the rows are multiplied by after their scales (`table_in_graph.factor`: Gemma's sqrt(width)). */
+  constructor(vocab, width, codes, scales = null, zeroPoint = 0, factor = 1) {
+    Object.assign(this, { vocab, width, codes, scales, zeroPoint, factor });
     this.blocks = scales ? scales.length / vocab : 0;
   }
 
-  /** Row `id` written into `out` at `offset` (float32). */
+  /** Row `id` written into `out` at `offset` (float32, rounded as numpy's float32 products are: one rounding each). */
   row(id, out, offset = 0) {
-    const { width, codes, scales, zeroPoint } = this;
+    const { width, codes, scales, zeroPoint, factor } = this;
     const start = id * width;
     if (!scales) {
       for (let j = 0; j < width; j++) out[offset + j] = codes[start + j];
       return;
     }
     const block = width / this.blocks;
-    for (let j = 0; j < width; j++) out[offset + j] = (codes[start + j] - zeroPoint) * scales[id * this.blocks + Math.floor(j / block)];
+    for (let j = 0; j < width; j++) {
+      const value = (codes[start + j] - zeroPoint) * scales[id * this.blocks + Math.floor(j / block)];
+      out[offset + j] = factor === 1 ? value : Math.fround(value) * factor;
+    }
   }
 }
 
@@ -31,7 +35,7 @@ export async function openTable(reader, config, graphData) {
   const width = config.hidden_size;
   const name = config.files.embeddings;
   if (config.table_in_graph) {
-    const { codes_offset: codesAt, scales_offset: scalesAt, zero_point: zeroPoint } = config.table_in_graph;
+    const { codes_offset: codesAt, scales_offset: scalesAt, zero_point: zeroPoint, factor = 1 } = config.table_in_graph;
     const half = config.table_in_graph.scales_dtype === "float16";
     const data = graphData?.[name];
     if (!data) throw new ExportFormatError(`${name}: the table is inside the graph's data, which the export does not have`);
@@ -43,7 +47,7 @@ export async function openTable(reader, config, graphData) {
     const scales = half
       ? Float32Array.from(new Uint16Array(data.slice(scalesAt, scalesAt + scalesLength)), halfToFloat)
       : new Float32Array(data.slice(scalesAt, scalesAt + scalesLength));
-    return new EmbeddingTable(vocab, width, codes, scales, zeroPoint);
+    return new EmbeddingTable(vocab, width, codes, scales, zeroPoint, factor);
   }
   const bytes = await reader.read(name);
   if (bytes === null) throw new ExportFormatError(`${name}: missing from the export`);

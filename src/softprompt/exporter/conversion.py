@@ -124,7 +124,9 @@ def convert(
     }
 
 
-def table_from_graph(table: np.ndarray, staging: Path, files: dict[str, str], log) -> tuple[dict[str, str], dict | None]:
+def table_from_graph(
+    table: np.ndarray | TableFile, staging: Path, files: dict[str, str], log
+) -> tuple[dict[str, str], dict | None]:
     """Where a graph's lm_head became the int8 table (`tied_table.share_table`), drop the table's own files
     and point `embeddings` at the graph's data; the rows read back from there must be the stored table's."""
     for name in [name for name in files.values() if name.endswith(".onnx")]:
@@ -134,12 +136,16 @@ def table_from_graph(table: np.ndarray, staging: Path, files: dict[str, str], lo
         data = f"{name}.data"
         stored = open_table(staging / files["embeddings"], staging / files["embedding_scales"], table.shape)
         shared = open_table(staging / data, None, table.shape, place)
-        if not equal_rows(shared, stored):  # a slice at a time: read whole, both were float32 (1.3 GB for Gemma)
-            raise ExportError(f"{data}: the lm_head's int8 rows differ from the embedding table's; report this as a bug")
+        # a slice at a time (read whole, both were float32: 1.3 GB for Gemma); rows shared with a factor are the
+        # model's table exactly (a GGUF's own blocks), where the stored file was its nearest int8 form
+        want, what = (table, "the model's table") if "factor" in place else (stored, "the stored int8 table")
+        if not equal_rows(shared, want):
+            raise ExportError(f"{data}: the lm_head's int8 rows differ from {what}; report this as a bug")
         del stored, shared
         for key in ("embeddings", "embedding_scales"):
             (staging / files[key]).unlink()
         files = {key: value for key, value in files.items() if key != "embedding_scales"} | {"embeddings": data}
-        log(f"      the tied lm_head is the int8 embedding table: stored once, in {data}")
+        times = f" (the table is its rows times {place['factor']:.6g})" if "factor" in place else ""
+        log(f"      the tied lm_head is the int8 embedding table{times}: stored once, in {data}")
         return files, place
     return files, None

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.formats.embedding_table import ScaledRows, equal_rows, exact_int8, row_slices
+from softprompt.formats.embedding_table import BLOCK, ScaledRows, equal_rows, exact_int8, row_slices
 
 from .blocked import Blocks, merge, product
 from .errors import ExportError
 from .lazy_weights import release, view
+from .tied_table import table_scale
 
 QK_K = 256
 CHUNK_ROWS = 8192  # rows dequantized at once while indexing (a 150k-row table would be 0.5 GB at once)
@@ -375,6 +376,21 @@ def table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarra
     if codes is None or not equal_rows(ScaledRows(codes, blocks.scales), table):
         return None
     return codes, blocks.scales
+
+
+def factored_table_rows(table, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(codes, scales, factor): a table that is exactly the file's `token_embd` blocks of 32 (Q4_0, Q5_0, Q8_0) times
+    one float32 factor, in float32 as PyTorch computes it ((q d) c: Gemma's sqrt(width)); None otherwise. A tied
+    lm_head made of those blocks then holds the table (`tied_table.share_table` with the factor), exactly."""
+    name = "token_embd.weight"
+    if rows.kinds.get(name) not in ("Q4_0", "Q5_0", "Q8_0"):
+        return None
+    blocks = rows.blocks(name)
+    codes = _int8_codes(blocks) if blocks.codes.shape == table.shape and blocks.block == BLOCK else None
+    if codes is None:
+        return None
+    factor = table_scale(ScaledRows(codes, blocks.scales), table)
+    return None if factor is None else (codes, blocks.scales, factor)
 
 
 def scaled_table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray] | None:

@@ -341,10 +341,11 @@ def _quantize_each(model, quantizer, exclude: set[str], base: Path | None) -> No
 
 
 def _gguf(model, precision: Precision, table: np.ndarray | TableFile | None, rows, base: Path):
-    """The GGUF's blocks for every product made of its rows (gguf_weights.py); a tied lm_head that is the Q8_0 table
-    is stored once, as the table (`share_table`: its int8 rows are then the file's own). `model` comes without its
+    """The GGUF's blocks for every product made of its rows (gguf_weights.py); a tied lm_head that is the Q8_0 table,
+    or of which the table is a multiple (Gemma's), is stored once, as the table (`share_table`: its int8 rows are
+    then the file's own). `model` comes without its
     external data (in `base`): the products' weights are read one at a time, everything else is loaded here."""
-    from .gguf_weights import keep_gguf_blocks
+    from .gguf_weights import factored_table_rows, keep_gguf_blocks
 
     load_besides_weights(model, base)
     gemm_as_matmul(model)
@@ -355,6 +356,11 @@ def _gguf(model, precision: Precision, table: np.ndarray | TableFile | None, row
     shared = False
     if exact is not None:
         shared = share_table(model, matmuls, kept, table, int8=False, web=precision.web, rows=exact, base=base)
+    elif table is not None and kept and (found := factored_table_rows(table, rows)) is not None:
+        codes, scales, factor = found  # Gemma's: the file's Q8_0 table times sqrt(width), the head its own blocks
+        shared = share_table(
+            model, matmuls, kept, table, int8=False, web=precision.web, rows=(codes, scales), factor=factor, base=base
+        )
     counts = keep_gguf_blocks(model, rows, skip={name for name, how in kept.items() if how == "table"}, base=base)
     load(model, base)  # the products left float32
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]

@@ -12,6 +12,7 @@ import numpy as np
 
 from softprompt.formats.embedding_table import BLOCK, TABLE_ZERO_POINT, TableFile, quantize_rows, row_slices
 
+from . import lazy_weights
 from .blocked import holds_in_float16
 from .errors import ExportError
 from .graph_rewrites import drop_unused_initializers, use_contrib_ops
@@ -21,6 +22,8 @@ from .lazy_weights import view
 TABLE_CODES = "embeddings.codes"
 TABLE_SCALES = "embeddings.scales"
 TABLE_SCALE = "embeddings.scale"  # what the logits are divided by where the table is the lm_head times a factor
+# The graph's metadata entry that records a factor the shared rows are multiplied by to give the table (`table_in_graph`).
+TABLE_FACTOR = "softprompt.table_factor"
 
 
 def share_table(
@@ -32,6 +35,7 @@ def share_table(
     int8: bool,
     web: bool,
     rows=None,
+    factor: float | None = None,
     base: Path | None = None,
 ) -> bool:
     """Make a tied lm_head that stays at 8 bits the int8 embedding table itself, stored once.
@@ -47,6 +51,9 @@ def share_table(
     scales where they were made already (`exact_int8`); `base`, the folder of the data file the graph was loaded
     without (the lm_head is then read from it).
     A lm_head the table is a multiple of (`table_scale`: Gemma's) is the table too, its logits divided by the factor.
+    With `factor`, `rows` are the lm_head's own rows, exactly (a GGUF file's Q8_0 blocks: `factored_table_rows`), of
+    which the table is `factor` times, exactly: they are stored as they are, the product gives the logits with no
+    division, and the graph records the factor (`TABLE_FACTOR`) for the runtime to apply to the rows it reads.
     Returns whether it did (the lm_head is found, the table or a multiple of it, and kept at 8 bits).
     """
     import onnx
@@ -60,7 +67,15 @@ def share_table(
     if kept.get(head.name, "int8" if int8 else None) != "int8":
         return False
     weight = next(t for t in model.graph.initializer if t.name == head.input[1])
-    scale = table_scale(view(weight, base).T, table) if tuple(weight.dims) == (width, vocab) else None
+    if tuple(weight.dims) != (width, vocab):
+        return False
+    if factor is not None:
+        if rows is None or not _head_is(weight, base, *rows):
+            return False
+        scale: float | None = 1.0
+        model.metadata_props.add(key=TABLE_FACTOR, value=repr(float(factor)))
+    else:
+        scale = table_scale(view(weight, base).T, table)
     if scale is None:
         return False
     codes, scales = rows if rows is not None else quantize_rows(table, "int8")
@@ -103,6 +118,19 @@ def share_table(
     return True
 
 
+def _head_is(weight, base: Path | None, codes: np.ndarray, scales: np.ndarray) -> bool:
+    """Whether the lm_head's [E, V] weight is exactly int8 `codes` [V, E] times `scales` [V, E / BLOCK], compared a
+    block of E at a time: its rows read from the data file (not mapped, which kept every page of a 262k-vocabulary
+    head resident) against the float32 values of one block of codes for the whole vocabulary."""
+    width = codes.shape[1]
+    for block, start in enumerate(range(0, width, BLOCK)):
+        head = lazy_weights.rows(weight, start, start + BLOCK, base)
+        values = codes[:, start : start + BLOCK].astype(np.float32) * scales[:, block, None].astype(np.float32)
+        if not np.array_equal(head, values.T):
+            return False
+    return True
+
+
 def table_scale(head_rows, table: np.ndarray | TableFile) -> float | None:
     """The float32 `s` with `table` exactly `head_rows * s` in float32 (1 for a lm_head tied to the table; sqrt of
     the width for Gemma's, whose embedding module scales the rows it shares with the lm_head), or None for a head that
@@ -128,15 +156,18 @@ def table_scale(head_rows, table: np.ndarray | TableFile) -> float | None:
     return None
 
 
-def table_in_graph(path: Path) -> dict[str, int] | None:
-    """Where a graph written by `apply_precision` holds the embedding table (`share_table`), or None.
+def table_in_graph(path: Path) -> dict[str, int | float | str] | None:
+    """Where a graph written by `apply_precision` holds the embedding table (`share_table`), or None; with `factor`
+    where the table is the stored rows times it.
 
     Offsets are into the graph's external data file (`path` + ".data"); softprompt.json records them
     so the runtime, which has no onnx package, can map the rows directly.
     """
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    factor = next((float(entry.value) for entry in model.metadata_props if entry.key == TABLE_FACTOR), None)
     places, half = {}, False
     for tensor in graph.initializer:
         if tensor.name in (TABLE_CODES, TABLE_SCALES):
@@ -152,6 +183,7 @@ def table_in_graph(path: Path) -> dict[str, int] | None:
         "scales_offset": places[TABLE_SCALES],
         "zero_point": TABLE_ZERO_POINT,
         **({"scales_dtype": "float16"} if half else {}),
+        **({"factor": factor} if factor is not None else {}),
     }
 
 

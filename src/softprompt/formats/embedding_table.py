@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,13 +29,15 @@ TABLE_ZERO_POINT = 128
 class ScaledRows:
     """int8 (or float16) rows read as float32: `table[ids]` dequantizes only the rows asked for.
 
-    `scales` is [V, blocks]: row r's values in block b are (codes - zero_point) * scales[r, b].
+    `scales` is [V, blocks]: row r's values in block b are (codes - zero_point) * scales[r, b], times `factor` where
+    it is not 1 (in float32, in that order: a tied lm_head's rows whose table is a multiple of them, as Gemma's).
     """
 
-    def __init__(self, codes: np.ndarray, scales: np.ndarray | None, zero_point: int = 0):
+    def __init__(self, codes: np.ndarray, scales: np.ndarray | None, zero_point: int = 0, factor: float = 1.0):
         self.codes = codes
         self.scales = scales
         self.zero_point = zero_point
+        self.factor = np.float32(factor)
         self.shape = codes.shape
         self.dtype = np.dtype(np.float32)
 
@@ -49,6 +52,8 @@ class ScaledRows:
             return rows
         scales = np.asarray(self.scales[index], dtype=np.float32)
         blocks = rows.reshape(*rows.shape[:-1], scales.shape[-1], -1) * scales[..., None]
+        if self.factor != 1:
+            blocks *= self.factor
         return blocks.reshape(rows.shape)
 
 
@@ -140,13 +145,13 @@ def exact_int8(table: np.ndarray | TableFile) -> tuple[np.ndarray, np.ndarray] |
 
 
 def open_table(
-    path: Path, scales_path: Path | None, shape: tuple[int, int], in_graph: dict[str, int] | None = None
+    path: Path, scales_path: Path | None, shape: tuple[int, int], in_graph: dict[str, Any] | None = None
 ) -> np.ndarray | ScaledRows:
     """Map the stored table read-only and check it against `shape`; float32 comes back as a plain array.
 
     `in_graph` (softprompt.json's `table_in_graph`) says the rows are a tied lm_head's weights inside
     the graph's data file `path`: uint8 codes and float32 (or, with `scales_dtype`, float16) scales at the offsets it
-    gives."""
+    gives, times its `factor` where it has one."""
     if in_graph is not None:
         return _open_in_graph(path, shape, in_graph)
     try:
@@ -173,7 +178,7 @@ def open_table(
     return ScaledRows(table, scales)
 
 
-def _open_in_graph(path: Path, shape: tuple[int, int], in_graph: dict[str, int]) -> ScaledRows:
+def _open_in_graph(path: Path, shape: tuple[int, int], in_graph: dict[str, Any]) -> ScaledRows:
     vocab, width = shape
     if width % BLOCK:
         raise ExportFormatError(f"{path}: a table inside the graph has blocks of {BLOCK}; the width {width} is no multiple")
@@ -189,4 +194,4 @@ def _open_in_graph(path: Path, shape: tuple[int, int], in_graph: dict[str, int])
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     codes = mapped[codes_at:codes_end].reshape(vocab, width).view(np.ndarray)
     scales = mapped[scales_at:scales_end].view(scale_type).reshape(vocab, width // BLOCK).view(np.ndarray)
-    return ScaledRows(codes, scales, in_graph["zero_point"])
+    return ScaledRows(codes, scales, in_graph["zero_point"], in_graph.get("factor", 1.0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,8 @@ class ExportConfig:
     precision: str = "fp32"
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Set where files.embeddings is a graph's data file holding a tied lm_head that is the int8 table:
-    # {"codes_offset", "scales_offset", "zero_point"} (see docs/FORMAT.md).
-    table_in_graph: dict[str, int] | None = None
+    # {"codes_offset", "scales_offset", "zero_point"}, optionally "scales_dtype" and "factor" (see docs/FORMAT.md).
+    table_in_graph: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -167,11 +168,16 @@ def _table_place(value: Any) -> bool:
     places = {"codes_offset", "scales_offset", "zero_point"}
     return (
         isinstance(value, dict)
-        and places <= set(value) <= places | {"scales_dtype"}
+        and places <= set(value) <= places | {"scales_dtype", "factor"}
         and all(_int(value[k]) and value[k] >= 0 for k in places)
         and value["zero_point"] < 256
         and value.get("scales_dtype", "float32") in ("float32", "float16")
+        and _positive_number(value.get("factor", 1.0))
     )
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 # What each softprompt.json field must be, checked before anything is built from it.
@@ -196,7 +202,7 @@ _TYPES = [
         "table_in_graph",
         lambda v: v is None or _table_place(v),
         "null or {codes_offset, scales_offset, zero_point} of non-negative integers (zero_point below 256), and "
-        'optionally scales_dtype ("float32" or "float16")',
+        'optionally scales_dtype ("float32" or "float16") and a positive factor',
     ),
 ]
 
