@@ -403,3 +403,63 @@ def http_ok(url: str):
         return http("GET", url)
     except OSError:
         return None
+
+
+def test_two_exports_in_one_server_each_serve_their_own_tasks(chat_export, gpt2_export, tmp_path):
+    """Two backbones behind one server: a request goes to the export its model id names, with that export's tasks,
+    and answers as that export alone does, also when requests for both run at once; an id naming neither export,
+    or one export's task under the other's name, is a 404 listing every model id."""
+    from softprompt.server import create_app
+
+    _, llama_folder = chat_export
+    banks = {}
+    for name, folder, task in (("llama", llama_folder, "a"), ("gpt2", gpt2_export, "g")):
+        config = json.loads((folder / "softprompt.json").read_text())
+        banks[name] = tmp_path / name
+        save_prompt(banks[name], task, random_prompt(3, config["hidden_size"], seed=4), fingerprint=config["fingerprint"])
+    models = {
+        "llama": load(llama_folder, bank=banks["llama"], providers="cpu"),
+        "gpt2": load(gpt2_export, bank=banks["gpt2"], providers="cpu"),
+    }
+    app = create_app(models)
+    url, stop = start(app)
+    try:
+        api = client(url)
+        assert sorted(m.id for m in api.models.list().data) == ["gpt2", "gpt2:g", "llama", "llama:a"]
+        asks = [("llama:a", TEXTS[0]), ("gpt2:g", TEXTS[1]), ("gpt2", TEXTS[2]), ("llama", TEXTS[3])] * 2
+        want = [
+            models[m.split(":")[0]].complete(text, task=m.partition(":")[2] or None, max_new_tokens=6)[0].text for m, text in asks
+        ]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            got = list(pool.map(lambda ask: api.completions.create(model=ask[0], prompt=ask[1], max_tokens=6), asks))
+        assert [g.choices[0].text for g in got] == want and [g.model for g in got] == [m for m, _ in asks]
+        for wrong in ("gpt2:a", "other", "other:g"):
+            status, answer = http("POST", url + "/v1/completions", {"model": wrong, "prompt": "x", "max_tokens": 2})
+            assert status == 404 and answer["error"]["code"] == "model_not_found", (wrong, answer)
+            assert "llama:a" in answer["error"]["message"] and "gpt2:g" in answer["error"]["message"]
+        status, answer = http("GET", url + "/v1/models/gpt2:g")
+        assert status == 200 and answer["id"] == "gpt2:g"
+        assert http("GET", url + "/health")[1] == {"status": "ok", "tasks": 2, "models": {"llama": 1, "gpt2": 1}}
+        metrics = http("GET", url + "/metrics")[1]
+        assert 'softprompt_batches_total{model="llama"}' in metrics and 'softprompt_batches_total{model="gpt2"}' in metrics
+        assert re.search(r"softprompt_requests_total 8\b", metrics), metrics
+        assert set(app.state.engines) == {"llama", "gpt2"}
+    finally:
+        stop()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["A", "B", "--bank", "x"], "--bank given 1 times for 2 exports; give it once per export"),
+        (["A", "B", "--name", "m", "--name", "n", "--name", "o"], "--name given 3 times for 2 exports"),
+        (["one/m", "two/m"], "two exports would both be m; name each with --name"),
+        (["A", "--name", "a:b"], "model name 'a:b': expected a non-empty name without ':'"),
+    ],
+)
+def test_serve_model_pairs_banks_and_names_with_exports_or_says_how(argv, message, capsys):
+    from softprompt.server.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--port", "1"])
+    assert exc.value.code == 2 and message in capsys.readouterr().err

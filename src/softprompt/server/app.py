@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app (Starlette): one loaded export, its bank's tasks as models, one engine.
+"""The OpenAI-compatible HTTP app (Starlette): a loaded export (or several), its bank's tasks as models, an engine each.
 
 Model ids: the backbone's name (no task) and `NAME:TASK` for every task of the bank, read again
 for every request, so a task swapped into the bank folder is served from the next request. A
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Mapping
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -30,25 +31,46 @@ from softprompt.runtime import start_engine
 
 from . import routes
 from .generation import chat_completions, completions
+from .metrics import Metrics
 from .protocol import ApiError, Limits, error_response
-from .served import Served, log
+from .served import Served, log, pick
 
 
-def create_app(model, *, name: str, api_key: str | None = None, limits: Limits | None = None) -> Starlette:
-    """The app serving `model` (a loaded export) as `name` and `name:TASK`."""
+def create_app(model, *, name: str | None = None, api_key: str | None = None, limits: Limits | None = None) -> Starlette:
+    """The app serving `model` (a loaded export) as `name` and `name:TASK`; or several exports, `model` a mapping of
+    their names to them (each its own engine: a request goes to the export its model id names)."""
     limits = limits or Limits()
-    served = Served(model, name, api_key, limits, start_engine(model, limits.max_batch, limits.max_queue))
+    if isinstance(model, Mapping):
+        models = dict(model)
+    elif name is None:
+        raise ValueError("create_app: name the model (name=...), or give a mapping of names to models")
+    else:
+        models = {name: model}
+    if not models or any(not n or ":" in n for n in models):
+        raise ValueError(f"create_app: model names {sorted(models)}; expected at least one, each non-empty, without ':'")
+    metrics = Metrics()  # one server's counters, whichever export answered
+    served = [
+        Served(one, n, api_key, limits, start_engine(one, limits.max_batch, limits.max_queue), metrics)
+        for n, one in models.items()
+    ]
+    for one in served:
+        one.beside = served
 
     def route(path: str, endpoint, method: str, logged: bool = True) -> Route:
-        handler = functools.partial(endpoint, served)
-        return Route(path, guarded(served, handler) if logged else handler, methods=[method])
+        if method == "POST":  # the body's model id picks the export
+            handler = functools.partial(by_model_id, served, endpoint)
+        else:
+            handler = functools.partial(endpoint, served)
+        return Route(path, guarded(served[0], handler) if logged else handler, methods=[method])
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        served.closing = True
-        if served.engine is not None:
-            await run_in_threadpool(served.engine.close, 60.0)
+        for one in served:
+            one.closing = True
+        for one in served:
+            if one.engine is not None:
+                await run_in_threadpool(one.engine.close, 60.0)
 
     app = Starlette(
         routes=[
@@ -62,10 +84,20 @@ def create_app(model, *, name: str, api_key: str | None = None, limits: Limits |
             route("/metrics", routes.metrics, "GET", logged=False),
         ],
         lifespan=lifespan,
-        exception_handlers={404: functools.partial(routes.not_found, served), 405: functools.partial(routes.not_found, served)},
+        exception_handlers={
+            404: functools.partial(routes.not_found, served[0]),
+            405: functools.partial(routes.not_found, served[0]),
+        },
     )
-    app.state.engine = served.engine
+    app.state.engine = served[0].engine
+    app.state.engines = {one.name: one.engine for one in served}
     return app
+
+
+async def by_model_id(served: list[Served], endpoint, request: Request) -> Response:
+    """A POST answered by the export its body's model id names."""
+    body = await served[0].body(request)
+    return await endpoint(pick(served, body.get("model")), request)
 
 
 def guarded(served: Served, handler):

@@ -1,4 +1,5 @@
-"""`serve-model EXPORT_DIR [--bank BANK]`: the export and its tasks behind an OpenAI-compatible HTTP API."""
+"""`serve-model EXPORT_DIR [--bank BANK]`: the export and its tasks behind an OpenAI-compatible HTTP API; several
+exports (each with its bank) in one server as `serve-model A B --bank BANK_A --bank BANK_B`."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ if TYPE_CHECKING:
 EPILOG = """\
 Every task of the bank is a model id, NAME:TASK (NAME: --name, default the export folder's name);
 NAME alone is the backbone without a task. Tasks swapped into the bank folder are served from the
-next request. Listens on 127.0.0.1 unless --host says otherwise.
+next request. Several exports share one server: give --bank (and --name) once per export, in the
+exports' order; each runs its own batch. Listens on 127.0.0.1 unless --host says otherwise.
 
 examples:
   serve-model exports/smollm2-int4 --bank banks/smollm2-135m --name smollm2
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
       -d '{"model": "smollm2:define", "prompt": "Committee, n.", "max_tokens": 32}'
+  serve-model exports/smollm2-int4 exports/gemma-int4 --bank banks/smollm2-135m --bank banks/gemma-3-270m \\
+      --name smollm2 --name gemma
 """
 
 
@@ -35,18 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by export-model")
-    add_serving_options(parser)
+    parser.add_argument("export_dir", metavar="EXPORT_DIR", nargs="+", help="folder written by export-model (one or more)")
+    add_serving_options(parser, several=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
-def add_serving_options(parser: argparse.ArgumentParser) -> None:
-    """What one server process needs beside its export and address; shared with `cluster-model serve`."""
-    parser.add_argument("--bank", help="prompt-bank folder whose tasks are served as NAME:TASK")
-    parser.add_argument("--name", help="the backbone's model id (default: the export folder's name)")
+def add_serving_options(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """What one server process needs beside its export and address; shared with `cluster-model serve`. With
+    `several`, --bank and --name may be given once per export."""
+    each = " (once per export, in their order)" if several else ""
+    action = "append" if several else "store"
+    parser.add_argument("--bank", action=action, help=f"prompt-bank folder whose tasks are served as NAME:TASK{each}")
+    parser.add_argument("--name", action=action, help=f"the backbone's model id (default: the export folder's name){each}")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("SOFTPROMPT_API_KEY"),
@@ -78,10 +85,31 @@ def served_name(args: argparse.Namespace) -> str:
     return args.name or Path(args.export_dir).resolve().name
 
 
+def exports(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[str, str, str | None]]:
+    """(model id, export folder, bank or None) for each export serve-model serves; a usage error where --bank or
+    --name is given for some exports but not each, or two exports would have one name."""
+    folders = args.export_dir
+    for option in ("bank", "name"):
+        given = getattr(args, option) or []
+        if given and len(given) != len(folders):
+            parser.error(
+                f"--{option} given {len(given)} times for {len(folders)} exports; give it once per export, in their order"
+            )
+    names = args.name or [Path(folder).resolve().name for folder in folders]
+    for name in names:
+        if not name or ":" in name:
+            parser.error(f"model name {name!r}: expected a non-empty name without ':' (NAME:TASK names a task)")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        parser.error(f"two exports would both be {', '.join(repeated)}; name each with --name, once per export")
+    return list(zip(names, folders, args.bank or [None] * len(folders)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     chosen = limits(args, parser)
+    served = exports(args, parser)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port}; expected 1..65535")
     log_to_stderr(logging.INFO)  # a task that fails to load, then a line a request
@@ -92,20 +120,20 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     with listener:
-        return run_command(lambda: _serve(args, chosen, listener))
+        return run_command(lambda: _serve(args, served, chosen, listener))
 
 
-def _serve(args: argparse.Namespace, chosen: Limits, listener: socket.socket) -> int:
+def _serve(args: argparse.Namespace, served: list[tuple[str, str, str | None]], chosen: Limits, listener: socket.socket) -> int:
     import uvicorn
 
     from softprompt.runtime import load
 
     from .app import create_app
 
-    model = load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
-    name = served_name(args)
-    app = create_app(model, name=name, api_key=args.api_key, limits=chosen)
-    print(describe(model, name, args), file=sys.stderr)
+    models = {name: load(folder, bank=bank, providers=args.providers, threads=args.threads) for name, folder, bank in served}
+    app = create_app(models, api_key=args.api_key, limits=chosen)
+    for name, model in models.items():
+        print(describe(model, name, args), file=sys.stderr)
     # uvicorn handles Ctrl-C and SIGTERM itself: running requests finish (up to 60 s), then it returns.
     uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60)).run(sockets=[listener])
     return 0

@@ -25,7 +25,8 @@ class Metrics:
         with self._lock:
             self.errors[status] = self.errors.get(status, 0) + 1
 
-    def render(self, engine) -> str:
+    def render(self, engines: dict) -> str:
+        """The counters, and each export's engine (name -> engine, None for an encoder)."""
         lines = [
             "# TYPE softprompt_requests_total counter",
             f"softprompt_requests_total {self.requests}",
@@ -38,18 +39,22 @@ class Metrics:
             "# TYPE softprompt_errors_total counter",
             *(f'softprompt_errors_total{{status="{status}"}} {n}' for status, n in sorted(self.errors.items())),
         ]
-        if engine is not None:
-            stats = engine.stats
-            lines += [
-                "# TYPE softprompt_queue_waiting gauge",
-                f"softprompt_queue_waiting {engine.waiting}",
-                "# TYPE softprompt_batch_running_rows gauge",
-                f"softprompt_batch_running_rows {stats.running}",
-                "# TYPE softprompt_batches_total counter",
-                f"softprompt_batches_total {stats.batches}",
-                "# TYPE softprompt_batch_rows_total counter",
-                f"softprompt_batch_rows_total {stats.rows}",
-                "# TYPE softprompt_decode_steps_total counter",
-                f"softprompt_decode_steps_total {stats.steps}",
+        running = {name: engine for name, engine in engines.items() if engine is not None}
+        if running:
+            gauges = [
+                ("softprompt_queue_waiting", "gauge", lambda e: e.waiting),
+                ("softprompt_batch_running_rows", "gauge", lambda e: e.stats.running),
+                ("softprompt_batches_total", "counter", lambda e: e.stats.batches),
+                ("softprompt_batch_rows_total", "counter", lambda e: e.stats.rows),
+                ("softprompt_decode_steps_total", "counter", lambda e: e.stats.steps),
             ]
+            for metric, kind, value in gauges:
+                lines.append(f"# TYPE {metric} {kind}")
+                # one export's unlabelled, as a one-model server has always said; several, one line each by model
+                lines += [f"{metric}{_label(name, len(engines))} {value(e)}" for name, e in running.items()]
         return "\n".join(lines) + "\n"
+
+
+def _label(name: str, exports: int) -> str:
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return "" if exports == 1 else f'{{model="{escaped}"}}'

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from softprompt.runtime import Encoder
 
 from .protocol import ApiError, TextsRequest, embeddings_body, error_response, model_object
-from .served import Served, now
+from .served import Served, now, pick
 
 
 async def embeddings(served: Served, request: Request) -> Response:
@@ -42,27 +42,34 @@ async def classify(served: Served, request: Request) -> Response:
     return JSONResponse({"object": "list", "model": asked.model, "data": [{"index": i, **r} for i, r in enumerate(results)]})
 
 
-async def models(served: Served, request: Request) -> Response:
-    served.authorize(request)
+async def models(served: list[Served], request: Request) -> Response:
+    served[0].authorize(request)
     created = now()
-    return JSONResponse({"object": "list", "data": [model_object(i, created) for i in served.model_ids()]})
+    return JSONResponse({"object": "list", "data": [model_object(i, created) for i in served[0].server_ids()]})
 
 
-async def one_model(served: Served, request: Request) -> Response:
+async def one_model(served: list[Served], request: Request) -> Response:
     """GET /v1/models/{id} (the openai client's models.retrieve)."""
-    served.authorize(request)
+    served[0].authorize(request)
     name = request.path_params["model_id"]
     request.state.model = name
-    served.resolve(name)  # 404 with the known ids, or the reason a task of the bank is not served
+    pick(served, name).resolve(name)  # 404 with the known ids, or the reason a task of the bank is not served
     return JSONResponse(model_object(name, now()))
 
 
-async def health(served: Served, request: Request) -> Response:
-    return JSONResponse({"status": "shutting down" if served.closing else "ok", "tasks": len(served.model.tasks)})
+async def health(served: list[Served], request: Request) -> Response:
+    return JSONResponse(
+        {
+            "status": "shutting down" if served[0].closing else "ok",
+            "tasks": sum(len(one.model.tasks) for one in served),
+            "models": {one.name: len(one.model.tasks) for one in served},
+        }
+    )
 
 
-async def metrics(served: Served, request: Request) -> Response:
-    return PlainTextResponse(served.metrics.render(served.engine), media_type="text/plain; version=0.0.4")
+async def metrics(served: list[Served], request: Request) -> Response:
+    engines = {one.name: one.engine for one in served}
+    return PlainTextResponse(served[0].metrics.render(engines), media_type="text/plain; version=0.0.4")
 
 
 async def not_found(served: Served, request: Request, exc: Exception) -> Response:

@@ -29,9 +29,14 @@ class Served:
     engine: Engine | None  # None for an encoder (it embeds in the request's thread)
     metrics: Metrics = dataclasses.field(default_factory=Metrics)
     closing: bool = False
+    beside: list[Served] = dataclasses.field(default_factory=list, repr=False)  # the exports of the same server
 
     def model_ids(self) -> list[str]:
         return [self.name, *(f"{self.name}:{task}" for task in self.model.tasks)]
+
+    def server_ids(self) -> list[str]:
+        """Every model id the server answers, this export's and those beside it."""
+        return [i for one in (self.beside or [self]) for i in one.model_ids()]
 
     def resolve(self, model_id: str) -> Task | None:
         """The task a model id names (None: the backbone), resolved once: the request's template, checks and run
@@ -46,7 +51,7 @@ class Served:
                 pass
             except PromptBankError as exc:  # in the bank, but it failed to load: say why
                 raise ApiError(404, str(exc), param="model", code="model_not_found") from None
-        known = ", ".join(self.model_ids())
+        known = ", ".join(self.server_ids())
         raise ApiError(404, f"model {model_id!r} does not exist; models: {known}", param="model", code="model_not_found")
 
     def authorize(self, request: Request) -> None:
@@ -57,11 +62,14 @@ class Served:
                 raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
 
     async def body(self, request: Request) -> dict:
-        """A POST's JSON object, once the key is checked and unless the server is closing."""
+        """A POST's JSON object, once the key is checked and unless the server is closing (read once: the route that
+        chose this export by the body's model id read it already)."""
         self.authorize(request)
         if self.closing:
             raise ApiError(503, "the server is shutting down", kind="server_error")
-        return await read_body(request, self.limits)
+        if not hasattr(request.state, "body"):
+            request.state.body = await read_body(request, self.limits)
+        return request.state.body
 
     def check_prompt(self, ids: list[int], task: Task | None, max_new_tokens: int) -> None:
         if len(ids) > self.limits.max_prompt_tokens:
@@ -86,3 +94,15 @@ class Served:
 
 def now() -> int:
     return int(time.time())
+
+
+def pick(served: list[Served], model_id) -> Served:
+    """The export a model id names (`NAME` or `NAME:TASK`) among those one server serves; an id naming none is a 404
+    that lists every id there is."""
+    if not isinstance(model_id, str) or len(served) == 1:
+        return served[0]  # the request's own checks say what is wrong with its id
+    for one in served:
+        if model_id == one.name or model_id.startswith(one.name + ":"):
+            return one
+    known = ", ".join(served[0].server_ids())
+    raise ApiError(404, f"model {model_id!r:.80} does not exist; models: {known}", param="model", code="model_not_found")
