@@ -214,24 +214,6 @@ def test_a_table_scaled_by_the_model_is_the_files_blocks_with_scaled_scales(kind
     assert gguf_table(scaled + np.float32(1e-3), rows)[0] == "fp32"  # not the file's rows: kept as it is
 
 
-def test_a_big_models_weights_are_read_from_the_data_file_one_at_a_time(gguf_exports, tmp_path, monkeypatch):
-    """Above 1 GiB the fp32 weights are in model.onnx.data, which the conversion maps instead of loading whole: the
-    result is the same export, every block kept, nothing float32 left behind in the data file."""
-    from softprompt.exporter import export as export_module
-
-    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 0)  # the tiny model takes the big models' path
-    args = ["--precision", "gguf", "--accuracy-level", "0", "--tolerance", "1e-4", "--cache-dir", str(gguf_exports / "cache")]
-    assert export_main([str(gguf_exports / "tiny.gguf"), str(tmp_path / "big"), *args, "-q"]) == 0
-    config = read_config(tmp_path / "big")
-    changes = config.validation["changes"]["model"]
-    assert {k: v for k, v in changes.items() if k.startswith("matmuls_")} == EXPECTED
-    assert max(config.validation["max_relative_diff"].values()) < 1e-4
-    small = read_config(gguf_exports / "gguf").validation["changes"]["model"]["bytes"]
-    assert abs(changes["bytes"] - small) < 0.02 * small  # the same weights, only laid out in the data file
-    fp32, kept = load(gguf_exports / "fp32"), load(tmp_path / "big")
-    assert kept.complete("a b c", max_new_tokens=8)[0].token_ids == fp32.complete("a b c", max_new_tokens=8)[0].token_ids
-
-
 def write_gemma_gguf(path, width: int = 160) -> None:
     """A two-layer Gemma-3 whose Q8_0 token_embd is also its lm_head, as the real Gemma-3-270m's: the model scales
     the rows it looks up by sqrt(width), 12.649 for 160 (not a power of two, so not exactly an int8 table's scale)."""

@@ -204,12 +204,13 @@ def test_a_request_joins_the_running_batch_and_leaves_when_done(served):
 
     model = served[0]
     engine = Engine(model, max_batch=4)
-    order, steps, started = [], {"a": 0}, threading.Event()
+    order, steps, started, submitted = [], {"a": 0}, threading.Event(), threading.Event()
 
-    def counting(state):
-        steps["a"] += 1
+    def counting(state):  # on the engine's thread: A's third step holds it until B is queued (a tiny model's
+        steps["a"] += 1  # 27 remaining steps could otherwise end before this thread is scheduled to submit B)
         if steps["a"] == 3:
             started.set()
+            assert submitted.wait(60)
 
     long = GenerationSettings(max_new_tokens=30, min_new_tokens=30)
     short = GenerationSettings(max_new_tokens=4, temperature=0.8, seed=5)
@@ -219,6 +220,7 @@ def test_a_request_joins_the_running_batch_and_leaves_when_done(served):
     engine.submit(a)
     assert started.wait(60)
     engine.submit(b)
+    submitted.set()
     engine.close(timeout=120)
     assert order == ["b", "a"] and engine.stats.batches == 2  # b was admitted on its own, into the running batch
     assert results["a"].ids == model.complete(TEXTS[0], task="a", settings=long)[0].token_ids

@@ -27,13 +27,13 @@ from .validate import Reference, cpu_session, reference, validate
 
 @dataclasses.dataclass(frozen=True)
 class GraphOptions:
-    """How export-model was asked to make and check the graphs."""
+    """How export-model was asked to make and check the graphs (each written with its weights in a .data file
+    beside it: see export.py)."""
 
     opset: int
     tolerance: float
     fuse: bool
     graph: str  # decoders: "auto", "built" or "traced"
-    external_data: bool  # weights in a .data file beside the graph (above EXTERNAL_DATA_BYTES, or converted next)
     converted: bool  # the graphs are converted to another precision next, and checked again against PyTorch fp32
     reload: Callable[[], Any]  # the PyTorch model again, after it was released (a built graph that falls back to tracing)
 
@@ -60,7 +60,7 @@ def decoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, ste
     want: Reference | None = None  # computed once: still PyTorch's answers after a fallback reloads the model
     if weights:
         step(f"building the ONNX graph op by op ({_mib(backbone)}, Llama family, fused onnxruntime ops)")
-        build(weights.pop(), path, external_data=options.external_data)
+        build(weights.pop(), path, external_data=True)
         if options.fuse:
             log("      --fuse is for traced graphs; the built graph already uses onnxruntime's fused ops")
         step(validating)
@@ -81,12 +81,12 @@ def decoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, ste
         log(f"      graph traced through PyTorch: {reason}")
     step(f"exporting the ONNX graph through PyTorch ({_mib(backbone)}, opset {options.opset}; the longest step)")
     wrapper = CachedDecoder(backbone.model, backbone.layout)
-    export_graph(wrapper, backbone.table.shape[1], path, options.opset, options.external_data, optimize=False)
+    export_graph(wrapper, backbone.table.shape[1], path, options.opset, external_data=True, optimize=False)
     del wrapper
     if want is None:  # the model's last use: its weights and the graph's are not held together while it is optimised
         want = _reference(backbone, options.converted)
     _release(backbone)
-    optimize_saved(path, options.external_data)
+    optimize_saved(path, external_data=True)
     fusions = _fuse(staging, files, options, log)
     step(validating)
     report = validate(cpu_session(path, prepack=False), want, options.tolerance)
@@ -117,7 +117,7 @@ def encoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, ste
     log(f"      sentence embeddings: {backbone.fields['pooling']} pooling over the text's tokens")
     step(f"exporting the encoder graph ({_mib(backbone)}, opset {options.opset})")
     module = EncoderModule(backbone.model, uses_token_types(backbone.model))
-    export_encoder_graph(module, backbone.table.shape[1], staging / "model.onnx", options.opset, options.external_data)
+    export_encoder_graph(module, backbone.table.shape[1], staging / "model.onnx", options.opset, external_data=True)
     files = {"model": "model.onnx"}
     fusions = _fuse(staging, files, options, log)
     step(f"validating against PyTorch (tolerance {options.tolerance:g} relative to the hidden states' scale)")
@@ -127,7 +127,7 @@ def encoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, ste
 def seq2seq_graphs(backbone: Backbone, staging: Path, options: GraphOptions, step, log) -> tuple[dict, dict, None]:
     """encoder.onnx (input to cross-attention keys/values) and decoder.onnx (one cached step)."""
     step(f"exporting the encoder and decoder graphs ({_mib(backbone)}, opset {options.opset})")
-    export_seq2seq_graphs(backbone.model, staging, options.opset, external_data=options.external_data, layout=backbone.layout)
+    export_seq2seq_graphs(backbone.model, staging, options.opset, external_data=True, layout=backbone.layout)
     files = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
     fusions = _fuse(staging, files, options, log)
     step(f"validating against PyTorch (tolerance {options.tolerance:g} relative to each output's scale)")
@@ -148,7 +148,7 @@ def _fuse(staging: Path, files: dict[str, str], options: GraphOptions, log) -> d
     log("      fusing normalisation, rotary embeddings and attention into onnxruntime contrib ops")
     counts = {}
     for key, name in files.items():
-        found = fuse_for_onnxruntime(staging / name, options.external_data)
+        found = fuse_for_onnxruntime(staging / name, external_data=True)
         counts.update({(f"{key}: {fusion}" if len(files) > 1 else fusion): n for fusion, n in found.items()})
     log("      " + (", ".join(f"{name}: {count}" for name, count in counts.items()) or "nothing to fuse"))
     return counts
