@@ -130,7 +130,7 @@ def export_model(
         # Every graph keeps its weights in a data file beside it: a conversion reads them one at a time (a 1 GB model
         # loaded whole for it peaked at 6 GB), and onnxruntime maps the file and keeps only its packed copies of the
         # weights, where a graph with its weights inside was parsed into memory whole and kept beside them (the
-        # default model at fp32: 882 -> 679 MB peak at the same speed)
+        # default model at fp32: the runtime's peak 842 -> 714 MB at the same speed)
         options = GraphOptions(opset, fp32_tolerance, fuse, graph, precision.name != "fp32", reload)
         files, report, want = WRITERS[backbone.kind](backbone, staging, options, step, log)
         # stored once a decoder's model is released: the int8 rows and a GGUF's blocks take a pass over the whole table

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.formats.embedding_table import BLOCK, ScaledRows, equal_rows, exact_int8, row_slices
+from softprompt.formats.embedding_table import ScaledRows, equal_rows, exact_int8, row_slices
 
 from .blocked import Blocks, merge, product
 from .errors import ExportError
@@ -378,37 +378,42 @@ def table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarra
     return codes, blocks.scales
 
 
+def _token_embd_codes(rows: GGUFRows, shape: tuple[int, int], kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The file's `token_embd` as int8 codes (code - zero point) and the file's scales, where its type is one of
+    `kinds` and it has the table's `shape`; None otherwise."""
+    name = "token_embd.weight"
+    if rows.kinds.get(name) not in kinds:
+        return None
+    blocks = rows.blocks(name)
+    codes = _int8_codes(blocks) if blocks.codes.shape == tuple(shape) else None
+    return None if codes is None else (codes, blocks.scales)
+
+
 def factored_table_rows(table, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray, float] | None:
     """(codes, scales, factor): a table that is exactly the file's `token_embd` blocks of 32 (Q4_0, Q5_0, Q8_0) times
     one float32 factor, in float32 as PyTorch computes it ((q d) c: Gemma's sqrt(width)); None otherwise. A tied
     lm_head made of those blocks then holds the table (`tied_table.share_table` with the factor), exactly."""
-    name = "token_embd.weight"
-    if rows.kinds.get(name) not in ("Q4_0", "Q5_0", "Q8_0"):
+    found = _token_embd_codes(rows, table.shape, ("Q4_0", "Q5_0", "Q8_0"))  # blocks of 32, the shared table's
+    if found is None:
         return None
-    blocks = rows.blocks(name)
-    codes = _int8_codes(blocks) if blocks.codes.shape == table.shape and blocks.block == BLOCK else None
-    if codes is None:
-        return None
-    factor = table_scale(ScaledRows(codes, blocks.scales), table)
-    return None if factor is None else (codes, blocks.scales, factor)
+    codes, scales = found
+    factor = table_scale(ScaledRows(codes, scales), table)
+    return None if factor is None else (codes, scales, factor)
 
 
 def scaled_table_rows(table: np.ndarray, rows: GGUFRows) -> tuple[np.ndarray, np.ndarray] | None:
     """A table that is the file's `token_embd` times one factor c (Gemma scales its embeddings by sqrt(width), which
     llama.cpp applies after the lookup): int8 codes q - zero point with scales d x c, within float32 rounding of
     (q d) c, as PyTorch computes it; None where no such c gives the table to 1e-6 of its largest value."""
-    name = "token_embd.weight"
-    if rows.kinds.get(name) not in ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K"):
+    found = _token_embd_codes(rows, table.shape, ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K"))
+    if found is None:
         return None
-    blocks = rows.blocks(name)
-    codes = _int8_codes(blocks) if blocks.codes.shape == table.shape else None
-    if codes is None:
-        return None
+    codes, file_scales = found
     row, column = _largest_at(table)  # where the factor is read most precisely
-    largest = ScaledRows(codes, blocks.scales)[row][column]
+    largest = ScaledRows(codes, file_scales)[row][column]
     if largest == 0:
         return None
-    scales = (blocks.scales * np.float32(table[row, column] / largest)).astype(np.float32)
+    scales = (file_scales * np.float32(table[row, column] / largest)).astype(np.float32)
     if not _largest_diff(ScaledRows(codes, scales), table) <= 1e-6 * abs(float(table[row, column])):  # NaN too
         return None
     return codes, scales
