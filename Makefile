@@ -11,6 +11,8 @@ DEMO_EXPORT := exports/smollm2
 # What `make demo` runs: the precision a CPU user should pick (README, "Precision").
 CPU_EXPORT := exports/smollm2-int4
 FP16_EXPORT := exports/smollm2-fp16
+# fp32 for CUDA: ONNX's Attention (onnxruntime's CUDA GroupQueryAttention is fp16 only).
+CUDA_EXPORT := exports/smollm2-cuda
 BANK := banks/smollm2-135m
 BANK_DATA := build/bank-data
 
@@ -28,7 +30,7 @@ help:
 	@echo "make bench      bench/speed/generate.py: this runtime against PyTorch + PEFT"
 	@echo "make bench-precision  bench/speed/precision.py and bench/quality/precision.py: fp32, int8, int4"
 	@echo "make serve      bench/speed/serve.py: serving speed against the bandwidth limit, onnxruntime-genai and PyTorch"
-	@echo "make cuda-skeleton  the default export at fp32 and fp16 without weights (build/cuda-skeleton*) for bench/gpu/cuda_check.py"
+	@echo "make cuda-skeleton  the default model's fp32 (--kv-cache growing) and fp16 exports without weights (build/cuda-skeleton*) for bench/gpu/cuda_check.py"
 	@echo "make soak       bench/stress/soak.py: 60 s of 8 request threads while a task file is swapped"
 	@echo "make bench-quality  bench/quality/quality.py on real data (needs root for apt: see bench-data)"
 
@@ -167,8 +169,11 @@ $(FP16_EXPORT)/softprompt.json: $(STAMP)
 
 # Small enough to carry to a GPU machine; there:
 # python -m bench.gpu.cuda_check run --skeleton build/cuda-skeleton --fp16 build/cuda-skeleton-fp16
-cuda-skeleton: $(STAMP) $(DEMO_EXPORT)/softprompt.json $(FP16_EXPORT)/softprompt.json
-	$(BIN)/python -m bench.gpu.cuda_check skeleton --export $(DEMO_EXPORT) --out build/cuda-skeleton
+$(CUDA_EXPORT)/softprompt.json: $(STAMP)
+	$(BIN)/export-model smollm2-135m $(CUDA_EXPORT) --kv-cache growing --force
+
+cuda-skeleton: $(STAMP) $(CUDA_EXPORT)/softprompt.json $(FP16_EXPORT)/softprompt.json
+	$(BIN)/python -m bench.gpu.cuda_check skeleton --export $(CUDA_EXPORT) --out build/cuda-skeleton
 	$(BIN)/python -m bench.gpu.cuda_check skeleton --export $(FP16_EXPORT) --out build/cuda-skeleton-fp16
 
 # 60 s of requests from 8 threads while a task's files are swapped (hot-swap safety).

@@ -5,7 +5,7 @@ same model's fp16 export on CUDA against fp32 on the CPU (the first 32 greedy to
 Two steps, because the GPU machines lent to this project take 64 MiB a call and the default model's
 weights are 540 MB:
 
-    python -m bench.gpu.cuda_check skeleton --export exports/smollm2 --out build/cuda-skeleton   # here
+    python -m bench.gpu.cuda_check skeleton --export exports/smollm2-cuda --out build/cuda-skeleton   # here (fp32, --kv-cache growing)
     python -m bench.gpu.cuda_check run --skeleton build/cuda-skeleton                           # GPU machine
 
 (`make cuda-skeleton` writes both skeletons, fp32 and fp16; there, add `--fp16 build/cuda-skeleton-fp16`.)
@@ -275,7 +275,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
     make = verbs.add_parser("skeleton", help="an export without its large weights, small enough to carry")
-    make.add_argument("--export", type=Path, default=Path("exports/smollm2"))
+    make.add_argument("--export", type=Path, default=Path("exports/smollm2-cuda"))
     make.add_argument("--out", type=Path, default=Path("build/cuda-skeleton"))
     check = verbs.add_parser("run", help="fill the skeleton with random weights; CUDA vs CPU parity and tokens/s")
     check.add_argument("--skeleton", type=Path, default=Path("build/cuda-skeleton"))

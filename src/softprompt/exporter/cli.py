@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(built where supported and it validates, else traced; the default)",
     )
     parser.add_argument(
+        "--kv-cache",
+        choices=["shared", "growing"],
+        default=None,
+        help="built decoder graphs: 'shared' (GroupQueryAttention: the runtime keeps the cache in one buffer that each "
+        "step writes in place; 1.07-1.14x faster decoding on CPUs) or 'growing' (ONNX's Attention: each step copies "
+        "the cache into a new one). onnxruntime's CUDA provider has GroupQueryAttention for fp16 only, so choose "
+        "'growing' to run an fp32/int8/int4 export on CUDA (default: growing for fp16, else shared)",
+    )
+    parser.add_argument(
         "--fuse",
         action="store_true",
         help="for traced graphs: fuse normalisation, rotary embeddings and attention into onnxruntime contrib ops "
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir,
             kind=None if args.task == "auto" else args.task,
             graph=args.graph,
+            kv_cache=args.kv_cache,
             log=log,
         )
         log(

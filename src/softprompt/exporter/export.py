@@ -30,6 +30,7 @@ from .conversion import convert, table_from_graph
 from .errors import ExportError
 from .gguf_weights import gguf_table, index_rows
 from .graph_writers import WRITERS, GraphOptions
+from .llama_graph import KV_CACHES
 from .precision import (
     GGUF,
     TABLE_PRECISION,
@@ -79,6 +80,7 @@ def export_model(
     cache_dir: Path | None = None,
     kind: str | None = None,
     graph: str = "auto",
+    kv_cache: str | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportConfig:
     """Export `model` (built-in name, .gguf file or Hugging Face folder) into `out_dir`; return its config.
@@ -87,6 +89,9 @@ def export_model(
     `graph` picks how a decoder's graph is made: "built" op by op for the Llama family (fewer,
     fused nodes: faster decoding), "traced" through PyTorch for any architecture, or "auto"
     (built where supported and validated, else traced).
+    `kv_cache` ("shared" or "growing"; default: growing for fp16, which is for CUDA, else shared) picks a built
+    graph's attention: GroupQueryAttention, whose cache the runtime keeps in one buffer written in place, or ONNX's
+    Attention (see llama_graph.py).
     `precision` ("fp32", "fp16", "int8", "int4", or a Precision with its settings) is what the
     graphs are stored in: made and validated in fp32 first, then converted and checked again
     against PyTorch fp32: a decoder by its next-token quality on sample text (quality.py: KL, top-1
@@ -98,6 +103,10 @@ def export_model(
     fp32_tolerance = tolerance if tolerance is not None and precision.name == "fp32" else TOLERANCES["fp32"]
     if graph not in GRAPHS:
         raise ExportError(f"graph must be one of {', '.join(GRAPHS)}, not {graph!r}")
+    if kv_cache is None:
+        kv_cache = "growing" if precision.name == "fp16" else "shared"
+    if kv_cache not in KV_CACHES:
+        raise ExportError(f"kv_cache must be one of {', '.join(KV_CACHES)}, not {kv_cache!r}")
     if precision.name == GGUF and not _names_gguf(model):
         raise ExportError(_NOT_GGUF.format(model=model))
     out = Path(out_dir)
@@ -131,7 +140,7 @@ def export_model(
         # loaded whole for it peaked at 6 GB), and onnxruntime maps the file and keeps only its packed copies of the
         # weights, where a graph with its weights inside was parsed into memory whole and kept beside them (the
         # default model at fp32: the runtime's peak 842 -> 714 MB at the same speed)
-        options = GraphOptions(opset, fp32_tolerance, fuse, graph, precision.name != "fp32", reload)
+        options = GraphOptions(opset, fp32_tolerance, fuse, graph, precision.name != "fp32", reload, kv_cache)
         files, report, want = WRITERS[backbone.kind](backbone, staging, options, step, log)
         # stored once a decoder's model is released: the int8 rows and a GGUF's blocks take a pass over the whole table
         table_files = _store_table(backbone.table, table_path, dtype, log, gguf_rows)

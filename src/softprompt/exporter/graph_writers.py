@@ -36,6 +36,7 @@ class GraphOptions:
     graph: str  # decoders: "auto", "built" or "traced"
     converted: bool  # the graphs are converted to another precision next, and checked again against PyTorch fp32
     reload: Callable[[], Any]  # the PyTorch model again, after it was released (a built graph that falls back to tracing)
+    kv_cache: str = "shared"  # built decoder graphs: GroupQueryAttention ("shared") or ONNX's Attention ("growing")
 
 
 def _mib(backbone: Backbone) -> str:
@@ -60,7 +61,7 @@ def decoder_graphs(backbone: Backbone, staging: Path, options: GraphOptions, ste
     want: Reference | None = None  # computed once: still PyTorch's answers after a fallback reloads the model
     if weights:
         step(f"building the ONNX graph op by op ({_mib(backbone)}, Llama family, fused onnxruntime ops)")
-        build(weights.pop(), path, external_data=True)
+        build(weights.pop(), path, external_data=True, kv_cache=options.kv_cache)
         if options.fuse:
             log("      --fuse is for traced graphs; the built graph already uses onnxruntime's fused ops")
         step(validating)

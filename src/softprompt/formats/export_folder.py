@@ -37,6 +37,7 @@ FILES = {
 }
 PAST = "past_key_values."  # decoder inputs: the self-attention cache before a step
 PRESENT = "present."  # decoder outputs: the cache after it
+KV_CACHE = "softprompt.kv_cache"  # a decoder graph's metadata: "shared" when its past and present may be one buffer
 CROSS = "cross."  # encoder-decoders: the encoder graph's cross-attention keys/values, read by every decoder step
 
 

@@ -3,7 +3,9 @@
 The present keys/values stay onnxruntime values and go back in as the next step's past as they
 are, instead of being copied into numpy arrays and back every step. On the CPU they travel
 through `run_with_ort_values` (one call); with CUDA through I/O binding, which is what keeps them
-on the GPU.
+on the GPU. A graph whose metadata says its cache may be shared (GroupQueryAttention, KV_CACHE) is
+stepped on the CPU with its past and present bound to the same buffers (`bind_cache`, `step_bound`,
+kept by shared_cache.py), which the op writes in place: no copy of the cache at any step.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from onnxruntime import OrtValue
 
-from softprompt.formats.export_folder import ExportConfig
+from softprompt.formats.export_folder import KV_CACHE, ExportConfig
 
 from .errors import InferenceError
 
@@ -33,6 +35,9 @@ class DecoderGraph:
         # Where present keys/values live between steps: on the GPU when the session runs there.
         self.cache_device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
         self.binds = self.cache_device != "cpu"  # I/O binding: what keeps the cache on the GPU
+        metadata = session.get_modelmeta().custom_metadata_map
+        # One buffer for past and present, written in place (CPU only: the buffers are numpy arrays).
+        self.shares_cache = metadata.get(KV_CACHE) == "shared" and self.cache_device == "cpu"
 
     def forward(
         self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence, all_logits: bool = False
@@ -52,6 +57,33 @@ class DecoderGraph:
         logits, *present = outputs
         logits = logits.numpy()
         return (logits if all_logits else logits[:, -1]), present
+
+    def bind_cache(self, buffers: Sequence[np.ndarray]):
+        """An I/O binding whose past and present are `buffers` (arrays [B, heads, capacity, size], one per cache
+        input): GroupQueryAttention compares the pointers and writes each step's keys and values in place."""
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
+        for past, present, buffer in zip(self.past_names, self.output_names[1:], buffers):
+            value = OrtValue.ortvalue_from_numpy(buffer)  # the array's own memory
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        return binding
+
+    def step_bound(self, binding, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One call through a `bind_cache` binding whose buffers have room for the mask's width; the last position's
+        logits [B, V] (the keys and values are in the buffers)."""
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        if self._keeps_logits:
+            feeds["logits_to_keep"] = np.array([1], np.int64)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits", "cpu")
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+            shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+            raise InferenceError(f"onnxruntime failed with inputs {shapes} (the cache in place): {exc}") from exc
+        return binding.get_outputs()[0].numpy()[:, -1]
 
     def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
         return [np.zeros((batch, heads, length, size), dtype=np.float32) for heads, size in self._past_shapes]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from softprompt.formats.export_folder import ExportConfig
+from softprompt.formats.export_folder import KV_CACHE, ExportConfig
 
 from .errors import ExportFormatError, ProviderError, RequestError
 
@@ -84,8 +84,18 @@ def create_session(
 
 
 def warn_if_slow(config: ExportConfig, session: ort.InferenceSession) -> None:
-    """An fp16 export on the CPU runs, but onnxruntime's CPU kernels for fp16 are slow: say which export to use."""
-    if config.precision == "fp16" and CUDA not in session.get_providers():
+    """An fp16 export on the CPU runs, but onnxruntime's CPU kernels for fp16 are slow; an export whose attention
+    shares its cache (GroupQueryAttention) at fp32 runs its attention on the CPU under CUDA, whose kernel is fp16
+    only: say which export to use."""
+    on_cuda = CUDA in session.get_providers()
+    if on_cuda and config.precision != "fp16" and session.get_modelmeta().custom_metadata_map.get(KV_CACHE) == "shared":
+        warnings.warn(
+            "this export's attention is GroupQueryAttention in fp32, which onnxruntime's CUDA provider runs on the CPU "
+            "(its CUDA kernel is fp16 only): for CUDA export with --kv-cache growing (or --precision fp16)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if config.precision == "fp16" and not on_cuda:
         warnings.warn(
             "this export is fp16, which is for CUDA; on the CPU provider it runs slower than fp32. "
             "For CPUs export with --precision int8 (or int4)",
