@@ -330,7 +330,8 @@ def _build(weights: Weights, path: Path, b: _Builder, kv_cache: str) -> None:
     lengths = _lengths(b) if kv_cache == "shared" else None
     cos, sin = b.const("cos_cache", w.cos), b.const("sin_cache", w.sin)
     q_size, kv_size = w.heads * w.head_size, w.kv_heads * w.head_size
-    qkv_split = b.const("qkv_split", np.array([q_size, kv_size, kv_size]))
+    qkv_split = ""  # made when first needed: a graph whose attention takes packed QKV splits nothing
+    heads = dict(num_heads=w.heads, kv_num_heads=w.kv_heads, scale=1.0)
     mlp_split = b.const("mlp_split", np.array([w.layers[0].down.shape[0]] * 2))
     norm = dict(epsilon=w.eps)
     residual = "inputs_embeds"
@@ -342,23 +343,21 @@ def _build(weights: Weights, path: Path, b: _Builder, kv_cache: str) -> None:
         qkv = b.one("MatMul", [hidden, b.const(f"layers.{i}.qkv", layer.qkv)])
         if layer.qkv_bias is not None:
             qkv = b.one("Add", [qkv, b.const(f"layers.{i}.qkv_bias", layer.qkv_bias)])
-        q, k, v = b.op("Split", [qkv, qkv_split], 3, axis=-1)
-        q = b.one("RotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, num_heads=w.heads)
-        k = b.one("RotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, num_heads=w.kv_heads)
         kv = [*past[2 * i : 2 * i + 2]]
         out = [b.name("attention"), *present[2 * i : 2 * i + 2]]
-        if lengths is None:  # ONNX's Attention (opset 23): grouped-query heads, past + new -> present, additive mask
-            attn = b.op("Attention", [q, k, v, mask, *kv], out, q_num_heads=w.heads, kv_num_heads=w.kv_heads, scale=1.0)[0]
-        else:  # the same, written in place when the present is the past's buffer; the mask as attention_bias
-            attn = b.op(
-                "GroupQueryAttention",
-                [q, k, v, *kv, *lengths[:2], "", "", "", mask, "", "", "", "", "", lengths[2]],
-                out,
-                domain=MS,
-                num_heads=w.heads,
-                kv_num_heads=w.kv_heads,
-                scale=1.0,
-            )[0]
+        if lengths is not None and w.head_size % 16 == 0:  # packed QKV in, rotary inside (it takes head sizes of 16n)
+            args = [qkv, "", "", *kv, *lengths[:2], cos, sin, "position_ids", mask, "", "", "", "", "", lengths[2]]
+            attn = b.op("GroupQueryAttention", args, out, domain=MS, do_rotary=1, **heads)[0]
+        else:
+            qkv_split = qkv_split or b.const("qkv_split", np.array([q_size, kv_size, kv_size]))
+            q, k, v = b.op("Split", [qkv, qkv_split], 3, axis=-1)
+            q = b.one("RotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, num_heads=w.heads)
+            k = b.one("RotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, num_heads=w.kv_heads)
+            if lengths is None:  # ONNX's Attention (opset 23): grouped-query heads, past + new -> present, additive mask
+                attn = b.op("Attention", [q, k, v, mask, *kv], out, q_num_heads=w.heads, kv_num_heads=w.kv_heads, scale=1.0)[0]
+            else:
+                args = [q, k, v, *kv, *lengths[:2], "", "", "", mask, "", "", "", "", "", lengths[2]]
+                attn = b.op("GroupQueryAttention", args, out, domain=MS, **heads)[0]
         attn = b.one("MatMul", [attn, b.const(f"layers.{i}.out", layer.out)])
         if layer.out_bias is not None:
             attn = b.one("Add", [attn, b.const(f"layers.{i}.out_bias", layer.out_bias)])
