@@ -32,6 +32,8 @@ class DecoderGraph:
         self.output_names = ["logits", *config.present_names]
         # Per-layer cache shape [heads, head size], read from the graph so unusual layouts still work.
         self._past_shapes = [tuple(inputs[name].shape[1::2]) for name in self.past_names]
+        width = session.get_outputs()[0].shape[-1]  # the logits' (a built graph names it; a traced one may not)
+        self.vocab_size = width if isinstance(width, int) else config.vocab_size
         # Where present keys/values live between steps: on the GPU when the session runs there.
         self.cache_device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
         self.binds = self.cache_device != "cpu"  # I/O binding: what keeps the cache on the GPU
@@ -58,32 +60,32 @@ class DecoderGraph:
         logits = logits.numpy()
         return (logits if all_logits else logits[:, -1]), present
 
-    def bind_cache(self, buffers: Sequence[np.ndarray]):
+    def bind_cache(self, buffers: Sequence[np.ndarray], logits: np.ndarray):
         """An I/O binding whose past and present are `buffers` (arrays [B, heads, capacity, size], one per cache
-        input): GroupQueryAttention compares the pointers and writes each step's keys and values in place."""
+        input) and whose logits go to `logits` [B, 1, V]: GroupQueryAttention compares the pointers and writes each
+        step's keys and values in place, and no output is allocated or wrapped (get_outputs() wrapped all 61 of the
+        default model's outputs every step: 0.17 ms, 2% of an int8 step)."""
         binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for past, present, buffer in zip(self.past_names, self.output_names[1:], buffers):
             value = OrtValue.ortvalue_from_numpy(buffer)  # the array's own memory
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         return binding
 
-    def step_bound(self, binding, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One call through a `bind_cache` binding whose buffers have room for the mask's width; the last position's
-        logits [B, V] (the keys and values are in the buffers)."""
+    def step_bound(self, binding, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> None:
+        """One call through a `bind_cache` binding whose buffers have room for the mask's width: the last position's
+        logits land in its logits array, the keys and values in its buffers."""
         feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
         if self._keeps_logits:
             feeds["logits_to_keep"] = np.array([1], np.int64)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output("logits", "cpu")
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
             shapes = {name: tuple(value.shape) for name, value in feeds.items()}
             raise InferenceError(f"onnxruntime failed with inputs {shapes} (the cache in place): {exc}") from exc
-        return binding.get_outputs()[0].numpy()[:, -1]
 
     def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
         return [np.zeros((batch, heads, length, size), dtype=np.float32) for heads, size in self._past_shapes]

@@ -27,6 +27,7 @@ class SharedCache:
         self.buffers: list[np.ndarray] = []
         self.length = 0  # the columns in use: the attention mask's width
         self._binding = None
+        self._logits = np.zeros((0, 1, graph.vocab_size), np.float32)  # where each step's logits land
 
     @property
     def rows(self) -> int:
@@ -78,14 +79,16 @@ class SharedCache:
         self._binding = None
 
     def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One graph call for every row, the cache written in place; the last position's logits [rows, V]."""
+        """One graph call for every row, the cache written in place; the last position's logits [rows, V], valid until
+        the next step."""
         if mask.shape[1] > self.capacity:
             raise ValueError(f"a mask of {mask.shape[1]} columns for a cache of {self.capacity}; reserve() first")
         if self._binding is None:
-            self._binding = self.graph.bind_cache(self.buffers)
-        logits = self.graph.step_bound(self._binding, embeds, mask, positions)
+            self._logits = np.zeros((self.rows, 1, self._logits.shape[2]), np.float32)
+            self._binding = self.graph.bind_cache(self.buffers, self._logits)
+        self.graph.step_bound(self._binding, embeds, mask, positions)
         self.length = mask.shape[1]
-        return logits
+        return self._logits[:, -1]  # overwritten by the next step
 
 
 def _room(steps: int) -> int:
