@@ -78,8 +78,9 @@ web/node_modules/.stamp: web/package.json web/package-lock.json
 	cd web && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
 	touch $@
 
+# --kv-cache growing: onnxruntime-node's newest (1.31.1) lacks the shared cache's attention, which needs 1.32.
 $(WEB_EXPORT)/softprompt.json: $(STAMP)
-	$(BIN)/export-model smollm2-135m $(WEB_EXPORT) --precision int4 --force -q
+	$(BIN)/export-model smollm2-135m $(WEB_EXPORT) --precision int4 --kv-cache growing --force -q
 
 # The same as an export for pages (--web): onnxruntime-web's WebAssembly runs it in node and in the page.
 WEB_PAGE_EXPORT := build/web-int4-web

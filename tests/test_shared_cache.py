@@ -60,11 +60,12 @@ def test_a_built_export_shares_its_cache_and_growing_keeps_onnx_attention(llama_
     """The default built graph says its cache may be shared (GroupQueryAttention); --kv-cache growing keeps ONNX's
     Attention and the runtime grows its past; both give the same tokens."""
     shared = load(llama_export, providers="cpu")
-    assert shared.graph.shares_cache
+    assert shared.graph.shares_cache and shared.config.kv_cache == "shared"
     export_model(str(llama_dir), tmp_path / "growing", kv_cache="growing", log=lambda m: None)
     ops = {node.op_type for node in onnx.load(str(tmp_path / "growing" / "model.onnx"), load_external_data=False).graph.node}
     assert "Attention" in ops and "GroupQueryAttention" not in ops
     growing = load(tmp_path / "growing", providers="cpu")
+    assert growing.config.kv_cache == "growing"
     assert not growing.graph.shares_cache and growing.batch().cache is None
     settings = GenerationSettings(max_new_tokens=12, min_new_tokens=12)
     assert [c.token_ids for c in shared.complete(TEXTS, settings=settings)] == [
@@ -150,21 +151,35 @@ def test_fp16_keeps_onnx_attention_and_cuda_hears_which_export_to_use(llama_dir,
     of an fp32-activation export whose attention shares its cache is told to export with --kv-cache growing."""
     from softprompt.runtime.session import CUDA, warn_if_slow
 
-    export_model(str(llama_dir), tmp_path / "fp16", precision="fp16", log=lambda m: None)
+    config = export_model(str(llama_dir), tmp_path / "fp16", precision="fp16", log=lambda m: None)
     ops = {node.op_type for node in onnx.load(str(tmp_path / "fp16" / "model.onnx"), load_external_data=False).graph.node}
-    assert "Attention" in ops and "GroupQueryAttention" not in ops
+    assert "Attention" in ops and "GroupQueryAttention" not in ops and config.kv_cache == "growing"
 
     model = load(llama_export, providers="cpu")
 
-    class OnCuda:  # the session's answers as onnxruntime-gpu gives them, without a GPU
-        def __init__(self, session):
-            self.session = session
-
+    class OnCuda:  # the session's answer as onnxruntime-gpu gives it, without a GPU
         def get_providers(self):
             return [CUDA, "CPUExecutionProvider"]
 
-        def get_modelmeta(self):
-            return self.session.get_modelmeta()
-
+    assert model.config.kv_cache == "shared"
     with pytest.warns(RuntimeWarning, match="--kv-cache growing"):
-        warn_if_slow(model.config, OnCuda(model.graph.session))
+        warn_if_slow(model.config, OnCuda())
+
+
+def test_an_onnxruntime_without_the_shared_cache_s_attention_is_told_what_to_do(llama_export):
+    """onnxruntime before 1.32 (onnxruntime-gpu and -web included, for now) has no query_seqlens: a clear error, not
+    the schema error it would give; growing exports and older ones without the field load anywhere."""
+    import dataclasses
+
+    from softprompt.runtime.errors import ExportFormatError
+    from softprompt.runtime.session import check_onnxruntime
+
+    config = load(llama_export, providers="cpu").config
+    with pytest.raises(
+        ExportFormatError, match=r"needs onnxruntime 1\.32 or later; this is onnxruntime 1\.31\.1.*--kv-cache growing"
+    ):
+        check_onnxruntime(config, "1.31.1")
+    check_onnxruntime(config, "1.32.0")
+    check_onnxruntime(config, "1.40.0.dev20270101")
+    for kv_cache in ("growing", None):
+        check_onnxruntime(dataclasses.replace(config, kv_cache=kv_cache), "1.18.0")

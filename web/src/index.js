@@ -18,6 +18,8 @@ export { NumpyRandom } from "./rng.js";
 export { Model };
 
 const FORMAT_VERSIONS = [1];
+// export-model --kv-cache shared (the default for CPUs): GroupQueryAttention with query_seqlens, from onnxruntime 1.32.
+const SHARED_CACHE_ORT = [1, 32];
 const SPECIAL_TOKENS = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 /**
@@ -39,6 +41,7 @@ export async function load(exportDir, options = {}) {
     throw new ExportFormatError(`softprompt.json: format_version ${config.format_version}; this library reads ${FORMAT_VERSIONS}`);
   }
   if (config.kind !== "decoder") throw new ExportFormatError(`softprompt.json: a ${config.kind} export; this library runs decoders`);
+  checkOnnxruntime(config, ort.env?.versions?.common ?? "0.0");
   const modelName = config.files.model;
   const graph = await reader.read(modelName);
   if (graph === null) throw new ExportFormatError(`${modelName}: missing from the export`);
@@ -83,6 +86,21 @@ export async function load(exportDir, options = {}) {
     throw new ExportFormatError(`${modelName}: onnxruntime cannot open it (${error.message})`);
   }
   return new Model({ ort, session, config, tokenizer, table, bankReader, taskNames, tasks, chatTemplate, specialTokens });
+}
+
+/**
+ * A shared-cache export names an input of GroupQueryAttention that onnxruntime before 1.32 lacks (onnxruntime-web's
+ * latest is 1.31.1), which would refuse the graph with a schema error that does not say what to do: say it first.
+ */
+export function checkOnnxruntime(config, version) {
+  const [major, minor] = String(version).split(".").map((part) => Number.parseInt(part, 10) || 0);
+  const [needMajor, needMinor] = SHARED_CACHE_ORT;
+  if (config.kv_cache === "shared" && (major < needMajor || (major === needMajor && minor < needMinor))) {
+    throw new ExportFormatError(
+      `this export's attention (export-model --kv-cache shared, the default for CPUs) needs onnxruntime ${SHARED_CACHE_ORT.join(".")} ` +
+        `or later; this is onnxruntime ${version}: export the model for pages with --web, or with --kv-cache growing`,
+    );
+  }
 }
 
 /** A reader over a folder on disk (node): `read(name)` and `list()` (the bank's task names). */

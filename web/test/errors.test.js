@@ -10,7 +10,7 @@ import { before, describe, test } from "node:test";
 
 import * as ort from "onnxruntime-node";
 
-import { ExportFormatError, PromptBankError, RequestError, UnknownTaskError, folderReader, load } from "../src/index.js";
+import { ExportFormatError, PromptBankError, RequestError, UnknownTaskError, checkOnnxruntime, folderReader, load } from "../src/index.js";
 import { FIXTURE } from "./helpers.js";
 
 const EXPORT = path.join(FIXTURE, "export");
@@ -37,6 +37,23 @@ describe("refusals", () => {
   before(async () => {
     bank = await mkdtemp(path.join(os.tmpdir(), "softprompt-web-"));
     await cp(path.join(FIXTURE, "bank"), bank, { recursive: true });
+  });
+
+  test("an export whose attention needs onnxruntime 1.32 says so, and what to export instead", async () => {
+    const other = await mkdtemp(path.join(os.tmpdir(), "softprompt-web-"));
+    await cp(EXPORT, other, { recursive: true });
+    const config = JSON.parse(await readFile(path.join(other, "softprompt.json"), "utf-8"));
+    await writeFile(path.join(other, "softprompt.json"), JSON.stringify({ ...config, kv_cache: "shared" }));
+    await assert.rejects(load(await folderReader(other), { ort }), (error) => {
+      assert.ok(error instanceof ExportFormatError);
+      assert.match(error.message, /needs onnxruntime 1\.32 or later; this is onnxruntime 1\.31\.1: export the model for pages with --web, or with --kv-cache growing/);
+      return true;
+    });
+    checkOnnxruntime({ kv_cache: "shared" }, "1.32.0");
+    checkOnnxruntime({ kv_cache: "shared" }, "2.0.0");
+    checkOnnxruntime({ kv_cache: "growing" }, "1.20.0");
+    checkOnnxruntime({}, "1.20.0");
+    assert.throws(() => checkOnnxruntime({ kv_cache: "shared" }, "1.9.0"), ExportFormatError);
   });
 
   test("an unknown task names the tasks there are", async () => {

@@ -23,14 +23,13 @@ import numpy as np
 import onnx
 
 from softprompt.formats.embedding_table import TableFile, quantize_rows
-from softprompt.formats.export_folder import CONFIG_FILE, ExportConfig
+from softprompt.formats.export_folder import CONFIG_FILE, KV_CACHES, ExportConfig
 
 from .backbone import describe, freeze
 from .conversion import convert, table_from_graph
 from .errors import ExportError
 from .gguf_weights import gguf_table, index_rows
 from .graph_writers import WRITERS, GraphOptions
-from .llama_graph import KV_CACHES
 from .precision import (
     GGUF,
     TABLE_PRECISION,
@@ -103,8 +102,8 @@ def export_model(
     fp32_tolerance = tolerance if tolerance is not None and precision.name == "fp32" else TOLERANCES["fp32"]
     if graph not in GRAPHS:
         raise ExportError(f"graph must be one of {', '.join(GRAPHS)}, not {graph!r}")
-    if kv_cache is None:
-        kv_cache = "growing" if precision.name == "fp16" else "shared"
+    if kv_cache is None:  # fp16 is for CUDA, --web for onnxruntime-web: neither has the shared cache's attention
+        kv_cache = "growing" if precision.name == "fp16" or precision.web else "shared"
     if kv_cache not in KV_CACHES:
         raise ExportError(f"kv_cache must be one of {', '.join(KV_CACHES)}, not {kv_cache!r}")
     if precision.name == GGUF and not _names_gguf(model):
@@ -164,6 +163,7 @@ def export_model(
             precision=precision.name,
             quantization=precision.record() if precision.quantized else {},
             table_in_graph=table_in_graph,
+            kv_cache=kv_cache if report.get("graph") == "built" else None,
             **backbone.fields,
         )
         (staging / CONFIG_FILE).write_text(config.to_json())

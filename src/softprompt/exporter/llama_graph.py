@@ -2,9 +2,10 @@
 
 Why: at batch 1 on a CPU a decode step should cost one read of the weights, but the traced graph
 has about 2,250 small nodes (shape arithmetic, the spelled-out RMSNorm, rotary embedding and
-attention) whose dispatch costs a fifth of each step. Written directly it has 14 nodes a layer
-(437 for SmolLM2): onnxruntime's (Skip)SimplifiedLayerNormalization, one packed QKV MatMul,
-RotaryEmbedding for queries and keys, the attention, the output projection and one packed gate/up
+attention) whose dispatch costs a fifth of each step. Written directly it has 11 nodes a layer
+(SmolLM2: 358 in all): onnxruntime's (Skip)SimplifiedLayerNormalization, one packed QKV MatMul, the
+attention (which applies the rotary embedding itself where heads are 16n wide; else a Split and
+RotaryEmbedding for queries and keys come first), the output projection and one packed gate/up
 MatMul for the SiLU MLP. This is what onnxruntime-genai's model builder does; unlike its graphs, this
 one keeps the export's interface (inputs_embeds, an attention mask with gaps, explicit position ids,
 a past of any length), so left-padded batches, mixed tasks and cached prompts run unchanged.
@@ -16,8 +17,10 @@ cache into a new present every step (SmolLM2, a whole generation: int4 1.14x, in
 faster). Its rows all use the mask's width as their length (`seqlens_k` = T - 1), so the mask alone
 says what each row sees, gaps included, and a past that is just the past works too. onnxruntime's
 CUDA provider has GroupQueryAttention for fp16 only, so fp16 exports (and `kv_cache` "growing") use
-ONNX's Attention (opset 23: grouped-query heads, past and present, an additive mask) instead. The
-graph says which in its metadata (KV_CACHE), which is how the runtime knows it may share the buffer.
+ONNX's Attention (opset 23: grouped-query heads, past and present, an additive mask) instead.
+softprompt.json says which (`kv_cache`), which is how the runtime knows it may share the buffer. The op
+takes S new positions on a past at batch > 1 only when told each row's count (query_seqlens), which
+onnxruntime has from 1.32 (SHARED_CACHE_ORT): older ones, onnxruntime-web's included, need "growing".
 
 Tried and not used: attention spelled out in MatMul/Softmax with queries grouped per key head (the
 same results with 19 nodes a layer instead of one: 5% slower in an A/B run).
@@ -40,14 +43,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from softprompt.formats.export_folder import KV_CACHE, PAST, PRESENT, cache_names
+from softprompt.formats.export_folder import KV_CACHES, PAST, PRESENT, cache_names
 
 from .graph import CacheLayout
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 MS = "com.microsoft"
 OPSET = 23  # the first with Attention (grouped-query heads, past/present, additive mask)
-KV_CACHES = ("shared", "growing")
 
 
 @dataclasses.dataclass
@@ -385,7 +387,6 @@ def _build(weights: Weights, path: Path, b: _Builder, kv_cache: str) -> None:
     )
     del graph
     model.ir_version = 10
-    model.metadata_props.add(key=KV_CACHE, value=kv_cache)
     b.arrays.reverse()
     while b.arrays:
         name, array = b.arrays.pop()

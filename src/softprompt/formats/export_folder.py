@@ -37,7 +37,11 @@ FILES = {
 }
 PAST = "past_key_values."  # decoder inputs: the self-attention cache before a step
 PRESENT = "present."  # decoder outputs: the cache after it
-KV_CACHE = "softprompt.kv_cache"  # a decoder graph's metadata: "shared" when its past and present may be one buffer
+# A built decoder graph's attention (`kv_cache`): "shared" (GroupQueryAttention: past and present may be one buffer,
+# written in place; it needs onnxruntime SHARED_CACHE_ORT or later, the first with the op's query_seqlens) or
+# "growing" (ONNX's Attention). None: a traced graph, an encoder or an encoder-decoder (their past grows).
+KV_CACHES = ("shared", "growing")
+SHARED_CACHE_ORT = (1, 32)
 CROSS = "cross."  # encoder-decoders: the encoder graph's cross-attention keys/values, read by every decoder step
 
 
@@ -86,6 +90,7 @@ class ExportConfig:
     # Set where files.embeddings is a graph's data file holding a tied lm_head that is the int8 table:
     # {"codes_offset", "scales_offset", "zero_point"}, optionally "scales_dtype" and "factor" (see docs/FORMAT.md).
     table_in_graph: dict[str, Any] | None = None
+    kv_cache: str | None = None  # built decoder graphs: "shared" or "growing" (KV_CACHES)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -199,6 +204,7 @@ _TYPES = [
     *((key, lambda v: isinstance(v, dict), "an object") for key in ("source", "validation", "generation", "quantization")),
     ("pooling", lambda v: v is None or isinstance(v, str), "a string or null"),
     ("max_seq_length", lambda v: v is None or (_int(v) and v >= 2), "a whole number of tokens (at least 2) or null"),
+    ("kv_cache", lambda v: v is None or v in KV_CACHES, f"null or one of {', '.join(map(repr, KV_CACHES))}"),
     (
         "table_in_graph",
         lambda v: v is None or _table_place(v),

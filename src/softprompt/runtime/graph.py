@@ -3,7 +3,7 @@
 The present keys/values stay onnxruntime values and go back in as the next step's past as they
 are, instead of being copied into numpy arrays and back every step. On the CPU they travel
 through `run_with_ort_values` (one call); with CUDA through I/O binding, which is what keeps them
-on the GPU. A graph whose metadata says its cache may be shared (GroupQueryAttention, KV_CACHE) is
+on the GPU. A graph whose cache may be shared (softprompt.json's `kv_cache`: GroupQueryAttention) is
 stepped on the CPU with its past and present bound to the same buffers (`bind_cache`, `step_bound`,
 kept by shared_cache.py), which the op writes in place: no copy of the cache at any step.
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from onnxruntime import OrtValue
 
-from softprompt.formats.export_folder import KV_CACHE, ExportConfig
+from softprompt.formats.export_folder import ExportConfig
 
 from .errors import InferenceError
 
@@ -37,9 +37,8 @@ class DecoderGraph:
         # Where present keys/values live between steps: on the GPU when the session runs there.
         self.cache_device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
         self.binds = self.cache_device != "cpu"  # I/O binding: what keeps the cache on the GPU
-        metadata = session.get_modelmeta().custom_metadata_map
         # One buffer for past and present, written in place (CPU only: the buffers are numpy arrays).
-        self.shares_cache = metadata.get(KV_CACHE) == "shared" and self.cache_device == "cpu"
+        self.shares_cache = config.kv_cache == "shared" and self.cache_device == "cpu"
 
     def forward(
         self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence, all_logits: bool = False

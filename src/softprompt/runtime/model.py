@@ -31,7 +31,7 @@ from .graph import DecoderGraph
 from .prompt_cache import Prefix, PromptCache
 from .rows import as_texts, check_rows, embed_row, pad, position_ids, tasks_for
 from .seq2seq import Seq2Seq
-from .session import create_session, resolve_providers, warn_if_slow
+from .session import check_onnxruntime, create_session, resolve_providers, warn_if_slow
 from .tasks import Task
 from .text_model import TextModel
 
@@ -67,6 +67,7 @@ def load(
         decoder = create_session(backbone.file("decoder"), chosen, threads, fold)
         warn_if_slow(backbone.config, decoder)
         return Seq2Seq(backbone, create_session(backbone.file("encoder"), chosen, threads, fold), decoder, bank)
+    check_onnxruntime(backbone.config)
     session = create_session(backbone.file("model"), chosen, threads, fold)
     warn_if_slow(backbone.config, session)
     if backbone.config.kind == "encoder":

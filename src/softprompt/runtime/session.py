@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from softprompt.formats.export_folder import KV_CACHE, ExportConfig
+from softprompt.formats.export_folder import SHARED_CACHE_ORT, ExportConfig
 
 from .errors import ExportFormatError, ProviderError, RequestError
 
@@ -43,6 +43,19 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     if not requested:
         raise ProviderError(f"no execution provider given; available: {available}")
     return requested if CPU in requested else [*requested, CPU]
+
+
+def check_onnxruntime(config: ExportConfig, version: str = ort.__version__) -> None:
+    """A shared-cache export names an input of GroupQueryAttention that older onnxruntimes do not have, and they
+    would refuse the graph with a schema error that does not say what to do: say it before loading."""
+    found = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if config.kv_cache == "shared" and found < SHARED_CACHE_ORT:
+        needed = ".".join(map(str, SHARED_CACHE_ORT))
+        raise ExportFormatError(
+            f"this export's attention (export-model --kv-cache shared, the default) needs onnxruntime {needed} or later; "
+            f"this is onnxruntime {version}: upgrade it (pip install 'onnxruntime>={needed}'), or export the model "
+            "again with --kv-cache growing"
+        )
 
 
 def create_session(
@@ -88,7 +101,7 @@ def warn_if_slow(config: ExportConfig, session: ort.InferenceSession) -> None:
     shares its cache (GroupQueryAttention) at fp32 runs its attention on the CPU under CUDA, whose kernel is fp16
     only: say which export to use."""
     on_cuda = CUDA in session.get_providers()
-    if on_cuda and config.precision != "fp16" and session.get_modelmeta().custom_metadata_map.get(KV_CACHE) == "shared":
+    if on_cuda and config.precision != "fp16" and config.kv_cache == "shared":
         warnings.warn(
             "this export's attention is GroupQueryAttention in fp32, which onnxruntime's CUDA provider runs on the CPU "
             "(its CUDA kernel is fp16 only): for CUDA export with --kv-cache growing (or --precision fp16)",
