@@ -1,4 +1,14 @@
-"""A KV cache in one preallocated buffer against a past that grows by a copy every step, on the same graph.
+"""A KV cache in one preallocated buffer against a past that grows by a copy every step.
+
+With `--exports SHARED GROWING`: this runtime on two exports of one model, `export-model --kv-cache shared`
+(GroupQueryAttention; the runtime binds one buffer per layer as past and present) and `--kv-cache growing`
+(ONNX's Attention), in alternating fresh processes (bench/speed/generate.py's side: batch 1, 22 input ids, 64
+new tokens, no prompt); prints medians of decode tokens/s, peak RSS, the ratio, and whether both wrote the same
+tokens:
+
+    python -m bench.speed.shared_kv --exports exports/smollm2-int4 exports/smollm2-int4-growing
+
+With a graph: the experiment that led to the runtime's shared cache, on onnxruntime-genai's graph.
 
 onnxruntime's GroupQueryAttention writes the new keys and values into its past in place when the
 present output is bound to the same memory as the past input (it compares the pointers), so a decode
@@ -18,6 +28,9 @@ import argparse
 import datetime as dt
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,17 +38,24 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime import OrtValue
 
-from bench.harness import machine
+from bench.harness import ROOT, machine
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("graph", type=Path, help="a decoder graph with GroupQueryAttention (input_ids, past_key_values.*)")
+    parser.add_argument(
+        "graph", type=Path, nargs="?", help="a decoder graph with GroupQueryAttention (input_ids, past_key_values.*)"
+    )
+    parser.add_argument("--exports", type=Path, nargs=2, metavar=("SHARED", "GROWING"), help="this runtime's two exports")
     parser.add_argument("--input-tokens", type=int, default=22)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7, help="generations each way, alternating")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.exports:
+        return runtime_sides(args)
+    if args.graph is None:
+        parser.error("give a graph, or --exports SHARED GROWING")
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
     session = ort.InferenceSession(str(args.graph), options, providers=["CPUExecutionProvider"])
@@ -109,6 +129,39 @@ def main() -> int:
     for name, ms in medians.items():
         print(f"  {name:8} {ms:7.1f} ms a generation ({args.new_tokens / ms * 1000:.1f} tokens/s)")
     print(f"shared buffer / growing past: {medians['growing'] / medians['shared']:.2f}x; the same tokens: {same}")
+    return 0
+
+
+def runtime_sides(args) -> int:
+    """This runtime on a shared-cache and a growing-cache export of one model, alternating fresh processes."""
+    names = {"shared": args.exports[0], "growing": args.exports[1]}
+    for name, export in names.items():
+        found = json.loads((export / "softprompt.json").read_text()).get("kv_cache")
+        if found != name:
+            raise SystemExit(f"{export}: kv_cache is {found!r}; expected {name!r} (export-model --kv-cache {name})")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as bank:
+        for round_ in range(args.rounds):
+            for name in names if round_ % 2 == 0 else reversed(list(names)):
+                command = [sys.executable, "-m", "bench.speed.generate", "--side", "onnx", "--batch", "1", "--bank", bank]
+                command += ["--export", str(names[name]), "--prompt-length", "0", "--input-tokens", str(args.input_tokens)]
+                command += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--inner", "2"]
+                result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+                if result.returncode != 0:
+                    raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+                runs[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    print(f"machine: {machine()}")
+    print(
+        f"date: {dt.datetime.now().isoformat(timespec='minutes')}; this runtime, batch 1, {args.input_tokens} input tokens, "
+        f"{args.new_tokens} new, greedy, {args.threads} threads; medians of {args.rounds} fresh processes each, alternating"
+    )
+    medians = {}
+    for name, results in runs.items():
+        medians[name] = statistics.median(r["decode_tokens_per_s"] for r in results)
+        rss = statistics.median(r["peak_rss_mb"] for r in results)
+        print(f"  {name:8} {medians[name]:7.1f} tokens/s, peak RSS {rss:.0f} MB  ({names[name]})")
+    same = runs["shared"][-1]["tokens"] == runs["growing"][-1]["tokens"]
+    print(f"shared / growing: {medians['shared'] / medians['growing']:.2f}x; the same tokens: {same}")
     return 0
 
 
