@@ -57,11 +57,13 @@ def run(model, plan, shared: bool) -> dict[str, list[int]]:
 
 
 def test_a_built_export_shares_its_cache_and_growing_keeps_onnx_attention(llama_dir, llama_export, tmp_path):
-    """The default built graph says its cache may be shared (GroupQueryAttention); --kv-cache growing keeps ONNX's
-    Attention and the runtime grows its past; both give the same tokens."""
+    """The default built graph says its cache may be shared (GroupQueryAttention); export-model --kv-cache growing
+    keeps ONNX's Attention and the runtime grows its past; both give the same tokens."""
     shared = load(llama_export, providers="cpu")
     assert shared.graph.shares_cache and shared.config.kv_cache == "shared"
-    export_model(str(llama_dir), tmp_path / "growing", kv_cache="growing", log=lambda m: None)
+    from softprompt.exporter.cli import main
+
+    assert main([str(llama_dir), str(tmp_path / "growing"), "--kv-cache", "growing", "-q"]) == 0
     ops = {node.op_type for node in onnx.load(str(tmp_path / "growing" / "model.onnx"), load_external_data=False).graph.node}
     assert "Attention" in ops and "GroupQueryAttention" not in ops
     growing = load(tmp_path / "growing", providers="cpu")
