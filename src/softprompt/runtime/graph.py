@@ -45,16 +45,11 @@ class DecoderGraph:
     ) -> tuple[np.ndarray, list]:
         """One graph call; the last position's logits [B, V] (all of them, [B, T, V], with `all_logits`) and
         the present. `past` holds numpy arrays or the values an earlier call returned."""
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask}
-        if self._feeds_positions:
-            feeds["position_ids"] = positions
-        if self._keeps_logits:
-            feeds["logits_to_keep"] = np.array([0 if all_logits else 1], np.int64)
+        feeds = self._feeds(embeds, mask, positions, keep=0 if all_logits else 1)
         try:
             outputs = self._run_bound(feeds, past) if self.binds else self._run_values(feeds, past)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-            shapes = {name: tuple(value.shape) for name, value in feeds.items()}
-            raise InferenceError(f"onnxruntime failed with inputs {shapes}: {exc}") from exc
+            raise _failed(feeds, exc) from exc
         logits, *present = outputs
         logits = logits.numpy()
         return (logits if all_logits else logits[:, -1]), present
@@ -75,16 +70,23 @@ class DecoderGraph:
     def step_bound(self, binding, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> None:
         """One call through a `bind_cache` binding whose buffers have room for the mask's width: the last position's
         logits land in its logits array, the keys and values in its buffers."""
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        if self._keeps_logits:
-            feeds["logits_to_keep"] = np.array([1], np.int64)
+        feeds = self._feeds(embeds, mask, positions, keep=1)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-            shapes = {name: tuple(value.shape) for name, value in feeds.items()}
-            raise InferenceError(f"onnxruntime failed with inputs {shapes} (the cache in place): {exc}") from exc
+            raise _failed(feeds, exc, " (the cache in place)") from exc
+
+    def _feeds(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, keep: int) -> dict[str, np.ndarray]:
+        """The inputs besides the past: position ids where the graph takes them, and the logits of the last `keep`
+        positions (0: all) where it can keep fewer."""
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask}
+        if self._feeds_positions:
+            feeds["position_ids"] = positions
+        if self._keeps_logits:
+            feeds["logits_to_keep"] = np.array([keep], np.int64)
+        return feeds
 
     def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
         return [np.zeros((batch, heads, length, size), dtype=np.float32) for heads, size in self._past_shapes]
@@ -108,6 +110,11 @@ class DecoderGraph:
             binding.bind_output(name, self.cache_device)
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()
+
+
+def _failed(feeds: dict[str, np.ndarray], exc: Exception, how: str = "") -> InferenceError:
+    shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+    return InferenceError(f"onnxruntime failed with inputs {shapes}{how}: {exc}")
 
 
 def ort_value(value):
