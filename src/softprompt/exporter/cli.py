@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["shared", "growing"],
         default=None,
         help="built decoder graphs: 'shared' (GroupQueryAttention: the runtime keeps the cache in one buffer that each "
-        "step writes in place; 1.07-1.14x faster decoding on CPUs) or 'growing' (ONNX's Attention: each step copies "
+        "step writes in place; 1.03-1.17x faster decoding on CPUs) or 'growing' (ONNX's Attention: each step copies "
         "the cache into a new one). onnxruntime's CUDA provider has GroupQueryAttention for fp16 only, so choose "
         "'growing' to run an fp32/int8/int4 export on CUDA (default: growing for fp16, else shared)",
     )
