@@ -86,13 +86,7 @@ def sides(args, ids: str, bank: Path) -> dict[str, tuple[list[str], Path]]:
     common = ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
     found: dict[str, tuple[list[str], Path]] = {}
     for name, folder, _ in EXPORTS:
-        export = args.exports / folder
-        found[name] = (
-            [sys.executable, "-m", "bench.speed.generate", "--side", "onnx", "--batch", "1", "--bank", str(bank)]
-            + ["--export", str(export), "--prompt-length", "0", "--input-tokens", str(args.input_tokens), "--inner", "2"]
-            + common,
-            export,
-        )
+        found[name] = (runtime_command(args.exports / folder, bank, args), args.exports / folder)
     if args.genai_python.is_file():
         for precision in PRECISIONS:
             model = args.genai_models / f"genai-{precision}"
@@ -115,6 +109,14 @@ def sides(args, ids: str, bank: Path) -> dict[str, tuple[list[str], Path]]:
         print(f"skipped llama.cpp: no {args.llama_python}; see bench/speed/llama_side.py")
     found["pytorch fp32"] = ([sys.executable, "-m", "bench.speed.precision", "--side", "torch", "--ids", ids] + common, Path())
     return found
+
+
+def runtime_command(export: Path, bank: Path, args) -> list[str]:
+    """This runtime's side (bench/speed/generate.py) on `export`: batch 1, no prompt, `args`' workload and threads."""
+    return [sys.executable, "-m", "bench.speed.generate", "--side", "onnx", "--batch", "1", "--bank", str(bank)] + [
+        *("--export", str(export), "--prompt-length", "0", "--input-tokens", str(args.input_tokens), "--inner", "2"),
+        *("--threads", str(args.threads), "--new-tokens", str(args.new_tokens)),
+    ]
 
 
 def gguf_file() -> Path | None:

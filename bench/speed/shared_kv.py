@@ -28,8 +28,6 @@ import argparse
 import datetime as dt
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +36,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime import OrtValue
 
-from bench.harness import ROOT, machine
+from bench.harness import machine
+from bench.speed.precision import agreement, child, runtime_command
 
 
 def main() -> int:
@@ -143,13 +142,7 @@ def runtime_sides(args) -> int:
     with tempfile.TemporaryDirectory() as bank:
         for round_ in range(args.rounds):
             for name in names if round_ % 2 == 0 else reversed(list(names)):
-                command = [sys.executable, "-m", "bench.speed.generate", "--side", "onnx", "--batch", "1", "--bank", bank]
-                command += ["--export", str(names[name]), "--prompt-length", "0", "--input-tokens", str(args.input_tokens)]
-                command += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--inner", "2"]
-                result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-                if result.returncode != 0:
-                    raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
-                runs[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+                runs[name].append(child(name, runtime_command(names[name], Path(bank), args)))
     print(f"machine: {machine()}")
     print(
         f"date: {dt.datetime.now().isoformat(timespec='minutes')}; this runtime, batch 1, {args.input_tokens} input tokens, "
@@ -161,7 +154,7 @@ def runtime_sides(args) -> int:
         rss = statistics.median(r["peak_rss_mb"] for r in results)
         print(f"  {name:8} {medians[name]:7.1f} tokens/s, peak RSS {rss:.0f} MB  ({names[name]})")
     ours, theirs = (runs[name][-1]["tokens"][0] for name in names)
-    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    same = agreement(ours, theirs)
     print(
         f"shared / growing: {medians['shared'] / medians['growing']:.2f}x; the same greedy tokens: {same} of {len(ours)} "
         "(two graphs: each attention kernel rounds its own way)"
