@@ -31,29 +31,35 @@ def model(llama_export, tmp_path_factory):
     return load(llama_export, bank=bank, providers="cpu")
 
 
-def run(model, plan, shared: bool) -> dict[str, list[int]]:
-    """Drive one DecodeBatch: `plan` is [(step at which they join, [(name, text, task, settings)])]."""
-    model.graph.shares_cache = shared
+def batch_of(model, shared: bool):
+    """An empty DecodeBatch of `model` whose cache is shared or grows (the graph's flag is read when a batch is made)."""
+    was, model.graph.shares_cache = model.graph.shares_cache, shared
     try:
         batch = model.batch()
-        assert (batch.cache is not None) == shared
-        results: dict[str, list[int]] = {}
-        waiting = sorted(plan, key=lambda entry: entry[0])
-        step = 0
-        while waiting or batch.rows:
-            while waiting and waiting[0][0] <= step:
-                _, rows = waiting.pop(0)
-                jobs = [
-                    Job(model.encode(text, task), task, settings, on_done=lambda s, name=name: results.update({name: s.ids}))
-                    for name, text, task, settings in rows
-                ]
-                batch.admit(jobs)
-            if batch.rows:
-                batch.step()
-            step += 1
-        return results
     finally:
-        model.graph.shares_cache = True
+        model.graph.shares_cache = was
+    assert (batch.cache is not None) == shared
+    return batch
+
+
+def run(model, plan, shared: bool) -> dict[str, list[int]]:
+    """Drive one DecodeBatch: `plan` is [(step at which they join, [(name, text, task, settings)])]."""
+    batch = batch_of(model, shared)
+    results: dict[str, list[int]] = {}
+    waiting = sorted(plan, key=lambda entry: entry[0])
+    step = 0
+    while waiting or batch.rows:
+        while waiting and waiting[0][0] <= step:
+            _, rows = waiting.pop(0)
+            jobs = [
+                Job(model.encode(text, task), task, settings, on_done=lambda s, name=name: results.update({name: s.ids}))
+                for name, text, task, settings in rows
+            ]
+            batch.admit(jobs)
+        if batch.rows:
+            batch.step()
+        step += 1
+    return results
 
 
 def test_a_built_export_shares_its_cache_and_growing_keeps_onnx_attention(llama_dir, llama_export, tmp_path):
@@ -103,26 +109,22 @@ def test_a_buffer_out_of_room_grows_and_keeps_the_rows(model, monkeypatch):
 def test_a_cancelled_row_leaves_and_the_others_go_on(model):
     settings = GenerationSettings(max_new_tokens=10, min_new_tokens=10)
     for shared in (False, True):
-        model.graph.shares_cache = shared
-        try:
-            batch = model.batch()
-            done: dict[str, list[int]] = {}
-            jobs = [
-                Job(model.encode(text), None, settings, on_done=lambda s, n=n, done=done: done.update({n: s.ids}))
-                for n, text in (("a", TEXTS[0]), ("b", TEXTS[1]))
-            ]
-            batch.admit(jobs)
+        batch = batch_of(model, shared)
+        done: dict[str, list[int]] = {}
+        jobs = [
+            Job(model.encode(text), None, settings, on_done=lambda s, n=n, done=done: done.update({n: s.ids}))
+            for n, text in (("a", TEXTS[0]), ("b", TEXTS[1]))
+        ]
+        batch.admit(jobs)
+        batch.step()
+        jobs[0].cancelled = True
+        batch.step()
+        assert [row.job for row in batch.rows] == [jobs[1]]
+        while batch.rows:
             batch.step()
-            jobs[0].cancelled = True
-            batch.step()
-            assert [row.job for row in batch.rows] == [jobs[1]]
-            while batch.rows:
-                batch.step()
-            assert "a" not in done and len(done["b"]) == 10
-            alone = model.complete(TEXTS[1], settings=settings)[0].token_ids
-            assert done["b"] == alone
-        finally:
-            model.graph.shares_cache = True
+        assert "a" not in done and len(done["b"]) == 10
+        alone = model.complete(TEXTS[1], settings=settings)[0].token_ids
+        assert done["b"] == alone
 
 
 def test_the_buffers_hold_the_cache_a_growing_past_would(model):
@@ -130,15 +132,10 @@ def test_the_buffers_hold_the_cache_a_growing_past_would(model):
     settings = GenerationSettings(max_new_tokens=8, min_new_tokens=8)
     batches = {}
     for shared in (False, True):
-        model.graph.shares_cache = shared
-        try:
-            batch = model.batch()
-            batch.admit([Job(model.encode(text), None, settings) for text in TEXTS[:2]])
-            for _ in range(4):
-                batch.step()
-            batches[shared] = batch
-        finally:
-            model.graph.shares_cache = True
+        batch = batches[shared] = batch_of(model, shared)
+        batch.admit([Job(model.encode(text), None, settings) for text in TEXTS[:2]])
+        for _ in range(4):
+            batch.step()
     growing, shared_batch = batches[False], batches[True]
     np.testing.assert_array_equal(growing.mask, shared_batch.mask)
     width = growing.mask.shape[1]
