@@ -14,6 +14,7 @@ import pytest
 from softprompt.exporter import export_model
 from softprompt.runtime import GenerationSettings, load
 from softprompt.runtime.engine import Job
+from softprompt.runtime.graph import numpy_value
 
 from conftest import TEXTS, random_prompt
 
@@ -141,8 +142,7 @@ def test_the_buffers_hold_the_cache_a_growing_past_would(model):
     width = growing.mask.shape[1]
     assert shared_batch.cache.length == width
     for past, buffer in zip(growing.past, shared_batch.cache.buffers):
-        past = past if isinstance(past, np.ndarray) else past.numpy()
-        np.testing.assert_allclose(buffer[:, :, :width], past, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(buffer[:, :, :width], numpy_value(past), rtol=0, atol=1e-6)
 
 
 def test_fp16_keeps_onnx_attention_and_cuda_hears_which_export_to_use(llama_dir, llama_export, tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 
 from .engine import Job
 from .generate import RowText
+from .graph import numpy_value
 from .rows import position_ids
 from .sampling import chooser
 from .shared_cache import SharedCache
@@ -121,7 +122,7 @@ def _remaining(rows: Sequence[Row]) -> int:
 
 
 def _numpy(values: Sequence) -> list[np.ndarray]:
-    return [value if isinstance(value, np.ndarray) else value.numpy() for value in values]
+    return [numpy_value(value) for value in values]
 
 
 def _left_pad(values: np.ndarray, axis: int, width: int) -> np.ndarray:

@@ -120,3 +120,8 @@ def _failed(feeds: dict[str, np.ndarray], exc: Exception, how: str = "") -> Infe
 def ort_value(value):
     """An onnxruntime value for a numpy array (sharing its memory), or the value itself."""
     return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+
+
+def numpy_value(value) -> np.ndarray:
+    """A numpy array for an onnxruntime value a graph call returned (on the CPU, its memory), or the array itself."""
+    return value if isinstance(value, np.ndarray) else value.numpy()

@@ -31,6 +31,7 @@ from softprompt.formats.export_folder import ExportFolder
 
 from .classify import log_softmax
 from .errors import InferenceError, RequestError
+from .graph import numpy_value
 from .rows import as_texts, check_rows, embed_row, pad, tasks_for
 from .sampling import chooser
 from .seq2seq_batch import Seq2SeqBatch
@@ -113,7 +114,7 @@ class Seq2Seq(TextModel):
         for r, words in enumerate(candidates):
             tokens[r, 1 : 1 + len(words)] = words  # right-padded: a causal decoder never looks ahead
         past = self._start_past([found[i] for i in owners])
-        cross = [np.asarray(_numpy(c))[pick] for c in cross]
+        cross = [np.asarray(numpy_value(c))[pick] for c in cross]
         logits, _ = self._decoder_step(np.asarray(self.table[tokens], dtype=np.float32), mask[pick], past, cross, all_logits=True)
         scores = [np.zeros(len(row), dtype=np.float64) for row in targets]
         position = {i: 0 for i in range(len(ids))}
@@ -156,7 +157,7 @@ class Seq2Seq(TextModel):
         if not parts[0][2]:
             return cross, mask
         # The cross-attention prefix: its keys and values before the encoder's, attended by every row.
-        joined = [np.concatenate([np.stack([p[2][j] for p in parts]), _numpy(c)], axis=2) for j, c in enumerate(cross)]
+        joined = [np.concatenate([np.stack([p[2][j] for p in parts]), numpy_value(c)], axis=2) for j, c in enumerate(cross)]
         length = parts[0][2][0].shape[1]
         return joined, np.concatenate([np.ones((len(ids), length), dtype=mask.dtype), mask], axis=1)
 
@@ -243,7 +244,7 @@ class Seq2Seq(TextModel):
 
     def take_rows(self, values: Sequence, rows: Sequence[int]) -> list:
         """Cache arrays (numpy or onnxruntime values) with only `rows` of their batch, where the graphs keep them."""
-        kept = [_numpy(value)[list(rows)] for value in values]
+        kept = [numpy_value(value)[list(rows)] for value in values]
         if self._device == "cpu":
             return kept
         import onnxruntime as ort
@@ -259,7 +260,3 @@ def _by_past(found: Sequence[Task | None]) -> list[list[int]]:
         key = (0, 0) if task is None or task.past is None else (task.length, len(task.past))
         groups.setdefault(key, []).append(i)
     return list(groups.values())
-
-
-def _numpy(value):
-    return value if isinstance(value, np.ndarray) else value.numpy()

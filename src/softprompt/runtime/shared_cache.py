@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .graph import numpy_value
+
 ROOM = 256  # columns reserved past what the next step needs, at most: a copy every ROOM steps at worst
 
 
@@ -40,7 +42,7 @@ class SharedCache:
     def join(self, present: Sequence, length: int, room: int) -> None:
         """Add rows whose cache is `present` ([m, heads, length, size] values, one per cache input), the batch's rows
         first; the shorter side is left-padded with zero (masked) columns, as `_stack` pads a growing past."""
-        present = [value if isinstance(value, np.ndarray) else value.numpy() for value in present]
+        present = [numpy_value(value) for value in present]
         width = max(self.length, length)
         old = self.buffers
         rows = self.rows + present[0].shape[0]
