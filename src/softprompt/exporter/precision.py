@@ -33,6 +33,7 @@ from .graph_rewrites import drop_unused_initializers, gemm_as_matmul, offset_int
 from .lazy_weights import load, load_besides_weights, read_in, release
 from .qdq import as_dequantize_matmul
 from .tied_table import lm_head, share_table
+from .wide_products import split_wide_products
 
 BITS = {"int8": 8, "int4": 4}
 GGUF = "gguf"  # a GGUF source's own blocks, read from the file (gguf_weights.py)
@@ -204,6 +205,8 @@ def apply_precision(
         model, changed = _quantize(model, precision, table, calibration, log, path.parent if lazy else None)
         if precision.web:
             changed["dequantize_matmul"] = as_dequantize_matmul(model)
+    if not precision.web and (split := split_wide_products(model)):
+        changed["matmuls_split"] = split  # a lm_head in slices, each packed and freed in turn when a session loads
     # The weights go to model.onnx.data (replacing any fp32 one, whose weights are in memory by now):
     # onnxruntime then reads them from the file instead of out of a copy of the whole protobuf, 15 MB
     # less peak memory for the default model at int4.

@@ -168,23 +168,39 @@ def table_in_graph(path: Path) -> dict[str, int | float | str] | None:
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     factor = next((float(entry.value) for entry in model.metadata_props if entry.key == TABLE_FACTOR), None)
-    places, half = {}, False
+    places: dict[str, list[tuple[int, int, int]]] = {}  # codes or scales: (slice, offset, length) of each of its slices
+    half = False
     for tensor in graph.initializer:
-        if tensor.name in (TABLE_CODES, TABLE_SCALES):
+        stem, _, part = tensor.name.rpartition(".")
+        stem, part = (stem, int(part)) if part.isdigit() and stem in (TABLE_CODES, TABLE_SCALES) else (tensor.name, 0)
+        if stem in (TABLE_CODES, TABLE_SCALES):
             info = {entry.key: entry.value for entry in tensor.external_data}
             if info.get("location") != path.name + ".data":
                 raise ExportError(f"{path}: {tensor.name} is not in {path.name}.data but in {info.get('location')!r}")
-            places[tensor.name] = int(info.get("offset", 0))
-            half = half or (tensor.name == TABLE_SCALES and tensor.data_type == onnx.TensorProto.FLOAT16)
+            places.setdefault(stem, []).append((part, int(info.get("offset", 0)), int(info["length"])))
+            half = half or (stem == TABLE_SCALES and tensor.data_type == onnx.TensorProto.FLOAT16)
     if not places:
         return None
     return {
-        "codes_offset": places[TABLE_CODES],
-        "scales_offset": places[TABLE_SCALES],
+        "codes_offset": _start(path, TABLE_CODES, places[TABLE_CODES]),
+        "scales_offset": _start(path, TABLE_SCALES, places[TABLE_SCALES]),
         "zero_point": TABLE_ZERO_POINT,
         **({"scales_dtype": "float16"} if half else {}),
         **({"factor": factor} if factor is not None else {}),
     }
+
+
+def _start(path: Path, name: str, slices: list[tuple[int, int, int]]) -> int:
+    """Where the table's `name` starts in the data file: its slices (a lm_head split by `split_wide_products`) must
+    follow one another there in order, as the runtime reads the rows as one block."""
+    slices = sorted(slices)
+    for (_, offset, length), (part, following, _) in zip(slices, slices[1:]):
+        if following != offset + length:
+            raise ExportError(
+                f"{path}: slice {part} of {name} is at byte {following} of the data file, not right after the one before "
+                f"(which ends at {offset + length}); the table must be one block"
+            )
+    return slices[0][1]
 
 
 def lm_head(model, matmuls) -> list:
