@@ -87,13 +87,17 @@ def test_a_split_product_gives_the_same_outputs_bit_for_bit(bits, symmetric, bia
     assert weight not in names
 
 
-def test_a_narrow_product_or_one_whose_weight_is_read_twice_stays_whole():
+def test_a_narrow_product_or_one_whose_weight_is_read_twice_or_not_loaded_stays_whole():
     model = quantized_product(8, True)
     assert wide_products.split_wide_products(model) == 0  # 200 x 64 codes: far under SPLIT_BYTES
     product = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
     model.graph.node.append(helper.make_node("Identity", [product.input[1]], ["codes"]))
     assert wide_products.split_wide_products(model, limit=1) == 0
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "Identity"]
+    model.graph.node.pop()
+    weight = next(t for t in model.graph.initializer if t.name == product.input[1])
+    weight.data_location = TensorProto.EXTERNAL  # bytes in a data file the graph was loaded without
+    assert wide_products.split_wide_products(model, limit=1) == 0
 
 
 def test_a_split_tied_lm_head_is_still_the_table_and_gives_the_same_logits(tied_dir, tmp_path, monkeypatch):

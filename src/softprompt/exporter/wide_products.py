@@ -52,6 +52,8 @@ def split_wide_products(model, limit: int | None = None) -> int:
 def _sources(node, initializers, producers, readers) -> dict[int, tuple] | None:
     """Per input index in BY_COLUMN that the node has: (initializer, the Cast between it and the node or None); None
     when one is neither, or another node reads it too (the offsets of int4's default read its scales)."""
+    from onnx import TensorProto
+
     found = {}
     for index in BY_COLUMN:
         if index >= len(node.input) or not node.input[index]:
@@ -66,6 +68,8 @@ def _sources(node, initializers, producers, readers) -> dict[int, tuple] | None:
         if cast is None or cast.op_type != "Cast" or readers[cast.input[0]] != 1 or cast.input[0] not in initializers:
             return None
         found[index] = (initializers[cast.input[0]], cast)
+    if any(tensor.data_location == TensorProto.EXTERNAL for tensor, _ in found.values()):
+        return None  # its bytes are in a file this graph was loaded without: nothing to slice here
     return found
 
 
