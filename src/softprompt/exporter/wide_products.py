@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .graph_rewrites import drop_unused_initializers
+
 SPLIT_BYTES = 8 << 20  # packed weight bytes per product: a load peaks about this much above its steady memory
 ROWS_MULTIPLE = 16  # output columns per slice rounded to whole tiles of onnxruntime's packed layout
 # MatMulNBits inputs stored [N, ...] (weight, scales, zero points, bias): sliced with the output columns. g_idx
@@ -36,16 +38,16 @@ def split_wide_products(model, limit: int | None = None) -> int:
     split = 0
     for node in [n for n in graph.node if n.op_type == "MatMulNBits"]:
         weight = initializers.get(node.input[1])
-        if weight is None or _bytes(weight) <= limit:
-            continue
-        sources = _sources(node, initializers, producers, readers)
+        size = 0 if weight is None else _bytes(weight)
+        sources = _sources(node, initializers, producers, readers) if size > limit else None
         if sources is None:
             continue
         columns = _attribute(node, "N")
-        parts = -(-_bytes(weight) // limit)
-        width = -(-columns // parts // ROWS_MULTIPLE) * ROWS_MULTIPLE
+        width = -(-columns // -(-size // limit) // ROWS_MULTIPLE) * ROWS_MULTIPLE  # columns a slice, whole tiles
         _replace(model, node, sources, [(start, min(start + width, columns)) for start in range(0, columns, width)])
         split += 1
+    if split:
+        drop_unused_initializers(model)  # the whole weights the slices replace
     return split
 
 
@@ -75,11 +77,12 @@ def _sources(node, initializers, producers, readers) -> dict[int, tuple] | None:
 
 def _replace(model, node, sources: dict[int, tuple], spans: list[tuple[int, int]]) -> None:
     """The node's slices over `spans` of its output columns, their initializers (each input's slices consecutive,
-    in column order) and a Concat giving the node's output, in place of the node and what only it read."""
+    in column order) and a Concat giving the node's output, in place of the node and the Casts only it read; the
+    initializers it read are left for `drop_unused_initializers`."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    columns = _attribute(node, "N")
+    columns = spans[-1][1]
     made: list = []  # the nodes that replace `node`, in order: Casts, products, the Concat
     names: dict[int, list[str]] = {}
     for index, (tensor, cast) in sources.items():
@@ -114,10 +117,6 @@ def _replace(model, node, sources: dict[int, tuple], spans: list[tuple[int, int]
         graph.node.remove(old)
     for offset, new in enumerate(made):
         graph.node.insert(position + offset, new)
-    gone = {tensor.name for tensor, _ in sources.values()}
-    kept = [t for t in graph.initializer if t.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
 
 
 def _bytes(tensor) -> int:
