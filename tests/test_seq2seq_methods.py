@@ -128,12 +128,13 @@ def test_the_engine_batches_seq2seq_rows_continuously(seq2seq, tmp_path):
     engine = Engine(model, max_batch=8)
     long = GenerationSettings(max_new_tokens=24, min_new_tokens=24)
     short = GenerationSettings(max_new_tokens=5, temperature=0.9, seed=4)
-    steps, started, order, results = [0], threading.Event(), [], {}
+    steps, started, submitted, order, results = [0], threading.Event(), threading.Event(), [], {}
 
-    def counting(state):
+    def counting(state):  # on the engine's thread: a's third step holds it until the others are queued
         steps[0] += 1
         if steps[0] == 3:
             started.set()
+            assert submitted.wait(60)
 
     def job(name, text, task, settings, on_step=lambda state: None):
         ids = model.encode(text, task)
@@ -146,6 +147,7 @@ def test_the_engine_batches_seq2seq_rows_continuously(seq2seq, tmp_path):
     cancelled.cancelled = True
     for name, text, task in [("b", TEXTS[1], "soft"), ("c", TEXTS[2], None), ("d", TEXTS[3], "pre")]:
         engine.submit(job(name, text, task, short))
+    submitted.set()
     engine.close(timeout=120)
     assert order[-1] == "a" and sorted(order) == ["a", "b", "c", "d"]  # the others joined a's batch and left first
     assert engine.stats.batches >= 2 and engine.stats.running == 0

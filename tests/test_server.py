@@ -43,6 +43,28 @@ def start(app):
     return f"http://127.0.0.1:{port}", stop
 
 
+def hold_after_first_text(engine, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make `engine` wait, once a row has text to show, until `go` is set (`holding` says it waits): the server has
+    that text to send, and a test can act while the stream is known to run, however fast the machine decodes."""
+    holding, go = threading.Event(), threading.Event()
+    submit = engine.submit
+
+    def held_submit(job):
+        tell = job.on_step
+
+        def on_step(state):
+            tell(state)
+            if state.stable_text() and not go.is_set():
+                holding.set()
+                go.wait(30)
+
+        job.on_step = on_step
+        submit(job)
+
+    monkeypatch.setattr(engine, "submit", held_submit)
+    return holding, go
+
+
 @pytest.fixture(scope="module")
 def served(chat_export, tmp_path_factory):
     """The chat-capable tiny llama with two prompt tasks, behind serve-model's app, with and without a key."""
@@ -255,7 +277,9 @@ def test_embeddings_of_an_encoder_export(tmp_path):
         stop()
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
+def test_a_client_that_disconnects_mid_stream_frees_its_row(served, monkeypatch):
+    """The engine waits after the first text until the client has gone and the server has had time to notice, so
+    the row must leave long before its 100 tokens."""
     from urllib.parse import urlparse
 
     from softprompt.server import create_app
@@ -264,6 +288,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
     assert model.complete(TEXTS[0], max_new_tokens=100)[0].finish_reason == "length"  # it would run all 100 steps
     app = create_app(model, name="tiny")
     url, stop = start(app)
+    holding, go = hold_after_first_text(app.state.engine, monkeypatch)
     try:
         address = urlparse(url)
         body = json.dumps({"model": "tiny", "prompt": TEXTS[0], "max_tokens": 100, "stream": True}).encode()
@@ -275,18 +300,23 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
                 chunk = connection.recv(4096)
                 assert chunk, received
                 received += chunk
+        assert holding.wait(30)
+        time.sleep(0.5)  # the server notices the closed connection
+        go.set()
         engine = app.state.engine
         deadline = time.time() + 30
         while engine.stats.running and time.time() < deadline:
             time.sleep(0.01)
         assert engine.stats.running == 0 and engine.stats.steps < 90, engine.stats  # it left well before its 100 tokens
     finally:
+        go.set()
         stop()
 
 
-def test_shutting_down_lets_a_running_stream_finish(served):
+def test_shutting_down_lets_a_running_stream_finish(served, monkeypatch):
     """Graceful shutdown: told to stop (what uvicorn's SIGTERM handler does) while a stream runs, the server sends
-    that stream to its end before it stops. The engine is held mid-stream, so the stream cannot end before the stop."""
+    that stream to its end before it stops. The engine waits after the first text, so the stream is still running
+    when the stop comes, however fast the machine decodes."""
     from softprompt.server import create_app
 
     model = served[0]
@@ -295,20 +325,22 @@ def test_shutting_down_lets_a_running_stream_finish(served):
     app = create_app(model, name="tiny")
     url, stop = start(app)
     engine = app.state.engine
+    holding, go = hold_after_first_text(engine, monkeypatch)
     stopping = threading.Thread(target=stop)
     try:
         stream = client(url).completions.create(model="tiny", prompt=TEXTS[0], max_tokens=100, stream=True)
         pieces = [next(iter(stream))]  # the stream has begun
-        with engine._lock:  # the engine waits for this lock before its next step
-            assert engine.stats.running == 1
-            stopping.start()
-            time.sleep(0.5)
-            assert stopping.is_alive() and engine.stats.running == 1  # stopping, and waiting for the stream
+        assert holding.wait(30)
+        stopping.start()
+        time.sleep(0.5)
+        assert stopping.is_alive()  # stopping, and waiting for the stream
+        go.set()
         pieces += list(stream)
         assert "".join(p.choices[0].text for p in pieces) == want.text and pieces[-1].choices[0].finish_reason == "length"
         stopping.join(30)
         assert not stopping.is_alive() and engine.stats.running == 0
     finally:
+        go.set()
         if not stopping.is_alive() and stopping.ident is None:
             stop()
 
