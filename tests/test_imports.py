@@ -47,3 +47,20 @@ def test_seq2seq_and_encoder_runtimes_import_without_heavy_modules():
     """The modules `load` picks for encoder and encoder-decoder exports are device code too."""
     block = f"for name in {HEAVY!r}: sys.modules[name] = None"
     assert run_probe(setup=block, work="import softprompt.runtime.seq2seq, softprompt.runtime.encoder") == []
+
+
+def test_the_runtime_reads_its_version_only_when_asked():
+    """importlib.metadata (email, zipfile, csv...) is about 4 MB that an app embedding the runtime never uses: the
+    import leaves it out, and `__version__` still names the installed package."""
+    code = """
+import json, sys
+before = "importlib.metadata" in sys.modules
+import softprompt.runtime, softprompt.formats
+after = "importlib.metadata" in sys.modules
+from importlib.metadata import version
+print(json.dumps([before, after, softprompt.formats.__version__ == version("softprompt-onnx")]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    before, after, same = json.loads(result.stdout.strip().splitlines()[-1])
+    assert after == before and same

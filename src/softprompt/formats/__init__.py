@@ -9,9 +9,6 @@ Nothing here imports another part of softprompt: the exporter, the runtime, the 
 training all import this.
 """
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 from .bank import Prompt, PromptMeta, list_tasks, load_bank, load_prompt, remove_prompt, save_prompt
 from .errors import (
     BackboneMismatchError,
@@ -25,10 +22,19 @@ from .export_folder import ExportConfig, ExportFolder, open_export, read_config
 from .fingerprint import backbone_fingerprint
 from .task import TaskSpec
 
-try:
-    __version__ = _version("softprompt-onnx")
-except PackageNotFoundError:  # run from a checkout without installing
-    __version__ = "unknown"
+
+def __getattr__(name: str) -> str:
+    """`__version__`, read from the installed package's metadata only when asked for: importlib.metadata (email,
+    zipfile, csv, inspect...) holds about 4 MB that an app embedding the runtime never uses."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("softprompt-onnx")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown"
+
 
 __all__ = [
     "BackboneMismatchError",
