@@ -118,3 +118,46 @@ def test_exact_int8_finds_a_q8_0_table_and_refuses_one_off_by_a_single_value(off
         return
     assert found is not None
     assert np.array_equal(found[0], codes.astype(np.int8)) and np.array_equal(ScaledRows(*found)[:], table)
+
+
+def test_rows_read_from_the_file_index_as_numpy_does(tmp_path):
+    """FileRows is what a quantized table's codes and scales are at run time: every index the runtime or a user
+    gives it (an id, ids of any shape, negative ids, slices) gives numpy's answer, and a copy reads the same file."""
+    import pickle
+
+    from softprompt.formats.embedding_table import FileRows
+
+    array = np.random.default_rng(2).integers(-128, 128, (11, 3, 4)).astype(np.int8)
+    np.save(tmp_path / "rows.npy", array)
+    header = np.load(tmp_path / "rows.npy", mmap_mode="r").offset
+    rows = FileRows(tmp_path / "rows.npy", np.int8, header, array.shape)
+    indexes = [0, 10, -1, -11, np.int64(4), [3], [2, 2, 9], np.array([[0, 5], [7, 10]]), np.array([], np.int64), []]
+    indexes += [slice(None), slice(2, 7), slice(7, 2), slice(None, None, 3), slice(None, None, -2), range(1, 4)]
+    for index in indexes:
+        got, want = rows[index], array[list(index) if isinstance(index, range) else index]
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), index
+    for bad in (11, -12, [0, 11]):
+        with pytest.raises(IndexError, match="out of bounds for axis 0 with size 11"):
+            rows[bad]
+    for bad in (np.array([0.5]), np.array([True] * 11), (1, 0)):
+        with pytest.raises(IndexError, match="integer index or slice"):
+            rows[bad]
+    assert np.array_equal(pickle.loads(pickle.dumps(rows))[[4, 1]], array[[4, 1]])
+
+
+def test_a_table_read_by_rows_is_not_mapped_and_a_file_cut_short_is_named(tmp_path):
+    """A mapping keeps every page a row touched resident while it is open, so the process's memory grew with the
+    tokens it had seen: the int8 table and its scales are read by rows and nothing of them stays mapped."""
+    from softprompt.formats.embedding_table import FileRows
+
+    folder = restored(tmp_path, "int8")
+    table = open_export(folder).table
+    assert isinstance(table.codes, FileRows) and isinstance(table.scales, FileRows)
+    table[np.arange(len(table))]
+    maps = Path("/proc/self/maps").read_text()
+    assert str(folder / "embeddings.npy") not in maps and str(folder / "embedding_scales.npy") not in maps
+    with open(folder / "embeddings.npy", "r+b") as cut:  # the file shortened under the open table
+        cut.truncate(table.codes.offset + 2 * table.shape[1])
+    assert table[[0, 1]].shape == (2, table.shape[1])
+    with pytest.raises(ExportFormatError, match=r"embeddings\.npy: ends inside the table \(\d+, \d+\) it holds"):
+        table[[2]]

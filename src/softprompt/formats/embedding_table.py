@@ -10,6 +10,8 @@ the graphs and the prompts are, so a prompt is never quantized.
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,9 @@ class ScaledRows:
     it is not 1 (in float32, in that order: a tied lm_head's rows whose table is a multiple of them, as Gemma's).
     """
 
-    def __init__(self, codes: np.ndarray, scales: np.ndarray | None, zero_point: int = 0, factor: float = 1.0):
+    def __init__(
+        self, codes: np.ndarray | FileRows, scales: np.ndarray | FileRows | None, zero_point: int = 0, factor: float = 1.0
+    ):
         self.codes = codes
         self.scales = scales
         self.zero_point = zero_point
@@ -55,6 +59,61 @@ class ScaledRows:
         if self.factor != 1:
             blocks *= self.factor
         return blocks.reshape(rows.shape)
+
+
+class FileRows:
+    """A row-major array [rows, *row] at byte `offset` of a file, whose `[index]` reads only the rows asked for.
+
+    What the runtime gathers a few rows of at every step. Read with pread rather than mapped: a mapping
+    keeps every page a row touched resident for as long as it is open (and a freshly written file maps
+    in folios of up to 2 MB), so a process's memory grew with the distinct tokens it had seen, up to the
+    whole table; read, it holds only the rows of the step. Indexing is numpy's for what the runtime
+    uses: an integer, integer arrays of any shape (negative counts from the end) and slices."""
+
+    def __init__(self, path: Path, dtype, offset: int, shape: tuple[int, ...]):
+        self.path, self.dtype, self.offset, self.shape = Path(path), np.dtype(dtype), int(offset), tuple(shape)
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        weakref.finalize(self, os.close, self._fd)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __reduce__(self):  # a copy opens the file again (an open descriptor does not travel)
+        return FileRows, (self.path, self.dtype, self.offset, self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        count = self.shape[0]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(count)
+            if step == 1:
+                out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
+                self._read(out, start)
+                return out
+            index = range(start, stop, step)
+        shape: tuple[int, ...]
+        if isinstance(index, (int, np.integer)):
+            shape, rows = (), [int(index)]
+        elif isinstance(index, (list, range)) and all(type(i) is int for i in index):
+            shape, rows = (len(index),), list(index)
+        elif isinstance(index, tuple):  # numpy would index the row's own axes too: nothing here needs that
+            raise IndexError(f"rows are read by integer index or slice, one axis only, not {index!r}")
+        else:
+            ids = np.asarray(index)
+            if ids.dtype == np.bool_ or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+                raise IndexError(f"rows are read by integer index or slice, not {ids.dtype} {index!r}")
+            shape, rows = ids.shape, ids.reshape(-1).tolist()
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        for i, row in enumerate(rows):
+            if not -count <= row < count:
+                raise IndexError(f"index {row} is out of bounds for axis 0 with size {count}")
+            self._read(out[i], row % count)
+        return out.reshape(*shape, *self.shape[1:])
+
+    def _read(self, out: np.ndarray, row: int) -> None:
+        """Fill `out` (contiguous rows) from row `row` on."""
+        if out.nbytes and os.preadv(self._fd, [out.data], self.offset + row * self._row_bytes) != out.nbytes:
+            raise ExportFormatError(f"{self.path}: ends inside the table {self.shape} it holds (at row {row} or after)")
 
 
 ROWS_AT_ONCE = 4096  # rows converted or compared at once: the float temporaries of a whole big table were 3x its size
@@ -147,7 +206,8 @@ def exact_int8(table: np.ndarray | TableFile) -> tuple[np.ndarray, np.ndarray] |
 def open_table(
     path: Path, scales_path: Path | None, shape: tuple[int, int], in_graph: dict[str, Any] | None = None
 ) -> np.ndarray | ScaledRows:
-    """Map the stored table read-only and check it against `shape`; float32 comes back as a plain array.
+    """Open the stored table read-only and check it against `shape`: float32 comes back as a plain array over a
+    mapping of the file, the smaller precisions as ScaledRows over rows read from the file (FileRows).
 
     `in_graph` (softprompt.json's `table_in_graph`) says the rows are a tied lm_head's weights inside
     the graph's data file `path`: uint8 codes and float32 (or, with `scales_dtype`, float16) scales at the offsets it
@@ -162,20 +222,36 @@ def open_table(
         raise ExportFormatError(
             f"{path}: {table.dtype} {table.shape}; softprompt.json expects {shape} of float32, float16 or int8"
         )
-    # A plain ndarray over the same mapping: numpy.memmap's Python-level indexing costs ~30 us a decode step.
-    table = table.view(np.ndarray)
     if table.dtype == np.float32:
-        return table
+        # A plain ndarray over the same mapping: numpy.memmap's Python-level indexing costs ~30 us a decode step.
+        return table.view(np.ndarray)
     if table.dtype == np.float16:
-        return ScaledRows(table, None)
+        return ScaledRows(_rows(table), None)
     if scales_path is None or not scales_path.is_file():
         raise ExportFormatError(f"{path}: int8 rows need their scales (files.embedding_scales in softprompt.json)")
-    scales = np.load(scales_path, allow_pickle=False)
+    try:
+        scales = np.load(scales_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise ExportFormatError(f"{scales_path}: not a readable .npy file ({exc})") from None
     if scales.ndim != 2 or scales.shape[0] != shape[0] or shape[1] % scales.shape[1] or scales.dtype != np.float32:
         raise ExportFormatError(
             f"{scales_path}: {scales.dtype} {scales.shape}; expected float32 ({shape[0]}, blocks), a scale per block of a row"
         )
-    return ScaledRows(table, scales)
+    return ScaledRows(_rows(table), _rows(scales))
+
+
+def _rows(mapped: np.memmap) -> FileRows | np.ndarray:
+    """A mapped .npy array read by rows (`file_rows`); one in Fortran order stays the mapping."""
+    if not mapped.flags.c_contiguous or mapped.filename is None:
+        return mapped.view(np.ndarray)
+    return file_rows(Path(mapped.filename), mapped.dtype, mapped.offset, mapped.shape)
+
+
+def file_rows(path: Path, dtype, offset: int, shape: tuple[int, ...]) -> FileRows | np.ndarray:
+    """Rows read from the file where the system has pread (every POSIX system); elsewhere a mapping of them."""
+    if hasattr(os, "preadv"):
+        return FileRows(path, dtype, offset, shape)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape).view(np.ndarray)
 
 
 def _open_in_graph(path: Path, shape: tuple[int, int], in_graph: dict[str, Any]) -> ScaledRows:
@@ -191,7 +267,6 @@ def _open_in_graph(path: Path, shape: tuple[int, int], in_graph: dict[str, Any])
             f"{path}: table_in_graph puts {vocab}x{width} codes at {codes_at} and their scales at {scales_at}, "
             f"which do not fit apart in its {size} bytes; the file is not the one the export wrote"
         )
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    codes = mapped[codes_at:codes_end].reshape(vocab, width).view(np.ndarray)
-    scales = mapped[scales_at:scales_end].view(scale_type).reshape(vocab, width // BLOCK).view(np.ndarray)
+    codes = file_rows(path, np.uint8, codes_at, (vocab, width))
+    scales = file_rows(path, scale_type, scales_at, (vocab, width // BLOCK))
     return ScaledRows(codes, scales, in_graph["zero_point"], in_graph.get("factor", 1.0))

@@ -229,7 +229,7 @@ class ExportFolder:
 
     folder: Path
     config: ExportConfig
-    table: np.ndarray | ScaledRows  # [vocab, hidden], memory-mapped and read-only; table[ids] gives float32 rows
+    table: np.ndarray | ScaledRows  # [vocab, hidden], read-only, from the file as needed; table[ids] gives float32 rows
     tokenizer: Tokenizer
 
     def file(self, key: str) -> Path:
@@ -249,7 +249,7 @@ def _check_inside(folder: Path, key: str, name: object) -> None:
 
 
 def open_export(export_dir: str | os.PathLike) -> ExportFolder:
-    """Read `softprompt.json`, map `embeddings.npy` and load the tokenizer, checking each against the config."""
+    """Read `softprompt.json`, open the embedding table and load the tokenizer, checking each against the config."""
     folder = Path(export_dir)
     config = read_config(folder)
     for key, named in config.files.items():
