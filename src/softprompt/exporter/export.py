@@ -28,6 +28,7 @@ from softprompt.formats.export_folder import CONFIG_FILE, KV_CACHES, ExportConfi
 from .backbone import describe, freeze
 from .conversion import convert, table_from_graph
 from .errors import ExportError
+from .genai_layout import write_genai_layout
 from .gguf_weights import gguf_table, index_rows
 from .graph_writers import WRITERS, GraphOptions
 from .precision import (
@@ -167,6 +168,8 @@ def export_model(
             **backbone.fields,
         )
         (staging / CONFIG_FILE).write_text(config.to_json())
+        if backbone.kind == "decoder":
+            write_genai_layout(staging)  # 0.1-0.3 MB: the decoder behind ids, for onnxruntime-genai's native loop
 
         step(f"moving the export into {out}")
         del backbone, want  # they map the table, and a mapped file cannot be removed or moved on every system
