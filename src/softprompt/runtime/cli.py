@@ -11,6 +11,7 @@ from softprompt.formats import __version__
 from softprompt.formats.command import Parser, add_providers_option, log_to_stderr, run_command
 from softprompt.formats.errors import SoftpromptError
 
+from .native_loop import LOOPS
 from .options import add_generation_options, check_row_options, generation_settings
 
 EPILOG = """\
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_providers_option(parser)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="runtime",
+        help="genai: generate one greedy text at a time on onnxruntime-genai's native loop (a decoder on the CPU, "
+        "the genai extra; 3-5%% faster on small quantized models), the rest on the runtime's (default: runtime)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -119,7 +127,7 @@ def _load(args):
     from .model import load
 
     log_to_stderr()
-    model = load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads)
+    model = load(args.export_dir, bank=args.bank, providers=args.providers, threads=args.threads, loop=args.loop)
     if args.chat and isinstance(model, Encoder):
         raise SoftpromptError(f"{args.export_dir} is an encoder export: it embeds texts and cannot chat")
     return model
