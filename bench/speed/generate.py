@@ -109,7 +109,7 @@ def make_prompt(args) -> None:
 def side_command(side: str, args, batch: int) -> tuple[list[str], dict]:
     """The command line and environment of one side's process."""
     command = [sys.executable, "-m", "bench.speed.generate", "--side", side, "--batch", str(batch), "--bank", str(args.bank)]
-    for key in ("export", "model", "threads", "input_tokens", "new_tokens", "inner", "prompt_length", "loop"):
+    for key in ("export", "model", "threads", "input_tokens", "new_tokens", "inner", "prompt_length"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return command, {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}  # threads: set in each side
 
