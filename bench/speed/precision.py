@@ -247,17 +247,19 @@ def targets(rows: dict[str, dict], runs: dict[str, list[dict]]) -> list[str]:
         ours, theirs = rows.get(f"runtime {side}"), rows.get(f"genai {precision}")
         if not ours or not theirs:
             continue
-        for loop in ("", " (genai loop)"):
-            if f"runtime {side}{loop}" in rows:
-                ratio = speed(f"runtime {side}{loop}", f"genai {precision}")
-                lines.append(
-                    f"{side}{loop} decode vs genai {precision}: {ratio:.2f}x (target >= {wanted}x) {verdict(ratio >= wanted)}"
-                )
         limit = theirs["peak_rss_mb"] * 1.1
-        lines.append(
-            f"{side} peak RSS: {ours['peak_rss_mb']:.0f} MB vs genai {theirs['peak_rss_mb']:.0f} MB "
-            f"(target <= {limit:.0f}) {verdict(ours['peak_rss_mb'] <= limit)}"
-        )
+        for loop in ("", " (genai loop)"):
+            ours = rows.get(f"runtime {side}{loop}")
+            if ours is None:
+                continue
+            ratio = speed(f"runtime {side}{loop}", f"genai {precision}")
+            lines.append(
+                f"{side}{loop} decode vs genai {precision}: {ratio:.3f}x (target >= {wanted}x) {verdict(ratio >= wanted)}"
+            )
+            lines.append(
+                f"{side}{loop} peak RSS: {ours['peak_rss_mb']:.0f} MB vs genai {theirs['peak_rss_mb']:.0f} MB "
+                f"(target <= {limit:.0f}) {verdict(ours['peak_rss_mb'] <= limit)}"
+            )
     llama = rows.get("llama.cpp Q4_1")
     if llama:
         ours = rows["runtime int4"]
