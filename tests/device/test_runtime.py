@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 
 from softprompt.prompt_bank import UnknownTaskError, save_prompt
@@ -138,9 +139,9 @@ def test_missing_provider_names_the_available_ones():
 
 
 def test_default_providers_prefer_cuda_when_present(monkeypatch):
-    monkeypatch.setattr(session_module.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert session_module.resolve_providers(None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(session_module.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert session_module.resolve_providers(None) == ["CPUExecutionProvider"]
     assert session_module.resolve_providers("cpu") == ["CPUExecutionProvider"]
 
@@ -153,7 +154,7 @@ def test_cuda_that_fell_back_to_cpu_warns(monkeypatch, llama_export):
         def get_providers(self):
             return ["CPUExecutionProvider"]
 
-    monkeypatch.setattr(session_module.ort, "InferenceSession", FallbackSession)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FallbackSession)
     with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider was requested but the session runs on"):
         session = session_module.create_session(llama_export / "model.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"])
     # CUDA is asked for in full fp32 (TF32 off), so its greedy tokens can match the CPU's.

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from onnxruntime import OrtValue
 
 from softprompt.formats.export_folder import ExportConfig
 
@@ -59,6 +58,8 @@ class DecoderGraph:
         input) and whose logits go to `logits` [B, 1, V]: GroupQueryAttention compares the pointers and writes each
         step's keys and values in place, and no output is allocated or wrapped (get_outputs() wrapped all 61 of the
         default model's outputs every step: 0.17 ms, 2% of an int8 step)."""
+        from onnxruntime import OrtValue  # (imported with the session's first use: session.py says why)
+
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for past, present, buffer in zip(self.past_names, self.output_names[1:], buffers):
@@ -119,6 +120,8 @@ def _failed(feeds: dict[str, np.ndarray], exc: Exception, how: str = "") -> Infe
 
 def ort_value(value):
     """An onnxruntime value for a numpy array (sharing its memory), or the value itself."""
+    from onnxruntime import OrtValue
+
     return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
 
 

@@ -71,16 +71,16 @@ def load(
     """
     backbone = open_export(export_dir)
     bank = Path(bank) if bank is not None else None
-    chosen = resolve_providers(providers)
-    check_loop(loop, chosen, backbone.config.kind)
+    check_loop(loop, providers, backbone.config.kind)
+    chosen = ["CPUExecutionProvider"] if loop == "genai" else resolve_providers(providers)
     fold = bool(backbone.config.quantization.get("web"))  # export-model --web: fold the weights once
     if backbone.config.kind == "seq2seq":
         decoder = create_session(backbone.file("decoder"), chosen, threads, fold)
         warn_if_slow(backbone.config, decoder)
         return Seq2Seq(backbone, create_session(backbone.file("encoder"), chosen, threads, fold), decoder, bank)
-    check_onnxruntime(backbone.config)
 
     def session():
+        check_onnxruntime(backbone.config)
         created = create_session(backbone.file("model"), chosen, threads, fold)
         warn_if_slow(backbone.config, created)
         return created

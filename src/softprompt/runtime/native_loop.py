@@ -88,11 +88,13 @@ class NativeLoop:
         del rows
 
 
-def check_loop(loop: str, providers: Sequence[str], kind: str) -> None:
-    """Refuse a loop this load cannot have, saying what would work."""
+def check_loop(loop: str, providers: Sequence[str] | str | None, kind: str) -> None:
+    """Refuse a loop this load cannot have, saying what would work. The genai loop runs on the CPU: `providers` may
+    be None (then the CPU, whatever else onnxruntime has) or name the CPU only."""
     if loop not in LOOPS:
         raise RequestError(f"loop {loop!r}; expected one of {', '.join(LOOPS)}")
     if loop == "genai" and kind != "decoder":
         raise RequestError(f"loop='genai' runs decoder exports; this export is a {kind}: load it with loop='runtime'")
-    if loop == "genai" and list(providers) != ["CPUExecutionProvider"]:
-        raise ProviderError(f"loop='genai' runs on the CPU here, not {list(providers)}: load it with providers='cpu'")
+    named = [providers] if isinstance(providers, str) else list(providers or ["cpu"])
+    if loop == "genai" and {name.lower() for name in named} - {"cpu", "cpuexecutionprovider"}:
+        raise ProviderError(f"loop='genai' runs on the CPU, not {named}: load it with providers='cpu' (or None)")

@@ -13,12 +13,16 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from softprompt.formats.export_folder import SHARED_CACHE_ORT, ExportConfig
 
 from .errors import ExportFormatError, ProviderError, RequestError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+# onnxruntime is imported where a session is made, not with the runtime: a model on onnxruntime-genai's loop
+# (native_loop.py) may never need the Python module's own copy of onnxruntime (about 20 MB resident).
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -30,6 +34,8 @@ CUDA_OPTIONS = {"use_tf32": "0"}
 
 def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     """`None` picks CUDA when this onnxruntime has it, else the CPU; names are checked, CPU is added last."""
+    import onnxruntime as ort
+
     available = ort.get_available_providers()
     if providers is None:
         return [CUDA, CPU] if CUDA in available else [CPU]
@@ -47,9 +53,13 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     return requested if CPU in requested else [*requested, CPU]
 
 
-def check_onnxruntime(config: ExportConfig, version: str = ort.__version__) -> None:
+def check_onnxruntime(config: ExportConfig, version: str | None = None) -> None:
     """A shared-cache export names an input of GroupQueryAttention that older onnxruntimes do not have, and they
     would refuse the graph with a schema error that does not say what to do: say it before loading."""
+    if version is None:
+        import onnxruntime as ort
+
+        version = ort.__version__
     found = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
     if config.kv_cache == "shared" and found < SHARED_CACHE_ORT:
         needed = ".".join(map(str, SHARED_CACHE_ORT))
@@ -67,6 +77,8 @@ def create_session(
 
     `fold_weights`: a graph whose quantized weights are DequantizeLinear + MatMul (`export-model --web`) gets them
     folded into float weights once, instead of dequantized at every call."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if fold_weights:
