@@ -40,7 +40,10 @@ IMPORT_NAMES = {"onnx_ir": "onnx-ir", "onnxruntime": "onnxruntime", "onnxruntime
 LOADED_BY_TRANSFORMERS = {"sentencepiece", "protobuf"}  # SentencePiece and GGUF tokenizer conversion
 TOOLS = {"ruff", "mypy"}  # run by make lint, never imported
 # An optional import behind an ImportError with an install hint, and why it is allowed.
-OPTIONAL = {("prompt_bank", "torch"): "a PEFT adapter saved as a torch pickle (adapter_model.bin) needs torch to read"}
+OPTIONAL = {
+    ("prompt_bank", "torch"): "a PEFT adapter saved as a torch pickle (adapter_model.bin) needs torch to read",
+    ("runtime", "onnxruntime-genai"): "load(loop='genai'), onnxruntime-genai's native loop: the genai extra",
+}
 
 
 def imports(path: Path) -> list[tuple[str, int]]:
