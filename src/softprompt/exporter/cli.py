@@ -20,8 +20,9 @@ The kind of model is read from its config: a decoder-only LM (Llama, GPT-2, ...)
 with a KV cache; an encoder (BERT, MiniLM, ...) model.onnx to the last hidden state; an
 encoder-decoder (T5, BART, ...) encoder.onnx and decoder.onnx, the prompt on the encoder input.
 OUT_DIR also receives the embedding table (embeddings.npy; at int8 and int4 a tied lm_head is the
-table, kept once in model.onnx.data), the tokenizer files and softprompt.json. Each graph keeps its
-weights beside it in .onnx.data (onnxruntime maps the file). The export is validated against
+table, kept once in model.onnx.data), the tokenizer files and softprompt.json; a decoder also gets
+model.genai.onnx and genai_config.json, itself in onnxruntime-genai's layout (run-model --loop genai).
+Each graph keeps its weights beside it in .onnx.data (onnxruntime maps the file). The export is validated against
 PyTorch before OUT_DIR is written; on failure every mismatch is listed and OUT_DIR is left as it was.
 
 examples:
