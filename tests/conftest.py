@@ -245,3 +245,47 @@ def chat_export(llama_dir, tmp_path_factory):
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(folder)
     return folder, _export(folder, folder.parent / (folder.name + "-export"))
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def prefill_logits(graph, model, feeds: dict) -> np.ndarray:
+    """Logits of every position of one graph call from an empty past (`feeds`: the inputs besides past, positions
+    and logits_to_keep, which are filled in where the graph takes them)."""
+    config = model.config
+    length = feeds["attention_mask"].shape[1]
+    empty = np.zeros((1, config.num_kv_heads, 0, config.head_size), np.float32)
+    feeds = {**feeds, **{name: empty for name in config.past_names}}
+    names = {i.name for i in graph.get_inputs()}
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(length)[None]
+    if "logits_to_keep" in names:
+        feeds["logits_to_keep"] = np.array([0])
+    return graph.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def genai_layout_matches(export: Path) -> bool:
+    """Whether an export's model.genai.onnx, fed ids (prompt rows picked by ids V.. from soft_prompts, then a text's),
+    gives model.onnx's logits on the rows the runtime feeds, bit for bit; and with one zero row and no prompt ids."""
+    from softprompt.runtime import load
+
+    model = load(export)
+    config = model.config
+    genai, own = ort_session(export / "model.genai.onnx"), ort_session(export / "model.onnx")
+    ids = model.encode(TEXTS[0])
+    prompt = random_prompt(4, config.hidden_size, seed=3)
+    mask = np.ones((1, 4 + len(ids)), np.int64)
+    fed = {"input_ids": np.array([[config.vocab_size + i for i in range(4)] + ids]), "soft_prompts": prompt}
+    got = prefill_logits(genai, model, {**fed, "attention_mask": mask})
+    rows = np.concatenate([prompt, np.asarray(model.table[ids], np.float32)])[None]
+    want = prefill_logits(own, model, {"inputs_embeds": rows, "attention_mask": mask})
+    none = np.zeros((1, config.hidden_size), np.float32)  # no task: one row no id picks
+    plain = prefill_logits(genai, model, {"input_ids": np.array([ids]), "attention_mask": mask[:, 4:], "soft_prompts": none})
+    alone = prefill_logits(own, model, {"inputs_embeds": rows[:, 4:], "attention_mask": mask[:, 4:]})
+    return got.shape == want.shape and np.array_equal(got, want) and np.array_equal(plain, alone)

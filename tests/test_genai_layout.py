@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 
 from softprompt.exporter import export_model
@@ -15,7 +13,7 @@ from softprompt.exporter.errors import ExportError
 from softprompt.exporter.genai_layout import write_genai_layout
 from softprompt.runtime import load
 
-from conftest import TEXTS, random_prompt
+from conftest import genai_layout_matches, ort_session
 
 
 @pytest.fixture(scope="module")
@@ -26,45 +24,23 @@ def tied_int8(tied_dir, tmp_path_factory):
     return out
 
 
-def session(path):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+@pytest.fixture(scope="module")
+def gemma_int8(tmp_path_factory):
+    """Gemma's tied lm_head is its table times sqrt(width): the int8 table in model.onnx.data, the logits divided
+    (a GGUF's, whose rows are the head's and the table a factor of them, is tests/test_gguf_precision.py's)."""
+    from architectures import build
+
+    folder = tmp_path_factory.mktemp("genai-gemma")
+    build("gemma3_text", folder / "hf")
+    export_model(str(folder / "hf"), folder / "int8", precision="int8", log=lambda m: None)
+    return folder / "int8"
 
 
-def run(graph, model, feeds: dict) -> np.ndarray:
-    """Logits of every position, for the prefill `feeds` (empty past)."""
-    config = model.config
-    length = feeds["attention_mask"].shape[1]
-    feeds = {**feeds, **{name: np.zeros((1, config.num_kv_heads, 0, config.head_size), np.float32) for name in config.past_names}}
-    names = {i.name for i in graph.get_inputs()}
-    if "position_ids" in names:
-        feeds["position_ids"] = np.arange(length)[None]
-    if "logits_to_keep" in names:
-        feeds["logits_to_keep"] = np.array([0])
-    return graph.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
-
-
-@pytest.mark.parametrize("which", ["llama", "gpt2", "tied-int8"])
-def test_ids_give_the_logits_of_the_rows_the_runtime_feeds(which, llama_export, gpt2_export, tied_int8):
-    export = {"llama": llama_export, "gpt2": gpt2_export, "tied-int8": tied_int8}[which]
+@pytest.mark.parametrize("which", ["llama", "gpt2", "tied-int8", "gemma-int8"])
+def test_ids_give_the_logits_of_the_rows_the_runtime_feeds(which, request):
+    export = request.getfixturevalue({"llama": "llama_export", "gpt2": "gpt2_export"}.get(which, which.replace("-", "_")))
     assert (export / "model.genai.onnx").is_file()  # export-model writes it for every decoder
-    model = load(export)
-    config = model.config
-    genai, own = session(export / "model.genai.onnx"), session(export / "model.onnx")
-    ids = model.encode(TEXTS[0])
-    prompt = random_prompt(4, config.hidden_size, seed=3)
-    with_prompt = [config.vocab_size + i for i in (0, 1, 2, 3)] + ids
-    mask = np.ones((1, len(with_prompt)), np.int64)
-    got = run(genai, model, {"input_ids": np.array([with_prompt]), "attention_mask": mask, "soft_prompts": prompt})
-    rows = np.concatenate([prompt, np.asarray(model.table[ids], np.float32)])[None]
-    want = run(own, model, {"inputs_embeds": rows, "attention_mask": mask})
-    assert got.shape == want.shape and np.array_equal(got, want)
-    # no task: one zero row that no id picks, and the table's rows alone
-    none = np.zeros((1, config.hidden_size), np.float32)
-    plain = run(genai, model, {"input_ids": np.array([ids]), "attention_mask": mask[:, 4:], "soft_prompts": none})
-    alone = run(own, model, {"inputs_embeds": rows[:, 4:], "attention_mask": mask[:, 4:]})
-    assert np.array_equal(plain, alone)
+    assert genai_layout_matches(export)
 
 
 def test_genai_config_names_the_graph_and_its_cache(llama_export, gpt2_export):
@@ -72,7 +48,7 @@ def test_genai_config_names_the_graph_and_its_cache(llama_export, gpt2_export):
         config = load(export).config
         described = json.loads((export / "genai_config.json").read_text())
         decoder = described["model"]["decoder"]
-        graph = session(export / decoder["filename"])
+        graph = ort_session(export / decoder["filename"])
         inputs = {i.name for i in graph.get_inputs()}
         assert set(decoder["inputs"].values()) - {"past_key_values.%d.key", "past_key_values.%d.value"} <= inputs
         assert {decoder["inputs"]["past_key_names"] % i for i in range(config.num_layers)} <= inputs

@@ -20,6 +20,8 @@ from softprompt.exporter.gguf_weights import DECODERS, decode
 from softprompt.formats.export_folder import read_config
 from softprompt.runtime import load
 
+from conftest import genai_layout_matches
+
 T = gguf.GGMLQuantizationType
 # (bits MatMulNBits stores, values per scale, float minimums) for each type: what the table in gguf_weights says
 FORMS = {
@@ -304,3 +306,4 @@ def test_a_tied_head_the_table_is_a_multiple_of_holds_the_table_exactly(tmp_path
     assert np.array_equal(fp32.table[ids], want) and np.array_equal(kept.table[ids], want)
     for text in ("a b c", "the quick fox"):
         assert kept.complete(text, max_new_tokens=8)[0].token_ids == fp32.complete(text, max_new_tokens=8)[0].token_ids
+    assert genai_layout_matches(tmp_path / "gguf")  # genai's layout multiplies the rows by the factor, as the runtime
