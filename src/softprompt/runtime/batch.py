@@ -42,8 +42,6 @@ class Row:
         """Choose from this row's logits [V]; tell the job; True when the row is done."""
         self.token = int(self.choose(logits[None])[0])
         self.state.add(self.token)
-        if len(self.state.ids) >= self.job.settings.max_new_tokens:
-            self.state.finish()
         self.job.on_step(self.state)
         if self.state.done:
             self.job.on_done(self.state)

@@ -31,6 +31,7 @@ class RowText:
     `labels` (a classification task's verbalizers, as token ids) end the row once it has written one
     (and no longer label goes on from it), or as many tokens as the longest: a classification prompt
     asked to generate answers with a label, not with the label repeated until max_new_tokens.
+    `limit` (max_new_tokens) ends it with "length" at that many tokens, whichever loop adds them.
     """
 
     def __init__(
@@ -39,8 +40,10 @@ class RowText:
         eos_ids: set[int],
         stops: Sequence[str],
         labels: Sequence[Sequence[int]] = (),
+        limit: int | None = None,
     ):
         self._decode = decode
+        self._limit = limit
         self._eos = eos_ids
         self._stops = [s for s in stops if s]
         self._labels = {tuple(label) for label in labels if len(label)}
@@ -65,6 +68,11 @@ class RowText:
     def add(self, token: int) -> None:
         if self.done:
             return
+        self._add(token)
+        if not self.done and self._limit is not None and len(self.ids) >= self._limit:
+            self.finish_reason = "length"
+
+    def _add(self, token: int) -> None:
         if token in self._eos:
             self._text = self.text  # the text stops before the end-of-sequence token
             self.ids.append(int(token))
@@ -84,10 +92,6 @@ class RowText:
         if cut >= 0:
             self._text = text[:cut]
             self.finish_reason = "stop"
-
-    def finish(self) -> None:
-        if not self.done:
-            self.finish_reason = "length"
 
     def stable_text(self) -> str:
         """Text that later tokens cannot change: no half-decoded character, no possible stop-string start."""

@@ -219,8 +219,6 @@ class Model(TextModel):
         state = self.row_text(task, settings)
         for token in native.generate(ids[0], task, settings):
             state.add(token)
-            if len(state.ids) >= settings.max_new_tokens:
-                state.finish()
             yield [state]
             if state.done:
                 break

@@ -138,11 +138,11 @@ class TextModel(ServedExport):
         return read_chat_template(self.backbone.folder)
 
     def row_text(self, task: Task | str | None, settings: GenerationSettings) -> RowText:
-        """The state of one row generating under `task`: a classification task's row ends after a label (unless
-        min_new_tokens asks for more)."""
+        """The state of one row generating under `task`: it ends at max_new_tokens, and a classification task's row
+        after a label (unless min_new_tokens asks for more)."""
         spec = spec_of(self._store.resolve([task])[0])
         labels = spec.verbalizer_ids(self.backbone.encode).values() if spec.labels and not settings.min_new_tokens else ()
-        return RowText(self.decode, self._eos, settings.stop, labels=list(labels))
+        return RowText(self.decode, self._eos, settings.stop, labels=list(labels), limit=settings.max_new_tokens)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (a pattern's slot vectors, negative ids, are not text and are left out)."""
