@@ -7,9 +7,9 @@ own table (read as the runtime reads it, bit for bit: int8 codes times their sca
 float32), and an id at or above it, V + i, is row i of the `soft_prompts` input. A prompt-tuned task
 is then its P rows set once (`Generator.set_model_input("soft_prompts", rows)`) and the ids V..V+P-1
 put before the text's; a caller without a task sets one zero row (onnxruntime-genai feeds only the
-inputs a session lists, so the input can have no default). Nothing is copied: the table's initializers point into the files that already hold it
-(embeddings.npy after its header, or the tied lm_head's bytes in model.onnx.data), and the decoder's
-weights are model.onnx.data itself. onnxruntime-genai reads the last position's logits from a
+inputs a session lists, so the input can have no default). Nothing is copied: the table's initializers
+point into the files that already hold it (embeddings.npy after its header, or the tied lm_head's bytes
+in model.onnx.data), and the decoder's weights are model.onnx.data itself. onnxruntime-genai reads the last position's logits from a
 prefill's full logits, so `logits_to_keep` (where the graph has it) is fixed at 0: all positions.
 """
 
@@ -27,6 +27,7 @@ from softprompt.formats.embedding_table import BLOCK
 from softprompt.formats.export_folder import ExportConfig, read_config
 
 from .errors import ExportError
+from .lazy_weights import external_reference
 
 GRAPH = "model.genai.onnx"
 CONFIG = "genai_config.json"
@@ -131,8 +132,8 @@ def _table(folder: Path, config: ExportConfig) -> tuple[list[onnx.TensorProto], 
     scales: onnx.TensorProto | None
     if placed is not None:
         scale_type = np.dtype(str(placed.get("scales_dtype", "float32")))
-        codes = _external("table.codes", path, placed["codes_offset"], np.uint8, (vocab, width))
-        scales = _external("table.scales", path, placed["scales_offset"], scale_type, (vocab, width // BLOCK))
+        codes = external_reference("table.codes", np.uint8, (vocab, width), path.name, placed["codes_offset"])
+        scales = external_reference("table.scales", scale_type, (vocab, width // BLOCK), path.name, placed["scales_offset"])
         zero_point, factor = int(placed["zero_point"]), float(placed.get("factor", 1.0))
     else:
         codes = _npy("table.codes", path, (vocab, width))
@@ -199,18 +200,4 @@ def _npy(name: str, path: Path, shape: tuple[int, int] | None) -> onnx.TensorPro
         raise ExportError(f"{path}: {mapped.dtype} {mapped.shape}; expected a C-order table of {shape}")
     offset, dtype, found = mapped.offset, mapped.dtype, mapped.shape
     del mapped
-    return _external(name, path, offset, dtype, found)
-
-
-def _external(name: str, path: Path, offset: int, dtype, shape: tuple[int, ...]) -> onnx.TensorProto:
-    """An initializer whose bytes are `shape` values of `dtype` at `offset` of `path` (a file beside the graph)."""
-    tensor = onnx.TensorProto()
-    tensor.name = name
-    tensor.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    tensor.dims.extend(shape)
-    tensor.data_location = TensorProto.EXTERNAL
-    length = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    return tensor
+    return external_reference(name, dtype, found, path.name, offset)

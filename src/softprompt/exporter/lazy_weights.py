@@ -13,6 +13,21 @@ from pathlib import Path
 import numpy as np
 
 
+def external_reference(name: str, dtype, shape: tuple[int, ...], location: str, offset: int):
+    """An initializer whose values are `shape` values of `dtype` at byte `offset` of the file `location` beside the
+    graph (made by hand: onnx's set_external_data wants the bytes inside the tensor first)."""
+    from onnx import TensorProto, helper
+
+    dtype = np.dtype(dtype)
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    length = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
 def view(tensor, base: Path | None = None) -> np.ndarray:
     """A float32 initializer's values without a copy: its raw bytes, or its place in the external data file under
     `base` mapped read-only where the graph was loaded without its data."""

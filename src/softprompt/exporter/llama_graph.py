@@ -46,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 from softprompt.formats.export_folder import KV_CACHES, PAST, PRESENT, cache_names
 
 from .graph import CacheLayout
+from .lazy_weights import external_reference
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 MS = "com.microsoft"
@@ -238,17 +239,11 @@ PAGE = 4096
 
 
 def _write(array: np.ndarray, name: str, data: BinaryIO, location: str) -> onnx.TensorProto:
-    """`array` appended to the open data file at a page boundary; the tensor that points at it (written by hand:
-    onnx's set_external_data wants the bytes inside the tensor first)."""
-    tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+    """`array` appended to the open data file at a page boundary; the tensor that points at it."""
     data.write(b"\0" * (-data.tell() % PAGE))
     offset = data.tell()
     data.write(memoryview(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))).cast("B"))
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    return tensor
+    return external_reference(name, array.dtype, array.shape, location, offset)
 
 
 def _interface(w: Weights) -> tuple[list, list]:
