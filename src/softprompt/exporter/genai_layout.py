@@ -24,13 +24,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from softprompt.formats.atomic import write_atomic
 from softprompt.formats.embedding_table import BLOCK
-from softprompt.formats.export_folder import ExportConfig, read_config
+from softprompt.formats.export_folder import GENAI_CONFIG, GENAI_GRAPH, ExportConfig, read_config
 
 from .errors import ExportError
 from .lazy_weights import external_reference
 
-GRAPH = "model.genai.onnx"
-CONFIG = "genai_config.json"
 PROMPTS = "soft_prompts"
 _EMBEDS = "inputs_embeds"
 
@@ -67,7 +65,7 @@ def write_genai_layout(folder: str | Path) -> list[Path]:
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend([*ids_to_rows, *nodes])
-    written = [folder / GRAPH, folder / CONFIG]
+    written = [folder / GENAI_GRAPH, folder / GENAI_CONFIG]
     write_atomic(written[0], lambda handle: handle.write(model.SerializeToString()))
     text = json.dumps(genai_config(config, "position_ids" in inputs), indent=2) + "\n"
     write_atomic(written[1], lambda handle: handle.write(text), mode="w")
@@ -89,7 +87,7 @@ def genai_config(config: ExportConfig, positions: bool) -> dict:
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "softprompt-onnx", "provider_options": []},
-                "filename": GRAPH,
+                "filename": GENAI_GRAPH,
                 "head_size": config.head_size,
                 "hidden_size": config.hidden_size,
                 "inputs": names,

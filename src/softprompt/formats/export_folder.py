@@ -25,6 +25,10 @@ from .json_object import parse_object
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "softprompt.json"
+# A decoder's graph in onnxruntime-genai's layout and genai's description of it (exporter/genai_layout.py writes
+# them, runtime/native_loop.py runs them).
+GENAI_GRAPH = "model.genai.onnx"
+GENAI_CONFIG = "genai_config.json"
 KINDS = ("decoder", "encoder", "seq2seq")
 POOLINGS = ("mean", "cls", "max", "lasttoken")
 # Precisions of an export's graphs. Inputs, outputs, the embedding table and prompts are float32 in each.

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.formats.export_folder import ExportConfig
+from softprompt.formats.export_folder import GENAI_CONFIG, ExportConfig
 
 from .errors import ExportFormatError, ProviderError, RequestError
 from .settings import GenerationSettings
 from .tasks import Task
 
 LOOPS = ("runtime", "genai")
-GENAI_CONFIG = "genai_config.json"
 
 
 class NativeLoop:
