@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import ROOT, machine, peak_rss_mb, timed_generate, workload
+from softprompt.formats.export_folder import GENAI_CONFIG
 
 PRECISIONS = ("fp32", "int8", "int4")
 # Each of this runtime's exports: (side name, folder under --exports, export-model's precision arguments). int4 --fast is
@@ -153,7 +154,7 @@ def ensure_exports(args) -> None:
             print(f"exporting {export} ({' '.join(how)})", flush=True)
             command = [sys.executable, "-m", "softprompt.exporter.cli", args.model, str(export), *how, "-q"]
             subprocess.run(command, check=True, cwd=ROOT)
-        if not (export / "genai_config.json").is_file():  # an export made before export-model wrote genai's layout
+        if not (export / GENAI_CONFIG).is_file():  # an export made before export-model wrote genai's layout
             from softprompt.exporter.genai_layout import write_genai_layout
 
             print(f"adding onnxruntime-genai's layout to {export}", flush=True)

@@ -71,21 +71,20 @@ class NativeLoop:
     def generate(self, ids: Sequence[int], task: Task | None, settings: GenerationSettings) -> Iterator[int]:
         """The row's tokens, greedy, one at a time (it stops when the caller stops asking, or at max_new_tokens)."""
         og = self._og
-        prompt = self._no_task if task is None or not len(task.vectors) else task.vectors
-        first = [*range(self._vocab, self._vocab + (0 if prompt is self._no_task else len(prompt))), *map(int, ids)]
+        vectors = None if task is None or not len(task.vectors) else task.vectors
+        first = [*range(self._vocab, self._vocab + (0 if vectors is None else len(vectors))), *map(int, ids)]
         params = og.GeneratorParams(self._model)
         total = len(first) + settings.max_new_tokens
         params.set_search_options(max_length=total, min_length=len(first) + settings.min_new_tokens, do_sample=False)
         generator = og.Generator(self._model, params)
-        # genai reads the array where it is, when it runs the graph, and takes writable arrays only: a copy, held
-        # here for as long as the generator runs
-        rows = np.array(prompt, np.float32)
+        # genai reads the array where it is, when it runs the graph, and takes writable arrays only: a copy, which
+        # this frame holds for as long as the generator runs
+        rows = np.array(self._no_task if vectors is None else vectors, np.float32)
         generator.set_model_input("soft_prompts", rows)
         generator.append_tokens(np.array([first], np.int32))
         while not generator.is_done():
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0])
-        del rows
 
 
 def check_loop(loop: str, providers: Sequence[str] | str | None, kind: str) -> None:
