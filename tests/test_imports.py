@@ -64,3 +64,22 @@ print(json.dumps([before, after, softprompt.formats.__version__ == version("soft
     assert result.returncode == 0, result.stderr
     before, after, same = json.loads(result.stdout.strip().splitlines()[-1])
     assert after == before and same
+
+
+def test_greedy_generation_without_tasks_loads_no_random_generator_or_openssl(llama_export):
+    """numpy.random (3 MB, and through `secrets` OpenSSL's hashlib, 3.6 MB more) is for sampling, and hashlib for
+    checking a task's vectors: a process that generates greedily without tasks loads neither. Sampling still does,
+    and a seed still gives the same text."""
+    code = f"""
+import json, sys
+from softprompt.runtime import load
+model = load({str(llama_export)!r}, providers="cpu")
+model.complete(["Tell me a story"], max_new_tokens=3)
+greedy = sorted(m for m in ("numpy.random", "hashlib", "_hashlib") if m in sys.modules)
+texts = [model.complete(["Tell me a story"], max_new_tokens=5, temperature=0.9, seed=7)[0].token_ids for _ in range(2)]
+print(json.dumps([greedy, "numpy.random" in sys.modules, texts[0] == texts[1]]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    greedy, sampled, same = json.loads(result.stdout.strip().splitlines()[-1])
+    assert greedy == [] and sampled and same

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import hashlib
 import io
 import json
 import os
@@ -47,7 +46,7 @@ from .task_record import (
     parse_meta,
     vectors_file_name,
 )
-from .vectors_file import ALLOWED_DTYPES, read_bounded, read_vectors, validate_vectors
+from .vectors_file import ALLOWED_DTYPES, read_bounded, read_vectors, sha256_hex, validate_vectors
 
 # What a bank file may hold before it is read: a record (an encoder's head lives in it) and a prompt.
 MAX_RECORD_BYTES = 16 * 2**20
@@ -193,7 +192,7 @@ def _write_task(bank: Path, meta: PromptMeta, array: np.ndarray) -> PromptMeta:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     data = buffer.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_hex(data)
     vectors_name = vectors_file_name(meta.name, digest)
     meta = dataclasses.replace(meta, vectors=vectors_name, vectors_sha256=digest, schema_version=SCHEMA_VERSION)
     text = json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n"

@@ -8,7 +8,6 @@ the same table, so a prompt trained from a Hugging Face model is accepted by its
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +27,8 @@ def backbone_fingerprint(table: np.ndarray, config: Mapping[str, Any]) -> str:
     missing = [key for key in FINGERPRINT_FIELDS if key not in config]
     if missing:
         raise ValueError(f"fingerprint needs config fields {missing}; got {sorted(config)}")
+    import hashlib  # here, not at import: see vectors_file.sha256_hex
+
     digest = hashlib.sha256()
     header = {key: config[key] for key in FINGERPRINT_FIELDS}
     digest.update(json.dumps(header, sort_keys=True).encode())

@@ -7,7 +7,6 @@ against the bytes that follow before anything is allocated, and nothing is ever 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -106,13 +105,21 @@ def parse_vectors(data: bytes, where: str) -> np.ndarray:
     return vectors
 
 
+def sha256_hex(data: bytes) -> str:
+    """The sha256 of `data` in hex. hashlib is imported here, not with the module: it loads OpenSSL (3.6 MB of a
+    process's memory), which a runtime that never reads or writes a task's vectors has no use for."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def read_vectors(path: Path, sha256: str | None = None, real: Path | None = None) -> np.ndarray:
     """Read a `.npy` prompt, checked against `sha256` (its record's) where given (`real`: as for read_bounded)."""
     try:
         data = read_bounded(path, MAX_VECTORS_BYTES, "a .npy prompt", real=real)
     except FileNotFoundError:
         raise InvalidPromptError(f"{path}: file not found") from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+    if sha256 is not None and sha256_hex(data) != sha256:
         raise InvalidPromptError(
             f"{path}: its sha256 is not the {sha256[:HASH_DIGITS]}... its record names; the file was changed after it was written"
         )

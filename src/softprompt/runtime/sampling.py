@@ -54,7 +54,8 @@ def chooser(
     replace the first and the `max_new_tokens`-th choice.
     """
     temperature, top_k, top_p = settings.temperature, settings.top_k, settings.top_p
-    rng = np.random.default_rng(settings.seed)
+    # Greedy draws nothing: no generator, so a greedy process never imports numpy.random (with OpenSSL, 7 MB).
+    rng = np.random.default_rng(settings.seed) if temperature else None
     eos = sorted(eos)
     ends = set(eos)
     state = {"step": 0}
