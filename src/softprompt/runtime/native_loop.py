@@ -11,7 +11,7 @@ It serves what it gives the same tokens for: one row, greedy, on the CPU, under 
 prompt task. Everything else (batches, sampling, prefix and P-tuning tasks) runs on the runtime's
 loop, whose session is then created; a process that only ever asks for what this serves holds one
 copy of the weights, and one onnxruntime library (the runtime imports onnxruntime's Python module, which
-holds its own, only where it makes a session). It holds 17-22 MB more than the runtime's loop: genai reads
+holds its own, only where it makes a session). It holds 15-30 MB more than the runtime's loop: genai reads
 the embedding table into memory, where the runtime reads rows from the file.
 """
 
