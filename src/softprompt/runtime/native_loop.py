@@ -1,7 +1,7 @@
 """Decoding on onnxruntime-genai's native loop (`load(..., loop="genai")`, the `genai` extra).
 
 onnxruntime-genai runs the decode loop in C++: the graph call, the cache in one buffer, the greedy
-choice. The runtime's own loop spends 0.2-0.3 ms of Python around each call, 3-5% of a small
+choice. The runtime's own loop spends 0.2-0.3 ms of Python around each call, 2-5% of a small
 quantized model's step on two cores, which is what separated the default model's same-recipe
 decode from genai's (docs/BENCHMARKS.md). It steps `model.genai.onnx`, which export-model writes
 beside model.onnx: the same decoder behind ids, where an id V + i (V the vocabulary) is row i of the
