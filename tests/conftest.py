@@ -272,7 +272,9 @@ def prefill_logits(graph, model, feeds: dict) -> np.ndarray:
 
 def genai_layout_matches(export: Path) -> bool:
     """Whether an export's model.genai.onnx, fed ids (prompt rows picked by ids V.. from soft_prompts, then a text's),
-    gives model.onnx's logits on the rows the runtime feeds, bit for bit; and with one zero row and no prompt ids."""
+    gives model.onnx's logits on the rows the runtime feeds, bit for bit; and with one zero row and no prompt ids.
+    Where model.onnx takes logits_to_keep, model.genai.onnx gives the last position's only, and says so in its
+    output's shape (onnxruntime-genai then binds one position's buffer for the prefill, not the whole prompt's)."""
     from softprompt.runtime import load
 
     model = load(export)
@@ -288,4 +290,11 @@ def genai_layout_matches(export: Path) -> bool:
     none = np.zeros((1, config.hidden_size), np.float32)  # no task: one row no id picks
     plain = prefill_logits(genai, model, {"input_ids": np.array([ids]), "attention_mask": mask[:, 4:], "soft_prompts": none})
     alone = prefill_logits(own, model, {"inputs_embeds": rows[:, 4:], "attention_mask": mask[:, 4:]})
+    # A graph that takes logits_to_keep gives genai the last position's logits only (its trimmed prefill), any
+    # other every position's.
+    kept = 1 if "logits_to_keep" in {i.name for i in own.get_inputs()} else want.shape[1]
+    want, alone = want[:, -kept:], alone[:, -kept:]
+    (declared,) = [o.shape for o in genai.get_outputs() if o.name == "logits"]
+    if kept == 1 and declared[1] != 1:
+        return False
     return got.shape == want.shape and np.array_equal(got, want) and np.array_equal(plain, alone)

@@ -9,8 +9,11 @@ is then its P rows set once (`Generator.set_model_input("soft_prompts", rows)`) 
 put before the text's; a caller without a task sets one zero row (onnxruntime-genai feeds only the
 inputs a session lists, so the input can have no default). Nothing is copied: the table's initializers
 point into the files that already hold it (embeddings.npy after its header, or the tied lm_head's bytes
-in model.onnx.data), and the decoder's weights are model.onnx.data itself. onnxruntime-genai reads the last position's logits from a
-prefill's full logits, so `logits_to_keep` (where the graph has it) is fixed at 0: all positions.
+in model.onnx.data), and the decoder's weights are model.onnx.data itself. Where the graph takes `logits_to_keep`,
+it is fixed at 1 and the logits' shape says one position: onnxruntime-genai then takes the prefill's last
+position's logits as they come ("trimmed prefill logits") instead of binding, and the lm_head computing, a
+buffer for every prompt position (17 MB of peak memory on SmolLM2-135M at 22 ids). A graph without it gives
+every position's logits, and genai picks the last.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def write_genai_layout(folder: str | Path) -> list[Path]:
     )
     constants = list(table)
     if "logits_to_keep" in inputs:
-        constants.append(numpy_helper.from_array(np.array([0], np.int64), "logits_to_keep"))
+        constants.append(numpy_helper.from_array(np.array([1], np.int64), "logits_to_keep"))
+        _last_position_only(graph)
     graph.initializer.extend(constants)
     nodes = list(graph.node)
     del graph.node[:]
@@ -70,6 +74,15 @@ def write_genai_layout(folder: str | Path) -> list[Path]:
     text = json.dumps(genai_config(config, "position_ids" in inputs), indent=2) + "\n"
     write_atomic(written[1], lambda handle: handle.write(text), mode="w")
     return written
+
+
+def _last_position_only(graph: onnx.GraphProto) -> None:
+    """Declare the logits' positions as 1: onnxruntime-genai then binds a [batch, 1, vocab] buffer for the
+    prefill too ("trimmed prefill logits"), instead of the logits of every prompt position it would throw away."""
+    (logits,) = [value for value in graph.output if value.name == "logits"]
+    positions = logits.type.tensor_type.shape.dim[1]
+    positions.Clear()
+    positions.dim_value = 1
 
 
 def genai_config(config: ExportConfig, positions: bool) -> dict:
