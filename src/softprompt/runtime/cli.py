@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOOPS,
         default="runtime",
         help="genai: generate one greedy text at a time on onnxruntime-genai's native loop (a decoder on the CPU, "
-        "the genai extra; 0-7%% faster on small quantized models), the rest on the runtime's (default: runtime)",
+        "the genai extra; up to 7%% faster on small quantized models), the rest on the runtime's (default: runtime)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser

@@ -59,8 +59,8 @@ def load(
     to the model's sentence-transformers `max_seq_length`; `truncate=False` refuses them instead.
 
     `loop="genai"` (a decoder on the CPU, with the `genai` extra) generates on onnxruntime-genai's native loop
-    whatever it gives the same tokens for (one text, greedy, no task or a prompt task; native_loop.py): 0-7%
-    more tokens a second on a small quantized model, for 15-30 MB more memory. Anything else runs on the
+    whatever it gives the same tokens for (one text, greedy, no task or a prompt task; native_loop.py): up to
+    7% more tokens a second on a small quantized model, for 4-15 MB more memory. Anything else runs on the
     runtime's own loop, whose session is created when first needed; until then the process holds one copy of
     the weights.
 
