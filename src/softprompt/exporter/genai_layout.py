@@ -12,7 +12,7 @@ point into the files that already hold it (embeddings.npy after its header, or t
 in model.onnx.data), and the decoder's weights are model.onnx.data itself. Where the graph takes `logits_to_keep`,
 it is fixed at 1 and the logits' shape says one position: onnxruntime-genai then takes the prefill's last
 position's logits as they come ("trimmed prefill logits") instead of binding, and the lm_head computing, a
-buffer for every prompt position (17 MB of peak memory on SmolLM2-135M at 22 ids). A graph without it gives
+buffer for every prompt position (16 MB of peak memory on SmolLM2-135M at 22 ids). A graph without it gives
 every position's logits, and genai picks the last.
 """
 
