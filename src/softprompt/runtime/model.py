@@ -34,7 +34,7 @@ from .native_loop import NativeLoop, check_loop
 from .prompt_cache import Prefix, PromptCache
 from .rows import as_texts, check_rows, embed_row, pad, position_ids, tasks_for
 from .seq2seq import Seq2Seq
-from .session import check_onnxruntime, create_session, resolve_providers, warn_if_slow
+from .session import CPU, check_onnxruntime, create_session, resolve_providers, warn_if_slow
 from .settings import GenerationSettings
 from .tasks import Task
 from .text_model import TextModel
@@ -73,7 +73,7 @@ def load(
     backbone = open_export(export_dir)
     bank = Path(bank) if bank is not None else None
     check_loop(loop, providers, backbone.config.kind)
-    chosen = ["CPUExecutionProvider"] if loop == "genai" else resolve_providers(providers)
+    chosen = [CPU] if loop == "genai" else resolve_providers(providers)
     fold = bool(backbone.config.quantization.get("web"))  # export-model --web: fold the weights once
     if backbone.config.kind == "seq2seq":
         decoder = create_session(backbone.file("decoder"), chosen, threads, fold)
@@ -140,7 +140,7 @@ class Model(TextModel):
 
     @property
     def providers(self) -> list[str]:
-        return ["CPUExecutionProvider"] if self._graph is None else self.session.get_providers()
+        return [CPU] if self._graph is None else self.session.get_providers()
 
     @property
     def loop(self) -> str:
@@ -210,13 +210,7 @@ class Model(TextModel):
             yield from super()._steps(ids, found, settings)
             return
         task = found[0]
-        check_rows(
-            ids,
-            [0 if task is None else task.length],
-            vocab_size=self.config.vocab_size,
-            limit=self.config.max_positions,
-            new_tokens=settings.max_new_tokens,
-        )
+        self._check_rows(ids, found, settings.max_new_tokens)
         state = self.row_text(task, settings)
         for token in native.generate(ids[0], task, settings):
             state.add(token)
@@ -235,6 +229,17 @@ class Model(TextModel):
         logits, _ = self.forward(embeds, mask, position_ids(mask, mask.shape[1] - embeds.shape[1]), past, all_logits=True)
         return logits
 
+    def _check_rows(self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], new_tokens: int) -> None:
+        """Refuse rows this model cannot run (rows.check_rows), whichever loop is about to run them."""
+        check_rows(
+            ids,
+            [0 if t is None else t.length for t in found],
+            vocab_size=self.config.vocab_size,
+            limit=self.config.max_positions,
+            new_tokens=new_tokens,
+            slots=[0 if t is None else len(t.inner) for t in found],
+        )
+
     def _first_step(
         self, ids: Sequence[Sequence[int]], found: Sequence[Task | None], max_new_tokens: int, cached: bool = True
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -248,14 +253,7 @@ class Model(TextModel):
         rows feed their whole prompt. Positions count real columns, so they continue after the
         prompt either way.
         """
-        check_rows(
-            ids,
-            [0 if t is None else t.length for t in found],
-            vocab_size=self.config.vocab_size,
-            limit=self.config.max_positions,
-            new_tokens=max_new_tokens,
-            slots=[0 if t is None else len(t.inner) for t in found],
-        )
+        self._check_rows(ids, found, max_new_tokens)
         for i, (row_ids, task) in enumerate(zip(ids, found)):
             if task is not None and task.past is not None and not len(row_ids):
                 raise RequestError(f"input {i} is empty: prefix task {task.name!r} needs at least one token to continue from")
